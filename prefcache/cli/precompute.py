@@ -1,0 +1,119 @@
+"""``prefcache precompute``, ``inspect`` and ``verify``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS, TRUNCATIONS
+
+
+def run_api(fn, *args, **kwargs):
+    """Call an API function, turning the errors it raises for bad input into one-line CLI errors."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, FileNotFoundError, OSError) as e:  # our error classes subclass ValueError
+        raise click.ClickException(str(e)) from e
+
+
+@click.command("precompute")
+@click.option("--data", required=True, help="Preference data: .jsonl/.json/.parquet/.csv or a datasets folder.")
+@click.option("--out", required=True, help="Cache directory to create or extend.")
+@click.option("--model", default=None, help="HF model folder or .gguf file [default: embedded SmolLM2-135M-Instruct].")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="auto", show_default=True,
+              help="Reference precision; auto = bf16 on GPU, fp32 on CPU. 4bit = bitsandbytes NF4 + double quant.")
+@click.option("--adapter", default=None, help="PEFT adapter folder applied on the model (e.g. your SFT LoRA).")
+@click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens kept per prompt+completion.")
+@click.option("--truncation", type=click.Choice(TRUNCATIONS), default="keep_start", show_default=True,
+              help="keep_start drops the completion's tail (TRL's default); keep_end drops the prompt's head.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per forward pass.")
+@click.option("--per-token", is_flag=True, help="Also store per-token log-probs (list columns).")
+@click.option("--on-bad-row", type=click.Choice(BAD_ROW_POLICIES), default="fail", show_default=True,
+              help="fail: stop and list bad rows; skip: score the rest and write bad_rows.jsonl in the cache.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
+@click.option("--shard-size", type=int, default=1024, show_default=True, help="Pairs per Parquet shard.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def precompute_cmd(no_progress, **options):
+    """Score every pair once with the frozen reference model and cache the log-probs.
+
+    A rerun of the same command resumes: only ids not yet cached are scored, and adding rows
+    to the data scores only the new ones. Asking to extend a cache with another model or other
+    settings is refused.
+
+    \b
+    Example:
+      prefcache precompute --data prefs.jsonl --out ref-cache --quantize 4bit --max-length 512
+    Data-parallel (one shard set per rank):
+      torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
+    """
+    from prefcache.config import PrecomputeConfig
+    from prefcache.precompute import precompute
+
+    config = run_api(PrecomputeConfig, progress=not no_progress, **options)
+    result = run_api(precompute, config)
+    if result["rank"] != 0:
+        return
+    click.echo(
+        f"{result['cache']}: {result['scored']} pairs scored, {result['cached_before']} already cached, "
+        f"{result['bad_rows']} bad rows skipped; {result['seconds']:.1f}s "
+        f"({result['pairs_per_s']:.1f} pairs/s, {result['tokens_per_s']:,.0f} tokens/s)"
+    )
+    if result["bad_rows"]:
+        click.echo(f"skipped rows are listed in {result['cache']}/bad_rows.jsonl")
+    if result["problems"]:
+        raise click.ClickException("cache check failed:\n  " + "\n  ".join(result["problems"]))
+
+
+@click.command("inspect")
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect_cmd(cache, as_json):
+    """Show a cache's metadata, row count and summary statistics.
+
+    \b
+    Example:
+      prefcache inspect ref-cache
+    """
+    from prefcache.cache import summary
+
+    info = run_api(summary, cache)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"cache      {info['path']}  ({info['shards']} shards, {info['rows']} rows, {info['unique_ids']} unique ids)")
+    for key, value in info["metadata"].items():
+        click.echo(f"  {key:<22} {value}")
+    click.echo(f"\n  {'column':<18} {'mean':>12} {'std':>12} {'min':>12} {'max':>12}")
+    for col, s in info["columns"].items():
+        click.echo(f"  {col:<18} " + " ".join(f"{_fmt(s[k]):>12}" for k in ("mean", "std", "min", "max")))
+    click.echo(f"\n  truncated: chosen {_pct(info['chosen_truncated_frac'])}, rejected {_pct(info['rejected_truncated_frac'])}")
+    click.echo(f"  reference already prefers chosen on {_pct(info['ref_prefers_chosen_frac'])} of pairs")
+
+
+def _fmt(v):
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _pct(v):
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+@click.command("verify")
+@click.argument("cache")
+@click.option("--data", default=None, help="The data the cache should cover (checks every id is present once).")
+def verify_cmd(cache, data):
+    """Check a cache: shard integrity, consistent metadata, no duplicate ids, no NaN/inf, coverage of --data.
+
+    Exits non-zero with a report when anything is wrong.
+
+    \b
+    Example:
+      prefcache verify ref-cache --data prefs.jsonl
+    """
+    from prefcache.precompute import verify_cache
+
+    report = run_api(verify_cache, cache, data)
+    click.echo(report["summary"])
+    if report["problems"]:
+        raise click.ClickException(f"{len(report['problems'])} problem(s):\n  " + "\n  ".join(report["problems"]))

@@ -1,0 +1,255 @@
+"""The precompute pass: one run of the frozen reference model over a preference dataset.
+
+Resumable and incremental by construction: the ids already in the cache are skipped, pending pairs are
+scored shard by shard, and each shard lands atomically. Under ``torchrun`` / ``accelerate launch``
+each rank scores the ids that hash to it and writes its own shards; rank 0 checks coverage at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .cache import SCHEMA_VERSION, CacheError, CacheWriter, differences, existing_ids, read_metadata, shard_paths, verify
+from .config import PrecomputeConfig
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from the launcher's environment (torchrun and accelerate both set these)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _init_distributed(device: str) -> None:
+    import torch
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        cuda = device != "cpu" and torch.cuda.is_available()
+        tdist.init_process_group("nccl" if cuda else "gloo")
+
+
+def owner_rank(example_id: str, world_size: int) -> int:
+    """Which rank scores an id: a hash, so the split does not depend on row order."""
+    return int(hashlib.sha1(example_id.encode()).hexdigest()[:8], 16) % world_size
+
+
+def cache_metadata(config: PrecomputeConfig, source, tokenizer, quantize: str, dtype: str, world_size: int) -> dict:
+    from .models import chat_template_hash, model_fingerprint, tokenizer_fingerprint
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "prefcache_version": __version__,
+        "model_name": source.name,
+        "model_path": str(source.path / source.gguf_file) if source.gguf_file else str(source.path),
+        "model_fingerprint": model_fingerprint(source),
+        "adapter": config.adapter,
+        "adapter_fingerprint": model_fingerprint_of_adapter(config.adapter),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "chat_template_hash": chat_template_hash(tokenizer),
+        "max_length": config.max_length,
+        "truncation": config.truncation,
+        "quantization": quantize,
+        "dtype": dtype,
+        "per_token": config.per_token,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "world_size": world_size,
+    }
+
+
+def model_fingerprint_of_adapter(adapter: str | None) -> str | None:
+    if not adapter:
+        return None
+    from .models import file_fingerprint
+
+    files = sorted(p for p in Path(adapter).iterdir() if p.suffix in (".safetensors", ".bin"))
+    return file_fingerprint(files)
+
+
+def score_sequences(model, sequences: list[tuple[list[int], int]], *, batch_size: int, pad_id: int,
+                    chunk_size: int, device: str, on_batch=None) -> list:
+    """Score unique (token ids, completion start) sequences, longest first, in padded batches.
+
+    Returns, per sequence, a numpy fp32 array of its completion tokens' log-probs (nats).
+    ``on_batch(n_sequences, n_tokens)`` is called after each batch (progress reporting).
+    """
+    import torch
+
+    from .data import collate
+    from .logprobs import token_logprobs
+
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))  # length buckets: little padding
+    out: list = [None] * len(sequences)
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            input_ids, attention, completion = collate(
+                [sequences[i][0] for i in idx], [sequences[i][1] for i in idx], pad_id
+            )
+            logps = token_logprobs(model, input_ids.to(device), attention.to(device), completion.to(device),
+                                   chunk_size=chunk_size).cpu()
+            for row, i in enumerate(idx):
+                ids, start = sequences[i]
+                out[i] = logps[row, start : len(ids)].numpy()
+            if on_batch:
+                on_batch(len(idx), int(attention.sum()))
+    return out
+
+
+def shard_columns(pairs, token_logps: dict, per_token: bool) -> dict[str, list]:
+    """Cache columns for ``pairs`` from per-sequence token log-probs keyed by the full token tuple."""
+    import numpy as np
+
+    cols: dict[str, list] = {name: [] for name in (
+        "id", "chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix",
+        "prompt_tokens", "chosen_tokens", "rejected_tokens", "chosen_truncated", "rejected_truncated")}
+    if per_token:
+        cols["chosen_token_logps"], cols["rejected_token_logps"] = [], []
+    for p in pairs:
+        chosen = token_logps[tuple(p.prompt_ids + p.chosen_ids)]
+        rejected = token_logps[tuple(p.prompt_ids + p.rejected_ids)]
+        shared = min(len(chosen), len(rejected))  # LD-DPO's "public" length
+        cols["id"].append(p.id)
+        # Sum in float64: the per-token values are fp32, their sum need not lose more.
+        cols["chosen_logps"].append(float(np.sum(chosen, dtype=np.float64)))
+        cols["rejected_logps"].append(float(np.sum(rejected, dtype=np.float64)))
+        cols["chosen_logps_prefix"].append(float(np.sum(chosen[:shared], dtype=np.float64)))
+        cols["rejected_logps_prefix"].append(float(np.sum(rejected[:shared], dtype=np.float64)))
+        cols["prompt_tokens"].append(len(p.prompt_ids))
+        cols["chosen_tokens"].append(len(p.chosen_ids))
+        cols["rejected_tokens"].append(len(p.rejected_ids))
+        cols["chosen_truncated"].append(p.chosen_truncated)
+        cols["rejected_truncated"].append(p.rejected_truncated)
+        if per_token:
+            cols["chosen_token_logps"].append(chosen.tolist())
+            cols["rejected_token_logps"].append(rejected.tolist())
+    return cols
+
+
+def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
+    """Run the reference model over ``config.data`` and write (or extend) the cache ``config.out``.
+
+    ``precompute(data="prefs.jsonl", out="cache/", quantize="4bit")`` is the same as the CLI.
+    Returns a summary dict: pairs cached before and now, pairs scored, bad rows, seconds, pairs/s, tokens/s.
+    """
+    config = config or PrecomputeConfig(**options)
+    from tqdm.auto import tqdm
+
+    from .data import load_dataset_pairs, write_bad_rows
+    from .models import compute_dtype, load_model, load_tokenizer, resolve_device, resolve_model, resolve_quantization
+
+    rank, world = dist_info()
+    if world > 1:
+        _init_distributed(config.device)
+    t0 = time.perf_counter()
+    source = resolve_model(config.model)
+    device = resolve_device(config.device)
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    quantize = resolve_quantization(config.quantize, device)
+    tokenizer = load_tokenizer(source)
+    meta = cache_metadata(config, source, tokenizer, quantize, str(compute_dtype(quantize, device)).replace("torch.", ""), world)
+
+    out = Path(config.out)
+    if out.exists() and shard_paths(out):
+        if diff := differences(read_metadata(out), meta):
+            raise CacheError(f"{out} holds a cache made with other settings; refusing to extend it:\n  "
+                             + "\n  ".join(diff) + "\nUse a new --out directory, or the original settings.")
+
+    pairs, bad_rows, _ = load_dataset_pairs(config.data, tokenizer, config.max_length, config.truncation,
+                                            config.on_bad_row)
+    if bad_rows and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_bad_rows(out / "bad_rows.jsonl", bad_rows)
+    done = existing_ids(out) if out.exists() else set()
+    before = len(done)
+    pending, seen = [], set()
+    for p in pairs:
+        if p.id not in done and p.id not in seen and owner_rank(p.id, world) == rank:
+            pending.append(p)
+            seen.add(p.id)
+
+    scored_pairs = scored_tokens = 0
+    if pending:
+        model, _ = load_model(source, quantize=quantize, device=device, adapter=config.adapter)
+        writer = CacheWriter(out, meta, rank=rank)
+        if rank == 0:
+            writer.write_manifest()
+        # Longest pairs first: batches of similar length, and an out-of-memory shows up at once.
+        pending.sort(key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
+        bar = tqdm(total=len(pending), unit="pair", desc=f"precompute{f' rank {rank}' if world > 1 else ''}",
+                   disable=not config.progress, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        for s in range(0, len(pending), config.shard_size):
+            shard = pending[s : s + config.shard_size]
+            unique: dict[tuple, int] = {}  # an identical (prompt, completion) sequence is scored once
+            for p in shard:
+                for completion in (p.chosen_ids, p.rejected_ids):
+                    unique.setdefault(tuple(p.prompt_ids + completion), len(p.prompt_ids))
+            keys = list(unique)
+
+            def progress(n_seqs, n_tokens):
+                nonlocal scored_tokens
+                scored_tokens += n_tokens
+                elapsed = max(time.perf_counter() - t_start, 1e-9)
+                bar.set_postfix_str(f"{bar.n / elapsed:.1f} pairs/s, "
+                                    f"{scored_tokens / elapsed:,.0f} tok/s", refresh=False)
+
+            logps = score_sequences(model, [(list(k), unique[k]) for k in keys], batch_size=2 * config.batch_size,
+                                    pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
+                                    on_batch=progress)
+            writer.write(shard_columns(shard, dict(zip(keys, logps)), config.per_token))
+            scored_pairs += len(shard)
+            bar.update(len(shard))
+        bar.close()
+        del model
+
+    problems: list[str] = []
+    if world > 1:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.barrier()
+    if rank == 0:
+        problems = verify(out, expected_ids=[p.id for p in pairs])
+    elapsed = time.perf_counter() - t0
+    return {
+        "cache": str(out), "rank": rank, "world_size": world, "pairs_in_data": len(pairs),
+        "cached_before": before, "scored": scored_pairs, "bad_rows": len(bad_rows), "seconds": elapsed,
+        "pairs_per_s": scored_pairs / elapsed if elapsed else 0.0,
+        "tokens_per_s": scored_tokens / elapsed if elapsed else 0.0,
+        "problems": problems, "config": asdict(config),
+    }
+
+
+def verify_cache(cache_dir: str, data: str | None = None) -> dict:
+    """Check a cache's shards (integrity, consistent metadata, duplicates, NaN/inf) and, given the
+    data it was made from, that every scorable id of the data is present exactly once.
+
+    The data is tokenised as the cache says (its tokenizer, max_length, truncation), so rows the
+    precompute pass had to skip (bad rows) are not counted as missing.
+    """
+    from .cache import summary
+    from .data import load_dataset_pairs
+    from .models import load_tokenizer, resolve_model, tokenizer_fingerprint
+
+    meta = read_metadata(cache_dir)
+    expected = None
+    problems: list[str] = []
+    if data is not None:
+        tokenizer = load_tokenizer(resolve_model(meta.get("model_path")))
+        if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
+            problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
+        pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip")
+        expected = [p.id for p in pairs]
+    problems += verify(cache_dir, expected_ids=expected)
+    if problems:
+        return {"summary": f"{cache_dir}: NOT OK", "problems": problems}
+    info = summary(cache_dir)
+    covered = f", covers all {len(set(expected))} ids of {data}" if expected is not None else ""
+    return {"summary": f"{cache_dir}: OK ({info['shards']} shards, {info['rows']} rows, no NaN/inf, "
+                       f"no duplicate ids{covered})", "problems": []}
