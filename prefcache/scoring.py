@@ -1,0 +1,161 @@
+"""Policy log-probs of tokenised pairs, cached reference values joined by id, implicit rewards.
+
+One code path for the trainer (its steps and its eval split) and for ``prefcache score``: the numbers
+a run logs for held-out pairs and the numbers ``score`` reports for a checkpoint come from here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .cache import TOKENIZATION_KEYS, CacheError, read_cache, read_metadata
+from .logprobs import DEFAULT_CHUNK, token_logprobs
+
+
+@dataclass
+class PairLogps:
+    """Summed completion log-probs (nats) of a batch of pairs; tensors are [B]."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_prefix: torch.Tensor  # over the first min(chosen_tokens, rejected_tokens) tokens (LD-DPO)
+    rejected_prefix: torch.Tensor
+    chosen_tokens: torch.Tensor  # completion token counts, float
+    rejected_tokens: torch.Tensor
+    n_tokens: int  # real (non-pad) tokens processed, prompt included: for tokens/s
+
+
+def pair_tensors(pairs, pad_id: int):
+    """[2B, T] input_ids, attention_mask, completion_mask: rows 0..B-1 chosen, B..2B-1 rejected."""
+    from .data import collate
+
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    starts = [len(p.prompt_ids) for p in pairs] * 2
+    return collate(seqs, starts, pad_id)
+
+
+def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEFAULT_CHUNK) -> PairLogps:
+    """Policy log-probs of ``pairs`` through the shared kernel; gradients follow ``torch.is_grad_enabled()``.
+
+    ``model`` may be a causal LM or a (DDP-wrapped) :class:`~prefcache.logprobs.LogProbModule`.
+    """
+    from .logprobs import LogProbModule
+
+    input_ids, attention, completion = (t.to(device) for t in pair_tensors(pairs, pad_id))
+    if isinstance(getattr(model, "module", model), LogProbModule):
+        token = model(input_ids, attention, completion)
+    else:
+        token = token_logprobs(model, input_ids, attention, completion, chunk_size=chunk_size)  # [2B, T]
+    b = len(pairs)
+    completion = completion.long()
+    counts = completion.sum(-1)  # [2B]
+    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)  # LD-DPO's public length, per sequence
+    # Position of each completion token within its completion: 1, 2, ... ; prefix = the first `shared`.
+    rank = completion.cumsum(-1) * completion
+    prefix = (token * ((rank > 0) & (rank <= shared[:, None]))).sum(-1)
+    total = token.sum(-1)
+    counts = counts.float()
+    return PairLogps(total[:b], total[b:], prefix[:b], prefix[b:], counts[:b], counts[b:], int(attention.sum()))
+
+
+class ReferenceTable:
+    """Cached reference values keyed by example id (never by row order)."""
+
+    COLUMNS = ("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix",
+               "prompt_tokens", "chosen_tokens", "rejected_tokens")
+
+    def __init__(self, table, metadata: dict, path: str):
+        self.metadata = metadata
+        self.path = path
+        self.index = {ident: i for i, ident in enumerate(table.column("id").to_pylist())}
+        self.values = {c: torch.tensor(table.column(c).to_numpy(), dtype=torch.float64) for c in self.COLUMNS}
+
+    @classmethod
+    def from_cache(cls, cache_dir: str | os.PathLike) -> ReferenceTable:
+        return cls(read_cache(cache_dir, columns=["id", *cls.COLUMNS]), read_metadata(cache_dir), str(cache_dir))
+
+    def missing(self, ids) -> list[str]:
+        return [i for i in ids if i not in self.index]
+
+    def require(self, ids) -> None:
+        """Raise CacheError naming how many ids, and which, the cache lacks."""
+        if missing := self.missing(ids):
+            raise CacheError(
+                f"{len(missing)} of {len(ids)} example ids are not in the cache {self.path}, e.g. "
+                + ", ".join(missing[:5]) + ". Run `prefcache precompute` on this data with the same --out to add them."
+            )
+
+    def lookup(self, ids) -> dict[str, torch.Tensor]:
+        """Column -> [B] float64 tensor, in the order of ``ids``."""
+        self.require(ids)
+        rows = torch.tensor([self.index[i] for i in ids], dtype=torch.long)
+        return {c: v[rows] for c, v in self.values.items()}
+
+
+def check_cache_matches(meta: dict, tokenizer, max_length: int, truncation: str) -> None:
+    """Refuse a cache whose tokenisation is not the one about to be used, saying what differs."""
+    from .cache import differences
+    from .models import chat_template_hash, tokenizer_fingerprint
+
+    want = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "chat_template_hash": chat_template_hash(tokenizer),
+            "max_length": max_length, "truncation": truncation}
+    if diff := differences(meta, want, TOKENIZATION_KEYS):
+        raise CacheError("the reference cache does not match this model's tokenisation:\n  " + "\n  ".join(diff))
+
+
+def score_pairs(model, pairs, reference: ReferenceTable, *, beta: float, batch_size: int, pad_id: int,
+                device="cpu", chunk_size: int = DEFAULT_CHUNK) -> tuple[dict[str, list], dict[str, float]]:
+    """Implicit rewards of ``pairs`` under ``model`` against the cached reference.
+
+    reward = beta * (policy_logps - ref_logps) per side (summed log-probs, nats);
+    margin = reward_chosen - reward_rejected; accuracy = share of pairs with margin > 0 (ties count as wrong).
+    Returns (per-example columns in the run's ``examples`` schema, without step/split/checkpoint;
+    aggregate means: rewards_chosen, rewards_rejected, rewards_margins, rewards_accuracies,
+    logps_chosen, logps_rejected, n).
+    """
+    cols: dict[str, list] = {k: [] for k in (
+        "id", "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+        "reward_chosen", "reward_rejected", "margin", "prompt_tokens", "chosen_tokens", "rejected_tokens")}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(pairs), batch_size):
+            batch = pairs[s : s + batch_size]
+            ids = [p.id for p in batch]
+            ref = reference.lookup(ids)
+            pol = pair_logps(model, batch, pad_id=pad_id, device=device, chunk_size=chunk_size)
+            pc, pr = pol.chosen.double().cpu(), pol.rejected.double().cpu()
+            rc, rr = beta * (pc - ref["chosen_logps"]), beta * (pr - ref["rejected_logps"])
+            cols["id"] += ids
+            cols["policy_chosen_logps"] += pc.tolist()
+            cols["policy_rejected_logps"] += pr.tolist()
+            cols["ref_chosen_logps"] += ref["chosen_logps"].tolist()
+            cols["ref_rejected_logps"] += ref["rejected_logps"].tolist()
+            cols["reward_chosen"] += rc.tolist()
+            cols["reward_rejected"] += rr.tolist()
+            cols["margin"] += (rc - rr).tolist()
+            cols["prompt_tokens"] += [len(p.prompt_ids) for p in batch]
+            cols["chosen_tokens"] += [len(p.chosen_ids) for p in batch]
+            cols["rejected_tokens"] += [len(p.rejected_ids) for p in batch]
+    model.train(was_training)
+    return cols, aggregate(cols)
+
+
+def aggregate(cols: dict[str, list]) -> dict[str, float]:
+    """Means over pairs, named like the trainer's step metrics."""
+    n = len(cols["id"])
+    if n == 0:
+        return {"n": 0}
+    mean = lambda xs: float(sum(xs) / n)  # noqa: E731
+    return {
+        "rewards_chosen": mean(cols["reward_chosen"]),
+        "rewards_rejected": mean(cols["reward_rejected"]),
+        "rewards_margins": mean(cols["margin"]),
+        "rewards_accuracies": mean([float(m > 0) for m in cols["margin"]]),
+        "logps_chosen": mean(cols["policy_chosen_logps"]),
+        "logps_rejected": mean(cols["policy_rejected_logps"]),
+        "n": n,
+    }

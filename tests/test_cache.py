@@ -1,0 +1,113 @@
+"""Shard writing, metadata, compatibility checks and verification of the cache format."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from prefcache.cache import (
+    COMPAT_KEYS, CacheError, CacheWriter, differences, existing_ids, read_cache, read_metadata, shard_paths,
+    summary, verify,
+)
+
+META = {"schema_version": 1, "model_fingerprint": "m", "adapter_fingerprint": None, "tokenizer_fingerprint": "t",
+        "chat_template_hash": "c", "max_length": 64, "truncation": "keep_start", "quantization": "fp32",
+        "dtype": "float32", "per_token": False}
+
+
+def rows(ids, chosen=-1.0, rejected=-2.0, per_token=False):
+    n = len(ids)
+    cols = {"id": list(ids), "chosen_logps": [chosen] * n, "rejected_logps": [rejected] * n,
+            "chosen_logps_prefix": [chosen] * n, "rejected_logps_prefix": [rejected] * n,
+            "prompt_tokens": [3] * n, "chosen_tokens": [2] * n, "rejected_tokens": [4] * n,
+            "chosen_truncated": [False] * n, "rejected_truncated": [True] * n}
+    if per_token:
+        cols["chosen_token_logps"] = [[-0.5, -0.5]] * n
+        cols["rejected_token_logps"] = [[-0.5] * 4] * n
+    return cols
+
+
+def test_shards_are_atomic_numbered_and_readable_by_any_parquet_reader(tmp_path):
+    w = CacheWriter(tmp_path, META)
+    w.write(rows(["a", "b"]))
+    w.write(rows(["c"]))
+    names = [p.name for p in shard_paths(tmp_path)]
+    assert names == ["part-r000-000000.parquet", "part-r000-000001.parquet"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert read_metadata(tmp_path)["model_fingerprint"] == "m"
+    assert sorted(read_cache(tmp_path).column("id").to_pylist()) == ["a", "b", "c"]
+    glob = str(tmp_path / "part-r*.parquet")
+    assert pl.read_parquet(glob).height == 3
+    assert duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0][0] == 3
+    assert existing_ids(tmp_path) == {"a", "b", "c"}
+    types = pq.read_schema(shard_paths(tmp_path)[0])
+    assert str(types.field("chosen_logps").type) == "double" and str(types.field("prompt_tokens").type) == "int32"
+
+
+def test_new_writer_continues_numbering_and_removes_stale_temp_files(tmp_path):
+    CacheWriter(tmp_path, META).write(rows(["a"]))
+    (tmp_path / ".tmp-r000-crashed.parquet").write_bytes(b"half a file")
+    w = CacheWriter(tmp_path, META)
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert w.write(rows(["b"])).name == "part-r000-000001.parquet"
+    assert CacheWriter(tmp_path, META, rank=1).write(rows(["c"])).name == "part-r001-000000.parquet"
+
+
+def test_per_token_columns_are_lists(tmp_path):
+    CacheWriter(tmp_path, {**META, "per_token": True}).write(rows(["a"], per_token=True))
+    t = read_cache(tmp_path)
+    assert t.column("rejected_token_logps").to_pylist() == [[-0.5] * 4]
+
+
+def test_differences_name_each_key():
+    other = {**META, "max_length": 128, "quantization": "4bit"}
+    diff = differences(META, other)
+    assert diff == ["max_length: cache has 64, asked for 128", "quantization: cache has 'fp32', asked for '4bit'"]
+    assert set(COMPAT_KEYS) >= {"model_fingerprint", "tokenizer_fingerprint", "chat_template_hash", "max_length",
+                                "truncation", "quantization", "schema_version"}
+
+
+def test_verify_healthy_cache_and_coverage(tmp_path):
+    CacheWriter(tmp_path, META).write(rows(["a", "b"]))
+    assert verify(tmp_path, expected_ids=["a", "b"]) == []
+    problems = verify(tmp_path, expected_ids=["a", "b", "x", "y"])
+    assert len(problems) == 1 and "2 of 4 ids" in problems[0] and "x" in problems[0]
+    assert verify(tmp_path, expected_ids=["a", "b", "x"], skipped_ids={"x"}) == []
+
+
+def test_verify_finds_duplicates_nan_and_damaged_shards(tmp_path):
+    w = CacheWriter(tmp_path, META)
+    w.write(rows(["a", "b"]))
+    w.write(rows(["b"]))
+    w.write(rows(["n"], chosen=float("nan")))
+    (tmp_path / "part-r000-000009.parquet").write_bytes(b"not parquet")
+    text = "\n".join(verify(tmp_path))
+    assert "1 duplicate ids" in text and "b (" in text
+    assert "id n has chosen_logps = nan" in text
+    assert "part-r000-000009.parquet: unreadable" in text
+
+
+def test_verify_finds_shards_with_different_metadata(tmp_path):
+    CacheWriter(tmp_path, META).write(rows(["a"]))
+    CacheWriter(tmp_path, {**META, "max_length": 99}, rank=1).write(rows(["b"]))
+    assert any("max_length: cache has 64, asked for 99" in p for p in verify(tmp_path))
+
+
+def test_summary_and_manifest(tmp_path):
+    w = CacheWriter(tmp_path, META)
+    w.write(rows(["a", "b", "c"], chosen=-1.0, rejected=-3.0))
+    w.write_manifest()
+    s = summary(tmp_path)
+    assert s["rows"] == 3 and s["unique_ids"] == 3 and s["shards"] == 1
+    assert s["columns"]["chosen_logps"]["mean"] == pytest.approx(-1.0)
+    assert s["rejected_truncated_frac"] == 1.0 and s["ref_prefers_chosen_frac"] == 1.0
+    assert json.loads((tmp_path / "manifest.json").read_text())["metadata"] == META
+
+
+def test_not_a_cache(tmp_path):
+    with pytest.raises(CacheError, match="not a prefcache cache"):
+        read_metadata(tmp_path)

@@ -1,0 +1,106 @@
+"""The chunked kernel equals the naive full-logits computation, in values and in gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefcache.logprobs import LogProbModule, naive_token_logprobs, token_logprobs
+
+
+def tiny_llama(vocab=301, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg)
+
+
+def batch(vocab=301, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 24), generator=g)
+    attention = torch.ones_like(ids)
+    attention[1, 17:] = 0  # right padding
+    attention[2, 9:] = 0
+    completion = torch.zeros_like(ids)
+    completion[0, 10:] = 1
+    completion[1, 5:] = 1
+    completion[2, 3:] = 1
+    return ids, attention, completion * attention
+
+
+def float64_reference(model, ids, attention, completion):
+    """Log-probs from float64 logits: the ground truth both fp32 paths are judged against."""
+    logits = model(input_ids=ids, attention_mask=attention).logits.double()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(lp * completion[:, 1:], (1, 0))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 4096])
+def test_values_match_naive(chunk):
+    model = tiny_llama()
+    ids, attention, completion = batch()
+    with torch.no_grad():
+        fast = token_logprobs(model, ids, attention, completion, chunk_size=chunk)
+        naive = naive_token_logprobs(model, ids, attention, completion)
+        exact = float64_reference(model, ids, attention, completion)
+    assert fast.dtype == torch.float32 and fast.shape == ids.shape
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.double(), exact, atol=1e-5, rtol=0)
+    # Only completion positions carry values, and every one of them is a log-prob (< 0).
+    assert torch.all(fast[completion == 0] == 0)
+    assert torch.all(fast[completion == 1] < 0)
+    torch.testing.assert_close(fast.sum(-1), naive.sum(-1), atol=1e-5, rtol=0)
+
+
+def test_gradients_match_naive():
+    ids, attention, completion = batch()
+    grads = []
+    for fn in (lambda m: token_logprobs(m, ids, attention, completion, chunk_size=7),
+               lambda m: naive_token_logprobs(m, ids, attention, completion)):
+        model = tiny_llama()
+        weights = torch.linspace(-1, 1, ids.shape[0])  # a loss that weighs sequences differently
+        (fn(model).sum(-1) * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_checkpointed_chunks_keep_gradients_exact():
+    ids, attention, completion = batch()
+    out = []
+    for ckpt in (True, False):
+        model = tiny_llama()
+        token_logprobs(model, ids, attention, completion, chunk_size=4, checkpoint=ckpt).sum().backward()
+        out.append(model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(out[0], out[1])
+
+
+def test_peft_wrapped_model_uses_the_adapter():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids, attention, completion = batch()
+    with torch.no_grad():
+        fast = token_logprobs(model, ids, attention, completion)
+        naive = naive_token_logprobs(model, ids, attention, completion)
+        with model.disable_adapter():
+            base = token_logprobs(model, ids, attention, completion)
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
+    assert (fast - base).abs().max() > 1e-4  # the adapter changed the values: it was really applied
+
+
+def test_module_wrapper_matches_function():
+    model = tiny_llama()
+    ids, attention, completion = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(LogProbModule(model)(ids, attention, completion),
+                                   token_logprobs(model, ids, attention, completion))
+
+
+def test_no_completion_tokens_gives_zeros():
+    model = tiny_llama()
+    ids, attention, _ = batch()
+    with torch.no_grad():
+        out = token_logprobs(model, ids, attention, torch.zeros_like(ids))
+    assert torch.count_nonzero(out) == 0

@@ -1,0 +1,205 @@
+"""The precompute pass: values, resume, extension, refusal, crash safety, CLI, data parallel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import polars as pl
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import preference_rows, write_jsonl
+
+from prefcache.cache import CacheError, read_cache, read_metadata, shard_paths
+from prefcache.cli import main
+from prefcache.precompute import precompute, verify_cache
+
+
+def run(data, out, model, **kw):
+    kw.setdefault("max_length", 64)
+    kw.setdefault("quantize", "fp32")
+    kw.setdefault("progress", False)
+    return precompute(data=str(data), out=str(out), model=str(model), **kw)
+
+
+def frame(cache):
+    return pl.from_arrow(read_cache(cache)).sort("id")
+
+
+def test_values_equal_a_naive_full_logits_computation(tmp_path, prefs_file, tiny_model, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from prefcache.data import load_dataset_pairs
+    from prefcache.logprobs import naive_token_logprobs
+
+    result = run(prefs_file, tmp_path / "c", tiny_model, batch_size=3, per_token=True)
+    assert result["scored"] == 24 and result["problems"] == []
+    got = {r["id"]: r for r in frame(tmp_path / "c").iter_rows(named=True)}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    pairs, _, _ = load_dataset_pairs(str(prefs_file), tokenizer, 64, "keep_start")
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            completion = getattr(p, f"{side}_ids")
+            ids = torch.tensor([p.prompt_ids + completion])
+            mask = torch.zeros_like(ids)
+            mask[0, len(p.prompt_ids):] = 1
+            with torch.no_grad():
+                naive = naive_token_logprobs(model, ids, torch.ones_like(ids), mask)[0, len(p.prompt_ids):]
+            assert got[p.id][f"{side}_logps"] == pytest.approx(naive.sum().item(), abs=1e-4)
+            assert got[p.id][f"{side}_tokens"] == len(completion)
+            torch.testing.assert_close(torch.tensor(got[p.id][f"{side}_token_logps"]), naive, atol=1e-5, rtol=0)
+        assert got[p.id]["prompt_tokens"] == len(p.prompt_ids)
+        shared = min(len(p.chosen_ids), len(p.rejected_ids))
+        assert got[p.id]["chosen_logps_prefix"] == pytest.approx(sum(got[p.id]["chosen_token_logps"][:shared]), abs=1e-4)
+
+
+def test_metadata_records_what_made_the_cache(tmp_path, prefs_file, tiny_model):
+    run(prefs_file, tmp_path / "c", tiny_model)
+    meta = read_metadata(tmp_path / "c")
+    for key in ("model_name", "model_fingerprint", "tokenizer_fingerprint", "chat_template_hash", "max_length",
+                "truncation", "quantization", "dtype", "prefcache_version", "schema_version", "created_at"):
+        assert meta[key] is not None, key
+    assert meta["max_length"] == 64 and meta["quantization"] == "fp32" and meta["truncation"] == "keep_start"
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["metadata"]["model_fingerprint"] == meta["model_fingerprint"]
+
+
+def test_rerun_scores_nothing_and_added_rows_score_only_new_ones(tmp_path, tiny_model):
+    rows = preference_rows(30)
+    data = write_jsonl(tmp_path / "d.jsonl", rows[:20])
+    first = run(data, tmp_path / "c", tiny_model, shard_size=8)
+    assert first["scored"] == 20 and len(shard_paths(tmp_path / "c")) == 3
+    assert run(data, tmp_path / "c", tiny_model)["scored"] == 0
+    write_jsonl(data, list(reversed(rows)))  # 10 new rows, and the old ones in another order
+    third = run(data, tmp_path / "c", tiny_model)
+    assert third["scored"] == 10 and third["cached_before"] == 20
+    df = frame(tmp_path / "c")
+    assert df.height == 30 and df["id"].n_unique() == 30
+    fresh = run(data, tmp_path / "fresh", tiny_model)
+    assert fresh["scored"] == 30
+    fresh_df = frame(tmp_path / "fresh")
+    assert fresh_df["id"].to_list() == df["id"].to_list()
+    assert (fresh_df["chosen_logps"] - df["chosen_logps"]).abs().max() < 1e-5
+
+
+def test_extending_with_other_settings_is_refused(tmp_path, prefs_file, tiny_model, tokenizer):
+    from conftest import make_tiny_model
+
+    run(prefs_file, tmp_path / "c", tiny_model)
+    with pytest.raises(CacheError, match=r"max_length: cache has 64, asked for 32"):
+        run(prefs_file, tmp_path / "c", tiny_model, max_length=32)
+    with pytest.raises(CacheError, match="model_fingerprint"):
+        run(prefs_file, tmp_path / "c", make_tiny_model(tmp_path / "other", tokenizer, seed=1))
+    with pytest.raises(CacheError, match="quantization: cache has 'fp32', asked for 'bf16'"):
+        run(prefs_file, tmp_path / "c", tiny_model, quantize="bf16")
+    assert frame(tmp_path / "c").height == 24  # nothing lost, nothing added
+
+
+def test_identical_sequences_are_scored_once(tmp_path, tiny_model, monkeypatch):
+    import prefcache.precompute as pre
+
+    rows = [{"prompt": "Same prompt", "chosen": " same answer", "rejected": f" other {i}"} for i in range(5)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    seen = []
+    real = pre.score_sequences
+    monkeypatch.setattr(pre, "score_sequences", lambda m, seqs, **kw: seen.append(len(seqs)) or real(m, seqs, **kw))
+    run(data, tmp_path / "c", tiny_model)
+    assert seen == [6]  # 5 distinct rejected + 1 shared chosen
+    assert frame(tmp_path / "c")["chosen_logps"].n_unique() == 1
+
+
+def test_bad_rows_fail_by_default_and_are_reported_when_skipped(tmp_path, tiny_model):
+    rows = preference_rows(4) + [{"prompt": "p", "chosen": "", "rejected": "r"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ValueError, match="row 4"):
+        run(data, tmp_path / "c", tiny_model)
+    result = run(data, tmp_path / "c", tiny_model, on_bad_row="skip")
+    assert result["scored"] == 4 and result["bad_rows"] == 1
+    report = [json.loads(line) for line in (tmp_path / "c" / "bad_rows.jsonl").read_text().splitlines()]
+    assert report[0]["row"] == 4
+    assert verify_cache(str(tmp_path / "c"), str(data))["problems"] == []
+
+
+CRASHER = textwrap.dedent("""
+    import os, sys
+    import prefcache.cache as cache
+    real = cache.CacheWriter.write
+    calls = []
+    def write(self, columns):
+        calls.append(1)
+        if len(calls) == 3:  # die mid-write of the third shard, leaving a half temp file behind
+            open(self.dir / f".tmp-r000-crash.parquet", "wb").write(b"PAR1 half")
+            os._exit(137)
+        return real(self, columns)
+    cache.CacheWriter.write = write
+    from prefcache.precompute import precompute
+    precompute(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], max_length=64, quantize="fp32",
+               shard_size=5, progress=False)
+""")
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(23))
+    crashed = subprocess.run([sys.executable, "-c", CRASHER, str(data), str(tmp_path / "c"), str(tiny_model)],
+                             env={**os.environ}, capture_output=True, text=True)
+    assert crashed.returncode == 137, crashed.stderr
+    assert len(shard_paths(tmp_path / "c")) == 2
+    resumed = run(data, tmp_path / "c", tiny_model, shard_size=5)
+    assert resumed["cached_before"] == 10 and resumed["scored"] == 13 and resumed["problems"] == []
+    assert not list((tmp_path / "c").glob(".tmp-*"))
+    whole = run(data, tmp_path / "whole", tiny_model, shard_size=5)
+    a, b = frame(tmp_path / "c"), frame(tmp_path / "whole")
+    assert a["id"].to_list() == b["id"].to_list()
+    assert a.drop("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix").equals(
+        b.drop("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix"))
+    for col in ("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix"):
+        assert (a[col] - b[col]).abs().max() < 1e-5, col
+
+
+def test_cli_precompute_inspect_verify(tmp_path, prefs_file, tiny_model):
+    runner = CliRunner()
+    out = tmp_path / "c"
+    res = runner.invoke(main, ["precompute", "--data", str(prefs_file), "--out", str(out), "--model", str(tiny_model),
+                               "--max-length", "64", "--quantize", "fp32", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "24 pairs scored" in res.output
+    res = runner.invoke(main, ["inspect", str(out)])
+    assert res.exit_code == 0 and "24 rows" in res.output and "model_fingerprint" in res.output
+    res = runner.invoke(main, ["verify", str(out), "--data", str(prefs_file)])
+    assert res.exit_code == 0 and "OK" in res.output, res.output
+    more = write_jsonl(tmp_path / "more.jsonl", preference_rows(30))
+    res = runner.invoke(main, ["verify", str(out), "--data", str(more)])
+    assert res.exit_code == 1 and "6 of 30 ids" in res.output
+    res = runner.invoke(main, ["precompute", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out),
+                               "--model", str(tiny_model)])
+    assert res.exit_code == 1 and "Error:" in res.output and "Traceback" not in res.output
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys; from prefcache.cli import main; main(['--help'], standalone_mode=False); " \
+           "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False False")
+    for cmd in ("precompute", "inspect", "verify"):
+        code = f"import sys; from prefcache.cli import main; main(['{cmd}', '--help'], standalone_mode=False); print('torch' in sys.modules)"
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().endswith("False")
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_precompute(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(20))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "prefcache", "precompute", "--data", str(data), "--out", str(tmp_path / "c"), "--model", str(tiny_model),
+           "--max-length", "64", "--quantize", "fp32", "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = {p.name[:9] for p in shard_paths(tmp_path / "c")}
+    assert names == {"part-r000", "part-r001"}
+    single = run(data, tmp_path / "single", tiny_model)
+    a, b = frame(tmp_path / "c"), frame(tmp_path / "single")
+    assert a["id"].to_list() == b["id"].to_list() and single["scored"] == 20
+    assert (a["chosen_logps"] - b["chosen_logps"]).abs().max() < 1e-5
+    assert verify_cache(str(tmp_path / "c"), str(data))["problems"] == []
