@@ -1,0 +1,122 @@
+"""prefcache.report and `prefcache report`: the HTML is checked structurally (no browser needed)."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+
+import pytest
+from click.testing import CliRunner
+from test_analysis import write_run  # the hand-worked fixture of the analysis tests
+
+from prefcache.cli.sql import report_cmd
+from prefcache.report import _nice_ticks, bar_chart, build_report, histogram_chart, line_chart, write_report
+
+SVG_NS = "{http://www.w3.org/2000/svg}"
+
+
+class _Outline(HTMLParser):
+    """Headings, tags, and anything that would reach outside the page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.headings: list[str] = []
+        self.external: list[str] = []
+        self._in_heading = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self._in_heading = tag in ("h1", "h2")
+        for name, value in attrs:
+            if name in ("src", "href") and value and not value.startswith("#"):
+                self.external.append(value)
+        if tag in ("script", "link", "img", "iframe"):
+            self.external.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in ("h1", "h2"):
+            self._in_heading = False
+
+    def handle_data(self, data):
+        if self._in_heading:
+            self.headings.append(data.strip())
+
+
+def _svgs(page: str) -> list[ET.Element]:
+    return [ET.fromstring(s) for s in re.findall(r"<svg.*?</svg>", page, re.S)]  # each must be well-formed XML
+
+
+def _titles(svgs) -> list[str]:
+    return [svg.find(f"{SVG_NS}title").text for svg in svgs]
+
+
+@pytest.fixture
+def run1(tmp_path):
+    return write_run(tmp_path / "run1")
+
+
+def test_report_has_every_section_and_chart(run1):
+    page = build_report(run1)
+    outline = _Outline()
+    outline.feed(page)
+    assert page.startswith("<!DOCTYPE html>") and outline.external == []
+    assert outline.headings[0] == "prefcache report: run1"
+    assert {"Training curves", "Margins and length bias", "Evaluations"} <= set(outline.headings)
+    assert any(h.startswith("Hardest pairs") for h in outline.headings)
+    titles = _titles(_svgs(page))
+    assert titles[:4] == ["Loss", "Reward accuracy", "Reward margin (chosen − rejected)", "Mean implicit rewards"]
+    assert "Reward margins (train), first and last logged step" in titles
+    assert any(t.startswith("Accuracy by length difference (train, step 2)") for t in titles)
+    assert any(t.startswith("Mean reward by length difference") for t in titles)
+    # the run.json facts, the last logged step, the evals table and the hardest pair's text are on the page
+    assert "sigmoid" in page and "last train step 2" in page and "arc_easy" in page and "good answer p2" in page
+
+
+def test_curves_draw_train_and_eval(run1):
+    svgs = _svgs(build_report(run1))
+    loss = svgs[0]
+    assert len(loss.findall(f"{SVG_NS}polyline")) == 1  # train has two points, eval one (a marker only)
+    assert len(loss.findall(f"{SVG_NS}circle")) == 3
+    legend = [t.text for t in loss.iter(f"{SVG_NS}text")]
+    assert "train" in legend and "eval" in legend
+
+
+def test_histogram_compares_first_and_last_step_on_shared_buckets(run1):
+    svgs = _svgs(build_report(run1))
+    hist = next(s for s in svgs if s.find(f"{SVG_NS}title").text.startswith("Reward margins"))
+    tips = [r.find(f"{SVG_NS}title").text for r in hist.iter(f"{SVG_NS}rect") if r.find(f"{SVG_NS}title") is not None]
+    first = [t for t in tips if t.startswith("step 1 ")]
+    last = [t for t in tips if t.startswith("step 2 ")]
+    assert len(first) == len(last) == 30
+    assert [t.split(":")[0][7:] for t in first] == [t.split(":")[0][7:] for t in last]  # same bucket edges
+
+
+def test_report_of_a_run_with_steps_only(tmp_path):
+    run = write_run(tmp_path / "bare", examples=False, evals=False, pairs=False)
+    page = build_report(run)
+    assert "No per-example logs" in page and "Evaluations" not in page
+    assert len(_svgs(page)) == 4
+
+
+def test_write_report_and_cli(run1, tmp_path):
+    assert write_report(run1) == run1 / "report.html" and (run1 / "report.html").exists()
+    out = tmp_path / "out" / "r.html"
+    r = CliRunner().invoke(report_cmd, [str(run1), "--out", str(out)])
+    assert r.exit_code == 0 and out.exists() and str(out) in r.output
+    r = CliRunner().invoke(report_cmd, [str(tmp_path)])  # not a run directory
+    assert r.exit_code == 1 and "is not a run directory" in r.output and "Traceback" not in r.output
+
+
+def test_chart_helpers_handle_edge_cases():
+    assert _nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert _nice_ticks(-0.8, 1.0) == [-0.5, 0, 0.5, 1.0]
+    for svg in (line_chart("one point", [("a", "#000", [3], [0.5])], "x", "y"),
+                line_chart("gaps", [("a", "#000", [1, 2, 3, 4], [1.0, float("nan"), None, 2.0])], "x", "y"),
+                histogram_chart("flat", [0.0, 1.0, 2.0], [("a", "#000", [0.0, 0.0])], "x", "y"),
+                bar_chart("neg", ["-1", "0", "1"], [("a", "#000", [-2.0, float("nan")])], "x", "y", notes=["n=1", "n=0"]),
+                line_chart("<b>&", [("<i>", "#000", [1, 2], [1, 2])], "x", "y")):
+        root = ET.fromstring(svg)
+        assert root.tag == f"{SVG_NS}svg"
+        assert not re.search(r'="[^"]*(nan|inf)', svg.lower())  # no coordinate is NaN or infinite
