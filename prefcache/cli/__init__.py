@@ -7,6 +7,7 @@ Each command family lives in its own module; they import only click at module le
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -28,18 +29,23 @@ COMMANDS = {
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return list(COMMANDS)
+        return [*COMMANDS, *super().list_commands(ctx)]
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
-            return None
+            return super().get_command(ctx, name)
         module, attr = COMMANDS[name]
         return getattr(importlib.import_module(module), attr)
 
 
+# Commands that run models: they get jemalloc on CPU (see prefcache/allocator.py).
+HEAVY = {"precompute", "train", "eval", "score", "env"}
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="prefcache")
-def main():
+@click.pass_context
+def main(ctx):
     """Preference optimisation (DPO and family) with a precomputed reference cache.
 
     \b
@@ -50,4 +56,33 @@ def main():
       prefcache score run1/checkpoints/step-000100 --cache heldout-cache --data heldout.jsonl
 
     Run `prefcache COMMAND --help` for the options of each command.
+    On CPU, model-running commands re-exec once with jemalloc when it is installed
+    (less memory, faster steps); set PREFCACHE_ALLOCATOR=system to keep the default.
     """
+    if ctx.invoked_subcommand in HEAVY and not {"-h", "--help"} & set(sys.argv):
+        from prefcache.allocator import maybe_reexec
+
+        maybe_reexec()
+
+
+@main.command("env")
+def env_cmd():
+    """Print versions, devices and the memory allocator in use (paste it into bug reports)."""
+    import platform
+
+    import torch
+
+    from prefcache.allocator import current
+
+    rows = {"prefcache": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "cuda available": torch.cuda.is_available(),
+            "cpu threads": torch.get_num_threads(), "allocator": current()}
+    for name in ("transformers", "peft", "bitsandbytes", "duckdb", "polars", "pyarrow", "lm_eval"):
+        try:
+            rows[name] = importlib.import_module(name).__version__
+        except Exception as e:  # noqa: BLE001 - report, never fail, in a diagnostics command
+            rows[name] = f"unavailable ({type(e).__name__})"
+    if torch.cuda.is_available():
+        rows["gpu"] = torch.cuda.get_device_name(0)
+    for key, value in rows.items():
+        click.echo(f"{key:<16} {value}")
