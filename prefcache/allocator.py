@@ -42,7 +42,7 @@ def started_as_prefcache(argv: list[str]) -> bool:
     """``prefcache ...`` (console script) or ``python -m prefcache ...``."""
     if Path(argv[1] if len(argv) > 1 else "").name == "prefcache" or Path(argv[0]).name == "prefcache":
         return True
-    return any(a == "-m" and b == "prefcache" for a, b in zip(argv, argv[1:]))
+    return any(a == "-m" and b == "prefcache" for a, b in zip(argv, argv[1:], strict=False))
 
 
 def maybe_reexec() -> None:

@@ -61,3 +61,218 @@ class PrecomputeConfig:
             _positive(name, getattr(self, name))
         if self.max_length < 2:
             raise ValueError("max_length must be at least 2 (one prompt token and one completion token)")
+
+
+FINETUNES = ("lora", "qlora", "full")
+SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
+def _names(value) -> tuple:
+    """'a,b' or ['a', 'b'] -> ('a', 'b')."""
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(v.strip() if isinstance(v, str) else v for v in value if not (isinstance(v, str) and not v.strip()))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What ``prefcache train`` does.
+
+    data: training preference data (same formats as precompute). cache: the reference cache made from it
+    (needed unless every loss is reference-free: orpo, simpo, sft). out: the run directory.
+    model: the policy's starting weights (HF folder or .gguf; None = the embedded SmolLM2-135M-Instruct);
+    it should be the reference the cache was made with, else the implicit rewards start off zero.
+    loss / loss_weights: names from ``prefcache.losses.LOSSES`` ("sigmoid" or "sigmoid,sft") and their
+    weights (default 1 each). beta, label_smoothing, ld_alpha, simpo_gamma, bco/discopop options: passed
+    to the losses that take them.
+    finetune: lora (LoRA on all linear layers), qlora (LoRA on a 4-bit NF4 base), full (every weight).
+    lr: None = 5e-5 for lora/qlora, 5e-6 for full. batch_size: pairs per micro-batch per process;
+    grad_accum micro-batches per optimizer step, so a step sees batch_size * grad_accum * world_size pairs.
+    max_steps: optimizer steps (overrides epochs). max_length / truncation: None = the cache's values.
+    eval_data / eval_cache: held-out pairs and their reference cache (default: ``cache``);
+    eval_fraction: hold out that share of the training ids instead (chosen by id hash, not row order).
+    save_every / eval_every / log_every: in optimizer steps (eval also runs before the first step and at
+    the end). flush_every: logged steps buffered before a new log part file is written.
+    """
+
+    data: str
+    out: str
+    cache: str | None = None
+    model: str | None = None
+    adapter: str | None = None  # a starting (e.g. SFT) LoRA adapter, trained further
+    loss: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    ld_alpha: float | None = None
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+    finetune: str = "lora"
+    lora_r: int = 16
+    lora_alpha: float | None = None  # None = 2 * lora_r
+    lora_dropout: float = 0.0
+    lora_target: str = "all-linear"  # or comma-separated module names, e.g. "q_proj,v_proj"
+    max_steps: int | None = None
+    epochs: int = 1
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float | None = None
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
+    bf16: bool = True  # bf16 autocast when training on a GPU; ignored on CPU
+    max_length: int | None = None
+    truncation: str | None = None
+    on_bad_row: str = "fail"
+    eval_data: str | None = None
+    eval_cache: str | None = None
+    eval_fraction: float = 0.0
+    eval_every: int | None = None
+    eval_batch_size: int | None = None  # None = batch_size
+    save_every: int | None = None
+    log_every: int = 1
+    flush_every: int = 50
+    resume: bool = False
+    seed: int = 42
+    device: str = "auto"
+    chunk_size: int = 1024
+    progress: bool = True
+
+    def __post_init__(self):
+        from .losses import LOSSES  # the registry decides which names exist and which need a reference
+
+        loss = _names(self.loss)
+        object.__setattr__(self, "loss", loss)
+        if self.loss_weights is not None:
+            weights = tuple(float(w) for w in _names(self.loss_weights))
+            object.__setattr__(self, "loss_weights", weights)
+            if len(weights) != len(loss):
+                raise ValueError(f"{len(loss)} loss name(s) {list(loss)} but {len(weights)} loss weight(s)")
+        if unknown := [n for n in loss if n not in LOSSES]:
+            raise ValueError(f"unknown loss {', '.join(unknown)}; choose from {', '.join(LOSSES)}")
+        if not loss or len(set(loss)) != len(loss):
+            raise ValueError(f"loss must name each loss once, got {list(loss)}")
+        if self.cache is None and (needs := [n for n in loss if LOSSES[n].needs_ref]):
+            free = [n for n, s in LOSSES.items() if not s.needs_ref]
+            raise ValueError(f"loss {', '.join(needs)} needs the reference cache: pass cache (--cache DIR); "
+                             f"losses that need none: {', '.join(free)}")
+        _choice("finetune", self.finetune, FINETUNES)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
+        if self.truncation is not None:
+            _choice("truncation", self.truncation, TRUNCATIONS)
+        for name in ("lora_r", "epochs", "batch_size", "grad_accum", "max_steps", "max_length", "eval_every",
+                     "eval_batch_size", "save_every", "log_every", "flush_every", "chunk_size", "beta", "lr",
+                     "lora_alpha"):
+            _positive(name, getattr(self, name))
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError("max_length must be at least 2 (one prompt token and one completion token)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval_data:
+            raise ValueError("give eval_data or eval_fraction, not both")
+        if self.eval_cache and not self.eval_data:
+            raise ValueError("eval_cache needs eval_data (the held-out pairs it was made from)")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", 5e-6 if self.finetune == "full" else 5e-5)
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", 2.0 * self.lora_r)
+
+
+def _str_names(value) -> tuple[str, ...]:
+    """None, 'a,b', or a list of strings / paths -> ('a', 'b')."""
+    return tuple(str(v) for v in _names(value or ()))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``prefcache eval`` does: lm-eval tasks on checkpoints of a run, and on its base model.
+
+    checkpoints: checkpoint folders (``RUN/checkpoints/step-000100``), a checkpoint's name inside ``run``,
+        a run folder (= all its checkpoints), or ``base``.
+    tasks: lm-eval task names (``a,b`` or a list): built-in ones (their data must be reachable) or ones
+        defined by YAMLs under ``include_path``.
+    run: the run folder: run.json is read from it and results go to ``RUN/evals/``; default: the run
+        the checkpoints belong to.
+    model: the base model (HF folder or .gguf); default: the run's model (run.json), else the embedded one.
+    base: also evaluate the base model (checkpoint ``base``), the baseline every checkpoint is compared to.
+    include_path: folders of task YAMLs; a relative ``data_files`` path in them is read relative to the
+        YAML's own folder (lm-eval alone reads it relative to the working directory).
+    limit: documents per task (quick checks); None = all.
+    quantize: precision of the loaded weights; None = the run's (a QLoRA run's base loads in 4-bit).
+    """
+
+    checkpoints: tuple[str, ...]
+    tasks: tuple[str, ...]
+    run: str | None = None
+    model: str | None = None
+    base: bool = True
+    include_path: tuple[str, ...] = ()
+    limit: int | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    quantize: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("checkpoints", "tasks", "include_path"):
+            object.__setattr__(self, name, _str_names(getattr(self, name)))
+        if not self.tasks:
+            raise ValueError("no tasks given: pass lm-eval task names, e.g. tasks='hellaswag,arc_easy'")
+        if not self.checkpoints and not self.base:
+            raise ValueError("nothing to evaluate: give checkpoints, or base=True")
+        for name in ("limit", "batch_size"):
+            _positive(name, getattr(self, name))
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.quantize is not None:
+            _choice("quantize", self.quantize, QUANTIZATIONS)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """What ``prefcache score`` does: implicit rewards of checkpoints on held-out pairs, against the cache.
+
+    checkpoints: as for :class:`EvalConfig` (``base`` scores the base model: rewards ~0 when the cache was
+        made by that model at that precision).
+    cache: the reference cache holding the held-out pairs (the reference model is never loaded).
+    data: the held-out preference data; it is tokenised as the cache says (max_length, truncation).
+    beta: reward scale; None = the run's beta (run.json), else 0.1.
+    base: also score the base model. Off by default: rewards are already relative to the reference.
+    batch_size: pairs per forward pass.
+    """
+
+    checkpoints: tuple[str, ...]
+    cache: str
+    data: str
+    run: str | None = None
+    model: str | None = None
+    base: bool = False
+    beta: float | None = None
+    batch_size: int = 8
+    on_bad_row: str = "fail"
+    quantize: str | None = None
+    device: str = "auto"
+    chunk_size: int = 2048
+
+    def __post_init__(self):
+        object.__setattr__(self, "checkpoints", _str_names(self.checkpoints))
+        if not self.checkpoints and not self.base:
+            raise ValueError("nothing to score: give checkpoints, or base=True")
+        for name in ("beta", "batch_size", "chunk_size"):
+            _positive(name, getattr(self, name))
+        _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
+        if self.quantize is not None:
+            _choice("quantize", self.quantize, QUANTIZATIONS)

@@ -229,7 +229,6 @@ def load_model(
     or auto. ``adapter``: a PEFT adapter folder applied on top (e.g. an SFT LoRA); frozen unless
     ``trainable_adapter``. Returns (model, info) where info records what was actually loaded.
     """
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = resolve_device(device)

@@ -15,7 +15,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .cache import SCHEMA_VERSION, CacheError, CacheWriter, differences, existing_ids, read_metadata, shard_paths, verify
+from .cache import (
+    SCHEMA_VERSION,
+    CacheError,
+    CacheWriter,
+    differences,
+    existing_ids,
+    read_metadata,
+    shard_paths,
+    verify,
+)
 from .config import PrecomputeConfig
 
 
@@ -140,7 +149,14 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     from tqdm.auto import tqdm
 
     from .data import load_dataset_pairs, write_bad_rows
-    from .models import compute_dtype, load_model, load_tokenizer, resolve_device, resolve_model, resolve_quantization
+    from .models import (
+        compute_dtype,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_model,
+        resolve_quantization,
+    )
 
     rank, world = dist_info()
     if world > 1:
@@ -202,7 +218,7 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
             logps = score_sequences(model, [(list(k), unique[k]) for k in keys], batch_size=2 * config.batch_size,
                                     pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
                                     on_batch=progress)
-            writer.write(shard_columns(shard, dict(zip(keys, logps)), config.per_token))
+            writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
             scored_pairs += len(shard)
             bar.update(len(shard))
         bar.close()

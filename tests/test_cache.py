@@ -10,8 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from prefcache.cache import (
-    COMPAT_KEYS, CacheError, CacheWriter, differences, existing_ids, read_cache, read_metadata, shard_paths,
-    summary, verify,
+    COMPAT_KEYS,
+    CacheError,
+    CacheWriter,
+    differences,
+    existing_ids,
+    read_cache,
+    read_metadata,
+    shard_paths,
+    summary,
+    verify,
 )
 
 META = {"schema_version": 1, "model_fingerprint": "m", "adapter_fingerprint": None, "tokenizer_fingerprint": "t",

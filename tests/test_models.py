@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from prefcache.models import (
-    ModelError, chat_template_hash, default_model, file_fingerprint, hf_folder, load_model, resolve_model,
+    ModelError,
+    chat_template_hash,
+    default_model,
+    file_fingerprint,
+    hf_folder,
+    load_model,
+    resolve_model,
     tokenizer_fingerprint,
 )
 

@@ -150,7 +150,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, tiny_m
     resumed = run(data, tmp_path / "c", tiny_model, shard_size=5)
     assert resumed["cached_before"] == 10 and resumed["scored"] == 13 and resumed["problems"] == []
     assert not list((tmp_path / "c").glob(".tmp-*"))
-    whole = run(data, tmp_path / "whole", tiny_model, shard_size=5)
+    run(data, tmp_path / "whole", tiny_model, shard_size=5)
     a, b = frame(tmp_path / "c"), frame(tmp_path / "whole")
     assert a["id"].to_list() == b["id"].to_list()
     assert a.drop("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix").equals(
@@ -203,3 +203,31 @@ def test_two_process_data_parallel_precompute(tmp_path, tiny_model):
     assert a["id"].to_list() == b["id"].to_list() and single["scored"] == 20
     assert (a["chosen_logps"] - b["chosen_logps"]).abs().max() < 1e-5
     assert verify_cache(str(tmp_path / "c"), str(data))["problems"] == []
+
+
+@pytest.mark.slow
+def test_smollm2_4bit_nf4_end_to_end(tmp_path):
+    """The embedded default in 4-bit NF4 on CPU: a real model, real chat data, values near full precision."""
+    rows = [
+        {"prompt": [{"role": "user", "content": "What is the capital of France?"}],
+         "chosen": [{"role": "assistant", "content": "The capital of France is Paris."}],
+         "rejected": [{"role": "assistant", "content": "France is a country in Europe with many cities."}]},
+        {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+         "chosen": [{"role": "assistant", "content": "2 + 2 = 4."}],
+         "rejected": [{"role": "assistant", "content": "2 + 2 = 5."}]},
+        {"prompt": "The opposite of hot is", "chosen": " cold.", "rejected": " banana."},
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    q = precompute(data=str(data), out=str(tmp_path / "q4"), quantize="4bit", max_length=128, progress=False)
+    f = precompute(data=str(data), out=str(tmp_path / "f32"), quantize="fp32", max_length=128, progress=False)
+    assert q["problems"] == [] and f["problems"] == []
+    meta = read_metadata(tmp_path / "q4")
+    assert meta["quantization"] == "4bit" and meta["model_name"].startswith("SmolLM2-135M-Instruct")
+    a, b = frame(tmp_path / "q4"), frame(tmp_path / "f32")
+    assert a["id"].to_list() == b["id"].to_list()
+    # A real instruct model prefers the right answers, in 4-bit as in fp32.
+    assert (b["chosen_logps"] / b["chosen_tokens"] > b["rejected_logps"] / b["rejected_tokens"]).all()
+    assert (a["chosen_logps"] / a["chosen_tokens"] > a["rejected_logps"] / a["rejected_tokens"]).all()
+    # NF4 moves the values a little, not a lot: within 15% of the fp32 reference.
+    rel = ((a["chosen_logps"] - b["chosen_logps"]).abs() / b["chosen_logps"].abs()).max()
+    assert 0 < rel < 0.15

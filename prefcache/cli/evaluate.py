@@ -1,0 +1,84 @@
+"""``prefcache eval`` (lm-eval tasks) and ``prefcache score`` (cached implicit rewards)."""
+
+from __future__ import annotations
+
+import click
+
+from prefcache.cli.precompute import run_api
+from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS
+
+
+def _show(df, run_dir) -> None:
+    for row in df.iter_rows(named=True):
+        err = f" ± {row['stderr']:.4f}" if row["stderr"] is not None else ""
+        click.echo(f"{row['checkpoint']:<14} {row['task']:<24} {row['metric']:<20} {row['value']:>10.4f}{err}  (n={row['n']})")
+    click.echo(f"\nwritten to {run_dir}/evals/; compare: prefcache query checkpoint_compare --run {run_dir}")
+
+
+@click.command("eval")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--tasks", required=True, help="lm-eval task names, comma-separated (globs allowed).")
+@click.option("--include-path", multiple=True, help="Folder of task YAMLs (repeatable); relative data_files are read relative to each YAML.")
+@click.option("--limit", type=int, default=None, help="Documents per task (quick checks) [default: all].")
+@click.option("--run", default=None, help="Run folder: reads run.json, writes evals/ [default: the checkpoints' run].")
+@click.option("--model", default=None, help="Base model (HF folder or .gguf) [default: the run's].")
+@click.option("--base/--no-base", default=True, show_default=True, help="Also evaluate the base model (checkpoint 'base').")
+@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples [default: the task's].")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None, help="Precision of the weights [default: the run's].")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
+def eval_cmd(**options):
+    """Run lm-eval tasks on checkpoints of a run, and on its base model for comparison.
+
+    Each checkpoint is loaded as it trained (a PEFT adapter on its base, 4-bit for QLoRA, or full
+    weights) and handed to lm-eval as a model instance. Results go to RUN/evals/lm-eval-*.parquet
+    (the `evals` view of `prefcache sql`). The base model is included unless --no-base.
+    CHECKPOINTS: checkpoint folders, names of checkpoints of --run, run folders (all their
+    checkpoints), or `base`.
+
+    \b
+    Examples:
+      prefcache eval run1 --tasks prefcache_heldout --include-path examples/lm_eval_task
+      prefcache eval run1/checkpoints/step-000200 --tasks arc_easy,hellaswag --limit 200
+    """
+    from prefcache.config import EvalConfig
+    from prefcache.evaluate import evaluate, run_dir_of
+
+    config = run_api(EvalConfig, **options)
+    df = run_api(evaluate, config)
+    _show(df, run_dir_of(config))
+
+
+@click.command("score")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--cache", required=True, help="Reference cache holding the held-out pairs (the reference is never loaded).")
+@click.option("--data", required=True, help="Held-out preference data (any format precompute reads).")
+@click.option("--beta", type=float, default=None, help="Reward scale [default: the run's beta, else 0.1].")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per forward pass.")
+@click.option("--run", default=None, help="Run folder: reads run.json, writes evals/ and logs/ [default: the checkpoints' run].")
+@click.option("--model", default=None, help="Base model (HF folder or .gguf) [default: the run's].")
+@click.option("--base", is_flag=True, help="Also score the base model (checkpoint 'base'; rewards ~0 if it made the cache).")
+@click.option("--on-bad-row", type=click.Choice(BAD_ROW_POLICIES), default="fail", show_default=True)
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None, help="Precision of the weights [default: the run's].")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
+def score_cmd(**options):
+    """Implicit rewards, margins and preference accuracy of checkpoints on held-out pairs.
+
+    reward = beta * (policy log-prob - cached reference log-prob), summed over each completion; the
+    same function computes the trainer's eval metrics, so the numbers agree. The cache must have been
+    made with the checkpoint's tokenizer, chat template, max length and truncation. Per-pair rows go to
+    RUN/logs/examples-score-*.parquet, the means to RUN/evals/score-*.parquet (task 'preference').
+    CHECKPOINTS: as for `prefcache eval` (checkpoint folders, run folders, or `base`).
+
+    \b
+    Example:
+      prefcache precompute --data heldout.jsonl --out heldout-cache
+      prefcache score run1 --cache heldout-cache --data heldout.jsonl
+    """
+    from prefcache.config import ScoreConfig
+    from prefcache.evaluate import run_dir_of, score
+
+    config = run_api(ScoreConfig, **options)
+    df = run_api(score, config)
+    _show(df, run_dir_of(config))
+

@@ -1,0 +1,91 @@
+"""``prefcache train``."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from prefcache.cli.precompute import run_api
+from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS, TRUNCATIONS
+
+
+@click.command("train")
+@click.option("--data", required=True, help="Training preference data (.jsonl/.json/.parquet/.csv or a datasets folder).")
+@click.option("--cache", default=None, help="Reference cache from `prefcache precompute` (not needed for orpo/simpo).")
+@click.option("--out", required=True, help="Run directory: logs/, checkpoints/, pairs.parquet, run.json.")
+@click.option("--model", default=None, help="Policy's starting weights: HF folder or .gguf [default: embedded SmolLM2-135M-Instruct].")
+@click.option("--adapter", default=None, help="Starting PEFT adapter (e.g. your SFT LoRA), trained further.")
+@click.option("--loss", default="sigmoid", show_default=True, help="Loss name(s), comma-separated: sigmoid, ipo, simpo, sigmoid,sft ...")
+@click.option("--loss-weights", default=None, help="Weights of the losses, comma-separated [default: 1 each].")
+@click.option("--beta", type=float, default=0.1, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="cDPO / robust / exo label noise ε.")
+@click.option("--ld-alpha", type=float, default=None, help="LD-DPO: weight of the tokens past the shorter completion.")
+@click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="SimPO target reward margin.")
+@click.option("--finetune", type=click.Choice(FINETUNES), default="lora", show_default=True,
+              help="lora: LoRA on all linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--lora-alpha", type=float, default=None, help="[default: 2 x lora-r]")
+@click.option("--lora-dropout", type=float, default=0.0, show_default=True)
+@click.option("--lora-target", default="all-linear", show_default=True, help="all-linear or module names, e.g. q_proj,v_proj.")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Pairs per micro-batch per process.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 5e-5 lora/qlora, 5e-6 full].")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="cosine", show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.1, show_default=True)
+@click.option("--warmup-steps", type=int, default=None, help="Warm-up steps (overrides --warmup-ratio).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip gradients to this norm (0: no clipping).")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
+              help="adamw8bit / paged_adamw8bit: bitsandbytes' 8-bit optimizer states.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory, ~30% slower).")
+@click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast on GPU (ignored on CPU).")
+@click.option("--max-length", type=int, default=None, help="Tokens per prompt+completion [default: the cache's].")
+@click.option("--truncation", type=click.Choice(TRUNCATIONS), default=None, help="[default: the cache's]")
+@click.option("--on-bad-row", type=click.Choice(BAD_ROW_POLICIES), default="fail", show_default=True)
+@click.option("--eval-data", default=None, help="Held-out preference data, scored at step 0, every --eval-every and at the end.")
+@click.option("--eval-cache", default=None, help="Reference cache of --eval-data [default: --cache].")
+@click.option("--eval-fraction", type=float, default=0.0, help="Hold out this share of the training ids instead.")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps.")
+@click.option("--eval-batch-size", type=int, default=None, help="[default: --batch-size]")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (the last step is always saved).")
+@click.option("--log-every", type=int, default=1, show_default=True, help="Log metrics and per-example rows every N steps.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
+@click.option("--chunk-size", type=int, default=1024, show_default=True, help="Completion positions per output-head chunk.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_cmd(no_progress, max_grad_norm, **options):
+    """Train a policy with DPO (or another preference loss) against a precomputed reference cache.
+
+    Only the policy is loaded; the reference log-probs come from --cache, joined by example id,
+    after checking that the cache was made with this tokenizer, chat template, max length and
+    truncation. Logs go to OUT/logs/*.parquet, checkpoints to OUT/checkpoints/step-NNNNNN/ (a
+    PEFT adapter, or full weights, plus the tokenizer and the state --resume needs).
+
+    \b
+    Example:
+      prefcache precompute --data prefs.jsonl --out ref-cache
+      prefcache train --data prefs.jsonl --cache ref-cache --out run1 --max-steps 200 --save-every 50
+      prefcache train --data prefs.jsonl --cache ref-cache --out run1 --max-steps 200 --resume
+    Reference-free, no cache:  prefcache train --data prefs.jsonl --out run2 --loss simpo --beta 2
+    Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
+    """
+    from prefcache.config import TrainConfig
+    from prefcache.train import train
+
+    config = run_api(TrainConfig, progress=not no_progress, max_grad_norm=max_grad_norm or None, **options)
+    result = run_api(train, config)
+    if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 reports
+        return
+    t, e = result["train"], result["eval"]
+    line = f"{result['run']}: {result['steps']} steps in {result['seconds']:.1f}s"
+    if t:
+        line += f"; last step loss {t['loss']:.4f}, accuracy {t['rewards_accuracies']:.2f}, margin {t['rewards_margins']:.4f}"
+    click.echo(line)
+    if e:
+        click.echo(f"eval: loss {e['loss']:.4f}, accuracy {e['rewards_accuracies']:.2f}, margin {e['rewards_margins']:.4f} "
+                   f"({e['n']} pairs)")
+    click.echo(f"final checkpoint: {result['final_checkpoint']}")

@@ -1,0 +1,439 @@
+"""Evaluate checkpoints of a run: lm-eval tasks (``evaluate``) and cached implicit rewards (``score``).
+
+Both write one Parquet file per checkpoint to ``RUN/evals/`` (the ``evals`` view), in the contract's
+schema: checkpoint, step, task, metric, value, stderr, n, time, source. The base model is the checkpoint
+``base`` (step null). ``score`` also writes its per-pair rewards to ``RUN/logs/examples-score-*.parquet``.
+
+A checkpoint is loaded as trained: a PEFT adapter on the run's base model (in 4-bit for a QLoRA run), or
+full weights; its own tokenizer is used. ``score`` never loads the reference model: its values come
+from the cache, joined by example id, through :func:`prefcache.scoring.score_pairs`, the function the
+trainer logs its eval split with, so the two agree.
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import uuid
+from collections import namedtuple
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from .config import EvalConfig, ScoreConfig
+
+# The contract's Parquet schemas (Arrow types exactly: string, not polars' large_string).
+EVALS_SCHEMA = pa.schema([("checkpoint", pa.string()), ("step", pa.int64()), ("task", pa.string()),
+                          ("metric", pa.string()), ("value", pa.float64()), ("stderr", pa.float64()),
+                          ("n", pa.int64()), ("time", pa.timestamp("us", tz="UTC")), ("source", pa.string())])
+SCORE_METRICS = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected")
+BASE = "base"
+DEFAULT_BETA = 0.1
+
+
+class EvalError(ValueError):
+    """A checkpoint, run or task that cannot be evaluated; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str  # 'base' or the folder's name, e.g. 'step-000100'
+    step: int | None  # None for the base model
+    path: Path | None  # None for the base model
+    kind: str  # 'base' | 'adapter' (PEFT, loaded on the base) | 'full' (HF weights)
+
+
+# ----------------------------------------------------------------------------- runs and checkpoints
+
+def run_settings(run: Path | None) -> dict:
+    """run.json's model (None = the embedded default) and, when known, finetune, adapter (the starting one),
+    beta and quantize (what the base was loaded in: 4bit for QLoRA, fp32 for full, bf16/fp32 for LoRA)."""
+    path = run / "run.json" if run else None
+    if not path or not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    cfg, policy = data.get("config") or {}, data.get("policy") or {}
+    get = lambda key: cfg.get(key, data.get(key))  # noqa: E731 - top level too, for hand-written files
+    out = {"finetune": get("finetune"), "adapter": get("adapter"), "beta": get("beta"),
+           "quantize": policy.get("quantization") or get("quantize")}
+    if out["finetune"] == "qlora":
+        out["quantize"] = "4bit"
+    return {"model": get("model"), **{k: v for k, v in out.items() if v is not None}}
+
+
+def _step_of(path: Path) -> int | None:
+    """The step a checkpoint was saved at: from its prefcache.json, else its name (step-000100)."""
+    info = path / "prefcache.json"
+    if info.exists() and isinstance(step := json.loads(info.read_text()).get("step"), int):
+        return step
+    m = re.fullmatch(r"(?:step|checkpoint)[-_]?(\d+)", path.name)
+    return int(m.group(1)) if m else None
+
+
+def _checkpoint_at(path: Path) -> Checkpoint | None:
+    kind = "adapter" if (path / "adapter_config.json").exists() else "full" if (path / "config.json").exists() else None
+    return Checkpoint(path.name, _step_of(path), path.resolve(), kind) if kind else None
+
+
+def _run_checkpoints(run: Path) -> list[Checkpoint]:
+    """The complete checkpoints of a run (the trainer's own listing: half-written ones are left out)."""
+    from .checkpoint import list_checkpoints
+
+    return [c for _, p in list_checkpoints(run) if (c := _checkpoint_at(p))]
+
+
+def resolve_checkpoints(names, run: str | None, base: bool) -> tuple[Path, list[Checkpoint]]:
+    """Checkpoint arguments -> (run folder, checkpoints in order, ``base`` first when asked for).
+
+    A name is ``base``, a checkpoint folder, a checkpoint's name in ``run``/checkpoints, or a run folder
+    (all its checkpoints). The run is ``run`` or the one the checkpoint folders sit in.
+    """
+    run_dir = Path(run).expanduser().resolve() if run else None
+    if run_dir and not run_dir.is_dir():
+        raise EvalError(f"run folder not found: {run}")
+    found: list[Checkpoint] = []
+    runs: set[Path] = set()
+    for name in names:
+        path = Path(name).expanduser()
+        if name == BASE:
+            base = True
+            continue
+        if not path.exists() and run_dir and (run_dir / "checkpoints" / name).is_dir():
+            path = run_dir / "checkpoints" / name
+        if path.is_dir() and (path / "checkpoints").is_dir() and not _checkpoint_at(path):
+            runs.add(path.resolve())
+            if not (expanded := _run_checkpoints(path)):
+                raise EvalError(f"{name} is a run folder without checkpoints (nothing in {path / 'checkpoints'})")
+            found += expanded
+            continue
+        if not path.exists():
+            where = run_dir or (path.parent.parent if path.parent.name == "checkpoints" else None)
+            have = [c.name for c in _run_checkpoints(where)] if where and where.is_dir() else []
+            raise EvalError(f"checkpoint not found: {name}" + (f" ({where}/checkpoints has: {', '.join(have)})" if have else "")
+                            + "; give a checkpoint folder (RUN/checkpoints/step-NNNNNN), a run folder, or 'base'")
+        if not (ckpt := _checkpoint_at(path)):
+            raise EvalError(f"{name} is not a checkpoint: no adapter_config.json (PEFT adapter) or config.json (HF weights)")
+        if path.resolve().parent.name == "checkpoints":
+            runs.add(path.resolve().parent.parent)
+        found.append(ckpt)
+    if run_dir is None:
+        if len(runs) != 1:
+            raise EvalError("checkpoints from several runs: evaluate one run at a time, or pass --run" if runs else
+                            "no run folder: pass --run DIR (results go to DIR/evals/, and DIR/run.json names the base model)")
+        run_dir = runs.pop()
+    unique = list({c.path: c for c in found}.values())
+    if base:
+        unique.insert(0, Checkpoint(BASE, None, None, "base"))
+    return run_dir, unique
+
+
+def _prepare(config: EvalConfig | ScoreConfig):
+    """(run folder, checkpoints, run settings, base model source or None, device) for a config.
+    The base model: --model, else the run's, else the base an adapter names, else the embedded default."""
+    from .models import resolve_device, resolve_model
+
+    run_dir, checkpoints = resolve_checkpoints(config.checkpoints, config.run, config.base)
+    settings = run_settings(run_dir)
+    model = config.model if config.model is not None else settings.get("model")
+    adapters = [c.path / "adapter_config.json" for c in checkpoints if c.kind == "adapter"]
+    if model is None and "model" not in settings and adapters:
+        model = json.loads(adapters[0].read_text()).get("base_model_name_or_path")
+    source = resolve_model(model) if any(c.kind != "full" for c in checkpoints) else None
+    return run_dir, checkpoints, settings, source, resolve_device(config.device)
+
+
+def load_checkpoint(ckpt: Checkpoint, source, settings: dict, *, quantize: str | None, device: str):
+    """(model, tokenizer) of a checkpoint as trained: an adapter on the base model, or full weights.
+    The base model is the run's starting point: its model plus, if it started from one, its adapter."""
+    from .models import ModelSource, load_model
+
+    quantize = quantize or settings.get("quantize") or "auto"
+    if ckpt.kind == "full":
+        model, _ = load_model(ModelSource(ckpt.name, ckpt.path), quantize=quantize, device=device)
+    else:
+        adapter = ckpt.path if ckpt.kind == "adapter" else settings.get("adapter")
+        model, _ = load_model(source, quantize=quantize, device=device, adapter=adapter)
+    return model, checkpoint_tokenizer(ckpt, source)
+
+
+def checkpoint_tokenizer(ckpt: Checkpoint, source):
+    """The tokenizer saved with the checkpoint, else the base model's."""
+    from .models import ModelSource, load_tokenizer
+
+    if ckpt.path is not None and (ckpt.path / "tokenizer_config.json").exists():
+        return load_tokenizer(ModelSource(ckpt.name, ckpt.path))
+    return load_tokenizer(source)
+
+
+def _release_memory() -> None:
+    """After the caller dropped its model: free it now, before the next checkpoint loads."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- writing results
+
+def _write_parquet(df: pl.DataFrame, schema: pa.Schema, folder: Path, prefix: str, checkpoint: str) -> Path:
+    """Write ``df`` to ``folder/{prefix}-{checkpoint}-{UTC time}-{random}.parquet``: a new file per call,
+    so results accumulate and readers never see a half-written file (temp name, then rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", checkpoint)
+    path = folder / f"{prefix}-{safe}-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+    tmp = path.with_name(path.name + ".tmp")  # not *.parquet: the SQL views never glob it
+    pq.write_table(df.select(schema.names).to_arrow().cast(schema), tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def _evals_frame(rows: list[dict]) -> pl.DataFrame:
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=EVALS_SCHEMA))
+
+
+def _stderr(values: list[float]) -> float | None:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
+# ----------------------------------------------------------------------------- lm-eval
+
+def run_dir_of(config: EvalConfig | ScoreConfig) -> Path:
+    """The run folder results of ``config`` are written to (RUN/evals/)."""
+    return resolve_checkpoints(config.checkpoints, config.run, config.base)[0]
+
+
+def evaluate(config: EvalConfig | None = None, **options) -> pl.DataFrame:
+    """Run lm-eval tasks on checkpoints (and the base model) of a run; write ``RUN/evals/lm-eval-*.parquet``.
+
+    ``evaluate(checkpoints=["run1"], tasks="prefcache_sentiment", include_path=["examples/lm_eval_task"])``
+    is the same as the CLI. Each model is handed to lm-eval as a loaded instance (``HFLM(pretrained=model)``),
+    so a PEFT adapter on a 4-bit base evaluates exactly as it trained. Returns the rows written.
+    """
+    config = config or EvalConfig(**options)
+    run_dir, checkpoints, settings, source, device = _prepare(config)
+    with tempfile.TemporaryDirectory(prefix="prefcache-tasks-") as work:
+        include = localise_include_paths(config.include_path, Path(work))
+        manager, tasks = _task_manager(config.tasks, include)  # before any model loads: fail fast
+        frames = []
+        for ckpt in checkpoints:
+            model, tokenizer = load_checkpoint(ckpt, source, settings, quantize=config.quantize, device=device)
+            results = _lm_eval(model, tokenizer, tasks, manager, config)
+            del model
+            _release_memory()
+            frame = _evals_frame(lm_eval_rows(results, ckpt))
+            _write_parquet(frame, EVALS_SCHEMA, run_dir / "evals", "lm-eval", ckpt.name)
+            frames.append(frame)
+    return pl.concat(frames)
+
+
+def _lm_eval(model, tokenizer, tasks: list[str], manager, config: EvalConfig) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=config.limit,
+                           num_fewshot=config.num_fewshot, log_samples=False)
+
+
+def lm_eval_rows(results: dict, ckpt: Checkpoint) -> list[dict]:
+    """lm-eval's results dict -> evals rows: one per task (or group) and metric, with its stderr and n.
+    Metric keys are ``name,filter``; the filter is kept only when it is not lm-eval's ``none``."""
+    now = datetime.now(timezone.utc)
+    counts = {t: int(c["effective"]) for t, c in (results.get("n-samples") or {}).items()}
+    subtasks = results.get("group_subtasks") or {}
+
+    def n_of(task: str) -> int | None:
+        if task in counts:
+            return counts[task]
+        parts = [n_of(t) for t in subtasks.get(task, [])]
+        return sum(parts) if parts and None not in parts else None
+
+    rows = []
+    merged = {**(results.get("groups") or {}), **results["results"]}
+    for task, metrics in merged.items():
+        for key, value in metrics.items():
+            name, comma, filt = key.partition(",")  # no comma: alias, sample_len and such, not metrics
+            if not comma or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{name}_stderr,{filt}")
+            rows.append({"checkpoint": ckpt.name, "step": ckpt.step, "task": task,
+                         "metric": name if filt in ("", "none") else key, "value": float(value),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                         "n": n_of(task), "time": now, "source": "lm-eval"})
+    return rows
+
+
+def _task_manager(names: tuple[str, ...], include: list[str]):
+    """A TaskManager that knows every name (globs allowed) and the task names to run. Local folders are
+    indexed first, alone: lm-eval's own index (~15k YAMLs) takes seconds and is built only when needed."""
+    from lm_eval.tasks import TaskManager
+
+    unknown = lambda m: [n for n in names if n not in m.all_tasks and not m.match_tasks([n])]  # noqa: E731
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or unknown(manager):
+        manager = TaskManager(include_path=include or None)
+    if missing := unknown(manager):
+        import difflib
+
+        close = sorted({m for u in missing for m in difflib.get_close_matches(u, manager.all_tasks, n=3)})
+        raise EvalError(
+            f"unknown lm-eval task{'s' if len(missing) > 1 else ''}: {', '.join(missing)}"
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
+            + ". `lm-eval ls tasks` lists lm-eval's own tasks; for a task of your own, give the folder of its "
+            "YAML with --include-path (e.g. examples/lm_eval_task, made by examples/make_lm_eval_task.py)")
+    tasks = [t for n in names for t in ([n] if n in manager.all_tasks else manager.match_tasks([n]))]
+    try:
+        manager.load(tasks)  # reads each task's data now, before any model is loaded
+    except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many kinds; all mean "no data"
+        raise EvalError(f"could not load the data of {', '.join(tasks)}: {type(e).__name__}: {e}. lm-eval's own "
+                        "tasks download their data from the Hugging Face hub; offline, use a local task "
+                        "(--include-path)") from e
+    return manager, tasks
+
+
+def localise_include_paths(paths, work: Path) -> list[str]:
+    """Task folders with each relative ``data_files`` (and ``data_dir``) made absolute, relative to the
+    YAML that names it when the file is there. lm-eval would resolve them against the working directory.
+
+    A folder needing no change is used as it is; otherwise it is mirrored under ``work``: rewritten YAMLs,
+    and symlinks to everything else (so ``include:`` and ``!function`` references still resolve)."""
+    out = []
+    for i, p in enumerate(paths):
+        root = Path(p).expanduser().resolve()
+        if not root.is_dir():
+            raise EvalError(f"--include-path {p}: not a folder")
+        rewritten = {}
+        for y in sorted([*root.rglob("*.yaml"), *root.rglob("*.yml")]):
+            try:
+                cfg = yaml.load(y.read_text(), Loader=_TagKeepingLoader)  # a SafeLoader subclass
+            except yaml.YAMLError:
+                continue  # lm-eval will report it, or skip it as it does
+            if _absolutise(cfg, y.parent):
+                rewritten[y] = cfg
+        if not rewritten:
+            out.append(str(root))
+            continue
+        mirror = work / f"include-{i}"
+        for folder, _, files in os.walk(root):
+            target = mirror / Path(folder).relative_to(root)
+            target.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                src = Path(folder) / f
+                if src in rewritten:
+                    (target / f).write_text(yaml.dump(rewritten[src], Dumper=_TagKeepingDumper, sort_keys=False))
+                else:
+                    (target / f).symlink_to(src)
+        out.append(str(mirror))
+    return out
+
+
+# A YAML loader and dumper that keep custom tags (lm-eval's ``!function``) verbatim through a rewrite.
+_Tagged = namedtuple("_Tagged", "tag value")
+
+
+class _TagKeepingLoader(yaml.SafeLoader):
+    pass
+
+
+class _TagKeepingDumper(yaml.SafeDumper):
+    pass
+
+
+_TagKeepingLoader.add_multi_constructor("!", lambda loader, _, node: _Tagged(node.tag, loader.construct_scalar(node)))
+_TagKeepingDumper.add_representer(_Tagged, lambda dumper, t: dumper.represent_scalar(t.tag, t.value))
+
+
+def _absolutise(cfg, base: Path) -> bool:
+    """Rewrite, in place, the relative ``dataset_kwargs`` data paths of a task config that exist next to
+    its YAML (``base``); a URL, an absolute path or a path not found there keeps lm-eval's meaning."""
+    def fix(value):
+        if isinstance(value, (list, dict)):
+            return [fix(v) for v in value] if isinstance(value, list) else {k: fix(v) for k, v in value.items()}
+        if not isinstance(value, str) or "://" in value or Path(value).is_absolute() or not glob.glob(str(base / value)):
+            return value
+        return os.path.normpath(base / value)
+
+    kwargs = cfg.get("dataset_kwargs") if isinstance(cfg, dict) else None
+    if not isinstance(kwargs, dict):
+        return False
+    before = dict(kwargs)
+    kwargs.update({k: fix(kwargs[k]) for k in ("data_files", "data_dir") if k in kwargs})
+    return kwargs != before
+
+
+# ----------------------------------------------------------------------------- cached implicit rewards
+
+def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
+    """Implicit rewards, margins and preference accuracy of checkpoints on held-out pairs, against the cache.
+
+    ``score(checkpoints=["run1/checkpoints/step-000100"], cache="heldout-cache", data="heldout.jsonl")``
+    is the same as the CLI. Per pair: reward = beta * (policy_logps - cached ref_logps) per side (summed
+    log-probs, nats), margin = reward_chosen - reward_rejected. Writes the pairs to
+    ``RUN/logs/examples-score-*.parquet`` (split 'score') and the means to ``RUN/evals/score-*.parquet``
+    (task 'preference'); returns the evals rows written.
+    """
+    config = config or ScoreConfig(**options)
+    from .cache import CacheError
+    from .data import load_dataset_pairs
+    from .models import tokenizer_fingerprint
+    from .scoring import ReferenceTable, check_cache_matches, score_pairs
+    from .train import check_joined
+    from .trainlog import EXAMPLE_SCHEMA  # the trainer's examples schema: one file layout for both
+
+    run_dir, checkpoints, settings, source, device = _prepare(config)
+    beta = config.beta if config.beta is not None else float(settings.get("beta", DEFAULT_BETA))
+    reference = ReferenceTable.from_cache(config.cache)
+    meta = reference.metadata
+
+    # Every checkpoint's tokenisation is checked, and its pairs looked up, before any model loads.
+    tokenized: dict[str, list] = {}
+    plan = []
+    for ckpt in checkpoints:
+        tokenizer = checkpoint_tokenizer(ckpt, source)
+        try:
+            check_cache_matches(meta, tokenizer, meta["max_length"], meta["truncation"])
+        except CacheError as e:
+            raise CacheError(f"checkpoint {ckpt.name}: {e}") from e
+        key = tokenizer_fingerprint(tokenizer)
+        if key not in tokenized:
+            pairs, _, _ = load_dataset_pairs(config.data, tokenizer, meta["max_length"], meta["truncation"],
+                                             config.on_bad_row)
+            if not pairs:
+                raise EvalError(f"{config.data}: no pairs to score")
+            check_joined(reference, pairs, "held-out")  # the trainer's check: every id cached, same token counts
+            tokenized[key] = pairs
+        plan.append((ckpt, tokenized[key]))
+
+    frames = []
+    for ckpt, pairs in plan:
+        model, tokenizer = load_checkpoint(ckpt, source, settings, quantize=config.quantize, device=device)
+        cols, agg = score_pairs(model, pairs, reference, beta=beta, batch_size=config.batch_size,
+                                pad_id=tokenizer.pad_token_id, device=device, chunk_size=config.chunk_size)
+        del model
+        _release_memory()
+        n = len(cols["id"])
+        examples = pl.DataFrame({**cols, "step": [ckpt.step] * n, "split": ["score"] * n, "checkpoint": [ckpt.name] * n})
+        _write_parquet(examples, EXAMPLE_SCHEMA, run_dir / "logs", "examples-score", ckpt.name)
+        per_pair = {"rewards_accuracies": [float(m > 0) for m in cols["margin"]], "rewards_margins": cols["margin"],
+                    "rewards_chosen": cols["reward_chosen"], "rewards_rejected": cols["reward_rejected"]}
+        now = datetime.now(timezone.utc)
+        frame = _evals_frame([{"checkpoint": ckpt.name, "step": ckpt.step, "task": "preference", "metric": m,
+                               "value": agg[m], "stderr": _stderr(per_pair[m]), "n": n, "time": now,
+                               "source": "score"} for m in SCORE_METRICS])
+        _write_parquet(frame, EVALS_SCHEMA, run_dir / "evals", "score", ckpt.name)
+        frames.append(frame)
+    return pl.concat(frames)
+

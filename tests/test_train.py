@@ -1,0 +1,342 @@
+"""The trainer: the policy-is-the-reference invariant, learning, logs, refusals, resume, accumulation, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tiny_model, preference_rows, write_jsonl
+from safetensors.torch import load_file
+
+from prefcache.cache import CacheError
+from prefcache.checkpoint import list_checkpoints, load_trainer_state
+from prefcache.cli import main
+from prefcache.config import TrainConfig
+from prefcache.precompute import precompute
+from prefcache.train import train
+from prefcache.trainlog import EXAMPLE_SCHEMA, STEP_SCHEMA
+
+LN2 = math.log(2)
+# One thread: deterministic CPU sums, and no oversubscription on a small machine.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model):
+    """24 pairs and their fp32 reference cache from the tiny model (which is also the policy)."""
+    root = tmp_path_factory.mktemp("train")
+    data = write_jsonl(root / "d.jsonl", preference_rows(24))
+    precompute(data=str(data), out=str(root / "cache"), model=str(tiny_model), max_length=64, quantize="fp32",
+               progress=False)
+    return {"root": root, "data": data, "cache": root / "cache", "model": tiny_model}
+
+
+def run(setup, out, **kw):
+    kw = {"data": str(setup["data"]), "cache": str(setup["cache"]), "model": str(setup["model"]), "out": str(out),
+          "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "progress": False, **kw}
+    return train(**kw)
+
+
+def steps(out) -> pl.DataFrame:
+    return pl.read_parquet(f"{out}/logs/steps-*.parquet").sort("split", "step")
+
+
+def examples(out) -> pl.DataFrame:
+    return pl.read_parquet(f"{out}/logs/examples-*.parquet")
+
+
+def adapter(ckpt) -> dict:
+    return load_file(Path(ckpt) / "adapter_model.safetensors")
+
+
+def test_policy_equal_to_reference_starts_at_zero_rewards_and_ln2(setup, tmp_path):
+    out = tmp_path / "run"
+    result = run(setup, out, eval_fraction=0.25, max_steps=2)
+    s, e = steps(out), examples(out)
+    first = s.filter((pl.col("split") == "train") & (pl.col("step") == 1)).row(0, named=True)
+    base = s.filter((pl.col("split") == "eval") & (pl.col("step") == 0)).row(0, named=True)
+    for row in (first, base):  # step 1's metrics are measured on the step-0 policy, before its update
+        assert row["loss"] == pytest.approx(LN2, abs=1e-6)
+        for col in ("rewards_chosen", "rewards_rejected", "rewards_margins"):
+            assert abs(row[col]) < 1e-5, col
+    at_start = e.filter(pl.col("step") <= 1)
+    assert at_start.height == 4 + 6  # the 4 pairs of step 1, the 6 held-out pairs at step 0
+    for col in ("reward_chosen", "reward_rejected", "margin"):
+        assert at_start[col].abs().max() < 1e-5, col
+    assert (at_start["policy_chosen_logps"] - at_start["ref_chosen_logps"]).abs().max() < 1e-4
+    assert result["final_checkpoint"].endswith("step-000002") and Path(result["final_checkpoint"]).is_dir()
+
+
+def test_logs_have_the_contract_schemas(setup, tmp_path):
+    out = tmp_path / "run"
+    run(setup, out, eval_fraction=0.25, max_steps=2)
+    for name, schema in (("steps", STEP_SCHEMA), ("examples", EXAMPLE_SCHEMA)):
+        for part in sorted((out / "logs").glob(f"{name}-*.parquet")):
+            got = pq.read_schema(part)
+            assert [(f.name, str(f.type)) for f in got] == [(f.name, str(f.type)) for f in schema], part
+    assert [f.name for f in STEP_SCHEMA] == [
+        "step", "epoch", "split", "loss", "rewards_chosen", "rewards_rejected", "rewards_margins", "rewards_accuracies",
+        "logps_chosen", "logps_rejected", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb", "time_s"]
+    s = steps(out)
+    assert set(s["split"]) == {"train", "eval"} and s.filter(pl.col("split") == "train")["step"].to_list() == [1, 2]
+    train_rows = s.filter(pl.col("split") == "train")
+    assert (train_rows["lr"] > 0).all() and (train_rows["tokens_per_s"] > 0).all() and (train_rows["peak_mem_mb"] > 0).all()
+    e = examples(out)
+    assert e["checkpoint"].null_count() == e.height and set(e["split"]) == {"train", "eval"}
+    pairs = pl.read_parquet(out / "pairs.parquet")
+    assert pairs.columns == ["id", "prompt", "chosen", "rejected"] and pairs.height == 24
+    assert set(e["id"]) <= set(pairs["id"])
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["beta"] == 0.1 and info["cache"]["max_length"] == 64 and info["eval_pairs"] == 6
+    assert info["result"]["steps"] == 2 and info["max_length"] == 64 and info["truncation"] == "keep_start"
+
+
+def test_loss_decreases_when_overfitting_eight_pairs(setup, tmp_path):
+    data = write_jsonl(tmp_path / "d8.jsonl", preference_rows(24)[:8])
+    run(setup, tmp_path / "run", data=str(data), max_steps=15, batch_size=8, lr=2e-2, scheduler="constant")
+    s = steps(tmp_path / "run")
+    assert s["loss"][0] == pytest.approx(LN2, abs=1e-6)
+    assert s["loss"][-3:].mean() < 0.55
+    assert s["rewards_accuracies"][-3:].min() == 1.0 and s["rewards_margins"][-1] > 0.3
+
+
+def test_eval_numbers_are_what_score_pairs_gives_for_the_final_checkpoint(setup, tmp_path, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from prefcache.data import load_dataset_pairs
+    from prefcache.scoring import ReferenceTable, score_pairs
+
+    result = run(setup, tmp_path / "run", eval_data=str(setup["data"]), max_steps=2, eval_batch_size=5)
+    logged = examples(tmp_path / "run").filter((pl.col("split") == "eval") & (pl.col("step") == 2)).sort("id")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model"]), result["final_checkpoint"])
+    pairs, _, _ = load_dataset_pairs(str(setup["data"]), tokenizer, 64, "keep_start")
+    cols, agg = score_pairs(model, pairs, ReferenceTable.from_cache(setup["cache"]), beta=0.1, batch_size=5,
+                            pad_id=tokenizer.pad_token_id)
+    scored = pl.DataFrame(cols).sort("id")
+    for col in ("policy_chosen_logps", "policy_rejected_logps", "margin"):
+        torch.testing.assert_close(logged[col].to_torch(), scored[col].to_torch(), rtol=0, atol=1e-9)
+    assert result["eval"]["rewards_margins"] == pytest.approx(agg["rewards_margins"], abs=1e-12)
+
+
+def test_a_cache_made_with_other_tokenisation_is_refused(setup, tmp_path, tokenizer):
+    with pytest.raises(CacheError, match=r"max_length: cache has 64, asked for 32"):
+        run(setup, tmp_path / "a", max_length=32)
+    with pytest.raises(CacheError, match=r"truncation: cache has 'keep_start', asked for 'keep_end'"):
+        run(setup, tmp_path / "b", truncation="keep_end")
+    other = make_tiny_model(tmp_path / "other", tokenizer)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "chat_template.jinja").unlink(missing_ok=True)
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CacheError, match="chat_template_hash: cache has"):
+        run(setup, tmp_path / "c", model=str(other))
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+
+
+def test_ids_missing_from_the_cache_are_refused_with_count_and_examples(setup, tmp_path):
+    data = write_jsonl(tmp_path / "more.jsonl", preference_rows(30))
+    with pytest.raises(CacheError, match=r"6 of 30 example ids are not in the cache .*, e\.g\. [0-9a-f]{32}"):
+        run(setup, tmp_path / "run", data=str(data))
+
+
+def test_changed_content_under_a_cached_id_is_refused(setup, tmp_path):
+    rows = [{"id": f"r{i}", **r} for i, r in enumerate(preference_rows(6))]
+    data = write_jsonl(tmp_path / "ids.jsonl", rows)
+    precompute(data=str(data), out=str(tmp_path / "cache"), model=str(setup["model"]), max_length=64,
+               quantize="fp32", progress=False)
+    rows[2]["chosen"] += " and a much longer answer than before"
+    write_jsonl(data, rows)
+    with pytest.raises(CacheError, match=r"1 of the training pairs have other token counts .* e\.g\. r2"):
+        run(setup, tmp_path / "run", data=str(data), cache=str(tmp_path / "cache"))
+
+
+def test_reference_free_simpo_trains_without_a_cache(setup, tmp_path):
+    result = run(setup, tmp_path / "run", cache=None, loss="simpo", beta=2.0, eval_fraction=0.25)
+    e = examples(tmp_path / "run")
+    assert e["ref_chosen_logps"].null_count() == e.height
+    # SimPO's rewards (TRL's): beta * mean per-token policy log-prob
+    row = e.filter(pl.col("step") == 1).row(0, named=True)
+    assert row["reward_chosen"] == pytest.approx(2.0 * row["policy_chosen_logps"] / row["chosen_tokens"], rel=1e-6)
+    assert math.isfinite(result["train"]["loss"]) and math.isfinite(result["eval"]["loss"])
+    with pytest.raises(ValueError, match="sigmoid needs the reference cache"):
+        TrainConfig(data="d", out="o", loss="sigmoid,sft")
+
+
+def test_gradient_accumulation_equals_the_larger_batch(setup, tmp_path):
+    one = run(setup, tmp_path / "b4", batch_size=4, grad_accum=1, max_steps=3)
+    # (and activation checkpointing, on here, changes nothing but memory)
+    two = run(setup, tmp_path / "b2x2", batch_size=2, grad_accum=2, max_steps=3, gradient_checkpointing=True)
+    a, b = adapter(one["final_checkpoint"]), adapter(two["final_checkpoint"])
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # it did train
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(steps(tmp_path / "b4")["loss"].to_torch(), steps(tmp_path / "b2x2")["loss"].to_torch(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_bco_pair_running_mean_is_kept_in_checkpoints(setup, tmp_path):
+    result = run(setup, tmp_path / "run", loss="bco_pair", max_steps=2)
+    state = load_trainer_state(result["final_checkpoint"])
+    total, count = state["bco"]
+    assert count == 2 * 4 * 2 and math.isfinite(total)
+
+
+def _cli_train(setup, out, *extra):
+    return [sys.executable, "-m", "prefcache", "train", "--data", str(setup["data"]), "--cache", str(setup["cache"]),
+            "--model", str(setup["model"]), "--out", str(out), "--max-steps", "16", "--batch-size", "2",
+            "--lr", "5e-3", "--warmup-steps", "3", "--save-every", "2", "--no-progress", *extra]
+
+
+KILLED_RUN = """
+import sys
+from prefcache.train import train
+train(data=sys.argv[1], cache=sys.argv[2], model=sys.argv[3], out=sys.argv[4], max_steps=16, batch_size=2, lr=5e-3,
+      warmup_steps=3, save_every=2, progress=False, flush_every=1)
+"""
+
+
+def test_resume_after_kill_reaches_the_uninterrupted_weights(setup, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(setup["data"]), str(setup["cache"]),
+                             str(setup["model"]), str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-000004" / "trainer_state.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = list_checkpoints(out)[-1][0]
+    assert 4 <= killed_at < 16
+    logged = steps(out).filter(pl.col("split") == "train")["step"].max()  # may be past the checkpoint
+    resumed = subprocess.run(_cli_train(setup, out, "--resume"), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = subprocess.run(_cli_train(setup, tmp_path / "whole"), env=ENV, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = adapter(out / "checkpoints" / "step-000016"), adapter(tmp_path / "whole" / "checkpoints" / "step-000016")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-8)
+    s = steps(out).filter(pl.col("split") == "train")
+    assert s["step"].to_list() == list(range(1, 17)), f"killed at checkpoint {killed_at}, logged up to {logged}"
+    assert examples(out).group_by("step").len()["len"].max() == 2
+    torch.testing.assert_close(s["loss"].to_torch(), steps(tmp_path / "whole")["loss"].to_torch(), rtol=1e-6, atol=1e-8)
+    assert json.loads((out / "run.json").read_text())["resumed_from"].endswith(f"step-{killed_at:06d}")
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint(setup, tmp_path):
+    out = tmp_path / "run"
+    run(setup, out, max_steps=4, save_every=2, flush_every=1, eval_fraction=0.25)
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-000004")  # as if killed after step 4 was logged, before its checkpoint
+    assert steps(out).filter(pl.col("step") > 2).height == 3  # train 3, 4 and eval 4 are on disk
+    result = run(setup, out, max_steps=4, save_every=2, flush_every=1, eval_fraction=0.25, resume=True)
+    assert result["resumed_from"].endswith("step-000002")
+    s = steps(out)
+    assert s.select("split", "step").rows() == [("eval", 0), ("eval", 4), ("train", 1), ("train", 2), ("train", 3),
+                                                ("train", 4)]
+    assert examples(out).group_by("split", "step").len()["len"].sort().to_list() == [4, 4, 4, 4, 6, 6]
+
+
+def test_an_existing_run_needs_resume(setup, tmp_path):
+    run(setup, tmp_path / "run", max_steps=1)
+    with pytest.raises(ValueError, match="already holds a run: pass --resume"):
+        run(setup, tmp_path / "run", max_steps=1)
+    again = run(setup, tmp_path / "run", max_steps=1, resume=True)  # finished: nothing to do, nothing duplicated
+    assert again["steps"] == 1 and steps(tmp_path / "run").height == 1
+    with pytest.raises(ValueError, match="batch_size: checkpoint has 4, now 2"):
+        run(setup, tmp_path / "run", max_steps=2, batch_size=2, resume=True)
+
+
+def test_full_finetune_saves_hf_weights(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = run(setup, tmp_path / "run", finetune="full", max_steps=2, lr=1e-4)
+    ckpt = Path(result["final_checkpoint"])
+    assert (ckpt / "config.json").exists() and (ckpt / "model.safetensors").exists()
+    assert (ckpt / "tokenizer_config.json").exists() and (ckpt / "trainer_state.pt").exists()
+    assert steps(tmp_path / "run")["loss"][0] == pytest.approx(LN2, abs=1e-6)
+    trained = AutoModelForCausalLM.from_pretrained(ckpt)
+    base = AutoModelForCausalLM.from_pretrained(setup["model"])
+    moved = [n for n, p in trained.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert len(moved) > 10  # every kind of weight trains
+
+
+def test_qlora_on_a_4bit_base(setup, tmp_path):
+    result = run(setup, tmp_path / "run", finetune="qlora", max_steps=2)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["policy"]["quantization"] == "4bit"
+    assert (Path(result["final_checkpoint"]) / "adapter_config.json").exists()
+    # NF4 moves the policy off the fp32 reference a little: rewards near, not at, zero
+    assert steps(tmp_path / "run")["loss"][0] == pytest.approx(LN2, abs=0.05)
+
+
+def test_cli_train(setup, tmp_path):
+    runner = CliRunner()
+    args = ["train", "--data", str(setup["data"]), "--cache", str(setup["cache"]), "--model", str(setup["model"]),
+            "--out", str(tmp_path / "run"), "--max-steps", "2", "--loss", "sigmoid,sft", "--loss-weights", "1,0.2",
+            "--eval-fraction", "0.25", "--no-progress", "--max-grad-norm", "0"]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "2 steps" in res.output and "final checkpoint:" in res.output and "eval: loss" in res.output
+    config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert config["loss"] == ["sigmoid", "sft"] and config["loss_weights"] == [1.0, 0.2]
+    assert config["max_grad_norm"] is None
+    res = runner.invoke(main, ["train", "--data", str(setup["data"]), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "needs the reference cache" in res.output and "Traceback" not in res.output
+    code = ("import sys; from prefcache.cli import main; main(['train', '--help'], standalone_mode=False); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--resume" in out and out.strip().endswith("False")
+
+
+def test_config_validation():
+    TrainConfig(data="d", out="o", loss="simpo")
+    with pytest.raises(ValueError, match="unknown loss nope"):
+        TrainConfig(data="d", out="o", cache="c", loss="sigmoid,nope")
+    with pytest.raises(ValueError, match="2 loss name.* but 1 loss weight"):
+        TrainConfig(data="d", out="o", cache="c", loss="sigmoid,sft", loss_weights="1")
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        TrainConfig(data="d", out="o", cache="c", batch_size=0)
+    assert TrainConfig(data="d", out="o", cache="c", finetune="full").lr == 5e-6
+    assert TrainConfig(data="d", out="o", cache="c", lora_r=8).lora_alpha == 16
+
+
+def test_two_process_data_parallel_equals_one_process(setup, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+           "-m", "prefcache", "train", "--data", str(setup["data"]), "--cache", str(setup["cache"]),
+           "--model", str(setup["model"]), "--out", str(tmp_path / "ddp"), "--max-steps", "4", "--batch-size", "2",
+           "--lr", "1e-3", "--warmup-steps", "0", "--eval-fraction", "0.25", "--save-every", "2", "--no-progress",
+           "--gradient-checkpointing"]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, "\n".join(line for line in res.stderr.splitlines() if "[rank" in line)[-4000:]
+    single = run(setup, tmp_path / "single", max_steps=4, batch_size=4, eval_fraction=0.25)
+    a, b = adapter(tmp_path / "ddp" / "checkpoints" / "step-000004"), adapter(single["final_checkpoint"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    d, s = steps(tmp_path / "ddp"), steps(tmp_path / "single")
+    assert d["step"].to_list() == s["step"].to_list()  # each step logged once, by rank 0
+    torch.testing.assert_close(d["loss"].to_torch(), s["loss"].to_torch(), rtol=1e-5, atol=1e-6)
+    assert examples(tmp_path / "ddp").filter(pl.col("split") == "train").group_by("step").len()["len"].to_list() == [4] * 4
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
