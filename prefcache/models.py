@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -231,6 +232,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    # bitsandbytes warns on CPU that it cannot fetch an optional kernel from the hub; its own fallback
+    # (used here) is correct, so the warning only misleads.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     device = resolve_device(device)
     quantize = resolve_quantization(quantize, device)
     dtype = compute_dtype(quantize, device)
