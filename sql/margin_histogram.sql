@@ -23,8 +23,9 @@ WITH sel AS (
 ), binned AS (
     SELECT p.run,
            -- all margins equal (hi = lo): everything in bucket 0
-           coalesce(greatest(0, least($bins - 1,
-               CAST(floor((p.margin - e.lo) / nullif(e.hi - e.lo, 0) * $bins) AS BIGINT))), 0) AS bucket,
+           -- clamped before the cast, so +-inf margins land in the end buckets instead of failing the cast
+           coalesce(CAST(greatest(0, least($bins - 1,
+               floor((p.margin - e.lo) / nullif(e.hi - e.lo, 0) * $bins))) AS BIGINT), 0) AS bucket,
            count(*) AS n
     FROM picked p JOIN edges e USING (run)
     GROUP BY ALL

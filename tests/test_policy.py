@@ -69,6 +69,30 @@ def test_qlora_base_is_4bit_nf4_with_trainable_lora(tiny_model):
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
+def _first_layer_lora_grads(model, ids) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids).logits.float().pow(2).mean().backward()
+    layer = model.get_base_model().model.layers[0]
+    return [p.grad.clone() for n, p in layer.named_parameters() if "lora_A" in n]
+
+
+def test_qlora_gradients_are_the_same_after_an_eval_pass(tiny_model, ids):
+    """An eval-mode no-grad forward must not change how a 4-bit layer trains (bitsandbytes' CPU repacking
+    would route later forwards through a kernel without backward: no gradient through the base matmuls)."""
+    torch.manual_seed(0)
+    model, _ = load_policy(resolve_model(str(tiny_model)), finetune="qlora", device="cpu")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # non-zero B: every layer's gradient flows back through the layers above
+    before = _first_layer_lora_grads(model, ids)
+    logits(model, ids)  # the trainer's step-0 eval
+    after = _first_layer_lora_grads(model, ids)
+    assert before and all(b.abs().sum() > 0 for b in before)
+    for b, a in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def _trained_adapter(tiny_model, path):
     torch.manual_seed(1)
     model, _ = load_policy(resolve_model(str(tiny_model)), device="cpu", lora_r=4)

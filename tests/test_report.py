@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from test_analysis import write_run  # the hand-worked fixture of the analysis tests
+from test_analysis import examples_table, write_run  # the hand-worked fixture of the analysis tests
 
 from prefcache.cli.sql import report_cmd
 from prefcache.report import _nice_ticks, bar_chart, build_report, histogram_chart, line_chart, write_report
@@ -78,9 +80,15 @@ def test_curves_draw_train_and_eval(run1):
     svgs = _svgs(build_report(run1))
     loss = svgs[0]
     assert len(loss.findall(f"{SVG_NS}polyline")) == 1  # train has two points, eval one (a marker only)
-    assert len(loss.findall(f"{SVG_NS}circle")) == 3
+    markers = [c for c in loss.findall(f"{SVG_NS}circle") if c.find(f"{SVG_NS}title") is not None]
+    assert len(markers) == 3
+    # eval is told apart from train by more than colour: hollow markers (and a dashed line)
+    fills = {c.find(f"{SVG_NS}title").text.split()[0]: c.get("fill") for c in markers}
+    assert fills["train"] != "#fff" and fills["eval"] == "#fff"
     legend = [t.text for t in loss.iter(f"{SVG_NS}text")]
     assert "train" in legend and "eval" in legend
+    accuracy = svgs[1]  # with a chance line at 0.5
+    assert "chance (0.5)" in [t.text for t in accuracy.iter(f"{SVG_NS}text")]
 
 
 def test_histogram_compares_first_and_last_step_on_shared_buckets(run1):
@@ -90,7 +98,12 @@ def test_histogram_compares_first_and_last_step_on_shared_buckets(run1):
     first = [t for t in tips if t.startswith("step 1 ")]
     last = [t for t in tips if t.startswith("step 2 ")]
     assert len(first) == len(last) == 30
-    assert [t.split(":")[0][7:] for t in first] == [t.split(":")[0][7:] for t in last]  # same bucket edges
+
+    def buckets(ts):
+        return [re.search(r"\[[^)]*\)", t).group(0) for t in ts]
+    assert buckets(first) == buckets(last)  # same bucket edges
+    legend = [t.text for t in hist.iter(f"{SVG_NS}text")]  # pairs and share of wins per step
+    assert "step 1 (n=4, 50% > 0)" in legend and "step 2 (n=4, 75% > 0)" in legend
 
 
 def test_report_of_a_run_with_steps_only(tmp_path):
@@ -98,6 +111,30 @@ def test_report_of_a_run_with_steps_only(tmp_path):
     page = build_report(run)
     assert "No per-example logs" in page and "Evaluations" not in page
     assert len(_svgs(page)) == 4
+
+
+def test_length_bias_bars_sit_on_their_buckets(run1):
+    """The fixture's length differences at step 2 are -8, 0, 0 and 10: buckets 2 tokens wide with empty ones
+    between, which must stay on the axis (not be closed up, which would relabel the bars)."""
+    acc = next(s for s in _svgs(build_report(run1)) if s.find(f"{SVG_NS}title").text.startswith("Accuracy by length"))
+    tips = [r.find(f"{SVG_NS}title").text for r in acc.iter(f"{SVG_NS}rect") if r.find(f"{SVG_NS}title") is not None]
+    assert tips == ["accuracy [-8, -6): 1 (n=1)", "accuracy [0, 2): 1 (n=2)", "accuracy [10, 12): 0 (n=1)"]
+    notes = [t.text for t in acc.iter(f"{SVG_NS}text") if t.get("class") == "note"]
+    assert notes == ["n=1", "n=0", "n=0", "n=0", "n=2", "n=0", "n=0", "n=0", "n=0", "n=1"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_report_of_a_diverged_run(tmp_path, bad):
+    """Non-finite margins at the last logged step (a diverged run) must not take the report down."""
+    run = write_run(tmp_path / "diverged")
+    step3 = [("p1", 3, "train", bad), ("p2", 3, "train", bad if math.isnan(bad) else -0.5)]
+    pq.write_table(examples_table(step3), run / "logs" / "examples-000002.parquet")
+    page = build_report(run)
+    for svg in _svgs(page):
+        assert not re.search(r'="[^"]*(nan|inf)', ET.tostring(svg, encoding="unicode").lower())
+    hist = next(s for s in _svgs(page) if s.find(f"{SVG_NS}title").text.startswith("Reward margins"))
+    texts = " ".join(t.text or "" for t in hist.iter(f"{SVG_NS}text"))
+    assert "step 1 (n=4" in texts and "step 3" in texts and "NaN/inf" in texts
 
 
 def test_write_report_and_cli(run1, tmp_path):

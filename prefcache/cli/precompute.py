@@ -33,6 +33,7 @@ def run_api(fn, *args, **kwargs):
               help="fail: stop and list bad rows; skip: score the rest and write bad_rows.jsonl in the cache.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--shard-size", type=int, default=1024, show_default=True, help="Pairs per Parquet shard.")
+@click.option("--chunk-size", type=int, default=2048, show_default=True, help="Completion positions per output-head chunk (memory vs speed).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def precompute_cmd(no_progress, **options):
     """Score every pair once with the frozen reference model and cache the log-probs.
@@ -48,7 +49,7 @@ def precompute_cmd(no_progress, **options):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
     from prefcache.config import PrecomputeConfig
-    from prefcache.precompute import precompute
+    from prefcache.reference import precompute
 
     config = run_api(PrecomputeConfig, progress=not no_progress, **options)
     result = run_api(precompute, config)
@@ -111,7 +112,7 @@ def verify_cmd(cache, data):
     Example:
       prefcache verify ref-cache --data prefs.jsonl
     """
-    from prefcache.precompute import verify_cache
+    from prefcache.reference import verify_cache
 
     report = run_api(verify_cache, cache, data)
     click.echo(report["summary"])

@@ -12,7 +12,7 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 
 @click.command("train")
 @click.option("--data", required=True, help="Training preference data (.jsonl/.json/.parquet/.csv or a datasets folder).")
-@click.option("--cache", default=None, help="Reference cache from `prefcache precompute` (not needed for orpo/simpo).")
+@click.option("--cache", default=None, help="Reference cache from `prefcache precompute` (not needed for the reference-free losses orpo, simpo, sft).")
 @click.option("--out", required=True, help="Run directory: logs/, checkpoints/, pairs.parquet, run.json.")
 @click.option("--model", default=None, help="Policy's starting weights: HF folder or .gguf [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--adapter", default=None, help="Starting PEFT adapter (e.g. your SFT LoRA), trained further.")
@@ -56,6 +56,7 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--chunk-size", type=int, default=1024, show_default=True, help="Completion positions per output-head chunk.")
+@click.option("--flush-every", type=int, default=50, show_default=True, help="Logged steps buffered per new log file.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(no_progress, max_grad_norm, **options):
     """Train a policy with DPO (or another preference loss) against a precomputed reference cache.
@@ -74,7 +75,7 @@ def train_cmd(no_progress, max_grad_norm, **options):
     Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
     """
     from prefcache.config import TrainConfig
-    from prefcache.train import train
+    from prefcache.trainer import train
 
     config = run_api(TrainConfig, progress=not no_progress, max_grad_norm=max_grad_norm or None, **options)
     result = run_api(train, config)

@@ -23,8 +23,8 @@ from prefcache.cache import CacheError
 from prefcache.checkpoint import list_checkpoints, load_trainer_state
 from prefcache.cli import main
 from prefcache.config import TrainConfig
-from prefcache.precompute import precompute
-from prefcache.train import train
+from prefcache.reference import precompute
+from prefcache.trainer import train
 from prefcache.trainlog import EXAMPLE_SCHEMA, STEP_SCHEMA
 
 LN2 = math.log(2)
@@ -209,7 +209,7 @@ def _cli_train(setup, out, *extra):
 
 KILLED_RUN = """
 import sys
-from prefcache.train import train
+from prefcache.trainer import train
 train(data=sys.argv[1], cache=sys.argv[2], model=sys.argv[3], out=sys.argv[4], max_steps=16, batch_size=2, lr=5e-3,
       warmup_steps=3, save_every=2, progress=False, flush_every=1)
 """
@@ -290,6 +290,18 @@ def test_qlora_on_a_4bit_base(setup, tmp_path):
     assert (Path(result["final_checkpoint"]) / "adapter_config.json").exists()
     # NF4 moves the policy off the fp32 reference a little: rewards near, not at, zero
     assert steps(tmp_path / "run")["loss"][0] == pytest.approx(LN2, abs=0.05)
+
+
+def test_qlora_policy_on_its_own_4bit_cache_starts_at_ln2(setup, tmp_path):
+    """Reference and policy both 4-bit NF4 (the demo's set-up): one code path, so step-0 rewards are 0."""
+    cache = tmp_path / "cache4"
+    precompute(data=str(setup["data"]), out=str(cache), model=str(setup["model"]), max_length=64, quantize="4bit",
+               progress=False)
+    run(setup, tmp_path / "run", cache=str(cache), finetune="qlora", max_steps=1, eval_fraction=0.25)
+    first = steps(tmp_path / "run").filter(pl.col("step") == 0).row(0, named=True)
+    assert first["split"] == "eval" and first["loss"] == pytest.approx(LN2, abs=1e-5)
+    margins = examples(tmp_path / "run").filter(pl.col("step") == 0)["margin"]
+    assert margins.abs().max() < 1e-5
 
 
 def test_cli_train(setup, tmp_path):

@@ -16,7 +16,7 @@ from conftest import preference_rows, write_jsonl
 
 from prefcache.cache import CacheError, read_cache, read_metadata, shard_paths
 from prefcache.cli import main
-from prefcache.precompute import precompute, verify_cache
+from prefcache.reference import precompute, verify_cache
 
 
 def run(data, out, model, **kw):
@@ -99,7 +99,7 @@ def test_extending_with_other_settings_is_refused(tmp_path, prefs_file, tiny_mod
 
 
 def test_identical_sequences_are_scored_once(tmp_path, tiny_model, monkeypatch):
-    import prefcache.precompute as pre
+    import prefcache.reference as pre
 
     rows = [{"prompt": "Same prompt", "chosen": " same answer", "rejected": f" other {i}"} for i in range(5)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -135,7 +135,7 @@ CRASHER = textwrap.dedent("""
             os._exit(137)
         return real(self, columns)
     cache.CacheWriter.write = write
-    from prefcache.precompute import precompute
+    from prefcache.reference import precompute
     precompute(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], max_length=64, quantize="fp32",
                shard_size=5, progress=False)
 """)
@@ -231,3 +231,13 @@ def test_smollm2_4bit_nf4_end_to_end(tmp_path):
     # NF4 moves the values a little, not a lot: within 15% of the fp32 reference.
     rel = ((a["chosen_logps"] - b["chosen_logps"]).abs() / b["chosen_logps"].abs()).max()
     assert 0 < rel < 0.15
+
+
+def test_public_api_names_stay_functions_after_every_module_is_imported():
+    import prefcache
+    import prefcache.evaluation
+    import prefcache.reference
+    import prefcache.trainer  # noqa: F401 - importing a submodule must not rebind a public name
+
+    for name in ("precompute", "verify_cache", "train", "evaluate", "score", "inspect_cache", "read_cache"):
+        assert callable(getattr(prefcache, name)) and not isinstance(getattr(prefcache, name), type(prefcache)), name

@@ -4,7 +4,8 @@ Only the policy is loaded. The reference model's summed log-probs come from the 
 batch by example id (never by row order), after checking that the cache was made with the tokenisation
 training is about to use. Policy log-probs come from the kernel that made the cache
 (``prefcache.logprobs`` through ``scoring.pair_logps``), so a fresh LoRA policy on the reference model
-starts with rewards of exactly 0 and a sigmoid loss of ln 2.
+starts with rewards of 0 and a sigmoid loss of ln 2 (to 1e-5, at the precision the cache was made in;
+QLoRA on a 4-bit cache included).
 
 The loop reads top to bottom: seeded epoch-wise data order -> micro-batches with gradient accumulation
 -> loss -> clip -> optimizer and LR schedule -> log / eval / checkpoint. Under ``torchrun`` each rank
@@ -58,7 +59,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     from .data import load_dataset_pairs, write_bad_rows
     from .models import load_tokenizer, resolve_device, resolve_model
     from .policy import load_policy
-    from .precompute import _init_distributed, dist_info
+    from .reference import _init_distributed, dist_info
 
     rank, world = dist_info()
     device = resolve_device(cfg.device)

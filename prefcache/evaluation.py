@@ -216,7 +216,7 @@ def run_dir_of(config: EvalConfig | ScoreConfig) -> Path:
 def evaluate(config: EvalConfig | None = None, **options) -> pl.DataFrame:
     """Run lm-eval tasks on checkpoints (and the base model) of a run; write ``RUN/evals/lm-eval-*.parquet``.
 
-    ``evaluate(checkpoints=["run1"], tasks="prefcache_sentiment", include_path=["examples/lm_eval_task"])``
+    ``evaluate(checkpoints=["run1"], tasks="prefcache_heldout", include_path=["examples/lm_eval_task"])``
     is the same as the CLI. Each model is handed to lm-eval as a loaded instance (``HFLM(pretrained=model)``),
     so a PEFT adapter on a 4-bit base evaluates exactly as it trained. Returns the rows written.
     """
@@ -290,7 +290,7 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     from .data import load_dataset_pairs
     from .models import tokenizer_fingerprint
     from .scoring import ReferenceTable, check_cache_matches, score_pairs
-    from .train import check_joined
+    from .trainer import check_joined
     from .trainlog import EXAMPLE_SCHEMA  # the trainer's examples schema: one file layout for both
 
     run_dir, checkpoints, settings, source, device = _prepare(config)
