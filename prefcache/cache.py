@@ -121,6 +121,7 @@ class CacheWriter:
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        _share(tmp)
         os.replace(tmp, final)  # atomic on POSIX: readers see the whole shard or none of it
         self.seq += 1
         return final
@@ -132,7 +133,15 @@ class CacheWriter:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-manifest-")
         with os.fdopen(fd, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
+        _share(tmp)
         os.replace(tmp, path)
+
+
+def _share(path: str) -> None:
+    """mkstemp creates files 0600; a cache is meant to be shared, so give it the umask's usual mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def summary(cache_dir: str | os.PathLike) -> dict:

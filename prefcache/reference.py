@@ -67,7 +67,21 @@ def cache_metadata(config: PrecomputeConfig, source, tokenizer, quantize: str, d
         "per_token": config.per_token,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "world_size": world_size,
+        # Informational (not compared on extend): 4-bit values depend on the bitsandbytes build and kernel.
+        "library_versions": library_versions(),
     }
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def model_fingerprint_of_adapter(adapter: str | None) -> str | None:

@@ -119,3 +119,18 @@ def test_summary_and_manifest(tmp_path):
 def test_not_a_cache(tmp_path):
     with pytest.raises(CacheError, match="not a prefcache cache"):
         read_metadata(tmp_path)
+
+
+def test_shards_and_manifest_are_readable_by_others(tmp_path):
+    import stat
+
+    from prefcache.cache import CacheWriter
+
+    writer = CacheWriter(tmp_path / "c", {"per_token": False})
+    shard = writer.write({"id": ["a"], "chosen_logps": [-1.0], "rejected_logps": [-2.0], "chosen_logps_prefix": [-1.0],
+                          "rejected_logps_prefix": [-2.0], "prompt_tokens": [1],
+                          "chosen_tokens": [1], "rejected_tokens": [1], "chosen_truncated": [False],
+                          "rejected_truncated": [False]})
+    writer.write_manifest()
+    for path in (shard, tmp_path / "c" / "manifest.json"):
+        assert path.stat().st_mode & stat.S_IROTH, path
