@@ -221,20 +221,23 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
                 for completion in (p.chosen_ids, p.rejected_ids):
                     unique.setdefault(tuple(p.prompt_ids + completion), len(p.prompt_ids))
             keys = list(unique)
+            seqs_done, n_keys, n_pairs = 0, len(keys), len(shard)
 
-            def progress(n_seqs, n_tokens):
-                nonlocal scored_tokens
-                scored_tokens += n_tokens
+            def progress(n_seqs, n_tokens, start=s, n_keys=n_keys, n_pairs=n_pairs):
+                # The bar moves per batch (pairs in proportion to the shard's sequences scored), so its
+                # pairs/s is live; tokens/s counts the real (unpadded) tokens scored.
+                nonlocal scored_tokens, seqs_done
+                scored_tokens, seqs_done = scored_tokens + n_tokens, seqs_done + n_seqs
                 elapsed = max(time.perf_counter() - t_start, 1e-9)
-                bar.set_postfix_str(f"{bar.n / elapsed:.1f} pairs/s, "
-                                    f"{scored_tokens / elapsed:,.0f} tok/s", refresh=False)
+                bar.set_postfix_str(f"{scored_tokens / elapsed:,.0f} tok/s", refresh=False)
+                bar.update(start + int(seqs_done / n_keys * n_pairs) - bar.n)
 
             logps = score_sequences(model, [(list(k), unique[k]) for k in keys], batch_size=2 * config.batch_size,
                                     pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
                                     on_batch=progress)
             writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
             scored_pairs += len(shard)
-            bar.update(len(shard))
+            bar.update(s + len(shard) - bar.n)
         bar.close()
         del model
 
