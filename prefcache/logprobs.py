@@ -55,6 +55,9 @@ def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, s
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not logits.requires_grad:  # no autograd (precompute, scoring): logsumexp in place, no second [n, V]
+        top = logits.amax(-1, keepdim=True)
+        return picked - (top.squeeze(-1) + logits.sub_(top).exp_().sum(-1).log())
     return picked - torch.logsumexp(logits, dim=-1)
 
 
