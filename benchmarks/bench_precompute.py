@@ -399,7 +399,7 @@ def main() -> None:
         ap.error(f"{JEMALLOC} not found (apt-get install libjemalloc2)")
 
     sys.path.insert(0, str(HERE))
-    from data import make_pairs, write_jsonl
+    from data import make_pairs, warn_if_busy, write_jsonl
 
     from prefcache.data import load_dataset_pairs
     from prefcache.models import default_model, hf_folder, load_tokenizer
@@ -424,9 +424,7 @@ def main() -> None:
           f"completion; padded tokens through the backbone: prefcache/naive {sched['sorted_padded']} "
           f"({sched['sorted_padded'] / sched['real'] - 1:+.1%}, length-sorted), TRL {sched['trl_padded']} "
           f"({sched['trl_padded'] / sched['real'] - 1:+.1%}, dataset order)", flush=True)
-    if os.getloadavg()[0] > 0.5:
-        print(f"WARNING: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs before starting: other work "
-              "competes for the CPU and the timings will be noisy (use --rounds N, or an idle machine)")
+    warn_if_busy()
     t_start = time.perf_counter()
     for alloc in allocators:
         results = _contest(names, {**spec, "allocator": alloc}, args.rounds, args.timeout)

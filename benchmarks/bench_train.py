@@ -248,7 +248,7 @@ def main() -> None:
         ap.error("trl is not installed: pip install -e .[bench]")
 
     sys.path.insert(0, str(HERE))
-    from data import make_pairs, write_jsonl  # benchmarks/data.py: the shared, seeded benchmark pairs
+    from data import make_pairs, warn_if_busy, write_jsonl
 
     from prefcache.models import default_model, hf_folder, load_tokenizer, resolve_model
     from prefcache.trainer import epoch_order
@@ -284,9 +284,7 @@ def main() -> None:
           f"checkpointing {'on' if a.checkpointing else 'off'}, {a.threads} threads, {a.warmup} warm-up + {a.steps} "
           f"timed steps, device {a.device}, allocator {a.allocator}, load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores", flush=True)
-    if os.getloadavg()[0] > 0.5:
-        print(f"WARNING: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before starting: other work "
-              "competes for the CPU and the timings will be noisy (use --rounds N, or an idle machine)")
+    warn_if_busy()
     t0 = time.perf_counter()
     results = {"precompute": launch("precompute", spec, env)}
     for rnd in range(a.rounds):  # round-robin, so a busy spell on a shared machine hits every mode alike

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from pathlib import Path
 
@@ -121,6 +122,14 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def warn_if_busy() -> None:
+    """Say so when other work already loads the CPU: every timing that follows would be noisy."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"WARNING: load average {load:.1f} on {os.cpu_count()} CPUs before starting: other work competes "
+              "for the CPU and the timings will be noisy (use --rounds N, or an idle machine)", flush=True)
 
 
 def main() -> None:
