@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import re
 import statistics
 import tempfile
@@ -26,10 +25,10 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .config import EvalConfig, ScoreConfig
 from .lmeval_tasks import localise_include_paths, task_manager
+from .trainlog import write_table_atomic
 
 # The contract's Parquet schemas (Arrow types exactly: string, not polars' large_string).
 EVALS_SCHEMA = pa.schema([("checkpoint", pa.string()), ("step", pa.int64()), ("task", pa.string()),
@@ -192,9 +191,7 @@ def _write_parquet(df: pl.DataFrame, schema: pa.Schema, folder: Path, prefix: st
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", checkpoint)
     path = folder / f"{prefix}-{safe}-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = path.with_name(path.name + ".tmp")  # not *.parquet: the SQL views never glob it
-    pq.write_table(df.select(schema.names).to_arrow().cast(schema), tmp, compression="zstd")
-    os.replace(tmp, path)
+    write_table_atomic(df.select(schema.names).to_arrow().cast(schema), path)
     return path
 
 
@@ -289,8 +286,7 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     from .cache import CacheError
     from .data import load_dataset_pairs
     from .models import tokenizer_fingerprint
-    from .scoring import ReferenceTable, check_cache_matches, score_pairs
-    from .trainer import check_joined
+    from .scoring import ReferenceTable, check_cache_matches, check_joined, score_pairs
     from .trainlog import EXAMPLE_SCHEMA  # the trainer's examples schema: one file layout for both
 
     run_dir, checkpoints, settings, source, device = _prepare(config)

@@ -159,3 +159,18 @@ def aggregate(cols: dict[str, list]) -> dict[str, float]:
         "logps_rejected": mean(cols["policy_rejected_logps"]),
         "n": n,
     }
+
+
+def check_joined(reference: ReferenceTable, pairs, what: str) -> None:
+    """Every id must be cached, and with the token counts this run's tokenisation gives (with an id
+    column, other content under a cached id would otherwise be joined to the wrong reference values)."""
+    ids = [p.id for p in pairs]
+    reference.require(ids)  # CacheError: how many ids are missing, and which
+    ref = reference.lookup(ids)
+    wrong = [p.id for i, p in enumerate(pairs)
+             if (len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
+             != tuple(int(ref[c][i]) for c in ("prompt_tokens", "chosen_tokens", "rejected_tokens"))]
+    if wrong:
+        raise CacheError(f"{len(wrong)} of the {what} pairs have other token counts than the cache {reference.path} "
+                         f"records, e.g. {', '.join(wrong[:5])}: their content changed since the cache was made. "
+                         "Re-run `prefcache precompute` on this data into a new cache.")

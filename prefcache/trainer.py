@@ -39,7 +39,15 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .losses import LossInputs, combined_loss
-from .scoring import PairLogps, ReferenceTable, aggregate, check_cache_matches, pair_logps, score_pairs
+from .scoring import (
+    PairLogps,
+    ReferenceTable,
+    aggregate,
+    check_cache_matches,
+    check_joined,
+    pair_logps,
+    score_pairs,
+)
 from .trainlog import EXAMPLE_SCHEMA, RunLog, peak_mem_mb, write_json_atomic, write_pairs
 
 STATE_VERSION = 1
@@ -290,22 +298,6 @@ def held_out_ids(ids: list[str], fraction: float) -> set[str]:
     k = max(1, round(fraction * len(ids)))
     return set(sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:k])
 
-
-def check_joined(reference: ReferenceTable, pairs, what: str) -> None:
-    """Every id must be cached, and with the token counts this run's tokenisation gives (with an id
-    column, other content under a cached id would otherwise be joined to the wrong reference values)."""
-    ids = [p.id for p in pairs]
-    reference.require(ids)  # CacheError: how many ids are missing, and which
-    ref = reference.lookup(ids)
-    wrong = [p.id for i, p in enumerate(pairs)
-             if (len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
-             != tuple(int(ref[c][i]) for c in ("prompt_tokens", "chosen_tokens", "rejected_tokens"))]
-    if wrong:
-        from .cache import CacheError
-
-        raise CacheError(f"{len(wrong)} of the {what} pairs have other token counts than the cache {reference.path} "
-                         f"records, e.g. {', '.join(wrong[:5])}: their content changed since the cache was made. "
-                         "Re-run `prefcache precompute` on this data into a new cache.")
 
 
 def check_resumable(state: dict, *, world: int, n_train: int, cfg: TrainConfig) -> None:

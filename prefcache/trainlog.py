@@ -35,8 +35,9 @@ _PART = re.compile(r"^(steps|examples)-(\d{6})\.parquet$")
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
+    # The temp name ends in .part: no *.parquet glob of the SQL views (evals/*.parquet) ever reads it.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     os.close(fd)
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)  # readers see the whole file or none of it
