@@ -33,7 +33,8 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _init_distributed(device: str) -> None:
+def init_distributed(device: str) -> None:
+    """Join the process group the launcher (torchrun, accelerate) set up: nccl on GPUs, gloo on CPU."""
     import torch
     import torch.distributed as tdist
 
@@ -174,7 +175,7 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
 
     rank, world = dist_info()
     if world > 1:
-        _init_distributed(config.device)
+        init_distributed(config.device)
     t0 = time.perf_counter()
     source = resolve_model(config.model)
     device = resolve_device(config.device)

@@ -67,12 +67,12 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     from .data import load_dataset_pairs, write_bad_rows
     from .models import load_tokenizer, resolve_device, resolve_model
     from .policy import load_policy
-    from .reference import _init_distributed, dist_info
+    from .reference import dist_info, init_distributed
 
     rank, world = dist_info()
     device = resolve_device(cfg.device)
     if world > 1:
-        _init_distributed(device)
+        init_distributed(device)
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
             torch.cuda.set_device(device)
