@@ -142,9 +142,13 @@ class TrainConfig:
     device: str = "auto"
     chunk_size: int = 1024
     progress: bool = True
+    report_to: tuple[str, ...] = ()  # experiment trackers: tensorboard, wandb, trackio ("none" or () = only Parquet)
 
     def __post_init__(self):
         from .losses import LOSSES  # the registry decides which names exist and which need a reference
+        from .trackers import parse_report_to
+
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
 
         loss = _names(self.loss)
         object.__setattr__(self, "loss", loss)

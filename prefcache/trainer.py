@@ -48,6 +48,7 @@ from .scoring import (
     pair_logps,
     score_pairs,
 )
+from .trackers import Trackers
 from .trainlog import EXAMPLE_SCHEMA, RunLog, peak_mem_mb, write_json_atomic, write_pairs
 
 STATE_VERSION = 1
@@ -165,6 +166,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if main:
         write_json_atomic(run_info, out / "run.json")
+    trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
 
     loss_options = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma,
                     "discopop_tau": cfg.discopop_tau, "ld_alpha": cfg.ld_alpha}
@@ -185,8 +187,9 @@ def train(config: TrainConfig | None = None, **options) -> dict:
             cols = {k: [v for c, _ in parts for v in c[k]] for k in cols}
             last_eval = aggregate(cols) | {"loss": sum(s for _, s in parts) / len(cols["id"])}
             log.add_examples(cols, step=at_step, split="eval")
-            log.add_step({**last_eval, "step": at_step, "epoch": at_step / steps_per_epoch, "split": "eval",
+            log.add_step(row := {**last_eval, "step": at_step, "epoch": at_step / steps_per_epoch, "split": "eval",
                           "time_s": time.perf_counter() - t_start, "peak_mem_mb": peak_mem_mb(device)})
+            trackers.log(row, step=at_step, split="eval")
         last_eval_step = at_step
 
     def save(at_step: int) -> None:
@@ -266,9 +269,10 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                 cols = {k: [v for c, *_ in parts for v in c[k]] for k in cols}
                 last_train = aggregate(cols) | {"loss": sum(p[1] for p in parts) / len(cols["id"])}
                 log.add_examples(cols, step=step, split="train")
-                log.add_step({**last_train, "step": step, "epoch": step / steps_per_epoch, "split": "train",
+                log.add_step(row := {**last_train, "step": step, "epoch": step / steps_per_epoch, "split": "train",
                               "lr": lr, "grad_norm": grad_norm, "tokens_per_s": sum(p[2] for p in parts) / step_time,
                               "peak_mem_mb": max(p[3] for p in parts), "time_s": time.perf_counter() - t_start})
+                trackers.log(row, step=step, split="train")
         if eval_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
             run_eval(step)
         if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
@@ -282,6 +286,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     if last_saved != step:  # a resume of a finished run: make sure the final checkpoint exists
         save(step)
     log.flush()
+    trackers.close()
 
     summary = {"run": str(out), "steps": step, "final_checkpoint": str(checkpoint_dir(out, step)),
                "train": {k: v for k, v in last_train.items() if k != "n"}, "eval": last_eval,

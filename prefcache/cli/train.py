@@ -57,6 +57,9 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--chunk-size", type=int, default=1024, show_default=True, help="Completion positions per output-head chunk.")
 @click.option("--flush-every", type=int, default=50, show_default=True, help="Logged steps buffered per new log file.")
+@click.option("--report-to", default="none", show_default=True,
+              help="Experiment trackers besides the Parquet logs, comma-separated: none, tensorboard, wandb, trackio "
+                   "(optional extras; TensorBoard events go to OUT/tensorboard, WANDB_MODE=offline works).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(no_progress, max_grad_norm, **options):
     """Train a policy with DPO (or another preference loss) against a precomputed reference cache.
