@@ -64,6 +64,7 @@ class PrecomputeConfig:
 
 
 FINETUNES = ("lora", "qlora", "full")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # f-DPO (losses.f_scores)
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
@@ -108,6 +109,9 @@ class TrainConfig:
     ld_alpha: float | None = None
     simpo_gamma: float = 0.5
     discopop_tau: float = 0.05
+    use_weighting: bool = False  # WPO: weight each pair by the policy's own probability of both completions
+    f_divergence: str = "reverse_kl"  # f-DPO: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence
+    f_alpha: float = 0.5  # alpha_divergence's α
     finetune: str = "lora"
     lora_r: int = 16
     lora_alpha: float | None = None  # None = 2 * lora_r
@@ -161,6 +165,10 @@ class TrainConfig:
             raise ValueError(f"unknown loss {', '.join(unknown)}; choose from {', '.join(LOSSES)}")
         if not loss or len(set(loss)) != len(loss):
             raise ValueError(f"loss must name each loss once, got {list(loss)}")
+        from .losses import check_loss_options
+
+        check_loss_options(loss, f_divergence=self.f_divergence, use_weighting=self.use_weighting,
+                           label_smoothing=self.label_smoothing)
         if self.cache is None and (needs := [n for n in loss if LOSSES[n].needs_ref]):
             free = [n for n, s in LOSSES.items() if not s.needs_ref]
             raise ValueError(f"loss {', '.join(needs)} needs the reference cache: pass cache (--cache DIR); "

@@ -47,14 +47,20 @@ def _head_parts(lm: nn.Module):
     return backbone, head, softcap, scale
 
 
-def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap, scale) -> torch.Tensor:
-    """[n, H] hidden states, [n] targets -> [n] fp32 log-probs of the targets."""
+def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap, scale, with_sq: bool = False):
+    """[n, H] hidden states, [n] targets -> [n] fp32 log-probs of the targets; with ``with_sq`` also
+    [n] log Σ_v p(v)², without gradient (WPO's weights, TRL's ``log_sum_sq_probs``)."""
     logits = head(hidden).float()
     if scale is not None:
         logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if with_sq:
+        with torch.no_grad():
+            z = logits.detach()
+            log_sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+        return picked - torch.logsumexp(logits, dim=-1), log_sum_sq
     if not logits.requires_grad:  # no autograd (precompute, scoring): logsumexp in place, no second [n, V]
         top = logits.amax(-1, keepdim=True)
         return picked - (top.squeeze(-1) + logits.sub_(top).exp_().sum(-1).log())
@@ -69,7 +75,8 @@ def token_logprobs(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     checkpoint: bool | None = None,
-) -> torch.Tensor:
+    with_sq: bool = False,
+):
     """Per-token log-probs of the completion tokens, without full-vocabulary logits.
 
     Args:
@@ -79,6 +86,8 @@ def token_logprobs(
         completion_mask: [N, T] 1 on the completion tokens whose log-prob is wanted.
         chunk_size: completion positions projected through the output head at once.
         checkpoint: recompute each chunk's logits in backward; defaults to ``torch.is_grad_enabled()``.
+        with_sq: also return [N, T] fp32 log Σ_v p(v)² of each completion position (0 elsewhere), without
+            gradient: the per-token values WPO's weights need.
 
     Returns:
         [N, T] fp32: at t, log p(input_ids[t] | input_ids[<t]) in nats where completion_mask[t] is 1,
@@ -88,7 +97,7 @@ def token_logprobs(
     lm = _unwrap(model)
     parts = _head_parts(lm)
     if parts is None:
-        return naive_token_logprobs(model, input_ids, attention_mask, completion_mask)
+        return naive_token_logprobs(model, input_ids, attention_mask, completion_mask, with_sq=with_sq)
     backbone, head, softcap, scale = parts
     if checkpoint is None:
         checkpoint = torch.is_grad_enabled()
@@ -100,19 +109,27 @@ def token_logprobs(
     h = hidden[:, :-1][predict]  # [n, H]
     targets = input_ids[:, 1:][predict]  # [n]
 
-    pieces = []
+    pieces, sq_pieces = [], []
     for start in range(0, h.shape[0], chunk_size):
         hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
         if checkpoint and hc.requires_grad:
-            pieces.append(_checkpoint(_chunk_logps, hc, tc, head, softcap, scale, use_reentrant=False))
+            piece = _checkpoint(_chunk_logps, hc, tc, head, softcap, scale, with_sq, use_reentrant=False)
         else:
-            pieces.append(_chunk_logps(hc, tc, head, softcap, scale))
+            piece = _chunk_logps(hc, tc, head, softcap, scale, with_sq)
+        if with_sq:
+            piece, sq = piece
+            sq_pieces.append(sq.detach())
+        pieces.append(piece)
     flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
 
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     index = predict.nonzero(as_tuple=True)
     # index_put keeps the graph: out[:, 1:][predict] = flat, written so autograd sees it.
-    return out.index_put((index[0], index[1] + 1), flat)
+    out = out.index_put((index[0], index[1] + 1), flat)
+    if not with_sq:
+        return out
+    sq_flat = torch.cat(sq_pieces) if sq_pieces else h.new_zeros(0, dtype=torch.float32)
+    return out, torch.zeros_like(out).index_put((index[0], index[1] + 1), sq_flat)
 
 
 def naive_token_logprobs(
@@ -120,13 +137,19 @@ def naive_token_logprobs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
-) -> torch.Tensor:
+    with_sq: bool = False,
+):
     """The textbook computation (full [N, T, V] logits, fp32 log-softmax) with the same contract as
     :func:`token_logprobs`. Kept for tests, benchmarks and models whose head cannot be split off."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    all_logps = torch.log_softmax(logits[:, :-1], dim=-1)
+    logps = all_logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     mask = (completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()).float()
-    return torch.nn.functional.pad(logps * mask, (1, 0))
+    out = torch.nn.functional.pad(logps * mask, (1, 0))
+    if not with_sq:
+        return out
+    sq = torch.logsumexp(2 * all_logps.detach(), dim=-1)  # log Σ_v p(v)²
+    return out, torch.nn.functional.pad(sq * mask, (1, 0))
 
 
 class LogProbModule(nn.Module):
@@ -137,5 +160,6 @@ class LogProbModule(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, completion_mask):
-        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size)
+    def forward(self, input_ids, attention_mask, completion_mask, with_sq: bool = False):
+        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
+                              with_sq=with_sq)

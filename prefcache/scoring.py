@@ -26,6 +26,8 @@ class PairLogps:
     chosen_tokens: torch.Tensor  # completion token counts, float
     rejected_tokens: torch.Tensor
     n_tokens: int  # real (non-pad) tokens processed, prompt included: for tokens/s
+    chosen_wpo: torch.Tensor | None = None  # WPO: mean over completion of log p(y_t) - log Σ_v p(v)², detached
+    rejected_wpo: torch.Tensor | None = None
 
 
 def pair_tensors(pairs, pad_id: int):
@@ -37,18 +39,23 @@ def pair_tensors(pairs, pad_id: int):
     return collate(seqs, starts, pad_id)
 
 
-def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEFAULT_CHUNK) -> PairLogps:
+def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEFAULT_CHUNK,
+               wpo: bool = False) -> PairLogps:
     """Policy log-probs of ``pairs`` through the shared kernel; gradients follow ``torch.is_grad_enabled()``.
+    ``wpo``: also the per-sequence values WPO's weights are made of (``losses.wpo_weights``).
 
     ``model`` may be a causal LM or a (DDP-wrapped) :class:`~prefcache.logprobs.LogProbModule`.
     """
     from .logprobs import LogProbModule
 
     input_ids, attention, completion = (t.to(device) for t in pair_tensors(pairs, pad_id))
+    sq = None
     if isinstance(getattr(model, "module", model), LogProbModule):
-        token = model(input_ids, attention, completion)
+        token = model(input_ids, attention, completion, with_sq=True) if wpo else model(input_ids, attention, completion)
     else:
-        token = token_logprobs(model, input_ids, attention, completion, chunk_size=chunk_size)  # [2B, T]
+        token = token_logprobs(model, input_ids, attention, completion, chunk_size=chunk_size, with_sq=wpo)  # [2B, T]
+    if wpo:
+        token, sq = token
     b = len(pairs)
     completion = completion.long()
     counts = completion.sum(-1)  # [2B]
@@ -58,7 +65,11 @@ def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEF
     prefix = (token * ((rank > 0) & (rank <= shared[:, None]))).sum(-1)
     total = token.sum(-1)
     counts = counts.float()
-    return PairLogps(total[:b], total[b:], prefix[:b], prefix[b:], counts[:b], counts[b:], int(attention.sum()))
+    out = PairLogps(total[:b], total[b:], prefix[:b], prefix[b:], counts[:b], counts[b:], int(attention.sum()))
+    if sq is not None:  # TRL 1.16's WPO: mean over the completion of (log p - log Σ p²), no gradient
+        aligned = ((token.detach() - sq) * completion).sum(-1) / counts.clamp(min=1.0)
+        out.chosen_wpo, out.rejected_wpo = aligned[:b], aligned[b:]
+    return out
 
 
 class ReferenceTable:

@@ -38,7 +38,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig
-from .losses import LossInputs, combined_loss
+from .losses import LossInputs, combined_loss, ld_logps
 from .scoring import (
     PairLogps,
     ReferenceTable,
@@ -169,7 +169,8 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
 
     loss_options = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma,
-                    "discopop_tau": cfg.discopop_tau, "ld_alpha": cfg.ld_alpha}
+                    "discopop_tau": cfg.discopop_tau, "ld_alpha": cfg.ld_alpha, "f_divergence": cfg.f_divergence,
+                    "f_alpha": cfg.f_alpha, "use_weighting": cfg.use_weighting}
     uses_bco = "bco_pair" in cfg.loss
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.startswith("cuda")
                 else nullcontext())
@@ -229,7 +230,8 @@ def train(config: TrainConfig | None = None, **options) -> dict:
             sync = module.no_sync() if world > 1 and k < len(micro) - 1 else nullcontext()
             with sync:
                 with autocast:
-                    pol = pair_logps(module, batch, pad_id=pad_id, device=device, chunk_size=cfg.chunk_size)
+                    pol = pair_logps(module, batch, pad_id=pad_id, device=device, chunk_size=cfg.chunk_size,
+                                     wpo=cfg.use_weighting)
                 ref = {c: v.to(device) for c, v in reference.lookup(ids).items()} if reference else None
                 inputs = loss_inputs(pol, ref)
                 bco = {}
@@ -248,7 +250,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                 (result.loss * (len(batch) / len(step_idx))).backward()
             loss_sum += result.loss.item() * len(batch)
             tokens += pol.n_tokens
-            cols.append(example_cols(batch, inputs, result, cfg.beta))
+            cols.append(example_cols(batch, inputs, result, cfg.beta, cfg.ld_alpha))
 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
         lr = scheduler.get_last_lr()[0]
@@ -341,16 +343,22 @@ def loss_inputs(pol: PairLogps, ref: dict | None) -> LossInputs:
     r = ref or {}
     return LossInputs(d(pol.chosen), d(pol.rejected), d(r.get("chosen_logps")), d(r.get("rejected_logps")),
                       d(pol.chosen_tokens), d(pol.rejected_tokens), d(pol.chosen_prefix), d(pol.rejected_prefix),
-                      d(r.get("chosen_logps_prefix")), d(r.get("rejected_logps_prefix")))
+                      d(r.get("chosen_logps_prefix")), d(r.get("rejected_logps_prefix")), d(pol.chosen_wpo),
+                      d(pol.rejected_wpo))
 
 
-def example_cols(batch, inputs: LossInputs, result, beta: float) -> dict[str, list]:
+def example_cols(batch, inputs: LossInputs, result, beta: float, ld_alpha: float | None = None) -> dict[str, list]:
     """Per-example log columns. With a reference, reward = beta * (policy - ref) on summed log-probs (as
-    ``prefcache score``); reference-free, the loss's own rewards (e.g. simpo: beta * mean log-prob)."""
+    ``prefcache score``), on the LD-weighted log-probs under ld_alpha (what TRL logs; the logps columns
+    stay the plain sums); reference-free, the loss's own rewards (e.g. simpo: beta * mean log-prob)."""
     pc, pr = inputs.policy_chosen_logps.detach().cpu(), inputs.policy_rejected_logps.detach().cpu()
     if inputs.ref_chosen_logps is not None:
         rc, rr = inputs.ref_chosen_logps.cpu(), inputs.ref_rejected_logps.cpu()
         wc, wr = beta * (pc - rc), beta * (pr - rr)
+        if ld_alpha is not None:
+            ld = lambda f: ld_logps(getattr(inputs, f), getattr(inputs, f + "_prefix"), ld_alpha).detach().cpu()  # noqa: E731
+            wc = beta * (ld("policy_chosen_logps") - ld("ref_chosen_logps"))
+            wr = beta * (ld("policy_rejected_logps") - ld("ref_rejected_logps"))
         rc, rr = rc.tolist(), rr.tolist()
     else:
         rc = rr = [None] * len(batch)
@@ -376,7 +384,7 @@ def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device
     if reference is not None:
         cols, _ = score_pairs(policy, pairs, reference, beta=cfg.beta, batch_size=batch_size, pad_id=pad_id,
                               device=device, chunk_size=cfg.chunk_size)
-    if cols is not None and cfg.ld_alpha is None:
+    if cols is not None and cfg.ld_alpha is None and not cfg.use_weighting:
         t = {k: torch.tensor(cols[k], dtype=torch.float64) for k in cols if k != "id"}
         inputs = LossInputs(t["policy_chosen_logps"], t["policy_rejected_logps"], t["ref_chosen_logps"],
                             t["ref_rejected_logps"], t["chosen_tokens"], t["rejected_tokens"])
@@ -385,15 +393,17 @@ def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device
         policy.eval()
         with torch.no_grad():
             parts = [pair_logps(policy, pairs[s : s + batch_size], pad_id=pad_id, device=device,
-                                chunk_size=cfg.chunk_size) for s in range(0, len(pairs), batch_size)]
+                                chunk_size=cfg.chunk_size, wpo=cfg.use_weighting) for s in range(0, len(pairs), batch_size)]
         policy.train(was_training)
         pol = PairLogps(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in
                           ("chosen", "rejected", "chosen_prefix", "rejected_prefix", "chosen_tokens",
-                           "rejected_tokens")), sum(p.n_tokens for p in parts))
+                           "rejected_tokens")), sum(p.n_tokens for p in parts),
+                        *((torch.cat([getattr(p, f) for p in parts]).cpu() for f in ("chosen_wpo", "rejected_wpo"))
+                          if cfg.use_weighting else ()))
         inputs = loss_inputs(pol, reference.lookup([p.id for p in pairs]) if reference else None)
     result = combined_loss(cfg.loss, cfg.loss_weights, inputs, **loss_options)
     if cols is None:
-        cols = example_cols(pairs, inputs, result, cfg.beta)
+        cols = example_cols(pairs, inputs, result, cfg.beta, cfg.ld_alpha)
     return cols, float(result.losses.sum())
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from prefcache.cli.precompute import run_api
-
-DTYPES = ("bf16", "fp16", "fp32")  # prefcache.export.DTYPES, repeated so --help does not import it
+from prefcache.export import DTYPES  # the module imports torch only inside its functions
 
 
 @click.command("export")

@@ -7,7 +7,7 @@ import os
 import click
 
 from prefcache.cli.precompute import run_api
-from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS, TRUNCATIONS
+from prefcache.config import BAD_ROW_POLICIES, F_DIVERGENCES, FINETUNES, OPTIMIZERS, SCHEDULERS, TRUNCATIONS
 
 
 @click.command("train")
@@ -22,6 +22,12 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="cDPO / robust / exo label noise ε.")
 @click.option("--ld-alpha", type=float, default=None, help="LD-DPO: weight of the tokens past the shorter completion.")
 @click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="SimPO target reward margin.")
+@click.option("--discopop-tau", type=float, default=0.05, show_default=True, help="DiscoPOP temperature τ.")
+@click.option("--use-weighting", is_flag=True,
+              help="WPO: weight each pair by the policy's own per-token probability of both completions (arXiv:2406.11827).")
+@click.option("--f-divergence", type=click.Choice(F_DIVERGENCES), default="reverse_kl", show_default=True,
+              help="f-DPO divergence (arXiv:2309.16240); reverse_kl is DPO.")
+@click.option("--f-alpha", type=float, default=0.5, show_default=True, help="α of --f-divergence alpha_divergence.")
 @click.option("--finetune", type=click.Choice(FINETUNES), default="lora", show_default=True,
               help="lora: LoRA on all linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
 @click.option("--lora-r", type=int, default=16, show_default=True)
