@@ -27,6 +27,7 @@ _SHARD_RE = re.compile(r"part-r(\d{3})-(\d{6})\.parquet$")
 COMPAT_KEYS = (
     "schema_version", "model_fingerprint", "adapter_fingerprint", "tokenizer_fingerprint",
     "chat_template_hash", "max_length", "truncation", "quantization", "dtype", "per_token",
+    "kind", "kl_group_size",  # unpaired (KTO) caches only; None for caches of pairs
 )
 # What the trainer / scorer checks: the tokenisation must be the one it will do itself.
 TOKENIZATION_KEYS = ("tokenizer_fingerprint", "chat_template_hash", "max_length", "truncation")
@@ -36,7 +37,11 @@ class CacheError(ValueError):
     """A cache that is missing, damaged, or does not match what is asked of it."""
 
 
-def schema(per_token: bool = False) -> pa.Schema:
+def schema(per_token: bool = False, kind: str | None = None) -> pa.Schema:
+    if kind == "unpaired":  # prefcache.unpaired: one completion per row, plus its KL completion's value
+        return pa.schema([("id", pa.string()), ("label", pa.bool_()), ("logps", pa.float64()), ("kl_id", pa.string()),
+                          ("kl_logps", pa.float64()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+                          ("kl_tokens", pa.int32()), ("truncated", pa.bool_())])
     fields = [
         ("id", pa.string()),
         ("chosen_logps", pa.float64()),
@@ -100,12 +105,12 @@ def read_cache(cache_dir: str | os.PathLike, columns: list[str] | None = None) -
 class CacheWriter:
     """Appends shards for one rank. Each :meth:`write` is one atomic shard file."""
 
-    def __init__(self, cache_dir: str | os.PathLike, metadata: dict, rank: int = 0):
+    def __init__(self, cache_dir: str | os.PathLike, metadata: dict, rank: int = 0, table_schema: pa.Schema | None = None):
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metadata = metadata
         self.rank = rank
-        self.schema = schema(metadata.get("per_token", False)).with_metadata(
+        self.schema = (table_schema or schema(metadata.get("per_token", False))).with_metadata(
             {META_KEY: json.dumps(metadata, sort_keys=True).encode()}
         )
         for stale in self.dir.glob(f".tmp-r{rank:03d}-*"):  # leftovers of a crashed run of this rank
@@ -192,15 +197,17 @@ def verify(cache_dir: str | os.PathLike, expected_ids: list[str] | None = None, 
             first = meta
         elif diff := differences(first, meta):
             problems.append(f"{path.name}: metadata differs from {shards[0].name}: " + "; ".join(diff))
-        if missing := [c for c in schema(meta.get("per_token", False)).names if c not in table.column_names]:
+        if missing := [c for c in schema(meta.get("per_token", False), meta.get("kind")).names
+                       if c not in table.column_names]:
             problems.append(f"{path.name}: missing columns {missing}")
             continue
-        cols = {c: table.column(c).to_pylist() for c in ("id", "chosen_logps", "rejected_logps")}
+        values = ("logps", "kl_logps") if meta.get("kind") == "unpaired" else ("chosen_logps", "rejected_logps")
+        cols = {c: table.column(c).to_pylist() for c in ("id", *values)}
         for i, ident in enumerate(cols["id"]):
             if ident in seen:
                 dupes.append(f"{ident} ({seen[ident]} and {path.name})")
             seen[ident] = path.name
-            for c in ("chosen_logps", "rejected_logps"):
+            for c in values:
                 v = cols[c][i]
                 if v is None or math.isnan(v) or math.isinf(v) or v > 1e-6:
                     problems.append(f"{path.name}: id {ident} has {c} = {v} (must be a finite log-prob <= 0)")

@@ -52,9 +52,12 @@ class PrecomputeConfig:
     shard_size: int = 1024
     chunk_size: int = 2048
     progress: bool = True
+    unpaired: bool = False  # a KTO cache: each completion and its KL completion (prefcache.unpaired)
+    kl_group_size: int = 8  # unpaired: KL completions rotate within groups of this many examples (TRL's batch)
 
     def __post_init__(self):
         _choice("quantize", self.quantize, QUANTIZATIONS)
+        _positive("kl_group_size", self.kl_group_size)
         _choice("truncation", self.truncation, TRUNCATIONS)
         _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
         for name in ("max_length", "batch_size", "shard_size", "chunk_size"):
@@ -64,6 +67,7 @@ class PrecomputeConfig:
 
 
 FINETUNES = ("lora", "qlora", "full")
+UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired")  # losses on unpaired data (prefcache.kto), each used alone
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # f-DPO (losses.f_scores)
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
@@ -112,6 +116,8 @@ class TrainConfig:
     use_weighting: bool = False  # WPO: weight each pair by the policy's own probability of both completions
     f_divergence: str = "reverse_kl"  # f-DPO: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence
     f_alpha: float = 0.5  # alpha_divergence's α
+    desirable_weight: float = 1.0  # kto / apo_zero_unpaired: weight of desirable (label True) examples
+    undesirable_weight: float = 1.0
     finetune: str = "lora"
     lora_r: int = 16
     lora_alpha: float | None = None  # None = 2 * lora_r
@@ -161,15 +167,20 @@ class TrainConfig:
             object.__setattr__(self, "loss_weights", weights)
             if len(weights) != len(loss):
                 raise ValueError(f"{len(loss)} loss name(s) {list(loss)} but {len(weights)} loss weight(s)")
-        if unknown := [n for n in loss if n not in LOSSES]:
-            raise ValueError(f"unknown loss {', '.join(unknown)}; choose from {', '.join(LOSSES)}")
+        if unknown := [n for n in loss if n not in LOSSES and n not in UNPAIRED_LOSSES]:
+            raise ValueError(f"unknown loss {', '.join(unknown)}; choose from {', '.join((*LOSSES, *UNPAIRED_LOSSES))}")
+        if set(loss) & set(UNPAIRED_LOSSES) and len(loss) > 1:
+            raise ValueError(f"{', '.join(UNPAIRED_LOSSES)} train on unpaired data and cannot be combined: {list(loss)}")
         if not loss or len(set(loss)) != len(loss):
             raise ValueError(f"loss must name each loss once, got {list(loss)}")
         from .losses import check_loss_options
 
-        check_loss_options(loss, f_divergence=self.f_divergence, use_weighting=self.use_weighting,
-                           label_smoothing=self.label_smoothing)
-        if self.cache is None and (needs := [n for n in loss if LOSSES[n].needs_ref]):
+        if loss[0] not in UNPAIRED_LOSSES:
+            check_loss_options(loss, f_divergence=self.f_divergence, use_weighting=self.use_weighting,
+                               label_smoothing=self.label_smoothing)
+        for name in ("desirable_weight", "undesirable_weight"):
+            _positive(name, getattr(self, name))
+        if self.cache is None and (needs := [n for n in loss if n in UNPAIRED_LOSSES or LOSSES[n].needs_ref]):
             free = [n for n, s in LOSSES.items() if not s.needs_ref]
             raise ValueError(f"loss {', '.join(needs)} needs the reference cache: pass cache (--cache DIR); "
                              f"losses that need none: {', '.join(free)}")

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .config import UNPAIRED_LOSSES
+
 DTYPES = ("bf16", "fp16", "fp32")
 _SKIP = {"trainer_state.pt", "prefcache.json"}  # resume state, not something a user loads
 
@@ -84,7 +86,8 @@ def model_card(info: dict, run: dict, metrics: dict, *, merged: bool, dtype: str
              f"| base model | {base} |",
              f"| fine-tuning | {finetune}{' (merged into the full-precision base)' if merged and finetune != 'full' else ''} |",
              f"| format | {'PEFT adapter' if adapter else 'transformers model'}{f', {dtype}' if dtype else ''} |",
-             f"| data | {config.get('data')} ({run.get('train_pairs', '?')} training pairs) |",
+             f"| data | {config.get('data')} ({run.get('train_pairs', '?')} training "
+             f"{'examples' if str(loss) in UNPAIRED_LOSSES else 'pairs'}) |",
              f"| loss | {loss}, beta {info.get('beta', config.get('beta'))} |",
              f"| steps | {info.get('step')} (epoch {info.get('epoch', 0):.2f}) |",
              f"| max length / truncation | {info.get('max_length')} / {info.get('truncation')} |",

@@ -161,6 +161,10 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     Returns a summary dict: pairs cached before and now, pairs scored, bad rows, seconds, pairs/s, tokens/s.
     """
     config = config or PrecomputeConfig(**options)
+    if config.unpaired:  # KTO data: one completion per example plus its KL completion
+        from .unpaired import precompute_unpaired
+
+        return precompute_unpaired(config, kl_group_size=config.kl_group_size)
     from tqdm.auto import tqdm
 
     from .data import load_dataset_pairs, write_bad_rows

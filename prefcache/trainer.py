@@ -37,7 +37,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig
+from .config import UNPAIRED_LOSSES, TrainConfig
 from .losses import LossInputs, combined_loss, ld_logps
 from .scoring import (
     PairLogps,
@@ -62,6 +62,10 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     seconds, and the checkpoint it resumed from (or None).
     """
     cfg = config or TrainConfig(**options)
+    if cfg.loss[0] in UNPAIRED_LOSSES:  # KTO-style losses on unpaired data: their own loop
+        from .kto import train_unpaired
+
+        return train_unpaired(cfg)
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 

@@ -16,11 +16,13 @@ from prefcache.config import BAD_ROW_POLICIES, F_DIVERGENCES, FINETUNES, OPTIMIZ
 @click.option("--out", required=True, help="Run directory: logs/, checkpoints/, pairs.parquet, run.json.")
 @click.option("--model", default=None, help="Policy's starting weights: HF folder or .gguf [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--adapter", default=None, help="Starting PEFT adapter (e.g. your SFT LoRA), trained further.")
-@click.option("--loss", default="sigmoid", show_default=True, help="Loss name(s), comma-separated: sigmoid, ipo, simpo, sigmoid,sft ...")
+@click.option("--loss", default="sigmoid", show_default=True, help="Loss name(s), comma-separated: sigmoid, ipo, simpo, sigmoid,sft ...; kto or apo_zero_unpaired alone, with an unpaired cache.")
 @click.option("--loss-weights", default=None, help="Weights of the losses, comma-separated [default: 1 each].")
 @click.option("--beta", type=float, default=0.1, show_default=True)
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="cDPO / robust / exo label noise ε.")
 @click.option("--ld-alpha", type=float, default=None, help="LD-DPO: weight of the tokens past the shorter completion.")
+@click.option("--desirable-weight", type=float, default=1.0, show_default=True, help="kto: weight of desirable examples.")
+@click.option("--undesirable-weight", type=float, default=1.0, show_default=True, help="kto: weight of undesirable examples.")
 @click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="SimPO target reward margin.")
 @click.option("--discopop-tau", type=float, default=0.05, show_default=True, help="DiscoPOP temperature τ.")
 @click.option("--use-weighting", is_flag=True,
@@ -92,10 +94,14 @@ def train_cmd(no_progress, max_grad_norm, **options):
         return
     t, e = result["train"], result["eval"]
     line = f"{result['run']}: {result['steps']} steps in {result['seconds']:.1f}s"
-    if t:
+    if t and t.get("rewards_accuracies") is None:  # kto / apo_zero_unpaired: no pairs, no accuracy
+        line += f"; last step loss {t['loss']:.4f}, kl {t.get('kl') or 0:.4f}"
+    elif t:
         line += f"; last step loss {t['loss']:.4f}, accuracy {t['rewards_accuracies']:.2f}, margin {t['rewards_margins']:.4f}"
     click.echo(line)
-    if e:
+    if e and e.get("rewards_accuracies") is None:
+        click.echo(f"eval: loss {e['loss']:.4f}, kl {e.get('kl') or 0:.4f} ({e['n']} examples)")
+    elif e:
         click.echo(f"eval: loss {e['loss']:.4f}, accuracy {e['rewards_accuracies']:.2f}, margin {e['rewards_margins']:.4f} "
                    f"({e['n']} pairs)")
     click.echo(f"final checkpoint: {result['final_checkpoint']}")
