@@ -155,6 +155,8 @@ def summary(cache_dir: str | os.PathLike) -> dict:
 
     meta = read_metadata(cache_dir)
     df = pl.scan_parquet([str(p) for p in shard_paths(cache_dir)])
+    if meta.get("kind") == "unpaired":
+        return _unpaired_summary(cache_dir, meta, df)
     numeric = ["chosen_logps", "rejected_logps", "prompt_tokens", "chosen_tokens", "rejected_tokens"]
     stats = df.select(
         [pl.len().alias("rows"), pl.col("id").n_unique().alias("unique_ids")]
@@ -173,6 +175,25 @@ def summary(cache_dir: str | os.PathLike) -> dict:
         "chosen_truncated_frac": stats["chosen_truncated:frac"],
         "rejected_truncated_frac": stats["rejected_truncated:frac"],
         "ref_prefers_chosen_frac": stats["ref_prefers_chosen:frac"],
+    }
+
+
+def _unpaired_summary(cache_dir, meta: dict, df) -> dict:
+    """:func:`summary` of an unpaired (KTO) cache: chosen = desirable, rejected = undesirable examples."""
+    import polars as pl
+
+    numeric = ["logps", "kl_logps", "prompt_tokens", "completion_tokens", "kl_tokens"]
+    stats = df.select(
+        [pl.len().alias("rows"), pl.col("id").n_unique().alias("unique_ids"), pl.col("label").mean().alias("desirable")]
+        + [getattr(pl.col(c).cast(pl.Float64), k)().alias(f"{c}:{k}") for c in numeric for k in ("mean", "std", "min", "max")]
+        + [pl.col("truncated").filter(pl.col("label") == want).mean().alias(f"truncated:{want}") for want in (True, False)]
+    ).collect().row(0, named=True)
+    return {
+        "path": str(cache_dir), "metadata": meta, "shards": len(shard_paths(cache_dir)), "rows": stats["rows"],
+        "unique_ids": stats["unique_ids"], "desirable_frac": stats["desirable"],
+        "columns": {c: {k: stats[f"{c}:{k}"] for k in ("mean", "std", "min", "max")} for c in numeric},
+        "chosen_truncated_frac": stats["truncated:True"], "rejected_truncated_frac": stats["truncated:False"],
+        "ref_prefers_chosen_frac": None,
     }
 
 

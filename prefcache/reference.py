@@ -282,7 +282,12 @@ def verify_cache(cache_dir: str, data: str | None = None) -> dict:
         tokenizer = load_tokenizer(resolve_model(meta.get("model_path")))
         if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
             problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
-        pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip")
+        if meta.get("kind") == "unpaired":  # a KTO cache: one row per (unpaired) example
+            from .unpaired import load_unpaired
+
+            pairs, _, _ = load_unpaired(data, tokenizer, meta["max_length"], meta["truncation"], "skip", unpair=True)
+        else:
+            pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip")
         expected = [p.id for p in pairs]
     problems += verify(cache_dir, expected_ids=expected)
     if problems:

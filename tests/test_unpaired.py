@@ -115,3 +115,24 @@ def test_unpaired_cache_holds_each_completion_and_its_kl_completion(tmp_path, ti
     with pytest.raises(CacheError, match="cache of pairs"):
         train(data=str(data), cache=str(tmp_path / "pcache"), model=str(tiny_model), out=str(tmp_path / "r"),
               loss="kto", max_steps=1, progress=False)
+
+
+def test_inspect_and_verify_read_an_unpaired_cache(tmp_path, tiny_model):
+    from click.testing import CliRunner
+
+    from prefcache.cli import main
+    from prefcache.reference import precompute
+
+    torch.set_num_threads(1)
+    data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(6))
+    precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
+               unpaired=True, progress=False)
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "kl_logps" in result.output and "6 rows" in result.output
+    result = runner.invoke(main, ["verify", str(tmp_path / "cache"), "--data", str(data)])
+    assert result.exit_code == 0 and "covers all 6 ids" in result.output, result.output
+    write_jsonl(tmp_path / "more.jsonl", unpaired_rows(7))
+    result = runner.invoke(main, ["verify", str(tmp_path / "cache"), "--data", str(tmp_path / "more.jsonl")])
+    assert result.exit_code != 0 and "1 of 7 ids" in result.output, result.output
