@@ -81,3 +81,35 @@ def test_export_refuses_a_non_empty_out_and_defaults_to_the_base_dtype(run_dir, 
     result = export(run_dir["ckpt"], tmp_path / "bf", merge=True)
     base = json.loads((run_dir["model"] / "config.json").read_text())
     assert result["dtype"] == {"bfloat16": "bf16", "float16": "fp16"}.get(base.get("dtype") or base.get("torch_dtype"), "fp32")
+
+
+def test_qlora_merges_into_the_dequantised_base_and_full_runs_export_as_models(run_dir, tmp_path, tokenizer):
+    """A QLoRA adapter is merged into the full-precision base (never into 4-bit weights); a full fine-tuning
+    checkpoint is a model already, cast to --dtype."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from prefcache.data import load_dataset_pairs
+    from prefcache.scoring import pair_logps
+
+    common = {"data": str(run_dir["data"]), "cache": str(run_dir["root"] / "cache"), "model": str(run_dir["model"]),
+              "max_steps": 1, "batch_size": 4, "warmup_steps": 0, "progress": False}
+    train(out=str(tmp_path / "q"), finetune="qlora", lr=5e-2, **common)
+    ckpt = tmp_path / "q" / "checkpoints" / "step-000001"
+    export(ckpt, tmp_path / "q-merged", merge=True, dtype="fp32")
+    config = json.loads((tmp_path / "q-merged" / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain full-precision model
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "q-merged").eval()
+    on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir["model"], dtype=torch.float32),
+                                        ckpt).eval()
+    pairs, _, _ = load_dataset_pairs(str(run_dir["data"]), tokenizer, 48, "keep_start")
+    with torch.no_grad():
+        a = pair_logps(merged, pairs, pad_id=tokenizer.pad_token_id)
+        b = pair_logps(on_base, pairs, pad_id=tokenizer.pad_token_id)
+    assert torch.allclose(a.chosen, b.chosen, atol=1e-4, rtol=0)
+
+    train(out=str(tmp_path / "f"), finetune="full", lr=1e-3, **common)
+    result = export(tmp_path / "f" / "checkpoints" / "step-000001", tmp_path / "f-bf16", dtype="bf16")
+    assert result["merged"] and result["dtype"] == "bf16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "f-bf16").dtype == torch.bfloat16
+    assert "library_name: transformers" in (tmp_path / "f-bf16" / "README.md").read_text()
