@@ -153,6 +153,8 @@ def train_unpaired(cfg) -> dict:
         raise ValueError(f"--resume is not supported for --loss {cfg.loss[0]} yet")
     if cfg.cache is None:
         raise ValueError(f"--loss {cfg.loss[0]} needs an unpaired reference cache (prefcache precompute --unpaired)")
+    if UNPAIRED[cfg.loss[0]][1] and cfg.batch_size < 2:  # TRL refuses it too: z would be the example's own reward
+        raise ValueError("kto estimates its KL term over the micro-batch: --batch-size must be at least 2")
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     if (out / "checkpoints").exists() or (out / "logs").exists():

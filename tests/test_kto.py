@@ -121,3 +121,10 @@ def test_kto_training_run_from_paired_data(tmp_path, tiny_model):
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["result"]["steps"] == 2 and info["train_examples"] == 12 and info["eval_examples"] == 4
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "adapter_model.safetensors").exists()
+
+
+def test_kto_refuses_a_micro_batch_of_one(tmp_path):
+    from prefcache.trainer import train
+
+    with pytest.raises(ValueError, match="batch-size must be at least 2"):
+        train(data="d.jsonl", cache=str(tmp_path), out=str(tmp_path / "run"), loss="kto", batch_size=1)
