@@ -36,6 +36,8 @@ class PrecomputeConfig:
     per_token: also store per-token log-prob lists.
     shard_size: pairs per Parquet shard; a crash loses at most one shard of work.
     chunk_size: completion positions projected through the output head at once.
+    prefix_sharing: one packed row per prompt, its completions after it under a block mask (the prompt is
+        computed once); off = two sequences per pair. Models that cannot take the mask fall back (said once).
     """
 
     data: str
@@ -52,6 +54,7 @@ class PrecomputeConfig:
     shard_size: int = 1024
     chunk_size: int = 2048
     progress: bool = True
+    prefix_sharing: bool = True
 
     def __post_init__(self):
         _choice("quantize", self.quantize, QUANTIZATIONS)

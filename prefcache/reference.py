@@ -66,6 +66,7 @@ def cache_metadata(config: PrecomputeConfig, source, tokenizer, quantize: str, d
         "quantization": quantize,
         "dtype": dtype,
         "per_token": config.per_token,
+        "prefix_sharing": config.prefix_sharing,  # packed rows: each prompt computed once (prefcache.packing)
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "world_size": world_size,
         # Informational (not compared on extend): 4-bit values depend on the bitsandbytes build and kernel.
@@ -187,9 +188,12 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
 
     out = Path(config.out)
     if out.exists() and shard_paths(out):
-        if diff := differences(read_metadata(out), meta):
+        have = read_metadata(out)
+        if diff := differences(have, meta):
             raise CacheError(f"{out} holds a cache made with other settings; refusing to extend it:\n  "
                              + "\n  ".join(diff) + "\nUse a new --out directory, or the original settings.")
+        # An extension keeps the path the cache was made with (the values agree to float rounding either way).
+        meta["prefix_sharing"] = bool(have.get("prefix_sharing", False))
 
     pairs, bad_rows, _ = load_dataset_pairs(config.data, tokenizer, config.max_length, config.truncation,
                                             config.on_bad_row)
@@ -207,6 +211,9 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     scored_pairs = scored_tokens = 0
     if pending:
         model, _ = load_model(source, quantize=quantize, device=device, adapter=config.adapter)
+        from .packing import resolve_sharing, score_shared
+
+        sharing = meta["prefix_sharing"] = resolve_sharing(model, meta["prefix_sharing"])
         writer = CacheWriter(out, meta, rank=rank)
         if rank == 0:
             writer.write_manifest()
@@ -233,9 +240,15 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
                 bar.set_postfix_str(f"{scored_tokens / elapsed:,.0f} tok/s", refresh=False)
                 bar.update(start + int(seqs_done / n_keys * n_pairs) - bar.n)
 
-            logps = score_sequences(model, [(list(k), unique[k]) for k in keys], batch_size=2 * config.batch_size,
-                                    pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
-                                    on_batch=progress)
+            sequences = [(list(k), unique[k]) for k in keys]
+            if sharing:  # a prompt once per packed row, for all of its unique completions in the shard
+                logps = score_shared(model, sequences, batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
+                                     chunk_size=config.chunk_size, device=device, max_row=2 * config.max_length,
+                                     on_batch=progress)
+            else:
+                logps = score_sequences(model, sequences, batch_size=2 * config.batch_size,
+                                        pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
+                                        on_batch=progress)
             writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
             scored_pairs += len(shard)
             bar.update(s + len(shard) - bar.n)
