@@ -97,6 +97,11 @@ class TrainConfig:
     eval_fraction: hold out that share of the training ids instead (chosen by id hash, not row order).
     save_every / eval_every / log_every: in optimizer steps (eval also runs before the first step and at
     the end). flush_every: logged steps buffered before a new log part file is written.
+    gradient_checkpointing: recompute each decoder layer in backward (on by default: the memory-lean choice).
+    prefix_sharing: one packed ``[prompt | chosen | rejected]`` row per pair, the prompt computed (and its
+    gradient taken) once; None = the cache's path (``prefix_sharing`` in its metadata), so the step-0 rewards
+    are 0; a different choice is allowed, with a warning (values agree to ~1e-5 per sequence, not bit-exactly).
+    group_by_length: batches of similar length (seeded mega-batches sorted by length), less padding.
     """
 
     data: str
@@ -127,7 +132,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # the lean default: ~half the activation memory for ~30% more time
     bf16: bool = True  # bf16 autocast when training on a GPU; ignored on CPU
     max_length: int | None = None
     truncation: str | None = None
@@ -145,6 +150,8 @@ class TrainConfig:
     device: str = "auto"
     chunk_size: int = 1024
     progress: bool = True
+    prefix_sharing: bool | None = None  # None: as the cache was made (no cache: on)
+    group_by_length: bool = True
 
     def __post_init__(self):
         from .losses import LOSSES  # the registry decides which names exist and which need a reference

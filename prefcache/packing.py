@@ -204,3 +204,17 @@ def score_shared(model, sequences: list[tuple[list[int], int]], *, batch_size: i
             if on_batch:
                 on_batch(sum(len(cs) for _, cs in batch), packed.n_tokens)
     return [found[tuple(ids)] for ids, _ in sequences]
+
+
+def training_sharing(wanted: bool | None, cache_meta: dict | None, model) -> bool:
+    """Whether training packs pairs: ``wanted``, or None = as the reference cache was made (no cache: yes),
+    unless the model cannot take the mask. A path other than the cache's is allowed, with a warning: the
+    two agree to float rounding, so the step-0 rewards are ~0 rather than exactly 0."""
+    cached = None if cache_meta is None else bool(cache_meta.get("prefix_sharing", False))
+    use = resolve_sharing(model, (True if cached is None else cached) if wanted is None else wanted)
+    if cached is not None and use != cached:
+        say = lambda on: "with" if on else "without"  # noqa: E731
+        log.warning("the reference cache was made %s prefix sharing, training runs %s it: policy and reference "
+                    "log-probs then agree to float rounding (~1e-5 nats per sequence), not exactly",
+                    say(cached), say(use))
+    return use

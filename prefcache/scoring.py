@@ -26,6 +26,7 @@ class PairLogps:
     chosen_tokens: torch.Tensor  # completion token counts, float
     rejected_tokens: torch.Tensor
     n_tokens: int  # real (non-pad) tokens processed, prompt included: for tokens/s
+    n_positions: int = 0  # token positions in the batch's tensors, padding included: padding share
 
 
 def pair_tensors(pairs, pad_id: int):
@@ -56,7 +57,7 @@ def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEF
         packed = pack([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], pad_id).to(device)
         token = packed_token_logprobs(lm, packed, chunk_size=chunk_size, module=module)  # [B, T]
         sides = [(token, packed.segments == 1), (token, packed.segments == 2)]
-        n_tokens = packed.n_tokens
+        n_tokens, n_positions = packed.n_tokens, packed.input_ids.numel()
     else:
         input_ids, attention, completion = (t.to(device) for t in pair_tensors(pairs, pad_id))
         if module is not None:
@@ -65,7 +66,7 @@ def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEF
             token = token_logprobs(model, input_ids, attention, completion, chunk_size=chunk_size)  # [2B, T]
         completion = completion.bool() & attention.bool()
         sides = [(token[:b], completion[:b]), (token[b:], completion[b:])]
-        n_tokens = int(attention.sum())
+        n_tokens, n_positions = int(attention.sum()), attention.numel()
     counts = [mask.long().sum(-1) for _, mask in sides]  # [B] each
     shared = torch.minimum(*counts)  # LD-DPO's public length, per pair
     totals, prefixes = [], []
@@ -74,7 +75,8 @@ def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEF
         rank = mask.long().cumsum(-1) * mask
         prefixes.append((tok * ((rank > 0) & (rank <= shared[:, None]))).sum(-1))
         totals.append((tok * mask).sum(-1))
-    return PairLogps(totals[0], totals[1], prefixes[0], prefixes[1], counts[0].float(), counts[1].float(), n_tokens)
+    return PairLogps(totals[0], totals[1], prefixes[0], prefixes[1], counts[0].float(), counts[1].float(), n_tokens,
+                     n_positions)
 
 
 class ReferenceTable:
