@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from .formats import DataFormatError, load_rows
 
@@ -347,11 +346,10 @@ def load_dataset_pairs(path: str | os.PathLike, tokenizer, max_length: int, trun
 
 def write_bad_rows(path: str | os.PathLike, bad_rows: list[BadRow]) -> None:
     """One JSON object per bad row: ``{"row", "id", "problem"}``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for b in bad_rows:
-            f.write(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}, ensure_ascii=False) + "\n")
+    from .atomic import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}, ensure_ascii=False)
+                                    + "\n" for b in bad_rows))
 
 
 def collate(seqs: list[list[int]], completion_starts: list[int], pad_id: int):

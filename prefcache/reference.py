@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
+from .atomic import WriteError
 from .cache import (
     SCHEMA_VERSION,
     CacheError,
@@ -26,6 +27,7 @@ from .cache import (
     verify,
 )
 from .config import PrecomputeConfig
+from .locking import directory_lock
 
 
 def dist_info() -> tuple[int, int]:
@@ -162,6 +164,12 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     Returns a summary dict: pairs cached before and now, pairs scored, bad rows, seconds, pairs/s, tokens/s.
     """
     config = config or PrecomputeConfig(**options)
+    # One writer per cache (per rank under torchrun): a second pass is refused, naming the holder.
+    with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
+        return _precompute(config)
+
+
+def _precompute(config: PrecomputeConfig) -> dict:
     from tqdm.auto import tqdm
 
     from .data import load_dataset_pairs, write_bad_rows
@@ -249,7 +257,11 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
                 logps = score_sequences(model, sequences, batch_size=2 * config.batch_size,
                                         pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
                                         on_batch=progress)
-            writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
+            try:
+                writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
+            except WriteError as e:  # disk full, file-size limit, read-only: the shards written stay whole
+                raise WriteError(e.errno, f"{e}; the {scored_pairs} pairs of this pass already in {out} are kept: "
+                                          "free space and rerun the same command to finish the cache") from e
             scored_pairs += len(shard)
             bar.update(s + len(shard) - bar.n)
         bar.close()

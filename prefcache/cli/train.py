@@ -22,8 +22,9 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="cDPO / robust / exo label noise ε.")
 @click.option("--ld-alpha", type=float, default=None, help="LD-DPO: weight of the tokens past the shorter completion.")
 @click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="SimPO target reward margin.")
-@click.option("--finetune", type=click.Choice(FINETUNES), default="lora", show_default=True,
-              help="lora: LoRA on all linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
+@click.option("--finetune", type=click.Choice(FINETUNES), default="auto", show_default=True,
+              help="auto: the policy that made the cache (qlora on a 4-bit cache, else lora); lora: LoRA on all "
+                   "linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
 @click.option("--lora-r", type=int, default=16, show_default=True)
 @click.option("--lora-alpha", type=float, default=None, help="[default: 2 x lora-r]")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
