@@ -38,10 +38,12 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .columns import RowMapping, check_cache_mapping
 from .config import TrainConfig
 from .guards import STEP0_MARGIN_TOLERANCE, check_reference_values, check_step, resolve_finetune
 from .locking import directory_lock
 from .losses import LossInputs, combined_loss
+from .runconfig import write_config
 from .rundir import check_run_dir
 from .schedule import make_scheduler
 from .scoring import (
@@ -91,26 +93,31 @@ def _train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
 
     # 1. Tokenizer, reference cache and data: everything is checked before a model is loaded.
-    source = resolve_model(cfg.model)
+    source = resolve_model(cfg.model, cfg.revision)
+    mapping = RowMapping.of(cfg)
     tokenizer = load_tokenizer(source)
     reference = ReferenceTable.from_cache(cfg.cache) if cfg.cache else None
     max_length = cfg.max_length or (reference.metadata["max_length"] if reference else 1024)
     truncation = cfg.truncation or (reference.metadata["truncation"] if reference else "keep_start")
     if reference:
         check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
+        check_cache_mapping(reference.metadata, mapping, cfg.cache)
     finetune, mismatch = resolve_finetune(cfg.finetune, reference.metadata if reference else None, device)
     if finetune != cfg.finetune:  # run.json and checkpoints record the policy actually trained
         cfg = replace(cfg, finetune=finetune)
     if mismatch and main:
         print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
-    pairs, bad_rows, examples = load_dataset_pairs(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row)
+    data_options = {"data_config": cfg.data_config, "mapping": mapping}
+    pairs, bad_rows, examples = load_dataset_pairs(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row,
+                                                   split=cfg.split, **data_options)
     eval_pairs, eval_reference, eval_examples = [], reference, []
     if cfg.eval_data:
         eval_reference = ReferenceTable.from_cache(cfg.eval_cache) if cfg.eval_cache else reference
         if eval_reference is not reference:
             check_cache_matches(eval_reference.metadata, tokenizer, max_length, truncation)
+            check_cache_mapping(eval_reference.metadata, mapping, cfg.eval_cache)
         eval_pairs, _, eval_examples = load_dataset_pairs(cfg.eval_data, tokenizer, max_length, truncation,
-                                                          cfg.on_bad_row)
+                                                          cfg.on_bad_row, split=cfg.eval_split, **data_options)
     elif cfg.eval_fraction:
         held = held_out_ids([p.id for p in pairs], cfg.eval_fraction)
         eval_pairs = [p for p in pairs if p.id in held]
@@ -188,6 +195,7 @@ def _train(cfg: TrainConfig) -> dict:
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if main:
         write_json_atomic(run_info, out / "run.json")
+        write_config(cfg, out / "config.yaml")  # `prefcache train --config RUN/config.yaml` runs it again
 
     loss_options = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma,
                     "discopop_tau": cfg.discopop_tau, "ld_alpha": cfg.ld_alpha}
