@@ -124,16 +124,20 @@ def aggregate_unpaired(cols: dict[str, list]) -> dict[str, float | None]:
 
 def train_unpaired(cfg) -> dict:
     """``prefcache train --loss kto`` (or apo_zero_unpaired): see the module docstring."""
+    from dataclasses import replace
+
     import pyarrow as pa
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     from . import __version__
     from .checkpoint import checkpoint_dir, save_checkpoint
+    from .guards import resolve_finetune
     from .logprobs import LogProbModule
     from .models import load_tokenizer, resolve_device, resolve_model
     from .policy import load_policy
     from .reference import dist_info
+    from .runconfig import write_config
+    from .schedule import make_scheduler
     from .scoring import check_cache_matches
     from .trackers import Trackers
     from .trainer import epoch_order, held_out_ids, make_optimizer
@@ -165,6 +169,7 @@ def train_unpaired(cfg) -> dict:
     max_length = cfg.max_length or reference.metadata["max_length"]
     truncation = cfg.truncation or reference.metadata["truncation"]
     check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
+    cfg = replace(cfg, finetune=resolve_finetune(cfg.finetune, reference.metadata, device)[0])
     items, bad_rows, examples = load_unpaired(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row, unpair=True)
     eval_items, eval_reference, eval_examples = [], reference, []
     if cfg.eval_data:
@@ -207,13 +212,14 @@ def train_unpaired(cfg) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = make_scheduler(optimizer, cfg.scheduler, warmup=warmup, total=total_steps, peak_lr=cfg.lr)
     run_info = {"config": asdict(cfg), "prefcache_version": __version__, "world_size": 1, "max_length": max_length,
                 "truncation": truncation, "policy": policy_info, "cache": reference.metadata,
                 "train_pairs": len(items), "train_examples": len(items), "eval_examples": len(eval_items),
                 "bad_rows": len(bad_rows), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                 "warmup_steps": warmup, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_json_atomic(run_info, out / "run.json")
+    write_config(cfg, out / "config.yaml")
     trackers = Trackers(cfg.report_to, out, run_info)
     pad_id = tokenizer.pad_token_id
     common = {"pad_id": pad_id, "device": device, "max_length": max_length, "truncation": truncation}

@@ -219,7 +219,7 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
     quantize = resolve_quantization(config.quantize, device)
     tokenizer = load_tokenizer(source)
     meta = cache_metadata(config, source, tokenizer, quantize, str(compute_dtype(quantize, device)).replace("torch.", ""), 1)
-    meta.update(kind="unpaired", kl_group_size=kl_group_size)
+    meta.update(kind="unpaired", kl_group_size=kl_group_size, prefix_sharing=False)  # one sequence per completion
     out = Path(config.out)
     if out.exists() and shard_paths(out) and (diff := differences(read_metadata(out), meta)):
         raise CacheError(f"{out} holds a cache made with other settings; refusing to extend it:\n  " + "\n  ".join(diff))

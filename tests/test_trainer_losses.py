@@ -98,3 +98,19 @@ def test_cli_has_every_loss_option():
         TrainConfig(data="d", out="o", cache="c", loss="nca_pair", f_divergence="forward_kl")
     with pytest.raises(ValueError, match="sort the batch"):
         TrainConfig(data="d", out="o", cache="c", loss="aot", use_weighting=True)
+
+
+def test_wpo_values_are_the_same_with_prefix_sharing(setup, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from prefcache.data import load_dataset_pairs
+    from prefcache.scoring import pair_logps
+
+    model = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
+    pairs, _, _ = load_dataset_pairs(str(setup["data"]), tokenizer, 48, "keep_start")
+    with torch.no_grad():
+        two = pair_logps(model, pairs, pad_id=tokenizer.pad_token_id, wpo=True, prefix_sharing=False)
+        packed = pair_logps(model, pairs, pad_id=tokenizer.pad_token_id, wpo=True, prefix_sharing=True)
+    assert packed.n_positions < two.n_positions  # the packed path really ran
+    torch.testing.assert_close(packed.chosen_wpo, two.chosen_wpo, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.rejected_wpo, two.rejected_wpo, atol=1e-5, rtol=0)

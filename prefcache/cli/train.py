@@ -6,16 +6,20 @@ import os
 
 import click
 
+from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.cli.precompute import run_api
 from prefcache.config import BAD_ROW_POLICIES, F_DIVERGENCES, FINETUNES, OPTIMIZERS, SCHEDULERS, TRUNCATIONS
 
 
 @click.command("train")
-@click.option("--data", required=True, help="Training preference data (.jsonl/.json/.parquet/.csv or a datasets folder).")
+@config_option
+@click.option("--data", required=True, help="Training preference data (.jsonl/.json/.parquet/.csv, a datasets folder or a Hub dataset id).")
+@data_options(eval_split=True)
 @click.option("--cache", default=None, help="Reference cache from `prefcache precompute` (not needed for the reference-free losses orpo, simpo, sft).")
 @click.option("--out", required=True, help="Run directory: logs/, checkpoints/, pairs.parquet, run.json.")
-@click.option("--model", default=None, help="Policy's starting weights: HF folder or .gguf [default: embedded SmolLM2-135M-Instruct].")
-@click.option("--adapter", default=None, help="Starting PEFT adapter (e.g. your SFT LoRA), trained further.")
+@click.option("--model", default=None, help="Policy's starting weights: HF folder, .gguf or Hub id [default: embedded SmolLM2-135M-Instruct].")
+@revision_option
+@click.option("--adapter", default=None, help="Starting PEFT adapter, folder or Hub id (e.g. your SFT LoRA), trained further.")
 @click.option("--loss", default="sigmoid", show_default=True, help="Loss name(s), comma-separated: sigmoid, ipo, simpo, sigmoid,sft ...; kto or apo_zero_unpaired alone, with an unpaired cache.")
 @click.option("--loss-weights", default=None, help="Weights of the losses, comma-separated [default: 1 each].")
 @click.option("--beta", type=float, default=0.1, show_default=True)
@@ -24,14 +28,15 @@ from prefcache.config import BAD_ROW_POLICIES, F_DIVERGENCES, FINETUNES, OPTIMIZ
 @click.option("--desirable-weight", type=float, default=1.0, show_default=True, help="kto: weight of desirable examples.")
 @click.option("--undesirable-weight", type=float, default=1.0, show_default=True, help="kto: weight of undesirable examples.")
 @click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="SimPO target reward margin.")
-@click.option("--discopop-tau", type=float, default=0.05, show_default=True, help="DiscoPOP temperature τ.")
+@click.option("--discopop-tau", type=float, default=0.05, show_default=True, help="DiscoPOP temperature.")
 @click.option("--use-weighting", is_flag=True,
               help="WPO: weight each pair by the policy's own per-token probability of both completions (arXiv:2406.11827).")
 @click.option("--f-divergence", type=click.Choice(F_DIVERGENCES), default="reverse_kl", show_default=True,
               help="f-DPO divergence (arXiv:2309.16240); reverse_kl is DPO.")
 @click.option("--f-alpha", type=float, default=0.5, show_default=True, help="α of --f-divergence alpha_divergence.")
-@click.option("--finetune", type=click.Choice(FINETUNES), default="lora", show_default=True,
-              help="lora: LoRA on all linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
+@click.option("--finetune", type=click.Choice(FINETUNES), default="auto", show_default=True,
+              help="auto: the policy that made the cache (qlora on a 4-bit cache, else lora); lora: LoRA on all "
+                   "linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
 @click.option("--lora-r", type=int, default=16, show_default=True)
 @click.option("--lora-alpha", type=float, default=None, help="[default: 2 x lora-r]")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
@@ -48,7 +53,9 @@ from prefcache.config import BAD_ROW_POLICIES, F_DIVERGENCES, FINETUNES, OPTIMIZ
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip gradients to this norm (0: no clipping).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
               help="adamw8bit / paged_adamw8bit: bitsandbytes' 8-bit optimizer states.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory, ~30% slower).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
+              help="Recompute each layer's activations in backward: the lean default (SmolLM2-135M, batch 4: "
+                   "~half the peak memory) for ~30% more time per step; --no-gradient-checkpointing for speed.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast on GPU (ignored on CPU).")
 @click.option("--max-length", type=int, default=None, help="Tokens per prompt+completion [default: the cache's].")
 @click.option("--truncation", type=click.Choice(TRUNCATIONS), default=None, help="[default: the cache's]")
@@ -65,6 +72,11 @@ from prefcache.config import BAD_ROW_POLICIES, F_DIVERGENCES, FINETUNES, OPTIMIZ
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--chunk-size", type=int, default=1024, show_default=True, help="Completion positions per output-head chunk.")
 @click.option("--flush-every", type=int, default=50, show_default=True, help="Logged steps buffered per new log file.")
+@click.option("--prefix-sharing/--no-prefix-sharing", default=None,
+              help="One packed [prompt | chosen | rejected] row per pair, the prompt computed once [default: as "
+                   "the cache was made, so step-0 rewards are exactly 0; no cache: on].")
+@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
+              help="Batches of pairs of similar length (seeded, resumable): less padding.")
 @click.option("--report-to", default="none", show_default=True,
               help="Experiment trackers besides the Parquet logs, comma-separated: none, tensorboard, wandb, trackio "
                    "(optional extras; TensorBoard events go to OUT/tensorboard, WANDB_MODE=offline works).")
@@ -82,6 +94,7 @@ def train_cmd(no_progress, max_grad_norm, **options):
       prefcache precompute --data prefs.jsonl --out ref-cache
       prefcache train --data prefs.jsonl --cache ref-cache --out run1 --max-steps 200 --save-every 50
       prefcache train --data prefs.jsonl --cache ref-cache --out run1 --max-steps 200 --resume
+      prefcache train --config run1/config.yaml --out run1-again   (run1's options, one changed)
     Reference-free, no cache:  prefcache train --data prefs.jsonl --out run2 --loss simpo --beta 2
     Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
     """
