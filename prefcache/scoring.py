@@ -104,7 +104,11 @@ class ReferenceTable:
 
     @classmethod
     def from_cache(cls, cache_dir: str | os.PathLike) -> ReferenceTable:
-        return cls(read_cache(cache_dir, columns=["id", *cls.COLUMNS]), read_metadata(cache_dir), str(cache_dir))
+        meta = read_metadata(cache_dir)
+        if meta.get("kind") == "unpaired":
+            raise CacheError(f"{cache_dir} is an unpaired (KTO) cache: pair losses need a cache of pairs "
+                             "(prefcache precompute without --unpaired); kto and apo_zero_unpaired use this one")
+        return cls(read_cache(cache_dir, columns=["id", *cls.COLUMNS]), meta, str(cache_dir))
 
     def missing(self, ids) -> list[str]:
         return [i for i in ids if i not in self.index]

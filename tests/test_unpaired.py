@@ -112,6 +112,9 @@ def test_unpaired_cache_holds_each_completion_and_its_kl_completion(tmp_path, ti
     with pytest.raises(CacheError, match="other settings"):
         precompute(data=str(data), out=str(tmp_path / "pcache"), model=str(tiny_model), max_length=48,
                    quantize="fp32", unpaired=True, progress=False)
+    with pytest.raises(CacheError, match="is an unpaired"):  # and the other way round
+        train(data=str(pairs_data), cache=str(tmp_path / "cache"), model=str(tiny_model), out=str(tmp_path / "r2"),
+              max_steps=1, progress=False)
     with pytest.raises(CacheError, match="cache of pairs"):
         train(data=str(data), cache=str(tmp_path / "pcache"), model=str(tiny_model), out=str(tmp_path / "r"),
               loss="kto", max_steps=1, progress=False)
