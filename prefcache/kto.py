@@ -11,8 +11,9 @@ see :mod:`prefcache.unpaired`), without gradient. At step 0 (policy = reference)
 example's kto loss is 0.5 at unit weights.
 
 The training loop is the pair trainer's (:mod:`prefcache.trainer`) in miniature, kept apart so that the
-pair path stays as it is: one process (no torchrun yet), no ``--resume`` yet; LoRA / QLoRA / full,
-gradient accumulation, schedules, eval, checkpoints, Parquet logs and trackers as for pairs. Logged:
+pair path stays as it is: one process (no torchrun yet); LoRA / QLoRA / full, gradient accumulation,
+schedules, eval, checkpoints and ``--resume`` (the same weights as a run never stopped), Parquet logs and
+trackers as for pairs; batches are random (no length grouping). Logged:
 rewards_chosen = mean β Δ over desirable examples, rewards_rejected = over undesirable ones, their
 difference as rewards_margins (TRL's rewards/margins), logps likewise, and kl (z); no accuracies.
 """
@@ -130,7 +131,15 @@ def train_unpaired(cfg) -> dict:
     from tqdm.auto import tqdm
 
     from . import __version__
-    from .checkpoint import checkpoint_dir, save_checkpoint
+    from .checkpoint import (
+        checkpoint_dir,
+        clean_temporaries,
+        latest_checkpoint,
+        load_trainer_state,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
     from .guards import resolve_finetune
     from .logprobs import LogProbModule
     from .models import load_tokenizer, resolve_device, resolve_model
@@ -140,7 +149,7 @@ def train_unpaired(cfg) -> dict:
     from .schedule import make_scheduler
     from .scoring import check_cache_matches
     from .trackers import Trackers
-    from .trainer import epoch_order, held_out_ids, make_optimizer
+    from .trainer import check_resumable, epoch_order, held_out_ids, make_optimizer
     from .trainlog import (
         EXAMPLE_SCHEMA,
         PAIRS_SCHEMA,
@@ -153,16 +162,12 @@ def train_unpaired(cfg) -> dict:
 
     if dist_info()[1] > 1:
         raise ValueError(f"--loss {cfg.loss[0]} runs in one process for now (no torchrun)")
-    if cfg.resume:
-        raise ValueError(f"--resume is not supported for --loss {cfg.loss[0]} yet")
     if cfg.cache is None:
         raise ValueError(f"--loss {cfg.loss[0]} needs an unpaired reference cache (prefcache precompute --unpaired)")
     if UNPAIRED[cfg.loss[0]][1] and cfg.batch_size < 2:  # TRL refuses it too: z would be the example's own reward
         raise ValueError("kto estimates its KL term over the micro-batch: --batch-size must be at least 2")
     device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    if (out / "checkpoints").exists() or (out / "logs").exists():
-        raise ValueError(f"{out} already holds a run: choose a new --out")
+    out = Path(cfg.out)  # prefcache.trainer.train checked it: a new run, or a resume of one
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source)
     reference = UnpairedReference.from_cache(cfg.cache)
@@ -192,7 +197,13 @@ def train_unpaired(cfg) -> dict:
 
     steps_per_epoch = math.ceil(len(items) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    state = load_trainer_state(ckpt) if ckpt else None
+    if state:  # the data order is random here (no length grouping), a function of (seed, epoch)
+        check_resumable(state, world=1, n_train=len(items), cfg=replace(cfg, group_by_length=False))
     log = RunLog(out)
+    clean_temporaries(out)
+    log.truncate(state["step"] if state else -1)  # rows after the checkpoint are logged again below
     texts = {c: [] for c in PAIRS_SCHEMA.names}
     for e in examples + eval_examples:
         for c, v in (("id", e.id), ("prompt", e.prompt), ("chosen", e.completion if e.label else None),
@@ -205,7 +216,9 @@ def train_unpaired(cfg) -> dict:
         write_bad_rows(out / "bad_rows.jsonl", bad_rows)
 
     torch.manual_seed(cfg.seed)
-    policy, policy_info = load_policy(source, finetune=cfg.finetune, device=device, adapter=cfg.adapter,
+    full_ckpt = ckpt and cfg.finetune == "full"
+    policy, policy_info = load_policy(resolve_model(str(ckpt)) if full_ckpt else source, finetune=cfg.finetune,
+                                      device=device, adapter=None if full_ckpt else (ckpt or cfg.adapter),
                                       lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                       lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
     module = LogProbModule(policy, chunk_size=cfg.chunk_size)
@@ -213,18 +226,26 @@ def train_unpaired(cfg) -> dict:
     optimizer = make_optimizer(cfg, params)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = make_scheduler(optimizer, cfg.scheduler, warmup=warmup, total=total_steps, peak_lr=cfg.lr)
+    step, elapsed_before, last_eval_step = 0, 0.0, None
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler = make_scheduler(optimizer, cfg.scheduler, warmup=warmup, total=total_steps, peak_lr=cfg.lr,
+                                   done=state["step"])
+        set_rng_state(state["rng"][0])
+        step, elapsed_before, last_eval_step = state["step"], state["elapsed_s"], state["last_eval_step"]
     run_info = {"config": asdict(cfg), "prefcache_version": __version__, "world_size": 1, "max_length": max_length,
                 "truncation": truncation, "policy": policy_info, "cache": reference.metadata,
                 "train_pairs": len(items), "train_examples": len(items), "eval_examples": len(eval_items),
                 "bad_rows": len(bad_rows), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                "warmup_steps": warmup, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "warmup_steps": warmup, "resumed_from": str(ckpt) if ckpt else None,
+                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_json_atomic(run_info, out / "run.json")
     write_config(cfg, out / "config.yaml")
-    trackers = Trackers(cfg.report_to, out, run_info)
+    trackers = Trackers(cfg.report_to, out, run_info, state["step"] if state else None)
     pad_id = tokenizer.pad_token_id
     common = {"pad_id": pad_id, "device": device, "max_length": max_length, "truncation": truncation}
-    t_start = time.perf_counter()
-    last_train, last_eval = {}, {}
+    t_start = time.perf_counter() - elapsed_before
+    last_train, last_eval, last_saved = {}, {}, (step if state else None)
 
     def log_step(split, at_step, cols, loss, kl, extra=None):
         row = aggregate_unpaired(cols) | {"loss": loss, "kl": kl, "step": at_step, "epoch": at_step / steps_per_epoch,
@@ -236,7 +257,7 @@ def train_unpaired(cfg) -> dict:
         return row
 
     def run_eval(at_step):
-        nonlocal last_eval
+        nonlocal last_eval, last_eval_step
         batch_size = cfg.eval_batch_size or cfg.batch_size
         policy.eval()
         parts = []
@@ -249,11 +270,24 @@ def train_unpaired(cfg) -> dict:
         n = sum(p[0] for p in parts)
         last_eval = log_step("eval", at_step, cols, sum(p[0] * float(p[1]) for p in parts) / n,
                              sum(p[0] * p[3] for p in parts) / n)
+        last_eval_step = at_step
 
-    if eval_items:
+    def save(at_step):
+        log.flush()  # the logs up to this step are on disk before the checkpoint that vouches for them
+        trainer_state = {"version": 1, "step": at_step, "epoch": at_step / steps_per_epoch,
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": [rng_state()],
+                         "bco": (0.0, 0), "elapsed_s": time.perf_counter() - t_start, "world_size": 1,
+                         "n_train": len(items), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                         "seed": cfg.seed, "group_by_length": False, "last_eval_step": last_eval_step}
+        info = {"step": at_step, "epoch": at_step / steps_per_epoch, "base_model": policy_info["model_name"],
+                "model": cfg.model, "finetune": cfg.finetune, "max_length": max_length, "truncation": truncation,
+                "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache, "prefcache_version": __version__}
+        save_checkpoint(out, at_step, policy, tokenizer, trainer_state, info)
+
+    if eval_items and step == 0:
         run_eval(0)
-    bar = tqdm(total=total_steps, desc=f"train {cfg.loss[0]}", unit="step", disable=not cfg.progress)
-    step, order, order_epoch = 0, None, None
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss[0]}", unit="step", disable=not cfg.progress)
+    order, order_epoch = None, None
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if order_epoch != epoch:
@@ -283,22 +317,20 @@ def train_unpaired(cfg) -> dict:
         if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
             run_eval(step)
         if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-            log.flush()
-            state = {"version": 1, "step": step, "epoch": step / steps_per_epoch, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "world_size": 1, "n_train": len(items),
-                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed}
-            info = {"step": step, "epoch": step / steps_per_epoch, "base_model": policy_info["model_name"],
-                    "model": cfg.model, "finetune": cfg.finetune, "max_length": max_length, "truncation": truncation,
-                    "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache, "prefcache_version": __version__}
-            save_checkpoint(out, step, policy, tokenizer, state, info)
+            save(step)
+            last_saved = step
         if log.pending >= cfg.flush_every:
             log.flush()
     bar.close()
+    if eval_items and last_eval_step != step:
+        run_eval(step)
+    if last_saved != step:  # a resume of a finished run: make sure the final checkpoint exists
+        save(step)
     log.flush()
     trackers.close()
     strip = lambda row: {k: v for k, v in row.items() if k not in ("n", "split", "step", "epoch")}  # noqa: E731
     summary = {"run": str(out), "steps": step, "final_checkpoint": str(checkpoint_dir(out, step)),
                "train": strip(last_train), "eval": strip(last_eval) | {"n": last_eval["n"]} if last_eval else {},
-               "seconds": time.perf_counter() - t_start, "resumed_from": None}
+               "seconds": time.perf_counter() - t_start, "resumed_from": str(ckpt) if ckpt else None}
     write_json_atomic(run_info | {"result": summary}, out / "run.json")
     return summary

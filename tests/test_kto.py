@@ -128,3 +128,28 @@ def test_kto_refuses_a_micro_batch_of_one(tmp_path):
 
     with pytest.raises(ValueError, match="batch-size must be at least 2"):
         train(data="d.jsonl", cache=str(tmp_path), out=str(tmp_path / "run"), loss="kto", batch_size=1)
+
+
+def test_kto_resume_reaches_the_same_weights(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+
+    from prefcache.reference import precompute
+    from prefcache.trainer import train
+
+    torch.set_num_threads(1)
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8))
+    precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
+               unpaired=True, kl_group_size=4, progress=False)
+    common = {"data": str(data), "cache": str(tmp_path / "cache"), "model": str(tiny_model), "loss": "kto",
+              "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "save_every": 2, "lora_dropout": 0.1, "progress": False,
+              "scheduler": "constant"}  # a shorter first run must not change the schedule of its steps
+    train(out=str(tmp_path / "straight"), max_steps=4, **common)
+    train(out=str(tmp_path / "resumed"), max_steps=2, **common)
+    result = train(out=str(tmp_path / "resumed"), max_steps=4, resume=True, **common)
+    assert result["resumed_from"].endswith("step-000002") and result["steps"] == 4
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-000004" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000004" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [pl.read_parquet(f"{tmp_path}/{r}/logs/steps-*.parquet").sort("step") for r in ("straight", "resumed")]
+    assert steps[0]["step"].to_list() == steps[1]["step"].to_list() == [1, 2, 3, 4]  # no step logged twice
+    assert_close(t(steps[0]["loss"].to_list()), t(steps[1]["loss"].to_list()))
