@@ -158,12 +158,13 @@ def train_unpaired(cfg) -> dict:
         write_json_atomic,
         write_table_atomic,
     )
-    from .unpaired import UnpairedReference, load_unpaired
+    from .unpaired import UnpairedReference, check_no_mapping, load_unpaired
 
     if dist_info()[1] > 1:
         raise ValueError(f"--loss {cfg.loss[0]} runs in one process for now (no torchrun)")
     if cfg.cache is None:
         raise ValueError(f"--loss {cfg.loss[0]} needs an unpaired reference cache (prefcache precompute --unpaired)")
+    check_no_mapping(cfg)
     if UNPAIRED[cfg.loss[0]][1] and cfg.batch_size < 2:  # TRL refuses it too: z would be the example's own reward
         raise ValueError("kto estimates its KL term over the micro-batch: --batch-size must be at least 2")
     device = resolve_device(cfg.device)
@@ -175,12 +176,13 @@ def train_unpaired(cfg) -> dict:
     truncation = cfg.truncation or reference.metadata["truncation"]
     check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
     cfg = replace(cfg, finetune=resolve_finetune(cfg.finetune, reference.metadata, device)[0])
-    items, bad_rows, examples = load_unpaired(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row, unpair=True)
+    items, bad_rows, examples = load_unpaired(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row, unpair=True,
+                                              split=cfg.split, data_config=cfg.data_config)
     eval_items, eval_reference, eval_examples = [], reference, []
     if cfg.eval_data:
         eval_reference = UnpairedReference.from_cache(cfg.eval_cache) if cfg.eval_cache else reference
         eval_items, _, eval_examples = load_unpaired(cfg.eval_data, tokenizer, max_length, truncation, cfg.on_bad_row,
-                                                     unpair=True)
+                                                     unpair=True, split=cfg.eval_split, data_config=cfg.data_config)
     elif cfg.eval_fraction:
         held = held_out_ids([i.id for i in items], cfg.eval_fraction)
         eval_items = [i for i in items if i.id in held]

@@ -138,9 +138,11 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, max_length: in
 
 
 def load_unpaired(path: str | os.PathLike, tokenizer, max_length: int, truncation: str = "keep_start",
-                  on_bad_row: str = "fail", *, unpair: bool = False):
-    """Load, validate and tokenise unpaired data. Returns (items, bad rows, examples), aligned one to one."""
-    rows = load_rows(path)
+                  on_bad_row: str = "fail", *, unpair: bool = False, split: str | None = None,
+                  data_config: str | None = None):
+    """Load, validate and tokenise unpaired data (a file, a datasets folder or a Hub dataset: ``split``,
+    ``data_config`` as for pairs). Returns (items, bad rows, examples), aligned one to one."""
+    rows = load_rows(path, split, data_config)
     examples, bad = prepare_unpaired(rows, tokenizer, "skip", unpair)
     items, bad_tokens = tokenize_unpaired(examples, tokenizer, max_length, truncation, "skip")
     bad = sorted(bad + bad_tokens, key=lambda b: b.row)
@@ -166,6 +168,15 @@ def kl_sequence(item: TokenizedCompletion, partner: TokenizedCompletion, max_len
     prompt, completion, _ = _truncate(item.prompt_ids, partner.completion_ids, partner.completion_ids, max_length,
                                       truncation)
     return prompt, completion
+
+
+def check_no_mapping(config) -> None:
+    """Column mappings and templates (``--columns``, ``--*-template``) are for pairs; refuse them here."""
+    from .columns import RowMapping
+
+    if RowMapping.of(config):
+        raise ValueError("--columns and the --*-template options are not supported for unpaired data yet: give "
+                         "the data prompt, completion and label columns")
 
 
 # ---- the cache ----
@@ -211,6 +222,7 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
 
     if config.per_token:
         raise ValueError("--per-token is not supported for unpaired caches")
+    check_no_mapping(config)
     if dist_info()[1] > 1:
         raise ValueError("unpaired precompute runs in one process (torchrun is not supported for it yet)")
     t0 = time.perf_counter()
@@ -225,7 +237,8 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
         raise CacheError(f"{out} holds a cache made with other settings; refusing to extend it:\n  " + "\n  ".join(diff))
 
     items, bad_rows, _ = load_unpaired(config.data, tokenizer, config.max_length, config.truncation,
-                                       config.on_bad_row, unpair=unpair)
+                                       config.on_bad_row, unpair=unpair, split=config.split,
+                                       data_config=config.data_config)
     if bad_rows:
         from .data import write_bad_rows
 

@@ -139,3 +139,12 @@ def test_inspect_and_verify_read_an_unpaired_cache(tmp_path, tiny_model):
     write_jsonl(tmp_path / "more.jsonl", unpaired_rows(7))
     result = runner.invoke(main, ["verify", str(tmp_path / "cache"), "--data", str(tmp_path / "more.jsonl")])
     assert result.exit_code != 0 and "1 of 7 ids" in result.output, result.output
+
+
+def test_column_mappings_are_refused_for_unpaired_data(tmp_path, tiny_model):
+    from prefcache.reference import precompute
+
+    data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(4))
+    with pytest.raises(ValueError, match="not supported for unpaired data"):
+        precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), unpaired=True,
+                   columns="prompt=question", progress=False)
