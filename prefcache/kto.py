@@ -11,8 +11,9 @@ see :mod:`prefcache.unpaired`), without gradient. At step 0 (policy = reference)
 example's kto loss is 0.5 at unit weights.
 
 The training loop is the pair trainer's (:mod:`prefcache.trainer`) in miniature, kept apart so that the
-pair path stays as it is: one process (no torchrun yet); LoRA / QLoRA / full, gradient accumulation,
-schedules, eval, checkpoints and ``--resume`` (the same weights as a run never stopped), Parquet logs and
+pair path stays as it is: torchrun (each rank every world_size-th example; the KL means averaged over
+ranks before the clamp, as TRL gathers them), LoRA / QLoRA / full, gradient accumulation, schedules, eval
+(on rank 0), checkpoints and ``--resume`` (the same weights as a run never stopped), Parquet logs and
 trackers as for pairs; batches are random (no length grouping). Logged:
 rewards_chosen = mean β Δ over desirable examples, rewards_rejected = over undesirable ones, their
 difference as rewards_margins (TRL's rewards/margins), logps likewise, and kl (z); no accuracies.
@@ -21,7 +22,9 @@ difference as rewards_margins (TRL's rewards/margins), logps likewise, and kl (z
 from __future__ import annotations
 
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,9 +41,11 @@ class UnpairedOutput(NamedTuple):
     rewards: Tensor  # [B], β Δ, detached
 
 
-def kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
-    """TRL's KTO reference point: max(0, mean(π(y'|x) - π_ref(y'|x))) over the batch, detached (scalar)."""
-    return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+def kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor, reduce=None) -> Tensor:
+    """TRL's KTO reference point: max(0, mean(π(y'|x) - π_ref(y'|x))) over the batch, detached (scalar).
+    ``reduce``: averages the per-process means before the clamp (TRL's gather, under torchrun)."""
+    mean = (policy_kl_logps - ref_kl_logps).mean().detach()
+    return (reduce(mean) if reduce else mean).clamp(min=0)
 
 
 def kto(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: Tensor | float, *, beta: float = 0.1,
@@ -79,8 +84,10 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], *, pad_id: in
     return token.sum(-1), int(attention.sum())
 
 
-def batch_loss(model, items, reference, by_id, cfg, *, pad_id, device, max_length, truncation):
-    """Loss, per-example columns and KL estimate of a batch of TokenizedCompletion."""
+def batch_loss(model, items, reference, by_id, cfg, *, pad_id, device, max_length, truncation, kl_model=None,
+               reduce=None):
+    """Loss, per-example columns and KL estimate of a batch of TokenizedCompletion. ``kl_model``: the model
+    for the no-gradient KL pass (the unwrapped one under DDP); ``reduce``: see :func:`kl_estimate`."""
     from .unpaired import kl_sequence
 
     fn, needs_kl = UNPAIRED[cfg.loss[0]]
@@ -92,8 +99,9 @@ def batch_loss(model, items, reference, by_id, cfg, *, pad_id, device, max_lengt
     if needs_kl:
         kl_seqs = [kl_sequence(i, by_id[reference.partner(i.id)], max_length, truncation) for i in items]
         with torch.no_grad():  # TRL: the KL term carries no gradient
-            policy_kl, _ = sequence_logps(model, kl_seqs, pad_id=pad_id, device=device, chunk_size=cfg.chunk_size)
-        kl = kl_estimate(policy_kl.double().cpu(), ref["kl_logps"])
+            policy_kl, _ = sequence_logps(kl_model or model, kl_seqs, pad_id=pad_id, device=device,
+                                          chunk_size=cfg.chunk_size)
+        kl = kl_estimate(policy_kl.double(), ref["kl_logps"].to(device), reduce).cpu()
     labels = torch.tensor([i.label for i in items], device=device)
     out = fn(policy.double(), ref["logps"].to(device), labels, kl.to(device), beta=cfg.beta,
              desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
@@ -144,12 +152,12 @@ def train_unpaired(cfg) -> dict:
     from .logprobs import LogProbModule
     from .models import load_tokenizer, resolve_device, resolve_model
     from .policy import load_policy
-    from .reference import dist_info
+    from .reference import dist_info, init_distributed
     from .runconfig import write_config
     from .schedule import make_scheduler
     from .scoring import check_cache_matches
     from .trackers import Trackers
-    from .trainer import check_resumable, epoch_order, held_out_ids, make_optimizer
+    from .trainer import check_resumable, epoch_order, gather, held_out_ids, make_optimizer
     from .trainlog import (
         EXAMPLE_SCHEMA,
         PAIRS_SCHEMA,
@@ -160,14 +168,21 @@ def train_unpaired(cfg) -> dict:
     )
     from .unpaired import UnpairedReference, check_no_mapping, load_unpaired
 
-    if dist_info()[1] > 1:
-        raise ValueError(f"--loss {cfg.loss[0]} runs in one process for now (no torchrun)")
     if cfg.cache is None:
         raise ValueError(f"--loss {cfg.loss[0]} needs an unpaired reference cache (prefcache precompute --unpaired)")
     check_no_mapping(cfg)
     if UNPAIRED[cfg.loss[0]][1] and cfg.batch_size < 2:  # TRL refuses it too: z would be the example's own reward
         raise ValueError("kto estimates its KL term over the micro-batch: --batch-size must be at least 2")
+    rank, world = dist_info()
     device = resolve_device(cfg.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        init_distributed(device)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+            torch.cuda.set_device(device)
+    main = rank == 0
     out = Path(cfg.out)  # prefcache.trainer.train checked it: a new run, or a resume of one
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source)
@@ -197,25 +212,28 @@ def train_unpaired(cfg) -> dict:
                           for i in its} - by_id.keys()):
         raise ValueError(f"{len(missing)} KL completions come from examples not in the data, e.g. {missing[:3]}")
 
-    steps_per_epoch = math.ceil(len(items) / (cfg.batch_size * cfg.grad_accum))
+    steps_per_epoch = math.ceil(math.ceil(len(items) / world) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     ckpt = latest_checkpoint(out) if cfg.resume else None
     state = load_trainer_state(ckpt) if ckpt else None
     if state:  # the data order is random here (no length grouping), a function of (seed, epoch)
-        check_resumable(state, world=1, n_train=len(items), cfg=replace(cfg, group_by_length=False))
-    log = RunLog(out)
-    clean_temporaries(out)
-    log.truncate(state["step"] if state else -1)  # rows after the checkpoint are logged again below
-    texts = {c: [] for c in PAIRS_SCHEMA.names}
-    for e in examples + eval_examples:
-        for c, v in (("id", e.id), ("prompt", e.prompt), ("chosen", e.completion if e.label else None),
-                     ("rejected", None if e.label else e.completion)):
-            texts[c].append(v)
-    write_table_atomic(pa.Table.from_pydict(texts, schema=PAIRS_SCHEMA), out / "pairs.parquet")
-    if bad_rows:
-        from .data import write_bad_rows
+        check_resumable(state, world=world, n_train=len(items), cfg=replace(cfg, group_by_length=False))
+    if world > 1:  # every rank has looked at the run dir before rank 0 starts writing to it
+        dist.barrier()
+    log = RunLog(out, enabled=main)
+    if main:
+        clean_temporaries(out)
+        log.truncate(state["step"] if state else -1)  # rows after the checkpoint are logged again below
+        texts = {c: [] for c in PAIRS_SCHEMA.names}
+        for e in examples + eval_examples:
+            for c, v in (("id", e.id), ("prompt", e.prompt), ("chosen", e.completion if e.label else None),
+                         ("rejected", None if e.label else e.completion)):
+                texts[c].append(v)
+        write_table_atomic(pa.Table.from_pydict(texts, schema=PAIRS_SCHEMA), out / "pairs.parquet")
+        if bad_rows:
+            from .data import write_bad_rows
 
-        write_bad_rows(out / "bad_rows.jsonl", bad_rows)
+            write_bad_rows(out / "bad_rows.jsonl", bad_rows)
 
     torch.manual_seed(cfg.seed)
     full_ckpt = ckpt and cfg.finetune == "full"
@@ -223,7 +241,11 @@ def train_unpaired(cfg) -> dict:
                                       device=device, adapter=None if full_ckpt else (ckpt or cfg.adapter),
                                       lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                       lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
-    module = LogProbModule(policy, chunk_size=cfg.chunk_size)
+    plain = module = LogProbModule(policy, chunk_size=cfg.chunk_size)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        module = DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
@@ -233,19 +255,26 @@ def train_unpaired(cfg) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler = make_scheduler(optimizer, cfg.scheduler, warmup=warmup, total=total_steps, peak_lr=cfg.lr,
                                    done=state["step"])
-        set_rng_state(state["rng"][0])
+        set_rng_state(state["rng"][rank])
         step, elapsed_before, last_eval_step = state["step"], state["elapsed_s"], state["last_eval_step"]
-    run_info = {"config": asdict(cfg), "prefcache_version": __version__, "world_size": 1, "max_length": max_length,
+    run_info = {"config": asdict(cfg), "prefcache_version": __version__, "world_size": world, "max_length": max_length,
                 "truncation": truncation, "policy": policy_info, "cache": reference.metadata,
                 "train_pairs": len(items), "train_examples": len(items), "eval_examples": len(eval_items),
                 "bad_rows": len(bad_rows), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                 "warmup_steps": warmup, "resumed_from": str(ckpt) if ckpt else None,
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_json_atomic(run_info, out / "run.json")
-    write_config(cfg, out / "config.yaml")
-    trackers = Trackers(cfg.report_to, out, run_info, state["step"] if state else None)
+    if main:
+        write_json_atomic(run_info, out / "run.json")
+        write_config(cfg, out / "config.yaml")
+    trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
     pad_id = tokenizer.pad_token_id
     common = {"pad_id": pad_id, "device": device, "max_length": max_length, "truncation": truncation}
+
+    def mean_over_ranks(value):  # TRL gathers the per-process KL means and averages them, then clamps
+        dist.all_reduce(value)
+        return value / world
+
+    train_kl = {"kl_model": plain, "reduce": mean_over_ranks if world > 1 else None}
     t_start = time.perf_counter() - elapsed_before
     last_train, last_eval, last_saved = {}, {}, (step if state else None)
 
@@ -259,49 +288,62 @@ def train_unpaired(cfg) -> dict:
         return row
 
     def run_eval(at_step):
+        # Rank 0 evaluates every held-out example with the unwrapped model (the KL batches are then those of
+        # one process); the other ranks wait.
         nonlocal last_eval, last_eval_step
-        batch_size = cfg.eval_batch_size or cfg.batch_size
-        policy.eval()
-        parts = []
-        with torch.no_grad():
-            for s in range(0, len(eval_items), batch_size):
-                chunk = eval_items[s : s + batch_size]
-                parts.append((len(chunk), *batch_loss(module, chunk, eval_reference, by_id, cfg, **common)))
-        policy.train()
-        cols = {k: [v for p in parts for v in p[2][k]] for k in parts[0][2]}
-        n = sum(p[0] for p in parts)
-        last_eval = log_step("eval", at_step, cols, sum(p[0] * float(p[1]) for p in parts) / n,
-                             sum(p[0] * p[3] for p in parts) / n)
         last_eval_step = at_step
+        if main:
+            batch_size = cfg.eval_batch_size or cfg.batch_size
+            policy.eval()
+            parts = []
+            with torch.no_grad():
+                for s in range(0, len(eval_items), batch_size):
+                    chunk = eval_items[s : s + batch_size]
+                    parts.append((len(chunk), *batch_loss(plain, chunk, eval_reference, by_id, cfg, **common)))
+            policy.train()
+            cols = {k: [v for p in parts for v in p[2][k]] for k in parts[0][2]}
+            n = sum(p[0] for p in parts)
+            last_eval = log_step("eval", at_step, cols, sum(p[0] * float(p[1]) for p in parts) / n,
+                                 sum(p[0] * p[3] for p in parts) / n)
+        if world > 1:
+            dist.barrier()
 
     def save(at_step):
-        log.flush()  # the logs up to this step are on disk before the checkpoint that vouches for them
-        trainer_state = {"version": 1, "step": at_step, "epoch": at_step / steps_per_epoch,
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": [rng_state()],
-                         "bco": (0.0, 0), "elapsed_s": time.perf_counter() - t_start, "world_size": 1,
-                         "n_train": len(items), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                         "seed": cfg.seed, "group_by_length": False, "last_eval_step": last_eval_step}
-        info = {"step": at_step, "epoch": at_step / steps_per_epoch, "base_model": policy_info["model_name"],
-                "model": cfg.model, "finetune": cfg.finetune, "max_length": max_length, "truncation": truncation,
-                "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache, "prefcache_version": __version__}
-        save_checkpoint(out, at_step, policy, tokenizer, trainer_state, info)
+        rngs = gather(rng_state(), world)
+        if main:
+            log.flush()  # the logs up to this step are on disk before the checkpoint that vouches for them
+            trainer_state = {"version": 1, "step": at_step, "epoch": at_step / steps_per_epoch,
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+                             "bco": (0.0, 0), "elapsed_s": time.perf_counter() - t_start, "world_size": world,
+                             "n_train": len(items), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                             "seed": cfg.seed, "group_by_length": False, "last_eval_step": last_eval_step}
+            info = {"step": at_step, "epoch": at_step / steps_per_epoch, "base_model": policy_info["model_name"],
+                    "model": cfg.model, "finetune": cfg.finetune, "max_length": max_length, "truncation": truncation,
+                    "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache, "prefcache_version": __version__}
+            save_checkpoint(out, at_step, policy, tokenizer, trainer_state, info)
+        if world > 1:
+            dist.barrier()
 
     if eval_items and step == 0:
         run_eval(0)
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss[0]}", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss[0]}", unit="step",
+               disable=not (main and cfg.progress))
     order, order_epoch = None, None
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if order_epoch != epoch:
-            order, order_epoch = epoch_order(len(items), cfg.seed, epoch, 0, 1), epoch
+            order, order_epoch = epoch_order(len(items), cfg.seed, epoch, rank, world), epoch
         span = cfg.batch_size * cfg.grad_accum
         step_idx = order[position * span : (position + 1) * span]
         t0 = time.perf_counter()
         loss_sum, kl_sum, tokens, cols = 0.0, 0.0, 0, []
         for k in range(0, len(step_idx), cfg.batch_size):
             batch = [items[i] for i in step_idx[k : k + cfg.batch_size]]
-            loss, part, kl, n_tokens = batch_loss(module, batch, reference, by_id, cfg, **common)
-            (loss * (len(batch) / len(step_idx))).backward()  # the step's gradient: the mean over its examples
+            # DDP all-reduces gradients on the last micro-batch of the step only.
+            last = k + cfg.batch_size >= len(step_idx)
+            with module.no_sync() if world > 1 and not last else nullcontext():
+                loss, part, kl, n_tokens = batch_loss(module, batch, reference, by_id, cfg, **common, **train_kl)
+                (loss * (len(batch) / len(step_idx))).backward()  # the step's gradient: the mean over its examples
             loss_sum, kl_sum, tokens = loss_sum + loss.item() * len(batch), kl_sum + kl * len(batch), tokens + n_tokens
             cols.append(part)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
@@ -312,10 +354,13 @@ def train_unpaired(cfg) -> dict:
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
-            cols = {c: [v for p in cols for v in p[c]] for c in cols[0]}
-            last_train = log_step("train", step, cols, loss_sum / len(step_idx), kl_sum / len(step_idx),
-                                  {"lr": lr, "grad_norm": grad_norm,
-                                   "tokens_per_s": tokens / (time.perf_counter() - t0)})
+            parts = gather(({c: [v for p in cols for v in p[c]] for c in cols[0]}, loss_sum, kl_sum, tokens), world)
+            if main:
+                cols = {c: [v for p in parts for v in p[0][c]] for c in parts[0][0]}
+                n = len(cols["id"])
+                last_train = log_step("train", step, cols, sum(p[1] for p in parts) / n, sum(p[2] for p in parts) / n,
+                                      {"lr": lr, "grad_norm": grad_norm,
+                                       "tokens_per_s": sum(p[3] for p in parts) / (time.perf_counter() - t0)})
         if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
             run_eval(step)
         if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
@@ -334,5 +379,8 @@ def train_unpaired(cfg) -> dict:
     summary = {"run": str(out), "steps": step, "final_checkpoint": str(checkpoint_dir(out, step)),
                "train": strip(last_train), "eval": strip(last_eval) | {"n": last_eval["n"]} if last_eval else {},
                "seconds": time.perf_counter() - t_start, "resumed_from": str(ckpt) if ckpt else None}
-    write_json_atomic(run_info | {"result": summary}, out / "run.json")
+    if main:
+        write_json_atomic(run_info | {"result": summary}, out / "run.json")
+    if world > 1:
+        dist.barrier()
     return summary

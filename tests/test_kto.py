@@ -153,3 +153,40 @@ def test_kto_resume_reaches_the_same_weights(tmp_path, tiny_model):
     steps = [pl.read_parquet(f"{tmp_path}/{r}/logs/steps-*.parquet").sort("step") for r in ("straight", "resumed")]
     assert steps[0]["step"].to_list() == steps[1]["step"].to_list() == [1, 2, 3, 4]  # no step logged twice
     assert_close(t(steps[0]["loss"].to_list()), t(steps[1]["loss"].to_list()))
+
+
+def test_two_process_kto_equals_one_process(tmp_path, tiny_model):
+    """torchrun: each rank takes every other example; KL means are averaged over ranks before the clamp, so two
+    ranks of 2 examples per step reach the weights of one process of 4."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from prefcache.reference import precompute
+    from prefcache.trainer import train
+
+    torch.set_num_threads(1)
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8))
+    precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
+               unpaired=True, kl_group_size=4, progress=False)
+    args = ["--data", str(data), "--cache", str(tmp_path / "cache"), "--model", str(tiny_model), "--loss", "kto",
+            "--max-steps", "3", "--lr", "1e-2", "--warmup-steps", "0", "--eval-fraction", "0.25", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29547", "-m", "prefcache", "train", *args, "--out", str(tmp_path / "ddp"), "--batch-size", "2",
+                          "--eval-batch-size", "4"],  # rank 0 evaluates in the batches of the single process
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    train(data=str(data), cache=str(tmp_path / "cache"), model=str(tiny_model), loss="kto", max_steps=3, lr=1e-2,
+          warmup_steps=0, eval_fraction=0.25, progress=False, out=str(tmp_path / "single"), batch_size=4)
+    a = load_file(tmp_path / "ddp" / "checkpoints" / "step-000003" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "single" / "checkpoints" / "step-000003" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    d, s = (pl.read_parquet(f"{tmp_path}/{r}/logs/steps-*.parquet").sort("split", "step") for r in ("ddp", "single"))
+    assert d["step"].to_list() == s["step"].to_list()
+    torch.testing.assert_close(d["loss"].to_torch(), s["loss"].to_torch(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d["kl"].to_torch(), s["kl"].to_torch(), rtol=1e-5, atol=1e-6)
+    assert (d.filter(pl.col("split") == "train")["kl"] > 0).any()  # a KL that is not clamped to 0 was compared
