@@ -273,9 +273,12 @@ def _schedules(pairs, batch_size: int) -> dict:
     unique_real = sum(map(len, seqs))
     # Tokens through the backbone without padding, and with it, per contender.
     computed = {"prefcache": sum(rows), "unshared": unique_real, "naive": unique_real, "trl": real}
+    # Positions through the output head: prefcache's kernel projects completion positions only.
+    unique_completion = sum(len(s) - n for s, n in seqs.items())
+    head = {"prefcache": unique_completion, "unshared": unique_completion, "naive": unique_real, "trl": real}
     padded = {"prefcache": shared_padded, "unshared": sorted_padded, "naive": sorted_padded, "trl": trl_padded}
     return {"real": real, "completion": completion, "sorted_padded": sorted_padded, "trl_padded": trl_padded,
-            "shared_padded": shared_padded, "computed": computed, "padded": padded,
+            "shared_padded": shared_padded, "computed": computed, "padded": padded, "head": head,
             "batch_tokens": max(1, round(sorted_padded / -(-len(lens) // b)))}
 
 
@@ -371,9 +374,9 @@ def _report(alloc: str, results: list[dict], mm: dict, pairs, sched: dict, spec:
     print("\n".join(_agreement(by, pairs, args.max_length)))
 
     h, inter, kv, vocab, layers = spec["dims"]
-    params = layers * (h * (2 * h + 2 * kv) + 3 * h * inter) + vocab * h  # every linear layer and the head
-    print(f"FLOP rates (2 x {params / 1e6:.1f}M params x the tokens each contender computes / timed s, padding not "
-          "counted, the head counted on every token; attention scores not counted):")
+    body = layers * (h * (2 * h + 2 * kv) + 3 * h * inter)  # every linear layer of the backbone
+    print(f"FLOP rates (2 x ({body / 1e6:.1f}M backbone params x the tokens each contender computes + {vocab * h / 1e6:.1f}M "
+          "head params x the positions it projects) / timed s; padding and attention scores not counted):")
     if "error" in mm:
         print(f"  plain matmul reference failed: {mm['error']}")
     else:
@@ -381,7 +384,7 @@ def _report(alloc: str, results: list[dict], mm: dict, pairs, sched: dict, spec:
               f"one layer's q,k,v,o,gate,up,down {mm['layer_gflops']:.1f} GFLOP/s, head {h}->{vocab} "
               f"{mm['head_gflops']:.1f} GFLOP/s; {layers} layers + head: {mm['model_gflops']:.1f} GFLOP/s")
     for r in by.values():
-        achieved = 2 * params * sched["computed"][r["name"]] / r["wall"] / 1e9
+        achieved = 2 * (body * sched["computed"][r["name"]] + vocab * h * sched["head"][r["name"]]) / r["wall"] / 1e9
         share = f" = {achieved / mm['model_gflops']:.0%} of the plain matmul rate" if "error" not in mm else ""
         print(f"  {LABELS[r['name']]:<17}: {achieved:6.1f} GFLOP/s{share}")
 

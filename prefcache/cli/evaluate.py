@@ -55,7 +55,7 @@ def eval_cmd(**options):
 @click.option("--data", required=True, help="Held-out preference data (any format precompute reads).")
 @click.option("--beta", type=float, default=None, help="Reward scale [default: the run's beta, else 0.1].")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per forward pass.")
-@click.option("--chunk-size", type=int, default=2048, show_default=True, help="Completion positions per output-head chunk.")
+@click.option("--chunk-size", type=int, default=512, show_default=True, help="Completion positions per output-head chunk.")
 @click.option("--run", default=None, help="Run folder: reads run.json, writes evals/ and logs/ [default: the checkpoints' run].")
 @click.option("--model", default=None, help="Base model (HF folder or .gguf) [default: the run's].")
 @click.option("--base", is_flag=True, help="Also score the base model (checkpoint 'base'; rewards ~0 if it made the cache).")

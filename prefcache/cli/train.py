@@ -57,7 +57,7 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
-@click.option("--chunk-size", type=int, default=1024, show_default=True, help="Completion positions per output-head chunk.")
+@click.option("--chunk-size", type=int, default=256, show_default=True, help="Completion positions per output-head chunk: memory (2 x chunk x vocab x 4 bytes in backward) vs speed.")
 @click.option("--flush-every", type=int, default=50, show_default=True, help="Logged steps buffered per new log file.")
 @click.option("--prefix-sharing/--no-prefix-sharing", default=None,
               help="One packed [prompt | chosen | rejected] row per pair, the prompt computed once [default: as "
