@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from .formats import DataFormatError, load_rows
 
@@ -323,17 +322,23 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, trunc
 
 def load_dataset_pairs(path: str | os.PathLike, tokenizer, max_length: int, truncation: str = "keep_start",
                        on_bad_row: str = "fail", *, split: str | None = None, max_rows: int | None = None,
-                       ids=None) -> tuple[list[TokenizedPair], list[BadRow], list[Example]]:
-    """Load, validate and tokenise a preference data file (see :func:`load_rows` for formats).
+                       ids=None, mapping=None, data_config: str | None = None,
+                       ) -> tuple[list[TokenizedPair], list[BadRow], list[Example]]:
+    """Load, validate and tokenise a preference data file or Hub dataset (see :func:`load_rows`).
 
-    ``max_rows``: read only the first rows; ``ids``: keep only these example ids. Returns (pairs, bad rows,
+    ``max_rows``: read only the first rows; ``ids``: keep only these example ids; ``mapping``: a
+    :class:`~prefcache.columns.RowMapping` (column names, prompt templates) applied to each row first;
+    ``split`` / ``data_config``: the split and subset of a Hub dataset. Returns (pairs, bad rows,
     examples), pairs and examples aligned one to one (examples that failed tokenisation are left out). With
     ``on_bad_row='fail'`` bad rows of both stages are reported together in one :class:`BadDataError`.
     """
     _check_policy(on_bad_row)
-    rows = load_rows(path, split)
+    rows = load_rows(path, split, data_config)
     if max_rows is not None:
         rows = rows[:max_rows]
+    if mapping:
+        mapping.check_columns(_column_names(rows), str(path))
+        rows = [mapping.apply(r) for r in rows]
     examples, bad = prepare_examples(rows, tokenizer, "skip")
     if ids is not None:
         wanted = set(ids)
@@ -345,13 +350,20 @@ def load_dataset_pairs(path: str | os.PathLike, tokenizer, max_length: int, trun
     return pairs, bad, [ex for ex in examples if ex.row not in dropped]
 
 
+def _column_names(rows) -> list[str]:
+    names: dict[str, None] = {}
+    for row in rows[:1000]:
+        if isinstance(row, dict):
+            names.update(dict.fromkeys(row))
+    return list(names)
+
+
 def write_bad_rows(path: str | os.PathLike, bad_rows: list[BadRow]) -> None:
     """One JSON object per bad row: ``{"row", "id", "problem"}``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for b in bad_rows:
-            f.write(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}, ensure_ascii=False) + "\n")
+    from .atomic import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}, ensure_ascii=False)
+                                    + "\n" for b in bad_rows))
 
 
 def collate(seqs: list[list[int]], completion_starts: list[int], pad_id: int):

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
+from .atomic import WriteError
 from .cache import (
     SCHEMA_VERSION,
     CacheError,
@@ -25,7 +26,9 @@ from .cache import (
     shard_paths,
     verify,
 )
+from .columns import RowMapping
 from .config import PrecomputeConfig
+from .locking import directory_lock
 
 
 def dist_info() -> tuple[int, int]:
@@ -57,6 +60,8 @@ def cache_metadata(config: PrecomputeConfig, source, tokenizer, quantize: str, d
         "model_name": source.name,
         "model_path": str(source.path / source.gguf_file) if source.gguf_file else str(source.path),
         "model_fingerprint": model_fingerprint(source),
+        "model_id": source.hub_id,  # a Hub id and the commit it resolved to; None for a local model
+        "model_revision": source.revision,
         "adapter": config.adapter,
         "adapter_fingerprint": model_fingerprint_of_adapter(config.adapter),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -67,6 +72,7 @@ def cache_metadata(config: PrecomputeConfig, source, tokenizer, quantize: str, d
         "dtype": dtype,
         "per_token": config.per_token,
         "prefix_sharing": config.prefix_sharing,  # packed rows: each prompt computed once (prefcache.packing)
+        "data_mapping": RowMapping.of(config).record(),  # columns and templates; None = the data's own
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "world_size": world_size,
         # Informational (not compared on extend): 4-bit values depend on the bitsandbytes build and kernel.
@@ -89,9 +95,10 @@ def library_versions() -> dict:
 def model_fingerprint_of_adapter(adapter: str | None) -> str | None:
     if not adapter:
         return None
+    from .hub import resolve_adapter
     from .models import file_fingerprint
 
-    files = sorted(p for p in Path(adapter).iterdir() if p.suffix in (".safetensors", ".bin"))
+    files = sorted(p for p in resolve_adapter(adapter).iterdir() if p.suffix in (".safetensors", ".bin"))
     return file_fingerprint(files)
 
 
@@ -162,6 +169,12 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     Returns a summary dict: pairs cached before and now, pairs scored, bad rows, seconds, pairs/s, tokens/s.
     """
     config = config or PrecomputeConfig(**options)
+    # One writer per cache (per rank under torchrun): a second pass is refused, naming the holder.
+    with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
+        return _precompute(config)
+
+
+def _precompute(config: PrecomputeConfig) -> dict:
     from tqdm.auto import tqdm
 
     from .data import load_dataset_pairs, write_bad_rows
@@ -178,7 +191,7 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     if world > 1:
         init_distributed(config.device)
     t0 = time.perf_counter()
-    source = resolve_model(config.model)
+    source = resolve_model(config.model, config.revision)
     device = resolve_device(config.device)
     if world > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -196,7 +209,8 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
         meta["prefix_sharing"] = bool(have.get("prefix_sharing", False))
 
     pairs, bad_rows, _ = load_dataset_pairs(config.data, tokenizer, config.max_length, config.truncation,
-                                            config.on_bad_row)
+                                            config.on_bad_row, split=config.split, data_config=config.data_config,
+                                            mapping=RowMapping.of(config))
     if bad_rows and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_bad_rows(out / "bad_rows.jsonl", bad_rows)
@@ -249,7 +263,11 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
                 logps = score_sequences(model, sequences, batch_size=2 * config.batch_size,
                                         pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
                                         on_batch=progress)
-            writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
+            try:
+                writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
+            except WriteError as e:  # disk full, file-size limit, read-only: the shards written stay whole
+                raise WriteError(e.errno, f"{e}; the {scored_pairs} pairs of this pass already in {out} are kept: "
+                                          "free space and rerun the same command to finish the cache") from e
             scored_pairs += len(shard)
             bar.update(s + len(shard) - bar.n)
         bar.close()
@@ -263,6 +281,10 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
             tdist.barrier()
     if rank == 0:
         problems = verify(out, expected_ids=[p.id for p in pairs])
+        if out.exists():
+            from .runconfig import write_config
+
+            write_config(config, out / "config.yaml")  # `prefcache precompute --config CACHE/config.yaml`
     elapsed = time.perf_counter() - t0
     return {
         "cache": str(out), "rank": rank, "world_size": world, "pairs_in_data": len(pairs),
@@ -291,7 +313,9 @@ def verify_cache(cache_dir: str, data: str | None = None) -> dict:
         tokenizer = load_tokenizer(resolve_model(meta.get("model_path")))
         if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
             problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
-        pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip")
+        mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
+        pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip",
+                                         mapping=mapping)
         expected = [p.id for p in pairs]
     problems += verify(cache_dir, expected_ids=expected)
     if problems:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,8 +38,14 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .columns import RowMapping, check_cache_mapping
 from .config import TrainConfig
+from .guards import STEP0_MARGIN_TOLERANCE, check_reference_values, check_step, resolve_finetune
+from .locking import directory_lock
 from .losses import LossInputs, combined_loss
+from .runconfig import write_config
+from .rundir import check_run_dir
+from .schedule import make_scheduler
 from .scoring import (
     PairLogps,
     ReferenceTable,
@@ -61,8 +68,14 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     seconds, and the checkpoint it resumed from (or None).
     """
     cfg = config or TrainConfig(**options)
+    check_run_dir(cfg.out, cfg.resume)  # before the lock, so a refusal leaves nothing behind
+    # One writer per run directory; ranks > 0 write nothing there.
+    with directory_lock(cfg.out, "prefcache train", enabled=int(os.environ.get("RANK", 0)) == 0):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     from .data import load_dataset_pairs, write_bad_rows
     from .models import load_tokenizer, resolve_device, resolve_model
@@ -80,29 +93,41 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     out = Path(cfg.out)
 
     # 1. Tokenizer, reference cache and data: everything is checked before a model is loaded.
-    source = resolve_model(cfg.model)
+    source = resolve_model(cfg.model, cfg.revision)
+    mapping = RowMapping.of(cfg)
     tokenizer = load_tokenizer(source)
     reference = ReferenceTable.from_cache(cfg.cache) if cfg.cache else None
     max_length = cfg.max_length or (reference.metadata["max_length"] if reference else 1024)
     truncation = cfg.truncation or (reference.metadata["truncation"] if reference else "keep_start")
     if reference:
         check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
-    pairs, bad_rows, examples = load_dataset_pairs(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row)
+        check_cache_mapping(reference.metadata, mapping, cfg.cache)
+    finetune, mismatch = resolve_finetune(cfg.finetune, reference.metadata if reference else None, device)
+    if finetune != cfg.finetune:  # run.json and checkpoints record the policy actually trained
+        cfg = replace(cfg, finetune=finetune)
+    if mismatch and main:
+        print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
+    data_options = {"data_config": cfg.data_config, "mapping": mapping}
+    pairs, bad_rows, examples = load_dataset_pairs(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row,
+                                                   split=cfg.split, **data_options)
     eval_pairs, eval_reference, eval_examples = [], reference, []
     if cfg.eval_data:
         eval_reference = ReferenceTable.from_cache(cfg.eval_cache) if cfg.eval_cache else reference
         if eval_reference is not reference:
             check_cache_matches(eval_reference.metadata, tokenizer, max_length, truncation)
+            check_cache_mapping(eval_reference.metadata, mapping, cfg.eval_cache)
         eval_pairs, _, eval_examples = load_dataset_pairs(cfg.eval_data, tokenizer, max_length, truncation,
-                                                          cfg.on_bad_row)
+                                                          cfg.on_bad_row, split=cfg.eval_split, **data_options)
     elif cfg.eval_fraction:
         held = held_out_ids([p.id for p in pairs], cfg.eval_fraction)
         eval_pairs = [p for p in pairs if p.id in held]
         pairs = [p for p in pairs if p.id not in held]
     if reference:
         check_joined(reference, pairs, "training")
+        check_reference_values(reference, pairs, "training")
     if eval_reference and eval_pairs:
         check_joined(eval_reference, eval_pairs, "eval")
+        check_reference_values(eval_reference, eval_pairs, "eval")
     if not pairs:
         raise ValueError(f"no training pairs in {cfg.data}")
 
@@ -111,8 +136,8 @@ def train(config: TrainConfig | None = None, **options) -> dict:
 
     # 2. The run directory: a fresh one, or a resume from its latest checkpoint.
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    if not cfg.resume and ((out / "checkpoints").exists() or (out / "logs").exists()):
-        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose a new --out")
+    if (notice := check_run_dir(out, cfg.resume)) and main:
+        print(f"prefcache train: {notice}", file=sys.stderr)
     state = load_trainer_state(ckpt) if ckpt else None
     if state:
         check_resumable(state, world=world, n_train=len(pairs), cfg=cfg)
@@ -145,13 +170,16 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
-    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    schedule = cfg.scheduler
+    scheduler = make_scheduler(optimizer, schedule, warmup=warmup, total=total_steps, peak_lr=cfg.lr)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as in any data-parallel run
     step, bco_sum, bco_count, elapsed_before, last_eval_step = 0, 0.0, 0, 0.0, None
     if state:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # The lr is recomputed from the step and this run's total (never the saved schedule's): extending
+        # a finished run trains its new steps at a real lr.
+        scheduler = make_scheduler(optimizer, schedule, warmup=warmup, total=total_steps, peak_lr=cfg.lr,
+                                   done=state["step"])
         set_rng_state(state["rng"][rank])
         step, bco_sum, bco_count, elapsed_before = state["step"], *state["bco"], state["elapsed_s"]
         last_eval_step = state["last_eval_step"]
@@ -167,6 +195,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if main:
         write_json_atomic(run_info, out / "run.json")
+        write_config(cfg, out / "config.yaml")  # `prefcache train --config RUN/config.yaml` runs it again
 
     loss_options = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma,
                     "discopop_tau": cfg.discopop_tau, "ld_alpha": cfg.ld_alpha}
@@ -176,6 +205,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     pad_id = tokenizer.pad_token_id
     t_start = time.perf_counter() - elapsed_before
     last_train, last_eval, last_saved = {}, {}, (step if state else None)
+    step0_margin = None
 
     def run_eval(at_step: int) -> None:
         nonlocal last_eval, last_eval_step
@@ -247,6 +277,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                     bco_sum, bco_count = bco_sum + seen[0].item(), bco_count + int(seen[1].item())
                     bco = {"bco_delta": bco_sum / bco_count}
                 result = combined_loss(cfg.loss, cfg.loss_weights, inputs, **loss_options, **bco)
+                check_step(step + 1, ids, result.losses)  # before backward: NaN never reaches the weights
                 # Each micro-batch's mean, weighted by its share of the step: the step's gradient is
                 # that of the mean over all its pairs, whatever the split into micro-batches.
                 (result.loss * (len(batch) / len(step_idx))).backward()
@@ -256,6 +287,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
             cols.append(example_cols(batch, inputs, result, cfg.beta))
 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
+        check_step(step + 1, [pairs[i].id for i in step_idx], torch.zeros(0), grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -265,6 +297,12 @@ def train(config: TrainConfig | None = None, **options) -> dict:
 
         cols = {k: [v for c in cols for v in c[k]] for k in cols[0]}
         local = aggregate(cols)
+        if step == 1 and reference is not None and main:  # step 1's numbers are the step-0 policy's
+            step0_margin = local["rewards_margins"]
+            print(f"prefcache train: step 0 margin {step0_margin:.4g}, loss {loss_sum / len(step_idx):.4f} "
+                  f"(0 and ln 2 = 0.6931 when the policy starts as the cache's reference)"
+                  + ("; the policy is NOT the cache's reference" if abs(step0_margin) > STEP0_MARGIN_TOLERANCE
+                     else ""), file=sys.stderr)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum / len(step_idx):.4f}", acc=f"{local['rewards_accuracies']:.2f}",
                         margin=f"{local['rewards_margins']:.3f}", refresh=False)
@@ -295,7 +333,8 @@ def train(config: TrainConfig | None = None, **options) -> dict:
 
     summary = {"run": str(out), "steps": step, "final_checkpoint": str(checkpoint_dir(out, step)),
                "train": {k: v for k, v in last_train.items() if k != "n"}, "eval": last_eval,
-               "seconds": time.perf_counter() - t_start, "resumed_from": str(ckpt) if ckpt else None}
+               "seconds": time.perf_counter() - t_start, "resumed_from": str(ckpt) if ckpt else None,
+               "step0_margin": step0_margin}
     if main:
         write_json_atomic(run_info | {"result": summary}, out / "run.json")
     if world > 1:

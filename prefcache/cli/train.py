@@ -6,24 +6,30 @@ import os
 
 import click
 
+from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.cli.precompute import run_api
 from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS, TRUNCATIONS
 
 
 @click.command("train")
-@click.option("--data", required=True, help="Training preference data (.jsonl/.json/.parquet/.csv or a datasets folder).")
+@config_option
+@click.option("--data", required=True, help="Training preference data (.jsonl/.json/.parquet/.csv, a datasets folder or a Hub dataset id).")
+@data_options(eval_split=True)
 @click.option("--cache", default=None, help="Reference cache from `prefcache precompute` (not needed for the reference-free losses orpo, simpo, sft).")
 @click.option("--out", required=True, help="Run directory: logs/, checkpoints/, pairs.parquet, run.json.")
-@click.option("--model", default=None, help="Policy's starting weights: HF folder or .gguf [default: embedded SmolLM2-135M-Instruct].")
-@click.option("--adapter", default=None, help="Starting PEFT adapter (e.g. your SFT LoRA), trained further.")
+@click.option("--model", default=None, help="Policy's starting weights: HF folder, .gguf or Hub id [default: embedded SmolLM2-135M-Instruct].")
+@revision_option
+@click.option("--adapter", default=None, help="Starting PEFT adapter, folder or Hub id (e.g. your SFT LoRA), trained further.")
 @click.option("--loss", default="sigmoid", show_default=True, help="Loss name(s), comma-separated: sigmoid, ipo, simpo, sigmoid,sft ...")
 @click.option("--loss-weights", default=None, help="Weights of the losses, comma-separated [default: 1 each].")
 @click.option("--beta", type=float, default=0.1, show_default=True)
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="cDPO / robust / exo label noise ε.")
 @click.option("--ld-alpha", type=float, default=None, help="LD-DPO: weight of the tokens past the shorter completion.")
 @click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="SimPO target reward margin.")
-@click.option("--finetune", type=click.Choice(FINETUNES), default="lora", show_default=True,
-              help="lora: LoRA on all linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
+@click.option("--discopop-tau", type=float, default=0.05, show_default=True, help="DiscoPOP temperature.")
+@click.option("--finetune", type=click.Choice(FINETUNES), default="auto", show_default=True,
+              help="auto: the policy that made the cache (qlora on a 4-bit cache, else lora); lora: LoRA on all "
+                   "linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
 @click.option("--lora-r", type=int, default=16, show_default=True)
 @click.option("--lora-alpha", type=float, default=None, help="[default: 2 x lora-r]")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
@@ -78,6 +84,7 @@ def train_cmd(no_progress, max_grad_norm, **options):
       prefcache precompute --data prefs.jsonl --out ref-cache
       prefcache train --data prefs.jsonl --cache ref-cache --out run1 --max-steps 200 --save-every 50
       prefcache train --data prefs.jsonl --cache ref-cache --out run1 --max-steps 200 --resume
+      prefcache train --config run1/config.yaml --out run1-again   (run1's options, one changed)
     Reference-free, no cache:  prefcache train --data prefs.jsonl --out run2 --loss simpo --beta 2
     Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
     """
