@@ -27,7 +27,7 @@ _SHARD_RE = re.compile(r"part-r(\d{3})-(\d{6})(?:-[0-9a-f]{8})?\.parquet$")  # n
 # What must agree for a cache to be extended, or trusted by a trainer; the rest is provenance.
 COMPAT_KEYS = (
     "schema_version", "model_fingerprint", "adapter_fingerprint", "tokenizer_fingerprint",
-    "chat_template_hash", "max_length", "truncation", "quantization", "dtype", "per_token",
+    "chat_template_hash", "max_length", "truncation", "quantization", "dtype", "per_token", "data_mapping",
 )
 # What the trainer / scorer checks: the tokenisation must be the one it will do itself.
 TOKENIZATION_KEYS = ("tokenizer_fingerprint", "chat_template_hash", "max_length", "truncation")

@@ -330,18 +330,24 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, trunc
 
 def load_dataset_pairs(path: str | os.PathLike, tokenizer, max_length: int, truncation: str = "keep_start",
                        on_bad_row: str = "fail", *, split: str | None = None, max_rows: int | None = None,
-                       ids=None) -> tuple[list[TokenizedPair], list[BadRow], list[Example]]:
-    """Load, validate and tokenise a preference data file (see :func:`load_rows` for formats).
+                       ids=None, mapping=None, data_config: str | None = None,
+                       ) -> tuple[list[TokenizedPair], list[BadRow], list[Example]]:
+    """Load, validate and tokenise a preference data file or Hub dataset (see :func:`load_rows`).
 
-    ``max_rows``: read only the first rows; ``ids``: keep only these example ids. Returns (pairs, bad rows,
+    ``max_rows``: read only the first rows; ``ids``: keep only these example ids; ``mapping``: a
+    :class:`~prefcache.columns.RowMapping` (column names, prompt templates) applied to each row first;
+    ``split`` / ``data_config``: the split and subset of a Hub dataset. Returns (pairs, bad rows,
     examples), pairs and examples aligned one to one (examples that failed tokenisation are left out). With
     ``on_bad_row='fail'`` bad rows of both stages are reported together in one :class:`BadDataError`.
     """
     _check_policy(on_bad_row)
-    rows = load_rows(path, split)
+    rows = load_rows(path, split, data_config)
     lines = getattr(rows, "lines", None)  # JSONL / CSV: bad rows are reported by line
     if max_rows is not None:
         rows = rows[:max_rows]
+    if mapping:
+        mapping.check_columns(_column_names(rows), str(path))
+        rows = [mapping.apply(r) for r in rows]
     try:
         examples, bad = prepare_examples(rows, tokenizer, "skip")
     except DataFormatError as e:
@@ -356,6 +362,14 @@ def load_dataset_pairs(path: str | os.PathLike, tokenizer, max_length: int, trun
     _apply_policy(bad, on_bad_row, str(path))
     dropped = {b.row for b in bad_tokens}
     return pairs, bad, [ex for ex in examples if ex.row not in dropped]
+
+
+def _column_names(rows) -> list[str]:
+    names: dict[str, None] = {}
+    for row in rows[:1000]:
+        if isinstance(row, dict):
+            names.update(dict.fromkeys(row))
+    return list(names)
 
 
 def write_bad_rows(path: str | os.PathLike, bad_rows: list[BadRow]) -> None:

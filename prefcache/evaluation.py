@@ -26,7 +26,9 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from .columns import RowMapping, check_cache_mapping
 from .config import EvalConfig, ScoreConfig
+from .hub import looks_like_id, snapshot, split_revision
 from .lmeval_tasks import localise_include_paths, task_manager
 from .trainlog import write_table_atomic
 
@@ -66,7 +68,8 @@ def run_settings(run: Path | None) -> dict:
            "quantize": policy.get("quantization") or get("quantize")}
     if out["finetune"] == "qlora":
         out["quantize"] = "4bit"
-    return {"model": get("model"), **{k: v for k, v in out.items() if v is not None}}
+    return {"model": get("model"), **{k: v for k, v in out.items() if v is not None},
+            **({"revision": get("revision")} if get("revision") else {})}
 
 
 def _step_of(path: Path) -> int | None:
@@ -90,11 +93,12 @@ def _run_checkpoints(run: Path) -> list[Checkpoint]:
     return [c for _, p in list_checkpoints(run) if (c := _checkpoint_at(p))]
 
 
-def resolve_checkpoints(names, run: str | None, base: bool) -> tuple[Path, list[Checkpoint]]:
+def resolve_checkpoints(names, run: str | None, base: bool, out: str | None = None) -> tuple[Path, list[Checkpoint]]:
     """Checkpoint arguments -> (run folder, checkpoints in order, ``base`` first when asked for).
 
-    A name is ``base``, a checkpoint folder, a checkpoint's name in ``run``/checkpoints, or a run folder
-    (all its checkpoints). The run is ``run`` or the one the checkpoint folders sit in.
+    A name is ``base``, a checkpoint folder, a checkpoint's name in ``run``/checkpoints, a run folder
+    (all its checkpoints), a plain model or adapter folder, or a Hub id (``org/name[@rev]``, from the Hugging
+    Face cache or downloaded). The run is ``run``, else the one the checkpoint folders sit in, else ``out``.
     """
     run_dir = Path(run).expanduser().resolve() if run else None
     if run_dir and not run_dir.is_dir():
@@ -108,6 +112,13 @@ def resolve_checkpoints(names, run: str | None, base: bool) -> tuple[Path, list[
             continue
         if not path.exists() and run_dir and (run_dir / "checkpoints" / name).is_dir():
             path = run_dir / "checkpoints" / name
+        if not path.exists() and looks_like_id(name):
+            repo, revision = split_revision(name)
+            folder = snapshot(repo, revision, what="checkpoint")
+            if not (ckpt := _checkpoint_at(folder)):
+                raise EvalError(f"{name}: the Hub repository has no config.json or adapter_config.json")
+            found.append(Checkpoint(name, None, folder, ckpt.kind))
+            continue
         if path.is_dir() and (path / "checkpoints").is_dir() and not _checkpoint_at(path):
             runs.add(path.resolve())
             if not (expanded := _run_checkpoints(path)):
@@ -124,10 +135,13 @@ def resolve_checkpoints(names, run: str | None, base: bool) -> tuple[Path, list[
         if path.resolve().parent.name == "checkpoints":
             runs.add(path.resolve().parent.parent)
         found.append(ckpt)
+    if run_dir is None and not runs and out:
+        run_dir = Path(out).expanduser().resolve()  # plain models and Hub ids: results go to OUT/evals/
     if run_dir is None:
         if len(runs) != 1:
             raise EvalError("checkpoints from several runs: evaluate one run at a time, or pass --run" if runs else
-                            "no run folder: pass --run DIR (results go to DIR/evals/, and DIR/run.json names the base model)")
+                            "no run folder: pass --run DIR (DIR/run.json names the base model), or --out DIR "
+                            "to write the results of plain models there (DIR/evals/, created)")
         run_dir = runs.pop()
     unique = list({c.path: c for c in found}.values())
     if base:
@@ -140,13 +154,14 @@ def _prepare(config: EvalConfig | ScoreConfig):
     The base model: --model, else the run's, else the base an adapter names, else the embedded default."""
     from .models import resolve_device, resolve_model
 
-    run_dir, checkpoints = resolve_checkpoints(config.checkpoints, config.run, config.base)
+    run_dir, checkpoints = resolve_checkpoints(config.checkpoints, config.run, config.base, config.out)
     settings = run_settings(run_dir)
     model = config.model if config.model is not None else settings.get("model")
     adapters = [c.path / "adapter_config.json" for c in checkpoints if c.kind == "adapter"]
     if model is None and "model" not in settings and adapters:
         model = json.loads(adapters[0].read_text()).get("base_model_name_or_path")
-    source = resolve_model(model) if any(c.kind != "full" for c in checkpoints) else None
+    revision = config.revision if config.model is not None else settings.get("revision")
+    source = resolve_model(model, revision) if any(c.kind != "full" for c in checkpoints) else None
     return run_dir, checkpoints, settings, source, resolve_device(config.device)
 
 
@@ -207,7 +222,7 @@ def _stderr(values: list[float]) -> float | None:
 
 def run_dir_of(config: EvalConfig | ScoreConfig) -> Path:
     """The run folder results of ``config`` are written to (RUN/evals/)."""
-    return resolve_checkpoints(config.checkpoints, config.run, config.base)[0]
+    return resolve_checkpoints(config.checkpoints, config.run, config.base, config.out)[0]
 
 
 def evaluate(config: EvalConfig | None = None, **options) -> pl.DataFrame:
@@ -293,6 +308,8 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     beta = config.beta if config.beta is not None else float(settings.get("beta", DEFAULT_BETA))
     reference = ReferenceTable.from_cache(config.cache)
     meta = reference.metadata
+    mapping = RowMapping.of(config)
+    check_cache_mapping(meta, mapping, config.cache)
 
     # Every checkpoint's tokenisation is checked, and its pairs looked up, before any model loads.
     tokenized: dict[str, list] = {}
@@ -306,7 +323,8 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
         key = tokenizer_fingerprint(tokenizer)
         if key not in tokenized:
             pairs, _, _ = load_dataset_pairs(config.data, tokenizer, meta["max_length"], meta["truncation"],
-                                             config.on_bad_row)
+                                             config.on_bad_row, split=config.split, data_config=config.data_config,
+                                             mapping=mapping)
             if not pairs:
                 raise EvalError(f"{config.data}: no pairs to score")
             check_joined(reference, pairs, "held-out")  # the trainer's check: every id cached, same token counts

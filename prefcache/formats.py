@@ -1,5 +1,10 @@
-"""Read preference data files into plain row dicts: JSONL, JSON, Parquet, CSV, or a
-``datasets.save_to_disk`` folder. Validation and tokenisation live in :mod:`prefcache.data`."""
+"""Read preference data files into plain row dicts: JSONL, JSON, Parquet, CSV, a ``datasets.save_to_disk``
+folder, a local dataset repository folder, or a Hugging Face Hub dataset id (through ``datasets.load_dataset``).
+Validation and tokenisation live in :mod:`prefcache.data`.
+
+:func:`iter_row_blocks` reads the same sources in blocks of rows, so a million-pair file is never held as
+Python objects at once: Arrow-backed sources (Parquet, datasets) are memory-mapped or read batch by batch.
+"""
 
 from __future__ import annotations
 
@@ -25,21 +30,20 @@ class Rows(list):
         self.lines = lines
 
 
-def load_rows(path: str | os.PathLike, split: str | None = None) -> list[dict]:
+def load_rows(path: str | os.PathLike, split: str | None = None, config: str | None = None) -> list[dict]:
     """Rows of a preference data file, each a dict of its columns, in file order.
 
     Formats, by suffix: ``.jsonl``/``.ndjson`` (one JSON object per line; blank lines are skipped),
     ``.json`` (a list of objects, or ``{"data": [...]}``), ``.parquet``, ``.csv`` (every cell a
     string, as written), or a folder written by ``datasets.save_to_disk``. A ``DatasetDict`` folder
     with one split is read whole; with several, ``split`` names one (or point at ``DIR/SPLIT``).
+    A Hub dataset id (``org/name``) or a local dataset repository folder is read by
+    ``datasets.load_dataset(path, config, split=split)``.
     """
+    if (dataset := open_dataset(path, split, config)) is not None:
+        return dataset.to_list()
     path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data not found: {path}")
     if path.is_dir():
-        if not any((path / m).exists() for m in DATASETS_MARKERS):
-            raise DataFormatError(f"{path} is a folder but not one written by datasets.save_to_disk "
-                                  f"(it has none of {', '.join(DATASETS_MARKERS)})")
         return _read_datasets_dir(path, split)
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
@@ -58,6 +62,126 @@ def _loads(text: str, where: str):
         return json.loads(text)
     except RecursionError:
         raise DataFormatError(f"{where}: JSON nested too deeply to read") from None
+
+
+def open_dataset(path: str | os.PathLike, split: str | None = None, config: str | None = None):
+    """A ``datasets.Dataset`` (Arrow, memory-mapped) for Hub ids, dataset repository folders and
+    ``save_to_disk`` folders; None for a data file. Raises one-line errors for the rest."""
+    name = str(path)
+    path = Path(path).expanduser()
+    if path.is_file():
+        return None
+    if path.is_dir():
+        if any((path / m).exists() for m in DATASETS_MARKERS):
+            return _datasets_dir(path, split)
+        if not any(p.suffix.lower() in SUFFIXES for p in path.rglob("*") if p.is_file()):
+            raise DataFormatError(f"{path} is a folder but not one written by datasets.save_to_disk (it has none "
+                                  f"of {', '.join(DATASETS_MARKERS)}), nor a dataset repository with data files")
+        return _load_dataset(str(path), split, config)
+    from .hub import looks_like_id
+
+    if not looks_like_id(name):
+        raise FileNotFoundError(f"data not found: {path}")
+    return _load_dataset(name, split, config)
+
+
+def _load_dataset(name: str, split: str | None, config: str | None):
+    """``datasets.load_dataset``, with its errors as one line. Offline, a dataset in the Hub cache
+    (``datasets--org--name/snapshots/...``, as ``hf download --repo-type dataset`` leaves it) is read from there."""
+    from datasets import DatasetDict, load_dataset
+
+    from .hub import offline
+
+    try:
+        try:
+            data = load_dataset(name, config, split=split)
+        except (ConnectionError, FileNotFoundError) as e:
+            folder = _cached_dataset_repo(name) if not Path(name).exists() else None
+            if folder is None:
+                raise e
+            data = load_dataset(str(folder), config, split=split)
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        if first.startswith("Unknown split"):
+            raise DataFormatError(f"{name}: unknown split {split!r}; {first.partition('. ')[2] or first}") from e
+        if "BuilderConfig" in first or "config" in first.lower():
+            raise DataFormatError(f"{name}: unknown --data-config {config!r}: {first}") from e
+        raise DataFormatError(f"{name}: {first}") from e
+    except (ConnectionError, FileNotFoundError) as e:
+        why = "HF_HUB_OFFLINE is set" if offline() else "the Hub could not be reached"
+        raise DataFormatError(f"data not found: {name} is not a local file or folder, and not a dataset in the "
+                              f"Hugging Face caches ({why}). Download it once online, or give a local file") from e
+    if isinstance(data, DatasetDict):
+        if len(data) != 1:
+            raise DataFormatError(f"{name} has splits {', '.join(data)}: name one with --split")
+        data = next(iter(data.values()))
+    return data
+
+
+def _cached_dataset_repo(name: str):
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    from .hub import cache_dir, split_revision
+
+    repo, revision = split_revision(name)
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", revision=revision, cache_dir=cache_dir(),
+                                      local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+
+
+def iter_row_blocks(path: str | os.PathLike, split: str | None = None, config: str | None = None,
+                    block_rows: int = 8192):
+    """(first row index, rows) blocks of at most ``block_rows`` rows, in file order, for any source
+    :func:`load_rows` reads. Parquet, JSONL, CSV and datasets sources are never read whole into Python
+    objects (a ``.json`` list is: JSON has to be parsed whole)."""
+    dataset = open_dataset(path, split, config)
+    if dataset is not None:
+        for start in range(0, len(dataset), block_rows):
+            yield start, _rows_of(dataset[start : start + block_rows])
+        return
+    path = Path(path).expanduser()
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=block_rows)
+            start = 0
+            for batch in batches:
+                rows = batch.to_pylist()
+                yield start, rows
+                start += len(rows)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise DataFormatError(f"{path}: cannot read as Parquet ({e})") from e
+        return
+    if kind == "jsonl":
+        rows, start = [], 0
+        with open(path, encoding="utf-8-sig") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(_loads(line, f"{path}, line {line_no}"))
+                except json.JSONDecodeError as e:
+                    raise DataFormatError(f"{path}, line {line_no}: not valid JSON ({e.msg} at column {e.colno})") from e
+                if len(rows) == block_rows:
+                    yield start, rows
+                    start, rows = start + len(rows), []
+        if rows:
+            yield start, rows
+        return
+    rows = load_rows(path, split, config)
+    for start in range(0, len(rows), block_rows):
+        yield start, rows[start : start + block_rows]
+
+
+def _rows_of(columns: dict) -> list[dict]:
+    """A datasets batch (column -> values) as row dicts."""
+    names = list(columns)
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -119,6 +243,10 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _read_datasets_dir(path: Path, split: str | None) -> list[dict]:
+    return _datasets_dir(path, split).to_list()
+
+
+def _datasets_dir(path: Path, split: str | None):
     from datasets import DatasetDict, load_from_disk
 
     data = load_from_disk(str(path))
@@ -133,4 +261,4 @@ def _read_datasets_dir(path: Path, split: str | None) -> list[dict]:
         data = data[split]
     elif split is not None:
         raise DataFormatError(f"{path} is a single dataset with no splits; split={split!r} does not apply")
-    return data.to_list()
+    return data

@@ -1,4 +1,7 @@
-"""Load reference and policy models: a local HF folder, a GGUF file, or the embedded default.
+"""Load reference and policy models: a local HF folder, a GGUF file, a Hub id, or the embedded default.
+
+A Hub id (``Qwen/Qwen2.5-0.5B-Instruct``, with ``revision``) resolves to its snapshot in the Hugging Face
+cache through :mod:`prefcache.hub` (downloaded when online), and loads from there.
 
 GGUF files are de-quantised once into a plain HF folder under ``$PREFCACHE_HOME/models`` (default
 ``~/.cache/prefcache``), keyed by the file's fingerprint: later loads are a fast safetensors read, and
@@ -17,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hub
 from .config import QUANTIZATIONS
 
 # bitsandbytes warns on CPU, when it is imported, that it cannot fetch an optional kernel from the hub;
@@ -39,6 +43,8 @@ class ModelSource:
     name: str
     path: Path
     gguf_file: str | None = None
+    hub_id: str | None = None  # the Hub repository it came from
+    revision: str | None = None  # the commit it resolved to
 
     @property
     def files(self) -> list[Path]:
@@ -65,11 +71,16 @@ def default_model() -> ModelSource:
     return ModelSource(DEFAULT_NAME, folder, DEFAULT_GGUF)
 
 
-def resolve_model(model: str | os.PathLike | None) -> ModelSource:
-    """A ``--model`` value (None, an HF folder, or a .gguf file) -> ModelSource, checked to exist."""
+def resolve_model(model: str | os.PathLike | None, revision: str | None = None) -> ModelSource:
+    """A ``--model`` value (None, an HF folder, a .gguf file, or a Hub id ``org/name[@rev]`` at ``revision``)
+    -> ModelSource, checked to exist."""
     if model is None or str(model) in ("", "default"):
         return default_model()
     path = Path(model).expanduser()
+    if not path.exists() and hub.looks_like_id(str(model)):
+        repo, rev = hub.split_revision(str(model), revision)
+        folder = hub.snapshot(repo, rev)
+        return ModelSource(repo, folder, hub_id=repo, revision=folder.name)
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(path.stem, path.resolve().parent, path.name)
     if path.is_dir():
@@ -81,7 +92,7 @@ def resolve_model(model: str | os.PathLike | None) -> ModelSource:
         return ModelSource(path.name, path.resolve())
     if not path.exists():
         raise ModelError(
-            f"model not found: {model} (give a local HF folder or a .gguf file; the hub is not used)"
+            f"model not found: {model} (give a local HF folder, a .gguf file, or a Hub id such as org/name)"
         )
     raise ModelError(f"{model} is neither a model folder nor a .gguf file")
 
@@ -127,7 +138,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def model_fingerprint(source: ModelSource, adapter: str | os.PathLike | None = None) -> str:
     files = source.files
     if adapter:
-        files = files + sorted(p for p in Path(adapter).iterdir() if p.suffix in (".safetensors", ".bin"))
+        files = files + sorted(p for p in hub.resolve_adapter(adapter).iterdir() if p.suffix in (".safetensors", ".bin"))
     if not files:
         raise ModelError(f"no weight files (*.safetensors, *.bin) in {source.path}")
     return file_fingerprint(files)
@@ -260,7 +271,7 @@ def load_model(
     if adapter:
         from peft import PeftModel
 
-        adapter = Path(adapter)
+        adapter = hub.resolve_adapter(adapter)
         if not (adapter / "adapter_config.json").exists():
             raise ModelError(f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .hub import resolve_adapter
 from .models import ModelError, ModelSource, load_model, resolve_device, resolve_quantization
 
 
@@ -58,6 +59,7 @@ def load_policy(
     device = resolve_device(device)
     if finetune not in ("lora", "qlora", "full"):
         raise ModelError(f"finetune must be lora, qlora or full, got {finetune!r}")
+    adapter = resolve_adapter(adapter)  # a folder, or a Hub id's snapshot
     if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
         raise ModelError(f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json)")
     precision = base_precision(finetune, device)

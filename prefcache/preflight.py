@@ -12,14 +12,22 @@ from .config import check_device
 from .rundir import check_run_dir
 
 
-def _exists(option: str, value) -> None:
-    if value is not None and not Path(value).expanduser().exists():
+def _exists(option: str, value, *, hub_ok: bool = False) -> None:
+    """A local path must exist; with ``hub_ok`` a name that looks like a Hub id is left to the command."""
+    if value is None or Path(value).expanduser().exists():
+        return
+    from .hub import looks_like_id
+
+    if not (hub_ok and looks_like_id(str(value))):
         raise FileNotFoundError(f"{option} {value}: no such file or folder")
 
 
 def _model(value) -> None:
-    if value not in (None, "", "default"):
-        from .models import resolve_model  # stdlib only at import: checks the folder / .gguf file
+    if value in (None, "", "default"):
+        return
+    _exists("--model", value, hub_ok=True)
+    if Path(value).expanduser().exists():
+        from .models import resolve_model  # a local folder or .gguf: checked without loading anything
 
         resolve_model(value)
 
@@ -35,7 +43,7 @@ def _cache(option: str, value) -> None:
 
 
 def precompute(options: dict) -> None:
-    _exists("--data", options.get("data"))
+    _exists("--data", options.get("data"), hub_ok=True)
     check_device(options.get("device", "auto"))
     out = options.get("out")
     if out is not None and Path(out).is_file():
@@ -46,9 +54,9 @@ def precompute(options: dict) -> None:
 def train(options: dict) -> None:
     check_device(options.get("device", "auto"))
     check_run_dir(options["out"], bool(options.get("resume")))
-    _exists("--data", options.get("data"))
-    _exists("--eval-data", options.get("eval_data"))
+    _exists("--data", options.get("data"), hub_ok=True)
+    _exists("--eval-data", options.get("eval_data"), hub_ok=True)
     _cache("--cache", options.get("cache"))
     _cache("--eval-cache", options.get("eval_cache"))
     _model(options.get("model"))
-    _exists("--adapter", options.get("adapter"))
+    _exists("--adapter", options.get("adapter"), hub_ok=True)

@@ -26,6 +26,7 @@ from .cache import (
     shard_paths,
     verify,
 )
+from .columns import RowMapping
 from .config import PrecomputeConfig
 from .locking import directory_lock
 
@@ -59,6 +60,8 @@ def cache_metadata(config: PrecomputeConfig, source, tokenizer, quantize: str, d
         "model_name": source.name,
         "model_path": str(source.path / source.gguf_file) if source.gguf_file else str(source.path),
         "model_fingerprint": model_fingerprint(source),
+        "model_id": source.hub_id,  # a Hub id and the commit it resolved to; None for a local model
+        "model_revision": source.revision,
         "adapter": config.adapter,
         "adapter_fingerprint": model_fingerprint_of_adapter(config.adapter),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -68,6 +71,8 @@ def cache_metadata(config: PrecomputeConfig, source, tokenizer, quantize: str, d
         "quantization": quantize,
         "dtype": dtype,
         "per_token": config.per_token,
+        "prefix_sharing": config.prefix_sharing,  # packed rows: each prompt computed once (prefcache.packing)
+        "data_mapping": RowMapping.of(config).record(),  # columns and templates; None = the data's own
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "world_size": world_size,
         # Informational (not compared on extend): 4-bit values depend on the bitsandbytes build and kernel.
@@ -90,9 +95,10 @@ def library_versions() -> dict:
 def model_fingerprint_of_adapter(adapter: str | None) -> str | None:
     if not adapter:
         return None
+    from .hub import resolve_adapter
     from .models import file_fingerprint
 
-    files = sorted(p for p in Path(adapter).iterdir() if p.suffix in (".safetensors", ".bin"))
+    files = sorted(p for p in resolve_adapter(adapter).iterdir() if p.suffix in (".safetensors", ".bin"))
     return file_fingerprint(files)
 
 
@@ -185,7 +191,7 @@ def _precompute(config: PrecomputeConfig) -> dict:
     if world > 1:
         init_distributed(config.device)
     t0 = time.perf_counter()
-    source = resolve_model(config.model)
+    source = resolve_model(config.model, config.revision)
     device = resolve_device(config.device)
     if world > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -195,12 +201,16 @@ def _precompute(config: PrecomputeConfig) -> dict:
 
     out = Path(config.out)
     if out.exists() and shard_paths(out):
-        if diff := differences(read_metadata(out), meta):
+        have = read_metadata(out)
+        if diff := differences(have, meta):
             raise CacheError(f"{out} holds a cache made with other settings; refusing to extend it:\n  "
                              + "\n  ".join(diff) + "\nUse a new --out directory, or the original settings.")
+        # An extension keeps the path the cache was made with (the values agree to float rounding either way).
+        meta["prefix_sharing"] = bool(have.get("prefix_sharing", False))
 
     pairs, bad_rows, _ = load_dataset_pairs(config.data, tokenizer, config.max_length, config.truncation,
-                                            config.on_bad_row)
+                                            config.on_bad_row, split=config.split, data_config=config.data_config,
+                                            mapping=RowMapping.of(config))
     if not pairs and not bad_rows:
         raise DataFormatError(f"{config.data} holds no preference rows: nothing to cache")
     if bad_rows and rank == 0:
@@ -220,6 +230,9 @@ def _precompute(config: PrecomputeConfig) -> dict:
     scored_pairs = scored_tokens = 0
     if pending:
         model, _ = load_model(source, quantize=quantize, device=device, adapter=config.adapter)
+        from .packing import resolve_sharing, score_shared
+
+        sharing = meta["prefix_sharing"] = resolve_sharing(model, meta["prefix_sharing"])
         writer = CacheWriter(out, meta, rank=rank)
         if rank == 0:
             writer.write_manifest()
@@ -246,9 +259,15 @@ def _precompute(config: PrecomputeConfig) -> dict:
                 bar.set_postfix_str(f"{scored_tokens / elapsed:,.0f} tok/s", refresh=False)
                 bar.update(start + int(seqs_done / n_keys * n_pairs) - bar.n)
 
-            logps = score_sequences(model, [(list(k), unique[k]) for k in keys], batch_size=2 * config.batch_size,
-                                    pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
-                                    on_batch=progress)
+            sequences = [(list(k), unique[k]) for k in keys]
+            if sharing:  # a prompt once per packed row, for all of its unique completions in the shard
+                logps = score_shared(model, sequences, batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
+                                     chunk_size=config.chunk_size, device=device, max_row=2 * config.max_length,
+                                     on_batch=progress)
+            else:
+                logps = score_sequences(model, sequences, batch_size=2 * config.batch_size,
+                                        pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
+                                        on_batch=progress)
             try:
                 writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
             except WriteError as e:  # disk full, file-size limit, read-only: the shards written stay whole
@@ -267,6 +286,10 @@ def _precompute(config: PrecomputeConfig) -> dict:
             tdist.barrier()
     if rank == 0:
         problems = verify(out, expected_ids=[p.id for p in pairs])
+        if out.exists():
+            from .runconfig import write_config
+
+            write_config(config, out / "config.yaml")  # `prefcache precompute --config CACHE/config.yaml`
     elapsed = time.perf_counter() - t0
     return {
         "cache": str(out), "rank": rank, "world_size": world, "pairs_in_data": len(pairs),
@@ -301,7 +324,9 @@ def verify_cache(cache_dir: str, data: str | None = None) -> dict:
         tokenizer = load_tokenizer(resolve_model(meta.get("model_path")))
         if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
             problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
-        pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip")
+        mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
+        pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip",
+                                         mapping=mapping)
         expected = [p.id for p in pairs]
     problems += verify(cache_dir, expected_ids=expected)
     if problems:

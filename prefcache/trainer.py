@@ -38,10 +38,12 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .columns import RowMapping, check_cache_mapping
 from .config import TrainConfig
 from .guards import STEP0_MARGIN_TOLERANCE, check_reference_values, check_step, resolve_finetune
 from .locking import directory_lock
 from .losses import LossInputs, combined_loss
+from .runconfig import write_config
 from .rundir import check_run_dir
 from .schedule import make_scheduler
 from .scoring import (
@@ -91,26 +93,31 @@ def _train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
 
     # 1. Tokenizer, reference cache and data: everything is checked before a model is loaded.
-    source = resolve_model(cfg.model)
+    source = resolve_model(cfg.model, cfg.revision)
+    mapping = RowMapping.of(cfg)
     tokenizer = load_tokenizer(source)
     reference = ReferenceTable.from_cache(cfg.cache) if cfg.cache else None
     max_length = cfg.max_length or (reference.metadata["max_length"] if reference else 1024)
     truncation = cfg.truncation or (reference.metadata["truncation"] if reference else "keep_start")
     if reference:
         check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
+        check_cache_mapping(reference.metadata, mapping, cfg.cache)
     finetune, mismatch = resolve_finetune(cfg.finetune, reference.metadata if reference else None, device)
     if finetune != cfg.finetune:  # run.json and checkpoints record the policy actually trained
         cfg = replace(cfg, finetune=finetune)
     if mismatch and main:
         print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
-    pairs, bad_rows, examples = load_dataset_pairs(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row)
+    data_options = {"data_config": cfg.data_config, "mapping": mapping}
+    pairs, bad_rows, examples = load_dataset_pairs(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row,
+                                                   split=cfg.split, **data_options)
     eval_pairs, eval_reference, eval_examples = [], reference, []
     if cfg.eval_data:
         eval_reference = ReferenceTable.from_cache(cfg.eval_cache) if cfg.eval_cache else reference
         if eval_reference is not reference:
             check_cache_matches(eval_reference.metadata, tokenizer, max_length, truncation)
+            check_cache_mapping(eval_reference.metadata, mapping, cfg.eval_cache)
         eval_pairs, _, eval_examples = load_dataset_pairs(cfg.eval_data, tokenizer, max_length, truncation,
-                                                          cfg.on_bad_row)
+                                                          cfg.on_bad_row, split=cfg.eval_split, **data_options)
     elif cfg.eval_fraction:
         held = held_out_ids([p.id for p in pairs], cfg.eval_fraction)
         eval_pairs = [p for p in pairs if p.id in held]
@@ -152,7 +159,9 @@ def _train(cfg: TrainConfig) -> dict:
         adapter=None if full_ckpt else (ckpt or cfg.adapter), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
     from .logprobs import LogProbModule
+    from .packing import training_sharing
 
+    sharing = training_sharing(cfg.prefix_sharing, reference.metadata if reference else None, policy)
     module = LogProbModule(policy, chunk_size=cfg.chunk_size)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -181,11 +190,12 @@ def _train(cfg: TrainConfig) -> dict:
                 "eval_cache": eval_reference.metadata if eval_pairs and eval_reference else None,
                 "train_pairs": len(pairs), "eval_pairs": len(eval_pairs), "bad_rows": len(bad_rows),
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
-                "pairs_per_step": cfg.batch_size * cfg.grad_accum * world,
+                "pairs_per_step": cfg.batch_size * cfg.grad_accum * world, "prefix_sharing": sharing,
                 "resumed_from": str(ckpt) if ckpt else None,
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if main:
         write_json_atomic(run_info, out / "run.json")
+        write_config(cfg, out / "config.yaml")  # `prefcache train --config RUN/config.yaml` runs it again
 
     loss_options = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma,
                     "discopop_tau": cfg.discopop_tau, "ld_alpha": cfg.ld_alpha}
@@ -201,7 +211,7 @@ def _train(cfg: TrainConfig) -> dict:
         nonlocal last_eval, last_eval_step
         bco = {"bco_delta": bco_sum / bco_count if bco_count else 0.0} if uses_bco else {}
         cols, losses = evaluate_split(policy, eval_pairs[rank::world], eval_reference, cfg, pad_id=pad_id,
-                                      device=device, loss_options={**loss_options, **bco})
+                                      device=device, loss_options={**loss_options, **bco}, prefix_sharing=sharing)
         parts = gather((cols, losses), world)
         if main:
             cols = {k: [v for c, _ in parts for v in c[k]] for k in cols}
@@ -219,7 +229,8 @@ def _train(cfg: TrainConfig) -> dict:
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
                              "bco": (bco_sum, bco_count), "elapsed_s": time.perf_counter() - t_start,
                              "world_size": world, "n_train": len(pairs), "batch_size": cfg.batch_size,
-                             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "last_eval_step": last_eval_step}
+                             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "last_eval_step": last_eval_step,
+                             "group_by_length": cfg.group_by_length}
             info = {"step": at_step, "epoch": at_step / steps_per_epoch, "base_model": policy_info["model_name"],
                     "model": cfg.model, "finetune": cfg.finetune, "max_length": max_length, "truncation": truncation,
                     "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache, "prefcache_version": __version__}
@@ -235,12 +246,15 @@ def _train(cfg: TrainConfig) -> dict:
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if order_epoch != epoch:  # a fresh seeded permutation each epoch, resumable from the step alone
-            order, order_epoch = epoch_order(len(pairs), cfg.seed, epoch, rank, world), epoch
+            lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs] \
+                if cfg.group_by_length else None
+            order = epoch_order(len(pairs), cfg.seed, epoch, rank, world, lengths, cfg.batch_size * cfg.grad_accum)
+            order_epoch = epoch
         span = cfg.batch_size * cfg.grad_accum
         step_idx = order[position * span : (position + 1) * span]
         micro = [step_idx[i : i + cfg.batch_size] for i in range(0, len(step_idx), cfg.batch_size)]
         t0 = time.perf_counter()
-        loss_sum, tokens, cols = 0.0, 0, []
+        loss_sum, tokens, positions, cols = 0.0, 0, 0, []
         for k, idx in enumerate(micro):
             batch = [pairs[i] for i in idx]
             ids = [p.id for p in batch]
@@ -248,7 +262,8 @@ def _train(cfg: TrainConfig) -> dict:
             sync = module.no_sync() if world > 1 and k < len(micro) - 1 else nullcontext()
             with sync:
                 with autocast:
-                    pol = pair_logps(module, batch, pad_id=pad_id, device=device, chunk_size=cfg.chunk_size)
+                    pol = pair_logps(module, batch, pad_id=pad_id, device=device, chunk_size=cfg.chunk_size,
+                                     prefix_sharing=sharing)
                 ref = {c: v.to(device) for c, v in reference.lookup(ids).items()} if reference else None
                 inputs = loss_inputs(pol, ref)
                 bco = {}
@@ -268,6 +283,7 @@ def _train(cfg: TrainConfig) -> dict:
                 (result.loss * (len(batch) / len(step_idx))).backward()
             loss_sum += result.loss.item() * len(batch)
             tokens += pol.n_tokens
+            positions += pol.n_positions
             cols.append(example_cols(batch, inputs, result, cfg.beta))
 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
@@ -291,14 +307,16 @@ def _train(cfg: TrainConfig) -> dict:
         bar.set_postfix(loss=f"{loss_sum / len(step_idx):.4f}", acc=f"{local['rewards_accuracies']:.2f}",
                         margin=f"{local['rewards_margins']:.3f}", refresh=False)
         if step % cfg.log_every == 0 or step == total_steps:
-            parts = gather((cols, loss_sum, tokens, peak_mem_mb(device)), world)
+            parts = gather((cols, loss_sum, tokens, peak_mem_mb(device), positions), world)
             if main:
                 cols = {k: [v for c, *_ in parts for v in c[k]] for k in cols}
                 last_train = aggregate(cols) | {"loss": sum(p[1] for p in parts) / len(cols["id"])}
                 log.add_examples(cols, step=step, split="train")
                 log.add_step({**last_train, "step": step, "epoch": step / steps_per_epoch, "split": "train",
                               "lr": lr, "grad_norm": grad_norm, "tokens_per_s": sum(p[2] for p in parts) / step_time,
-                              "peak_mem_mb": max(p[3] for p in parts), "time_s": time.perf_counter() - t_start})
+                              "peak_mem_mb": max(p[3] for p in parts), "time_s": time.perf_counter() - t_start,
+                              # the share of the computed token positions that were padding
+                              "padding_share": 1 - sum(p[2] for p in parts) / max(sum(p[4] for p in parts), 1)})
         if eval_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
             run_eval(step)
         if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
@@ -334,15 +352,29 @@ def held_out_ids(ids: list[str], fraction: float) -> set[str]:
 def check_resumable(state: dict, *, world: int, n_train: int, cfg: TrainConfig) -> None:
     """The data order is a function of these: resuming with others would not continue the same run."""
     now = {"world_size": world, "n_train": n_train, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-           "seed": cfg.seed}
-    if diff := [f"{k}: checkpoint has {state.get(k)!r}, now {v!r}" for k, v in now.items() if state.get(k) != v]:
+           "seed": cfg.seed, "group_by_length": cfg.group_by_length}
+    had = {"group_by_length": False}  # checkpoints from before length grouping: random batches
+    if diff := [f"{k}: checkpoint has {state.get(k, had.get(k))!r}, now {v!r}" for k, v in now.items()
+                if state.get(k, had.get(k)) != v]:
         raise ValueError("cannot resume with other settings:\n  " + "\n  ".join(diff))
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, lengths: list[int] | None = None,
+                span: int = 1) -> list[int]:
     """This rank's pair indices for an epoch: a permutation seeded by (seed + epoch), padded to a multiple
-    of world_size by wrapping around, then every world_size-th index (as torch's DistributedSampler)."""
+    of world_size by wrapping around, then every world_size-th index (as torch's DistributedSampler).
+
+    With ``lengths`` (tokens per pair), length-grouped as transformers' ``group_by_length``: the permutation
+    is cut into mega-batches of up to 50 steps' pairs (``span`` pairs per step per rank, times world_size;
+    fewer on small data), each sorted longest first, so a micro-batch holds pairs of similar length. Still
+    a function of (seed, epoch, rank, world, lengths, span) only: resume and data parallelism are unchanged,
+    and a step sees the same pairs whatever its split into micro-batches or ranks.
+    """
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    if lengths is not None:
+        step = span * world
+        mega = step * max(1, min(n // (4 * step), 50))
+        perm = [i for s in range(0, n, mega) for i in sorted(perm[s : s + mega], key=lambda i: -lengths[i])]
     per_rank = math.ceil(n / world)
     perm += perm[: per_rank * world - n]
     return perm[rank::world]
@@ -388,7 +420,8 @@ def example_cols(batch, inputs: LossInputs, result, beta: float) -> dict[str, li
             "rejected_tokens": [len(p.rejected_ids) for p in batch]}
 
 
-def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device, loss_options) -> tuple[dict, float]:
+def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device, loss_options,
+                   prefix_sharing: bool = False) -> tuple[dict, float]:
     """Per-example columns and the summed loss of held-out pairs, no gradients.
 
     With a reference the columns come from ``scoring.score_pairs``, the code path of ``prefcache score``,
@@ -401,7 +434,7 @@ def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device
     cols = None
     if reference is not None:
         cols, _ = score_pairs(policy, pairs, reference, beta=cfg.beta, batch_size=batch_size, pad_id=pad_id,
-                              device=device, chunk_size=cfg.chunk_size)
+                              device=device, chunk_size=cfg.chunk_size, prefix_sharing=prefix_sharing)
     if cols is not None and cfg.ld_alpha is None:
         t = {k: torch.tensor(cols[k], dtype=torch.float64) for k in cols if k != "id"}
         inputs = LossInputs(t["policy_chosen_logps"], t["policy_rejected_logps"], t["ref_chosen_logps"],
@@ -411,7 +444,8 @@ def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device
         policy.eval()
         with torch.no_grad():
             parts = [pair_logps(policy, pairs[s : s + batch_size], pad_id=pad_id, device=device,
-                                chunk_size=cfg.chunk_size) for s in range(0, len(pairs), batch_size)]
+                                chunk_size=cfg.chunk_size, prefix_sharing=prefix_sharing)
+                     for s in range(0, len(pairs), batch_size)]
         policy.train(was_training)
         pol = PairLogps(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in
                           ("chosen", "rejected", "chosen_prefix", "rejected_prefix", "chosen_tokens",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.cli.precompute import run_api
 from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS
 
@@ -16,12 +17,15 @@ def _show(df, run_dir) -> None:
 
 
 @click.command("eval")
+@config_option
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--tasks", required=True, help="lm-eval task names, comma-separated (globs allowed).")
 @click.option("--include-path", multiple=True, help="Folder of task YAMLs (repeatable); relative data_files are read relative to each YAML.")
 @click.option("--limit", type=int, default=None, help="Documents per task (quick checks) [default: all].")
 @click.option("--run", default=None, help="Run folder: reads run.json, writes evals/ [default: the checkpoints' run].")
-@click.option("--model", default=None, help="Base model (HF folder or .gguf) [default: the run's].")
+@click.option("--out", default=None, help="Folder for results when there is no run (plain models, Hub ids): OUT/evals/ (created).")
+@click.option("--model", default=None, help="Base model (HF folder, .gguf or Hub id) [default: the run's].")
+@revision_option
 @click.option("--base/--no-base", default=True, show_default=True, help="Also evaluate the base model (checkpoint 'base').")
 @click.option("--num-fewshot", type=int, default=None, help="Few-shot examples [default: the task's].")
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -34,12 +38,13 @@ def eval_cmd(**options):
     weights) and handed to lm-eval as a model instance. Results go to RUN/evals/lm-eval-*.parquet
     (the `evals` view of `prefcache sql`). The base model is included unless --no-base.
     CHECKPOINTS: checkpoint folders, names of checkpoints of --run, run folders (all their
-    checkpoints), or `base`.
+    checkpoints), plain model folders or Hub ids (with --out), or `base`.
 
     \b
     Examples:
       prefcache eval run1 --tasks prefcache_heldout --include-path examples/lm_eval_task
       prefcache eval run1/checkpoints/step-000200 --tasks arc_easy,hellaswag --limit 200
+      prefcache eval Qwen/Qwen2.5-0.5B-Instruct --tasks arc_easy --limit 200 --out qwen-evals
     """
     from prefcache.config import EvalConfig
     from prefcache.evaluation import evaluate, run_dir_of
@@ -50,14 +55,18 @@ def eval_cmd(**options):
 
 
 @click.command("score")
+@config_option
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--cache", required=True, help="Reference cache holding the held-out pairs (the reference is never loaded).")
 @click.option("--data", required=True, help="Held-out preference data (any format precompute reads).")
+@data_options()
 @click.option("--beta", type=float, default=None, help="Reward scale [default: the run's beta, else 0.1].")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per forward pass.")
 @click.option("--chunk-size", type=int, default=2048, show_default=True, help="Completion positions per output-head chunk.")
 @click.option("--run", default=None, help="Run folder: reads run.json, writes evals/ and logs/ [default: the checkpoints' run].")
-@click.option("--model", default=None, help="Base model (HF folder or .gguf) [default: the run's].")
+@click.option("--out", default=None, help="Folder for results when there is no run (plain models, Hub ids): OUT/evals/, OUT/logs/.")
+@click.option("--model", default=None, help="Base model (HF folder, .gguf or Hub id) [default: the run's].")
+@revision_option
 @click.option("--base", is_flag=True, help="Also score the base model (checkpoint 'base'; rewards ~0 if it made the cache).")
 @click.option("--on-bad-row", type=click.Choice(BAD_ROW_POLICIES), default="fail", show_default=True)
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None, help="Precision of the weights [default: the run's].")

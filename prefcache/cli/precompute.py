@@ -6,6 +6,7 @@ import json
 
 import click
 
+from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS, TRUNCATIONS
 
 
@@ -18,12 +19,15 @@ def run_api(fn, *args, **kwargs):
 
 
 @click.command("precompute")
-@click.option("--data", required=True, help="Preference data: .jsonl/.json/.parquet/.csv or a datasets folder.")
+@config_option
+@click.option("--data", required=True, help="Preference data: .jsonl/.json/.parquet/.csv, a datasets folder, or a Hub dataset id.")
+@data_options()
 @click.option("--out", required=True, help="Cache directory to create or extend.")
-@click.option("--model", default=None, help="HF model folder or .gguf file [default: embedded SmolLM2-135M-Instruct].")
+@click.option("--model", default=None, help="HF model folder, .gguf file or Hub id [default: embedded SmolLM2-135M-Instruct].")
+@revision_option
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="auto", show_default=True,
               help="Reference precision; auto = bf16 on GPU, fp32 on CPU. 4bit = bitsandbytes NF4 + double quant.")
-@click.option("--adapter", default=None, help="PEFT adapter folder applied on the model (e.g. your SFT LoRA).")
+@click.option("--adapter", default=None, help="PEFT adapter folder or Hub id applied on the model (e.g. your SFT LoRA).")
 @click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens kept per prompt+completion.")
 @click.option("--truncation", type=click.Choice(TRUNCATIONS), default="keep_start", show_default=True,
               help="keep_start drops the completion's tail (TRL's default); keep_end drops the prompt's head.")
@@ -34,6 +38,9 @@ def run_api(fn, *args, **kwargs):
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--shard-size", type=int, default=1024, show_default=True, help="Pairs per Parquet shard.")
 @click.option("--chunk-size", type=int, default=2048, show_default=True, help="Completion positions per output-head chunk (memory vs speed).")
+@click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
+              help="Compute each prompt once, its completions packed after it under a block attention mask "
+                   "(same values to float rounding; faster the longer the prompts). Off: two sequences per pair.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def precompute_cmd(no_progress, **options):
     """Score every pair once with the frozen reference model and cache the log-probs.
@@ -45,6 +52,9 @@ def precompute_cmd(no_progress, **options):
     \b
     Example:
       prefcache precompute --data prefs.jsonl --out ref-cache --quantize 4bit --max-length 512
+      prefcache precompute --model Qwen/Qwen2.5-0.5B-Instruct --data HuggingFaceH4/ultrafeedback_binarized \
+          --split train_prefs --out ref-cache
+      prefcache precompute --config ref-cache/config.yaml   (the options a cache was made with)
     Data-parallel (one shard set per rank):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
@@ -104,6 +114,7 @@ def _pct(v):
 
 
 @click.command("verify")
+@config_option
 @click.argument("cache")
 @click.option("--data", default=None, help="The data the cache should cover (checks every id is present once).")
 def verify_cmd(cache, data):

@@ -6,22 +6,27 @@ import os
 
 import click
 
+from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.cli.precompute import run_api
 from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS, TRUNCATIONS
 
 
 @click.command("train")
-@click.option("--data", required=True, help="Training preference data (.jsonl/.json/.parquet/.csv or a datasets folder).")
+@config_option
+@click.option("--data", required=True, help="Training preference data (.jsonl/.json/.parquet/.csv, a datasets folder or a Hub dataset id).")
+@data_options(eval_split=True)
 @click.option("--cache", default=None, help="Reference cache from `prefcache precompute` (not needed for the reference-free losses orpo, simpo, sft).")
 @click.option("--out", required=True, help="Run directory: logs/, checkpoints/, pairs.parquet, run.json.")
-@click.option("--model", default=None, help="Policy's starting weights: HF folder or .gguf [default: embedded SmolLM2-135M-Instruct].")
-@click.option("--adapter", default=None, help="Starting PEFT adapter (e.g. your SFT LoRA), trained further.")
+@click.option("--model", default=None, help="Policy's starting weights: HF folder, .gguf or Hub id [default: embedded SmolLM2-135M-Instruct].")
+@revision_option
+@click.option("--adapter", default=None, help="Starting PEFT adapter, folder or Hub id (e.g. your SFT LoRA), trained further.")
 @click.option("--loss", default="sigmoid", show_default=True, help="Loss name(s), comma-separated: sigmoid, ipo, simpo, sigmoid,sft ...")
 @click.option("--loss-weights", default=None, help="Weights of the losses, comma-separated [default: 1 each].")
 @click.option("--beta", type=float, default=0.1, show_default=True)
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="cDPO / robust / exo label noise ε.")
 @click.option("--ld-alpha", type=float, default=None, help="LD-DPO: weight of the tokens past the shorter completion.")
 @click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="SimPO target reward margin.")
+@click.option("--discopop-tau", type=float, default=0.05, show_default=True, help="DiscoPOP temperature.")
 @click.option("--finetune", type=click.Choice(FINETUNES), default="auto", show_default=True,
               help="auto: the policy that made the cache (qlora on a 4-bit cache, else lora); lora: LoRA on all "
                    "linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
@@ -41,7 +46,9 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip gradients to this norm (0: no clipping).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
               help="adamw8bit / paged_adamw8bit: bitsandbytes' 8-bit optimizer states.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory, ~30% slower).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
+              help="Recompute each layer's activations in backward: the lean default (SmolLM2-135M, batch 4: "
+                   "~half the peak memory) for ~30% more time per step; --no-gradient-checkpointing for speed.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast on GPU (ignored on CPU).")
 @click.option("--max-length", type=int, default=None, help="Tokens per prompt+completion [default: the cache's].")
 @click.option("--truncation", type=click.Choice(TRUNCATIONS), default=None, help="[default: the cache's]")
@@ -58,6 +65,11 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--chunk-size", type=int, default=1024, show_default=True, help="Completion positions per output-head chunk.")
 @click.option("--flush-every", type=int, default=50, show_default=True, help="Logged steps buffered per new log file.")
+@click.option("--prefix-sharing/--no-prefix-sharing", default=None,
+              help="One packed [prompt | chosen | rejected] row per pair, the prompt computed once [default: as "
+                   "the cache was made, so step-0 rewards are exactly 0; no cache: on].")
+@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
+              help="Batches of pairs of similar length (seeded, resumable): less padding.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(no_progress, max_grad_norm, **options):
     """Train a policy with DPO (or another preference loss) against a precomputed reference cache.
@@ -72,6 +84,7 @@ def train_cmd(no_progress, max_grad_norm, **options):
       prefcache precompute --data prefs.jsonl --out ref-cache
       prefcache train --data prefs.jsonl --cache ref-cache --out run1 --max-steps 200 --save-every 50
       prefcache train --data prefs.jsonl --cache ref-cache --out run1 --max-steps 200 --resume
+      prefcache train --config run1/config.yaml --out run1-again   (run1's options, one changed)
     Reference-free, no cache:  prefcache train --data prefs.jsonl --out run2 --loss simpo --beta 2
     Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
     """

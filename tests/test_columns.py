@@ -1,0 +1,87 @@
+"""prefcache.columns: other people's column names and prompt templates, recorded in the cache and checked."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_jsonl
+
+from prefcache.columns import RowMapping, check_cache_mapping, parse_columns, unescape
+
+STACK = [  # the stack-exchange paired data of the DPO / Llama-2 walk-through
+    {"qid": 7, "question": "How do I sort a list?", "response_j": "Use sorted().", "response_k": "You can't."},
+    {"qid": 8, "question": "What is 2+2?", "response_j": "4", "response_k": "5"},
+]
+SE_COLUMNS = "id=qid,prompt=question,chosen=response_j,rejected=response_k"
+SE_TEMPLATE = "Question: {prompt}\n\nAnswer: "
+
+
+def test_stack_exchange_rows_are_mapped_and_rendered(tmp_path, tokenizer):
+    from prefcache.data import example_id, load_dataset_pairs
+
+    data = write_jsonl(tmp_path / "se.jsonl", STACK)
+    mapping = RowMapping(SE_COLUMNS, prompt_template=SE_TEMPLATE)
+    pairs, bad, examples = load_dataset_pairs(data, tokenizer, 64, mapping=mapping)
+    assert not bad and [e.id for e in examples] == ["7", "8"]
+    assert examples[0].prompt == "Question: How do I sort a list?\n\nAnswer: "
+    assert examples[0].chosen == "Use sorted()." + tokenizer.eos_token
+    assert pairs[0].prompt_ids + pairs[0].chosen_ids == tokenizer(examples[0].prompt + examples[0].chosen)["input_ids"]
+    # Without an id column the id is the content hash of the rendered pair (so another template = other ids).
+    _, _, derived = load_dataset_pairs(data, tokenizer, 64, mapping=RowMapping(SE_COLUMNS.partition(",")[2],
+                                                                                 prompt_template=SE_TEMPLATE))
+    assert derived[1].id == example_id("Question: What is 2+2?\n\nAnswer: ", "4", "5")
+    chosen = RowMapping(SE_COLUMNS, chosen_template=" {chosen}", rejected_template=" {rejected}")
+    _, _, ex = load_dataset_pairs(data, tokenizer, 64, mapping=chosen)
+    assert ex[1].prompt == "What is 2+2?" and ex[1].chosen == " 4" + tokenizer.eos_token
+
+
+def test_bad_mappings_are_one_clear_line(tmp_path, tokenizer):
+    from prefcache.config import PrecomputeConfig
+    from prefcache.data import load_dataset_pairs
+    from prefcache.formats import DataFormatError
+
+    with pytest.raises(ValueError, match="--columns: unknown column 'question'; map id, prompt, chosen, rejected"):
+        parse_columns("question=prompt")
+    with pytest.raises(ValueError, match=r"--prompt-template must contain \{prompt\}"):
+        PrecomputeConfig(data="d", out="o", prompt_template="Question: {question}")
+    with pytest.raises(ValueError, match="TARGET=COLUMN"):
+        PrecomputeConfig(data="d", out="o", columns="prompt")
+    data = write_jsonl(tmp_path / "se.jsonl", STACK)
+    with pytest.raises(DataFormatError, match="--columns maps chosen to 'response_a', which is not a column of .*"
+                                              "it has qid, question, response_j, response_k"):
+        load_dataset_pairs(data, tokenizer, 64, mapping=RowMapping("prompt=question,chosen=response_a,rejected=response_k"))
+    with pytest.raises(DataFormatError, match=r"--prompt-template names \{title\}, which is not a column"):
+        load_dataset_pairs(data, tokenizer, 64, mapping=RowMapping(SE_COLUMNS, prompt_template="{title}: {prompt}"))
+
+
+def test_unescape_and_records():
+    assert unescape(r"Question: {prompt}\n\nAnswer:\t\\n") == "Question: {prompt}\n\nAnswer:\t\\n"
+    assert RowMapping().record() is None and not RowMapping()
+    assert RowMapping("prompt=question", prompt_template="Q: {prompt}").record() == {
+        "columns": {"prompt": "question"}, "prompt_template": "Q: {prompt}", "chosen_template": None,
+        "rejected_template": None}
+    from prefcache.cache import CacheError
+
+    check_cache_mapping({}, RowMapping())  # a cache made before mappings existed: no mapping
+    with pytest.raises(CacheError, match="data mapping None"):
+        check_cache_mapping({}, RowMapping("prompt=question"))
+
+
+def test_cache_records_the_mapping_and_the_trainer_refuses_another(tmp_path, tiny_model):
+    from prefcache.cache import CacheError, read_metadata
+    from prefcache.cli import main
+    from prefcache.trainer import train
+
+    data = write_jsonl(tmp_path / "se.jsonl", STACK * 2)
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(main, ["precompute", "--data", str(data), "--out", str(cache), "--model", str(tiny_model),
+                                    "--columns", SE_COLUMNS, "--prompt-template", r"Question: {prompt}\n\nAnswer: ",
+                                    "--max-length", "64", "--quantize", "fp32", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert read_metadata(cache)["data_mapping"]["prompt_template"] == SE_TEMPLATE  # \n typed = a newline
+    common = {"data": str(data), "cache": str(cache), "model": str(tiny_model), "max_steps": 1, "device": "cpu",
+              "lora_r": 2, "progress": False}
+    with pytest.raises(CacheError, match="was made with data mapping"):
+        train(out=str(tmp_path / "run0"), columns=SE_COLUMNS, prompt_template="Q: {prompt}\nA: ", **common)
+    summary = train(out=str(tmp_path / "run1"), columns=SE_COLUMNS, prompt_template=SE_TEMPLATE, **common)
+    assert summary["steps"] == 1
