@@ -22,6 +22,14 @@ class DataFormatError(ValueError):
     """A data file that cannot be read as preference rows; the message says why and where."""
 
 
+class Rows(list):
+    """Rows of a line-based file (JSONL, CSV), with ``lines[i]``: the 1-based line number of row i."""
+
+    def __init__(self, rows, lines: list[int]):
+        super().__init__(rows)
+        self.lines = lines
+
+
 def load_rows(path: str | os.PathLike, split: str | None = None, config: str | None = None) -> list[dict]:
     """Rows of a preference data file, each a dict of its columns, in file order.
 
@@ -41,7 +49,19 @@ def load_rows(path: str | os.PathLike, split: str | None = None, config: str | N
     if kind is None:
         raise DataFormatError(f"{path}: unknown data format {path.suffix or '(no suffix)'!r}; use one of "
                               f"{', '.join(sorted(SUFFIXES))} or a datasets.save_to_disk folder")
-    return {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv}[kind](path)
+    try:
+        return {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv}[kind](path)
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} cannot be decoded); "
+                              "save it as UTF-8") from None
+
+
+def _loads(text: str, where: str):
+    """json.loads, with a value nested too deep for Python's recursion limit reported as bad data."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataFormatError(f"{where}: JSON nested too deeply to read") from None
 
 
 def open_dataset(path: str | os.PathLike, split: str | None = None, config: str | None = None):
@@ -144,7 +164,7 @@ def iter_row_blocks(path: str | os.PathLike, split: str | None = None, config: s
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(_loads(line, f"{path}, line {line_no}"))
                 except json.JSONDecodeError as e:
                     raise DataFormatError(f"{path}, line {line_no}: not valid JSON ({e.msg} at column {e.colno})") from e
                 if len(rows) == block_rows:
@@ -165,22 +185,28 @@ def _rows_of(columns: dict) -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
+    rows, lines = [], []
+    with open(path, "rb") as f:  # decoded line by line, so an encoding error can name its line
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{path}, line {line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                      f"column {e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(_loads(line, f"{path}, line {line_no}"))
+                lines.append(line_no)
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{path}, line {line_no}: not valid JSON ({e.msg} at column {e.colno})") from e
-    return rows
+    return Rows(rows, lines)
 
 
 def _read_json(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8-sig")
     try:
-        data = json.loads(text)
+        data = _loads(text, str(path))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level objects: a JSONL file named .json
             return _read_jsonl(path)
@@ -209,7 +235,11 @@ def _read_csv(path: Path) -> list[dict]:
         if reader.fieldnames is None:
             return []
         # A short line leaves its missing cells None (reported as null fields); extra cells are dropped.
-        return [{k: v for k, v in row.items() if k is not None} for row in reader]
+        rows, lines = [], []
+        for row in reader:
+            rows.append({k: v for k, v in row.items() if k is not None})
+            lines.append(reader.line_num)  # the record's last line: its only one unless a cell holds newlines
+        return Rows(rows, lines)
 
 
 def _read_datasets_dir(path: Path, split: str | None) -> list[dict]:

@@ -177,7 +177,7 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
 def _precompute(config: PrecomputeConfig) -> dict:
     from tqdm.auto import tqdm
 
-    from .data import load_dataset_pairs, write_bad_rows
+    from .data import DataFormatError, load_dataset_pairs, write_bad_rows
     from .models import (
         compute_dtype,
         load_model,
@@ -211,9 +211,14 @@ def _precompute(config: PrecomputeConfig) -> dict:
     pairs, bad_rows, _ = load_dataset_pairs(config.data, tokenizer, config.max_length, config.truncation,
                                             config.on_bad_row, split=config.split, data_config=config.data_config,
                                             mapping=RowMapping.of(config))
+    if not pairs and not bad_rows:
+        raise DataFormatError(f"{config.data} holds no preference rows: nothing to cache")
     if bad_rows and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_bad_rows(out / "bad_rows.jsonl", bad_rows)
+    if not pairs:
+        raise DataFormatError(f"all {len(bad_rows)} rows of {config.data} are bad rows (listed in "
+                              f"{out / 'bad_rows.jsonl'}): nothing to cache")
     done = existing_ids(out) if out.exists() else set()
     before = len(done)
     pending, seen = [], set()
@@ -306,7 +311,13 @@ def verify_cache(cache_dir: str, data: str | None = None) -> dict:
     from .data import load_dataset_pairs
     from .models import load_tokenizer, resolve_model, tokenizer_fingerprint
 
-    meta = read_metadata(cache_dir)
+    try:
+        meta = read_metadata(cache_dir)
+    except CacheError as e:
+        if not shard_paths(cache_dir):
+            raise
+        bad = verify(cache_dir)  # a damaged first shard: report every shard by name, as for the others
+        return {"summary": f"{cache_dir}: NOT OK", "problems": bad or [str(e)]}
     expected = None
     problems: list[str] = []
     if data is not None:

@@ -58,6 +58,9 @@ def precompute_cmd(no_progress, **options):
     Data-parallel (one shard set per rank):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
+    from prefcache import preflight
+
+    run_api(preflight.precompute, options)  # refusals that need no model, before torch loads
     from prefcache.config import PrecomputeConfig
     from prefcache.reference import precompute
 

@@ -88,6 +88,9 @@ def train_cmd(no_progress, max_grad_norm, **options):
     Reference-free, no cache:  prefcache train --data prefs.jsonl --out run2 --loss simpo --beta 2
     Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
     """
+    from prefcache import preflight
+
+    run_api(preflight.train, options)  # refusals that need no model, before torch loads
     from prefcache.config import TrainConfig
     from prefcache.trainer import train
 
