@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .formats import DataFormatError, load_rows
+from .formats import DataFormatError, iter_row_blocks, load_rows
 
 __all__ = ["Example", "TokenizedPair", "BadRow", "BadDataError", "DataFormatError", "load_rows", "example_id",
            "extract_prompt", "prepare_examples", "tokenize_examples", "load_dataset_pairs", "write_bad_rows",
-           "collate"]
+           "collate", "iter_pair_blocks"]
 
 TRUNCATIONS = ("keep_start", "keep_end")
 BAD_ROW_POLICIES = ("fail", "skip")
@@ -349,6 +349,44 @@ def load_dataset_pairs(path: str | os.PathLike, tokenizer, max_length: int, trun
     _apply_policy(bad, on_bad_row, str(path))
     dropped = {b.row for b in bad_tokens}
     return pairs, bad, [ex for ex in examples if ex.row not in dropped]
+
+
+BLOCK_ROWS = 4096  # rows read, validated and tokenised at a time by iter_pair_blocks
+
+
+def iter_pair_blocks(path: str | os.PathLike, tokenizer, max_length: int, truncation: str = "keep_start",
+                     on_bad_row: str = "fail", *, split: str | None = None, data_config: str | None = None,
+                     mapping=None, block_rows: int = BLOCK_ROWS):
+    """:func:`load_dataset_pairs` in blocks of ``block_rows`` rows: yields (pairs, bad rows) per block, so
+    memory is bounded by a block, not by the data (a million pairs are never Python objects at once).
+
+    Across blocks only ids are remembered (with a hash of their rendered texts): an exact duplicate of an
+    earlier row is dropped, an id reused for other content is a bad row. Row numbers count from the start of
+    the data. With ``on_bad_row='fail'`` the first block holding a bad row raises :class:`BadDataError`.
+    """
+    _check_policy(on_bad_row)
+    seen: dict[str, int] = {}  # id -> hash of its rendered texts
+    for start, rows in iter_row_blocks(path, split, data_config, block_rows):
+        if mapping:
+            if start == 0:
+                mapping.check_columns(_column_names(rows), str(path))
+            rows = [mapping.apply(r) for r in rows]
+        examples, bad = prepare_examples(rows, tokenizer, "skip")
+        bad = [replace(b, row=b.row + start) for b in bad]
+        kept = []
+        for ex in examples:
+            ex = replace(ex, row=ex.row + start)
+            key = hash((ex.prompt, ex.chosen, ex.rejected))
+            if ex.id in seen:
+                if seen[ex.id] != key:
+                    bad.append(BadRow(ex.row, ex.id, f"id {ex.id!r} is already used by an earlier row for different content"))
+                continue
+            seen[ex.id] = key
+            kept.append(ex)
+        pairs, bad_tokens = tokenize_examples(kept, tokenizer, max_length, truncation, "skip")
+        bad = sorted(bad + bad_tokens, key=lambda b: b.row)
+        _apply_policy(bad, on_bad_row, str(path))
+        yield pairs, bad
 
 
 def _column_names(rows) -> list[str]:
