@@ -69,6 +69,7 @@ def token_logprobs(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     checkpoint: bool | None = None,
+    aux: list | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of the completion tokens, without full-vocabulary logits.
 
@@ -79,6 +80,8 @@ def token_logprobs(
         completion_mask: [N, T] 1 on the completion tokens whose log-prob is wanted.
         chunk_size: completion positions projected through the output head at once.
         checkpoint: recompute each chunk's logits in backward; defaults to ``torch.is_grad_enabled()``.
+        aux: for a mixture-of-experts model, a list the router load-balancing loss (a scalar, unscaled:
+            see :func:`router_aux_coef`) is appended to; None = not computed.
 
     Returns:
         [N, T] fp32: at t, log p(input_ids[t] | input_ids[<t]) in nats where completion_mask[t] is 1,
@@ -93,8 +96,13 @@ def token_logprobs(
     if checkpoint is None:
         checkpoint = torch.is_grad_enabled()
 
+    moe = aux is not None and router_aux_coef(lm) is not None
     # Through the wrapper when there is one, so PEFT / DDP forward hooks still run.
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]  # [N, T, H]
+    output = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                      **({"output_router_logits": True} if moe else {}))
+    hidden = output[0]  # [N, T, H]
+    if moe:
+        aux.append(_load_balancing_loss(lm, output.router_logits, attention_mask))
     # Hidden state at t predicts token t+1: select the positions whose *next* token is a completion token.
     predict = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # [N, T-1]
     h = hidden[:, :-1][predict]  # [n, H]
@@ -129,13 +137,42 @@ def naive_token_logprobs(
     return torch.nn.functional.pad(logps * mask, (1, 0))
 
 
-class LogProbModule(nn.Module):
-    """nn.Module face of :func:`token_logprobs`, so DDP can wrap the whole computation."""
+def router_aux_coef(model: nn.Module) -> float | None:
+    """A mixture-of-experts model's own weight of its router load-balancing loss (``router_aux_loss_coef``,
+    what its ``forward`` adds to the LM loss); None for a dense model or a coefficient of 0."""
+    cfg = getattr(_unwrap(model), "config", None)
+    coef = getattr(cfg, "router_aux_loss_coef", None)
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    return float(coef) if coef and experts else None
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK):
+
+def _load_balancing_loss(lm: nn.Module, router_logits, attention_mask) -> torch.Tensor:
+    """The Switch-Transformer load-balancing loss, computed by the model's own module (Mixtral, Qwen2-MoE,
+    Qwen3-MoE... each ship ``load_balancing_loss_func``) exactly as its ``forward`` does."""
+    import importlib
+
+    fn = importlib.import_module(type(lm).__module__).load_balancing_loss_func
+    cfg = lm.config
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    return fn(router_logits, experts, cfg.num_experts_per_tok, attention_mask)
+
+
+class LogProbModule(nn.Module):
+    """nn.Module face of :func:`token_logprobs`, so DDP can wrap the whole computation.
+
+    ``router_aux``: with gradients on, a mixture-of-experts model's router load-balancing loss of the last
+    forward is left in ``aux_loss`` (None otherwise), for the trainer to add to its loss."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, router_aux: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.router_aux = router_aux and router_aux_coef(model) is not None
+        self.aux_loss = None
 
     def forward(self, input_ids, attention_mask, completion_mask):
-        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size)
+        aux = [] if self.router_aux and torch.is_grad_enabled() else None
+        out = token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
+                             aux=aux)
+        self.aux_loss = aux[0] if aux else None
+        return out
