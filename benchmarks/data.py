@@ -1,12 +1,18 @@
-"""A deterministic benchmark dataset: realistic-looking preference pairs of varied length.
+"""Deterministic benchmark datasets: realistic-looking preference pairs of varied length, in two shapes.
 
-Each pair is a user question about a topic, sometimes preceded by a few sentences of context, with a
-chosen answer (on topic, structured, polite) and a rejected one (vaguer, sometimes off topic or curt).
-Prompt and answer lengths are drawn from skewed distributions, as in real preference data: most
-answers are a few sentences, a few are long. The same seed gives byte-identical files everywhere.
+- ``answer`` (answer-heavy, :func:`make_pairs`): a user question about a topic, sometimes preceded by a
+  few sentences of context, with a chosen answer (on topic, structured, polite) and a rejected one
+  (vaguer, sometimes off topic or curt). Lengths are drawn from skewed distributions, as in real
+  preference data: most answers are a few sentences, a few are long.
+- ``prompt`` (prompt-heavy, :func:`make_prompt_heavy_pairs`): the shape of summarisation, RAG and
+  multi-turn data: a ~150-token prompt (forum notes on a topic, then a question) shared by a chosen and a
+  rejected answer of ~20 tokens each (one sentence).
 
-    python benchmarks/data.py --pairs 128 --out /tmp/bench.jsonl              # conversational (messages)
-    python benchmarks/data.py --pairs 128 --out /tmp/bench.jsonl --standard   # plain prompt/chosen/rejected
+The same seed gives byte-identical files everywhere.
+
+    python benchmarks/data.py --pairs 128 --out /tmp/bench.jsonl                   # answer-heavy, chat messages
+    python benchmarks/data.py --pairs 128 --out /tmp/bench.jsonl --standard        # plain prompt/chosen/rejected
+    python benchmarks/data.py --pairs 128 --out /tmp/bench.jsonl --shape prompt    # prompt-heavy
 """
 
 from __future__ import annotations
@@ -115,6 +121,31 @@ def make_pairs(n: int = 128, seed: int = 0, conversational: bool = True) -> list
     return rows
 
 
+def make_prompt_heavy_pairs(n: int = 128, seed: int = 0, conversational: bool = True) -> list[dict]:
+    """``n`` prompt-heavy rows: ~150-token prompts (median; 100-200), one-sentence answers (~20 tokens)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic, field = rng.choice(TOPICS)
+        fmt = {"topic": topic, "field": field}
+        notes = _sentences(rng, GOOD + CONTEXT + BAD, _length(rng, 5.0, 0.2, 4, 8), **fmt)
+        ask = rng.choice(ASKS).format(**fmt)
+        prompt = f"Here are some notes from a forum thread about {topic}. {notes} Based on these notes: {ask}"
+        chosen = _sentences(rng, GOOD, 1, **fmt)
+        rejected = _sentences(rng, BAD, 1, **fmt)
+        if conversational:
+            rows.append({"id": f"bench-p-{i:06d}", "prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})
+        else:
+            rows.append({"id": f"bench-p-{i:06d}", "prompt": prompt, "chosen": " " + chosen,
+                         "rejected": " " + rejected})
+    return rows
+
+
+SHAPES = {"answer": make_pairs, "prompt": make_prompt_heavy_pairs}  # --shape name -> generator
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,9 +168,10 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--standard", action="store_true", help="plain-text prompt/chosen/rejected, no chat template")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="answer", help="answer-heavy or prompt-heavy pairs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    print(write_jsonl(args.out, make_pairs(args.pairs, args.seed, not args.standard)))
+    print(write_jsonl(args.out, SHAPES[args.shape](args.pairs, args.seed, not args.standard)))
 
 
 if __name__ == "__main__":

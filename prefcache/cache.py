@@ -1,7 +1,8 @@
 """The reference cache: a directory of Parquet shards whose file metadata says what made them.
 
-Layout: ``part-r{rank:03d}-{seq:06d}.parquet`` shards (written to a ``.tmp-`` name, then renamed, so
-a crash leaves whole shards only), ``manifest.json`` (a human-readable mirror of the metadata) and,
+Layout: ``part-r{rank:03d}-{seq:06d}-{nonce}.parquet`` shards (written to a ``.tmp-`` name, then renamed,
+so a crash leaves whole shards only; the per-pass nonce means two writers can never overwrite each
+other's shards, even without the directory lock of :mod:`prefcache.locking`), ``manifest.json`` (a human-readable mirror of the metadata) and,
 when rows were skipped, ``bad_rows.jsonl``. Every fact needed to trust the cache lives in the
 Parquet key-value metadata under the key ``prefcache``.
 """
@@ -12,7 +13,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 SCHEMA_VERSION = 1
 META_KEY = b"prefcache"
 SHARD_GLOB = "part-r*.parquet"
-_SHARD_RE = re.compile(r"part-r(\d{3})-(\d{6})\.parquet$")
+_SHARD_RE = re.compile(r"part-r(\d{3})-(\d{6})(?:-[0-9a-f]{8})?\.parquet$")  # no nonce: older caches
 
 # What must agree for a cache to be extended, or trusted by a trainer; the rest is provenance.
 COMPAT_KEYS = (
@@ -112,36 +113,26 @@ class CacheWriter:
             stale.unlink(missing_ok=True)
         taken = [int(m.group(2)) for p in shard_paths(self.dir) if (m := _SHARD_RE.search(p.name)) and int(m.group(1)) == rank]
         self.seq = max(taken, default=-1) + 1
+        self.nonce = secrets.token_hex(4)  # per pass: shard names of two writers never collide
 
     def write(self, columns: dict[str, list]) -> Path:
+        """One shard, atomically; a write that fails (disk full, read-only) leaves no partial file and
+        raises :class:`~prefcache.atomic.WriteError` naming the shard and how much was written."""
+        from .atomic import write_atomic
+
         table = pa.Table.from_pydict(columns, schema=self.schema)
-        final = self.dir / f"part-r{self.rank:03d}-{self.seq:06d}.parquet"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".tmp-r{self.rank:03d}-", suffix=".parquet")
-        os.close(fd)
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        _share(tmp)
-        os.replace(tmp, final)  # atomic on POSIX: readers see the whole shard or none of it
+        final = self.dir / f"part-r{self.rank:03d}-{self.seq:06d}-{self.nonce}.parquet"
+        write_atomic(final, lambda tmp: pq.write_table(table, tmp, compression="zstd"),
+                     prefix=f".tmp-r{self.rank:03d}-")
         self.seq += 1
         return final
 
     def write_manifest(self) -> None:
+        from .atomic import write_text_atomic
+
         manifest = {"metadata": self.metadata, "columns": self.schema.names,
                     "note": "mirror for humans; the Parquet metadata is authoritative"}
-        path = self.dir / "manifest.json"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-manifest-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-        _share(tmp)
-        os.replace(tmp, path)
-
-
-def _share(path: str) -> None:
-    """mkstemp creates files 0600; a cache is meant to be shared, so give it the umask's usual mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+        write_text_atomic(self.dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def summary(cache_dir: str | os.PathLike) -> dict:

@@ -14,7 +14,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -64,24 +63,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, tra
     """Write ``step-{step:06d}`` atomically; replaces an existing checkpoint of the same step."""
     import torch
 
+    from .atomic import make_temp_dir, publish_dir
     from .trainlog import write_json_atomic
 
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json_atomic(info, tmp / "prefcache.json")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    if final.exists():  # a rerun of the same step: move the old one aside, then swap
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
+    tmp = make_temp_dir(final)  # 0777 & ~umask, as mkdir: colleagues can read a shared run
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(info, tmp / "prefcache.json")
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only whole checkpoints remain
+        raise
+    return publish_dir(tmp, final)
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict:

@@ -5,6 +5,8 @@ The CLI builds one of these and calls the same function a Python user calls.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 QUANTIZATIONS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
@@ -27,8 +29,29 @@ def _data_options(config) -> None:
 
 
 def _positive(name: str, value) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    # `nan <= 0` is False: without the isfinite check NaN (and inf) would pass as "positive"
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+
+
+def _in_range(name: str, value, low: float, high: float | None = None, *, high_open: bool = False) -> None:
+    """A finite number in [low, high] ([low, high) with high_open; no upper bound with high None)."""
+    ok = value is not None and math.isfinite(value) and value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        upper = "" if high is None else f", {high}{')' if high_open else ']'}"
+        span = f"[{low}{upper}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be a finite number {'in ' if high is not None else ''}{span}, got {value}")
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name torch would reject only after the model loaded (e.g. 'tpu9', 'gpu')."""
+    if not isinstance(device, str) or not DEVICE_PATTERN.match(device):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +71,8 @@ class PrecomputeConfig:
     per_token: also store per-token log-prob lists.
     shard_size: pairs per Parquet shard; a crash loses at most one shard of work.
     chunk_size: completion positions projected through the output head at once.
+    prefix_sharing: one packed row per prompt, its completions after it under a block mask (the prompt is
+        computed once); off = two sequences per pair. Models that cannot take the mask fall back (said once).
     """
 
     data: str
@@ -64,6 +89,7 @@ class PrecomputeConfig:
     shard_size: int = 1024
     chunk_size: int = 2048
     progress: bool = True
+    prefix_sharing: bool = True
     revision: str | None = None
     split: str | None = None
     data_config: str | None = None
@@ -77,13 +103,14 @@ class PrecomputeConfig:
         _choice("quantize", self.quantize, QUANTIZATIONS)
         _choice("truncation", self.truncation, TRUNCATIONS)
         _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
+        check_device(self.device)
         for name in ("max_length", "batch_size", "shard_size", "chunk_size"):
             _positive(name, getattr(self, name))
         if self.max_length < 2:
             raise ValueError("max_length must be at least 2 (one prompt token and one completion token)")
 
 
-FINETUNES = ("lora", "qlora", "full")
+FINETUNES = ("auto", "lora", "qlora", "full")
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
@@ -114,6 +141,11 @@ class TrainConfig:
     eval_fraction: hold out that share of the training ids instead (chosen by id hash, not row order).
     save_every / eval_every / log_every: in optimizer steps (eval also runs before the first step and at
     the end). flush_every: logged steps buffered before a new log part file is written.
+    gradient_checkpointing: recompute each decoder layer in backward (on by default: the memory-lean choice).
+    prefix_sharing: one packed ``[prompt | chosen | rejected]`` row per pair, the prompt computed (and its
+    gradient taken) once; None = the cache's path (``prefix_sharing`` in its metadata), so the step-0 rewards
+    are 0; a different choice is allowed, with a warning (values agree to ~1e-5 per sequence, not bit-exactly).
+    group_by_length: batches of similar length (seeded mega-batches sorted by length), less padding.
     revision, split, data_config, columns, *_template: as for :class:`PrecomputeConfig` (the cache must have
     been made with the same columns and templates); eval_split: the split of ``eval_data``.
     """
@@ -130,7 +162,7 @@ class TrainConfig:
     ld_alpha: float | None = None
     simpo_gamma: float = 0.5
     discopop_tau: float = 0.05
-    finetune: str = "lora"
+    finetune: str = "auto"  # qlora on a 4-bit cache, else lora: the policy starts as the cache's reference
     lora_r: int = 16
     lora_alpha: float | None = None  # None = 2 * lora_r
     lora_dropout: float = 0.0
@@ -146,7 +178,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # the lean default: ~half the activation memory for ~30% more time
     bf16: bool = True  # bf16 autocast when training on a GPU; ignored on CPU
     max_length: int | None = None
     truncation: str | None = None
@@ -164,6 +196,8 @@ class TrainConfig:
     device: str = "auto"
     chunk_size: int = 1024
     progress: bool = True
+    prefix_sharing: bool | None = None  # None: as the cache was made (no cache: on)
+    group_by_length: bool = True
     revision: str | None = None
     split: str | None = None
     eval_split: str | None = None
@@ -204,6 +238,19 @@ class TrainConfig:
             _positive(name, getattr(self, name))
         if self.max_length is not None and self.max_length < 2:
             raise ValueError("max_length must be at least 2 (one prompt token and one completion token)")
+        check_device(self.device)
+        # Every float option finite and in range: a NaN beta or an infinite lr trains NaN weights.
+        # label_smoothing: [0, 0.5], the range TRL documents (robust and exo_pair check their own bounds).
+        _in_range("label_smoothing", self.label_smoothing, 0.0, 0.5)
+        _in_range("weight_decay", self.weight_decay, 0.0)
+        _in_range("simpo_gamma", self.simpo_gamma, 0.0)
+        _positive("discopop_tau", self.discopop_tau)
+        _positive("max_grad_norm", self.max_grad_norm)
+        if self.warmup_steps is not None:
+            _in_range("warmup_steps", self.warmup_steps, 0)
+        if self.loss_weights is not None:
+            for w in self.loss_weights:
+                _in_range("each loss weight", w, 0.0)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.eval_fraction < 1:
@@ -216,7 +263,7 @@ class TrainConfig:
             raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lr is None:
+        if self.lr is None:  # auto resolves to lora or qlora, never full
             object.__setattr__(self, "lr", 5e-6 if self.finetune == "full" else 5e-5)
         if self.lora_alpha is None:
             object.__setattr__(self, "lora_alpha", 2.0 * self.lora_r)
@@ -270,6 +317,7 @@ class EvalConfig:
             raise ValueError("nothing to evaluate: give checkpoints, or base=True")
         for name in ("limit", "batch_size"):
             _positive(name, getattr(self, name))
+        check_device(self.device)
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.quantize is not None:
@@ -319,6 +367,7 @@ class ScoreConfig:
             raise ValueError("nothing to score: give checkpoints, or base=True")
         for name in ("beta", "batch_size", "chunk_size"):
             _positive(name, getattr(self, name))
+        check_device(self.device)
         _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
         if self.quantize is not None:
             _choice("quantize", self.quantize, QUANTIZATIONS)

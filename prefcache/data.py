@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from .formats import DataFormatError, iter_row_blocks, load_rows
 
@@ -399,11 +398,10 @@ def _column_names(rows) -> list[str]:
 
 def write_bad_rows(path: str | os.PathLike, bad_rows: list[BadRow]) -> None:
     """One JSON object per bad row: ``{"row", "id", "problem"}``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for b in bad_rows:
-            f.write(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}, ensure_ascii=False) + "\n")
+    from .atomic import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}, ensure_ascii=False)
+                                    + "\n" for b in bad_rows))
 
 
 def collate(seqs: list[list[int]], completion_starts: list[int], pad_id: int):

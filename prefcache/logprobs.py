@@ -70,43 +70,52 @@ def token_logprobs(
     chunk_size: int = DEFAULT_CHUNK,
     checkpoint: bool | None = None,
     aux: list | None = None,
+    position_ids: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of the completion tokens, without full-vocabulary logits.
 
     Args:
         model: a transformers causal LM, optionally PEFT- or DDP-wrapped, any precision.
         input_ids: [N, T] prompt + completion token ids, right-padded.
-        attention_mask: [N, T] 1 on real tokens.
+        attention_mask: [N, T] 1 on real tokens; or a prepared [N, 1, T, T] mask (bool, True = may attend,
+            or additive float) that the model uses as it is (packed rows, see ``prefcache.packing``).
         completion_mask: [N, T] 1 on the completion tokens whose log-prob is wanted.
         chunk_size: completion positions projected through the output head at once.
         checkpoint: recompute each chunk's logits in backward; defaults to ``torch.is_grad_enabled()``.
         aux: for a mixture-of-experts model, a list the router load-balancing loss (a scalar, unscaled:
             see :func:`router_aux_coef`) is appended to; None = not computed.
+        position_ids: [N, T] positions for the model (packed rows restart a completion after the prompt).
+        source: [N, T] long, the position whose hidden state predicts token t; default t - 1.
 
     Returns:
-        [N, T] fp32: at t, log p(input_ids[t] | input_ids[<t]) in nats where completion_mask[t] is 1,
-        else 0. ``.sum(-1)`` is the summed completion log-prob. Position 0 is never a completion token
+        [N, T] fp32: at t, log p(input_ids[t] | context) in nats where completion_mask[t] is 1, else 0.
+        ``.sum(-1)`` is the summed completion log-prob. Position 0 is never a completion token
         (it has no context), so a completion mask there is ignored.
     """
     lm = _unwrap(model)
     parts = _head_parts(lm)
     if parts is None:
-        return naive_token_logprobs(model, input_ids, attention_mask, completion_mask)
+        return naive_token_logprobs(model, input_ids, attention_mask, completion_mask,
+                                    position_ids=position_ids, source=source)
     backbone, head, softcap, scale = parts
     if checkpoint is None:
         checkpoint = torch.is_grad_enabled()
 
     moe = aux is not None and router_aux_coef(lm) is not None
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    if moe:
+        extra["output_router_logits"] = True
     # Through the wrapper when there is one, so PEFT / DDP forward hooks still run.
-    output = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                      **({"output_router_logits": True} if moe else {}))
+    output = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     hidden = output[0]  # [N, T, H]
     if moe:
         aux.append(_load_balancing_loss(lm, output.router_logits, attention_mask))
-    # Hidden state at t predicts token t+1: select the positions whose *next* token is a completion token.
-    predict = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # [N, T-1]
-    h = hidden[:, :-1][predict]  # [n, H]
-    targets = input_ids[:, 1:][predict]  # [n]
+    want = _wanted(attention_mask, completion_mask)  # [N, T]
+    rows, cols = want.nonzero(as_tuple=True)
+    # The hidden state at source[t] (t - 1 unless packed) predicts token t.
+    h = hidden[rows, cols - 1 if source is None else source[rows, cols]]  # [n, H]
+    targets = input_ids[rows, cols]  # [n]
 
     pieces = []
     for start in range(0, h.shape[0], chunk_size):
@@ -118,9 +127,17 @@ def token_logprobs(
     flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
 
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    index = predict.nonzero(as_tuple=True)
-    # index_put keeps the graph: out[:, 1:][predict] = flat, written so autograd sees it.
-    return out.index_put((index[0], index[1] + 1), flat)
+    # index_put keeps the graph: out[want] = flat, written so autograd sees it.
+    return out.index_put((rows, cols), flat)
+
+
+def _wanted(attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """[N, T] bool: completion tokens that are real tokens, never position 0 (no context)."""
+    want = completion_mask.bool().clone()
+    if attention_mask.dim() == 2:
+        want &= attention_mask.bool()
+    want[:, 0] = False
+    return want
 
 
 def naive_token_logprobs(
@@ -128,13 +145,20 @@ def naive_token_logprobs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The textbook computation (full [N, T, V] logits, fp32 log-softmax) with the same contract as
     :func:`token_logprobs`. Kept for tests, benchmarks and models whose head cannot be split off."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    mask = (completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()).float()
-    return torch.nn.functional.pad(logps * mask, (1, 0))
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits.float()
+    logps = torch.log_softmax(logits, dim=-1)  # [N, T, V]: position s predicts token s + 1
+    if source is None:
+        source = (torch.arange(input_ids.shape[1], device=input_ids.device) - 1).clamp(min=0).expand_as(input_ids)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    picked = logps[rows, source, input_ids]  # [N, T]
+    return picked * _wanted(attention_mask, completion_mask).float()
 
 
 def router_aux_coef(model: nn.Module) -> float | None:
@@ -154,6 +178,9 @@ def _load_balancing_loss(lm: nn.Module, router_logits, attention_mask) -> torch.
     fn = importlib.import_module(type(lm).__module__).load_balancing_loss_func
     cfg = lm.config
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if attention_mask.dim() == 4:  # a packed row's [N, 1, T, T] block mask: real tokens are those that see themselves
+        diag = attention_mask.diagonal(dim1=-2, dim2=-1)[:, 0]
+        attention_mask = (diag if diag.dtype == torch.bool else diag == 0).long()
     return fn(router_logits, experts, cfg.num_experts_per_tok, attention_mask)
 
 
@@ -170,9 +197,9 @@ class LogProbModule(nn.Module):
         self.router_aux = router_aux and router_aux_coef(model) is not None
         self.aux_loss = None
 
-    def forward(self, input_ids, attention_mask, completion_mask):
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, source=None):
         aux = [] if self.router_aux and torch.is_grad_enabled() else None
         out = token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
-                             aux=aux)
+                             position_ids=position_ids, source=source, aux=aux)
         self.aux_loss = aux[0] if aux else None
         return out

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
+from .atomic import WriteError
 from .cache import (
     SCHEMA_VERSION,
     CacheError,
@@ -28,6 +29,7 @@ from .cache import (
 )
 from .columns import RowMapping
 from .config import PrecomputeConfig
+from .locking import directory_lock
 
 
 def dist_info() -> tuple[int, int]:
@@ -70,6 +72,7 @@ def cache_metadata(config: PrecomputeConfig, source, tokenizer, quantize: str, d
         "quantization": quantize,
         "dtype": dtype,
         "per_token": config.per_token,
+        "prefix_sharing": config.prefix_sharing,  # packed rows: each prompt computed once (prefcache.packing)
         "data_mapping": RowMapping.of(config).record(),  # columns and templates; None = the data's own
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "world_size": world_size,
@@ -167,6 +170,12 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     Returns a summary dict: pairs cached before and now, pairs scored, bad rows, seconds, pairs/s, tokens/s.
     """
     config = config or PrecomputeConfig(**options)
+    # One writer per cache (per rank under torchrun): a second pass is refused, naming the holder.
+    with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
+        return _precompute(config)
+
+
+def _precompute(config: PrecomputeConfig) -> dict:
     from tqdm.auto import tqdm
 
     from .data import BLOCK_ROWS, iter_pair_blocks, write_bad_rows
@@ -193,9 +202,12 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
 
     out = Path(config.out)
     if out.exists() and shard_paths(out):
-        if diff := differences(read_metadata(out), meta):
+        have = read_metadata(out)
+        if diff := differences(have, meta):
             raise CacheError(f"{out} holds a cache made with other settings; refusing to extend it:\n  "
                              + "\n  ".join(diff) + "\nUse a new --out directory, or the original settings.")
+        # An extension keeps the path the cache was made with (the values agree to float rounding either way).
+        meta["prefix_sharing"] = bool(have.get("prefix_sharing", False))
 
     done = existing_ids(out) if out.exists() else set()
     before = len(done)
@@ -221,6 +233,9 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     scored_pairs = scored_tokens = 0
     if first is not None:
         model, _ = load_model(source, quantize=quantize, device=device, adapter=config.adapter)
+        from .packing import resolve_sharing, score_shared
+
+        sharing = meta["prefix_sharing"] = resolve_sharing(model, meta["prefix_sharing"])
         writer = CacheWriter(out, meta, rank=rank)
         if rank == 0:
             writer.write_manifest()
@@ -245,10 +260,20 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
                 bar.set_postfix_str(f"{scored_tokens / elapsed:,.0f} tok/s", refresh=False)
                 bar.update(start + int(seqs_done / n_keys * n_pairs) - bar.n)
 
-            logps = score_sequences(model, [(list(k), unique[k]) for k in keys], batch_size=2 * config.batch_size,
-                                    pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
-                                    on_batch=progress)
-            writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
+            sequences = [(list(k), unique[k]) for k in keys]
+            if sharing:  # a prompt once per packed row, for all of its unique completions in the shard
+                logps = score_shared(model, sequences, batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
+                                     chunk_size=config.chunk_size, device=device, max_row=2 * config.max_length,
+                                     on_batch=progress)
+            else:
+                logps = score_sequences(model, sequences, batch_size=2 * config.batch_size,
+                                        pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
+                                        on_batch=progress)
+            try:
+                writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
+            except WriteError as e:  # disk full, file-size limit, read-only: the shards written stay whole
+                raise WriteError(e.errno, f"{e}; the {scored_pairs} pairs of this pass already in {out} are kept: "
+                                          "free space and rerun the same command to finish the cache") from e
             scored_pairs += len(shard)
             bar.update(s + len(shard) - bar.n)
         bar.close()

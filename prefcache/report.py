@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefcache.analysis import AnalysisError, connect
+from prefcache.atomic import write_text_atomic
 
 TRAIN, EVAL, FIRST, LAST, CHOSEN, REJECTED = "#1f6fb4", "#e8731a", "#8a94a3", "#1f6fb4", "#2e9e57", "#c8453b"
 CHANCE = ((0.5, "chance (0.5)"),)  # the reference line of the accuracy charts
@@ -391,6 +392,5 @@ def build_report(run_dir: str | os.PathLike) -> str:
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write :func:`build_report` to ``out`` (default ``RUN_DIR/report.html``) and return its path."""
     path = Path(out) if out else Path(run_dir) / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build_report(run_dir), encoding="utf-8")
+    write_text_atomic(path, build_report(run_dir))
     return path

@@ -26,6 +26,7 @@ class PairLogps:
     chosen_tokens: torch.Tensor  # completion token counts, float
     rejected_tokens: torch.Tensor
     n_tokens: int  # real (non-pad) tokens processed, prompt included: for tokens/s
+    n_positions: int = 0  # token positions in the batch's tensors, padding included: padding share
 
 
 def pair_tensors(pairs, pad_id: int):
@@ -37,28 +38,45 @@ def pair_tensors(pairs, pad_id: int):
     return collate(seqs, starts, pad_id)
 
 
-def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEFAULT_CHUNK) -> PairLogps:
+def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEFAULT_CHUNK,
+               prefix_sharing: bool = False) -> PairLogps:
     """Policy log-probs of ``pairs`` through the shared kernel; gradients follow ``torch.is_grad_enabled()``.
 
     ``model`` may be a causal LM or a (DDP-wrapped) :class:`~prefcache.logprobs.LogProbModule`.
+    ``prefix_sharing``: one packed row ``[prompt | chosen | rejected]`` per pair (``prefcache.packing``), the
+    prompt computed once; the same numbers as two sequences per pair, to float rounding. A model that cannot
+    take the block mask falls back to two sequences (said once).
     """
     from .logprobs import LogProbModule
+    from .packing import pack, packed_token_logprobs, resolve_sharing
 
-    input_ids, attention, completion = (t.to(device) for t in pair_tensors(pairs, pad_id))
-    if isinstance(getattr(model, "module", model), LogProbModule):
-        token = model(input_ids, attention, completion)
-    else:
-        token = token_logprobs(model, input_ids, attention, completion, chunk_size=chunk_size)  # [2B, T]
+    module = model if isinstance(getattr(model, "module", model), LogProbModule) else None
+    lm = getattr(model, "module", model).model if module is not None else model
     b = len(pairs)
-    completion = completion.long()
-    counts = completion.sum(-1)  # [2B]
-    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)  # LD-DPO's public length, per sequence
-    # Position of each completion token within its completion: 1, 2, ... ; prefix = the first `shared`.
-    rank = completion.cumsum(-1) * completion
-    prefix = (token * ((rank > 0) & (rank <= shared[:, None]))).sum(-1)
-    total = token.sum(-1)
-    counts = counts.float()
-    return PairLogps(total[:b], total[b:], prefix[:b], prefix[b:], counts[:b], counts[b:], int(attention.sum()))
+    if resolve_sharing(lm, prefix_sharing):
+        packed = pack([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], pad_id).to(device)
+        token = packed_token_logprobs(lm, packed, chunk_size=chunk_size, module=module)  # [B, T]
+        sides = [(token, packed.segments == 1), (token, packed.segments == 2)]
+        n_tokens, n_positions = packed.n_tokens, packed.input_ids.numel()
+    else:
+        input_ids, attention, completion = (t.to(device) for t in pair_tensors(pairs, pad_id))
+        if module is not None:
+            token = module(input_ids, attention, completion)
+        else:
+            token = token_logprobs(model, input_ids, attention, completion, chunk_size=chunk_size)  # [2B, T]
+        completion = completion.bool() & attention.bool()
+        sides = [(token[:b], completion[:b]), (token[b:], completion[b:])]
+        n_tokens, n_positions = int(attention.sum()), attention.numel()
+    counts = [mask.long().sum(-1) for _, mask in sides]  # [B] each
+    shared = torch.minimum(*counts)  # LD-DPO's public length, per pair
+    totals, prefixes = [], []
+    for tok, mask in sides:
+        # Position of each completion token within its completion: 1, 2, ... ; prefix = the first `shared`.
+        rank = mask.long().cumsum(-1) * mask
+        prefixes.append((tok * ((rank > 0) & (rank <= shared[:, None]))).sum(-1))
+        totals.append((tok * mask).sum(-1))
+    return PairLogps(totals[0], totals[1], prefixes[0], prefixes[1], counts[0].float(), counts[1].float(), n_tokens,
+                     n_positions)
 
 
 class ReferenceTable:
@@ -95,6 +113,11 @@ class ReferenceTable:
         return {c: v[rows] for c, v in self.values.items()}
 
 
+def cache_sharing(meta: dict) -> bool:
+    """Whether a cache's values came from packed rows (caches made before prefix sharing: no)."""
+    return bool(meta.get("prefix_sharing", False))
+
+
 def check_cache_matches(meta: dict, tokenizer, max_length: int, truncation: str) -> None:
     """Refuse a cache whose tokenisation is not the one about to be used, saying what differs."""
     from .cache import differences
@@ -107,8 +130,11 @@ def check_cache_matches(meta: dict, tokenizer, max_length: int, truncation: str)
 
 
 def score_pairs(model, pairs, reference: ReferenceTable, *, beta: float, batch_size: int, pad_id: int,
-                device="cpu", chunk_size: int = DEFAULT_CHUNK) -> tuple[dict[str, list], dict[str, float]]:
+                device="cpu", chunk_size: int = DEFAULT_CHUNK,
+                prefix_sharing: bool | None = None) -> tuple[dict[str, list], dict[str, float]]:
     """Implicit rewards of ``pairs`` under ``model`` against the cached reference.
+
+    ``prefix_sharing``: score pairs as packed rows (None: as the cache was made, see :func:`cache_sharing`).
 
     reward = beta * (policy_logps - ref_logps) per side (summed log-probs, nats);
     margin = reward_chosen - reward_rejected; accuracy = share of pairs with margin > 0 (ties count as wrong).
@@ -119,6 +145,8 @@ def score_pairs(model, pairs, reference: ReferenceTable, *, beta: float, batch_s
     cols: dict[str, list] = {k: [] for k in (
         "id", "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
         "reward_chosen", "reward_rejected", "margin", "prompt_tokens", "chosen_tokens", "rejected_tokens")}
+    if prefix_sharing is None:
+        prefix_sharing = cache_sharing(reference.metadata)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -126,7 +154,8 @@ def score_pairs(model, pairs, reference: ReferenceTable, *, beta: float, batch_s
             batch = pairs[s : s + batch_size]
             ids = [p.id for p in batch]
             ref = reference.lookup(ids)
-            pol = pair_logps(model, batch, pad_id=pad_id, device=device, chunk_size=chunk_size)
+            pol = pair_logps(model, batch, pad_id=pad_id, device=device, chunk_size=chunk_size,
+                             prefix_sharing=prefix_sharing)
             pc, pr = pol.chosen.double().cpu(), pol.rejected.double().cpu()
             rc, rr = beta * (pc - ref["chosen_logps"]), beta * (pr - ref["rejected_logps"])
             cols["id"] += ids

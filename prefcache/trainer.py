@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,8 +40,12 @@ from .checkpoint import (
 )
 from .columns import RowMapping, check_cache_mapping
 from .config import TrainConfig
+from .guards import STEP0_MARGIN_TOLERANCE, check_reference_values, check_step, resolve_finetune
+from .locking import directory_lock
 from .losses import LossInputs, combined_loss
 from .runconfig import write_config
+from .rundir import check_run_dir
+from .schedule import make_scheduler
 from .scoring import (
     PairLogps,
     ReferenceTable,
@@ -63,8 +68,14 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     seconds, and the checkpoint it resumed from (or None).
     """
     cfg = config or TrainConfig(**options)
+    check_run_dir(cfg.out, cfg.resume)  # before the lock, so a refusal leaves nothing behind
+    # One writer per run directory; ranks > 0 write nothing there.
+    with directory_lock(cfg.out, "prefcache train", enabled=int(os.environ.get("RANK", 0)) == 0):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     from .data import load_dataset_pairs, write_bad_rows
     from .models import load_tokenizer, resolve_device, resolve_model
@@ -91,6 +102,11 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     if reference:
         check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
         check_cache_mapping(reference.metadata, mapping, cfg.cache)
+    finetune, mismatch = resolve_finetune(cfg.finetune, reference.metadata if reference else None, device)
+    if finetune != cfg.finetune:  # run.json and checkpoints record the policy actually trained
+        cfg = replace(cfg, finetune=finetune)
+    if mismatch and main:
+        print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
     data_options = {"data_config": cfg.data_config, "mapping": mapping}
     pairs, bad_rows, examples = load_dataset_pairs(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row,
                                                    split=cfg.split, **data_options)
@@ -108,8 +124,10 @@ def train(config: TrainConfig | None = None, **options) -> dict:
         pairs = [p for p in pairs if p.id not in held]
     if reference:
         check_joined(reference, pairs, "training")
+        check_reference_values(reference, pairs, "training")
     if eval_reference and eval_pairs:
         check_joined(eval_reference, eval_pairs, "eval")
+        check_reference_values(eval_reference, eval_pairs, "eval")
     if not pairs:
         raise ValueError(f"no training pairs in {cfg.data}")
 
@@ -118,8 +136,8 @@ def train(config: TrainConfig | None = None, **options) -> dict:
 
     # 2. The run directory: a fresh one, or a resume from its latest checkpoint.
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    if not cfg.resume and ((out / "checkpoints").exists() or (out / "logs").exists()):
-        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose a new --out")
+    if (notice := check_run_dir(out, cfg.resume)) and main:
+        print(f"prefcache train: {notice}", file=sys.stderr)
     state = load_trainer_state(ckpt) if ckpt else None
     if state:
         check_resumable(state, world=world, n_train=len(pairs), cfg=cfg)
@@ -141,7 +159,9 @@ def train(config: TrainConfig | None = None, **options) -> dict:
         adapter=None if full_ckpt else (ckpt or cfg.adapter), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
     from .logprobs import LogProbModule, router_aux_coef
+    from .packing import training_sharing
 
+    sharing = training_sharing(cfg.prefix_sharing, reference.metadata if reference else None, policy)
     module = LogProbModule(policy, chunk_size=cfg.chunk_size, router_aux=True)
     aux_coef = router_aux_coef(policy)  # MoE: the model's own weight of its router load-balancing loss
     if world > 1:
@@ -151,13 +171,16 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
-    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    schedule = cfg.scheduler
+    scheduler = make_scheduler(optimizer, schedule, warmup=warmup, total=total_steps, peak_lr=cfg.lr)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as in any data-parallel run
     step, bco_sum, bco_count, elapsed_before, last_eval_step = 0, 0.0, 0, 0.0, None
     if state:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # The lr is recomputed from the step and this run's total (never the saved schedule's): extending
+        # a finished run trains its new steps at a real lr.
+        scheduler = make_scheduler(optimizer, schedule, warmup=warmup, total=total_steps, peak_lr=cfg.lr,
+                                   done=state["step"])
         set_rng_state(state["rng"][rank])
         step, bco_sum, bco_count, elapsed_before = state["step"], *state["bco"], state["elapsed_s"]
         last_eval_step = state["last_eval_step"]
@@ -168,7 +191,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                 "eval_cache": eval_reference.metadata if eval_pairs and eval_reference else None,
                 "train_pairs": len(pairs), "eval_pairs": len(eval_pairs), "bad_rows": len(bad_rows),
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
-                "pairs_per_step": cfg.batch_size * cfg.grad_accum * world,
+                "pairs_per_step": cfg.batch_size * cfg.grad_accum * world, "prefix_sharing": sharing,
                 "resumed_from": str(ckpt) if ckpt else None,
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if main:
@@ -183,12 +206,13 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     pad_id = tokenizer.pad_token_id
     t_start = time.perf_counter() - elapsed_before
     last_train, last_eval, last_saved = {}, {}, (step if state else None)
+    step0_margin = None
 
     def run_eval(at_step: int) -> None:
         nonlocal last_eval, last_eval_step
         bco = {"bco_delta": bco_sum / bco_count if bco_count else 0.0} if uses_bco else {}
         cols, losses = evaluate_split(policy, eval_pairs[rank::world], eval_reference, cfg, pad_id=pad_id,
-                                      device=device, loss_options={**loss_options, **bco})
+                                      device=device, loss_options={**loss_options, **bco}, prefix_sharing=sharing)
         parts = gather((cols, losses), world)
         if main:
             cols = {k: [v for c, _ in parts for v in c[k]] for k in cols}
@@ -206,7 +230,8 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
                              "bco": (bco_sum, bco_count), "elapsed_s": time.perf_counter() - t_start,
                              "world_size": world, "n_train": len(pairs), "batch_size": cfg.batch_size,
-                             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "last_eval_step": last_eval_step}
+                             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "last_eval_step": last_eval_step,
+                             "group_by_length": cfg.group_by_length}
             info = {"step": at_step, "epoch": at_step / steps_per_epoch, "base_model": policy_info["model_name"],
                     "model": cfg.model, "finetune": cfg.finetune, "max_length": max_length, "truncation": truncation,
                     "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache, "prefcache_version": __version__}
@@ -222,12 +247,15 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if order_epoch != epoch:  # a fresh seeded permutation each epoch, resumable from the step alone
-            order, order_epoch = epoch_order(len(pairs), cfg.seed, epoch, rank, world), epoch
+            lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs] \
+                if cfg.group_by_length else None
+            order = epoch_order(len(pairs), cfg.seed, epoch, rank, world, lengths, cfg.batch_size * cfg.grad_accum)
+            order_epoch = epoch
         span = cfg.batch_size * cfg.grad_accum
         step_idx = order[position * span : (position + 1) * span]
         micro = [step_idx[i : i + cfg.batch_size] for i in range(0, len(step_idx), cfg.batch_size)]
         t0 = time.perf_counter()
-        loss_sum, tokens, cols, aux_sum = 0.0, 0, [], None
+        loss_sum, tokens, positions, cols, aux_sum = 0.0, 0, 0, [], None
         for k, idx in enumerate(micro):
             batch = [pairs[i] for i in idx]
             ids = [p.id for p in batch]
@@ -235,7 +263,8 @@ def train(config: TrainConfig | None = None, **options) -> dict:
             sync = module.no_sync() if world > 1 and k < len(micro) - 1 else nullcontext()
             with sync:
                 with autocast:
-                    pol = pair_logps(module, batch, pad_id=pad_id, device=device, chunk_size=cfg.chunk_size)
+                    pol = pair_logps(module, batch, pad_id=pad_id, device=device, chunk_size=cfg.chunk_size,
+                                     prefix_sharing=sharing)
                 ref = {c: v.to(device) for c, v in reference.lookup(ids).items()} if reference else None
                 inputs = loss_inputs(pol, ref)
                 bco = {}
@@ -249,6 +278,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                     bco_sum, bco_count = bco_sum + seen[0].item(), bco_count + int(seen[1].item())
                     bco = {"bco_delta": bco_sum / bco_count}
                 result = combined_loss(cfg.loss, cfg.loss_weights, inputs, **loss_options, **bco)
+                check_step(step + 1, ids, result.losses)  # before backward: NaN never reaches the weights
                 # Each micro-batch's mean, weighted by its share of the step: the step's gradient is
                 # that of the mean over all its pairs, whatever the split into micro-batches.
                 loss = result.loss
@@ -259,9 +289,11 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                 (loss * (len(batch) / len(step_idx))).backward()
             loss_sum += result.loss.item() * len(batch)
             tokens += pol.n_tokens
+            positions += pol.n_positions
             cols.append(example_cols(batch, inputs, result, cfg.beta))
 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
+        check_step(step + 1, [pairs[i].id for i in step_idx], torch.zeros(0), grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -271,11 +303,17 @@ def train(config: TrainConfig | None = None, **options) -> dict:
 
         cols = {k: [v for c in cols for v in c[k]] for k in cols[0]}
         local = aggregate(cols)
+        if step == 1 and reference is not None and main:  # step 1's numbers are the step-0 policy's
+            step0_margin = local["rewards_margins"]
+            print(f"prefcache train: step 0 margin {step0_margin:.4g}, loss {loss_sum / len(step_idx):.4f} "
+                  f"(0 and ln 2 = 0.6931 when the policy starts as the cache's reference)"
+                  + ("; the policy is NOT the cache's reference" if abs(step0_margin) > STEP0_MARGIN_TOLERANCE
+                     else ""), file=sys.stderr)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum / len(step_idx):.4f}", acc=f"{local['rewards_accuracies']:.2f}",
                         margin=f"{local['rewards_margins']:.3f}", refresh=False)
         if step % cfg.log_every == 0 or step == total_steps:
-            parts = gather((cols, loss_sum, tokens, peak_mem_mb(device), aux_sum), world)
+            parts = gather((cols, loss_sum, tokens, peak_mem_mb(device), positions, aux_sum), world)
             if main:
                 cols = {k: [v for c, *_ in parts for v in c[k]] for k in cols}
                 last_train = aggregate(cols) | {"loss": sum(p[1] for p in parts) / len(cols["id"])}
@@ -283,7 +321,9 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                 log.add_step({**last_train, "step": step, "epoch": step / steps_per_epoch, "split": "train",
                               "lr": lr, "grad_norm": grad_norm, "tokens_per_s": sum(p[2] for p in parts) / step_time,
                               "peak_mem_mb": max(p[3] for p in parts), "time_s": time.perf_counter() - t_start,
-                              "aux_loss": None if aux_sum is None else sum(p[4] for p in parts) / len(cols["id"])})
+                              # the share of the computed token positions that were padding
+                              "padding_share": 1 - sum(p[2] for p in parts) / max(sum(p[4] for p in parts), 1),
+                              "aux_loss": None if aux_sum is None else sum(p[5] for p in parts) / len(cols["id"])})
         if eval_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
             run_eval(step)
         if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
@@ -300,7 +340,8 @@ def train(config: TrainConfig | None = None, **options) -> dict:
 
     summary = {"run": str(out), "steps": step, "final_checkpoint": str(checkpoint_dir(out, step)),
                "train": {k: v for k, v in last_train.items() if k != "n"}, "eval": last_eval,
-               "seconds": time.perf_counter() - t_start, "resumed_from": str(ckpt) if ckpt else None}
+               "seconds": time.perf_counter() - t_start, "resumed_from": str(ckpt) if ckpt else None,
+               "step0_margin": step0_margin}
     if main:
         write_json_atomic(run_info | {"result": summary}, out / "run.json")
     if world > 1:
@@ -318,15 +359,29 @@ def held_out_ids(ids: list[str], fraction: float) -> set[str]:
 def check_resumable(state: dict, *, world: int, n_train: int, cfg: TrainConfig) -> None:
     """The data order is a function of these: resuming with others would not continue the same run."""
     now = {"world_size": world, "n_train": n_train, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-           "seed": cfg.seed}
-    if diff := [f"{k}: checkpoint has {state.get(k)!r}, now {v!r}" for k, v in now.items() if state.get(k) != v]:
+           "seed": cfg.seed, "group_by_length": cfg.group_by_length}
+    had = {"group_by_length": False}  # checkpoints from before length grouping: random batches
+    if diff := [f"{k}: checkpoint has {state.get(k, had.get(k))!r}, now {v!r}" for k, v in now.items()
+                if state.get(k, had.get(k)) != v]:
         raise ValueError("cannot resume with other settings:\n  " + "\n  ".join(diff))
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, lengths: list[int] | None = None,
+                span: int = 1) -> list[int]:
     """This rank's pair indices for an epoch: a permutation seeded by (seed + epoch), padded to a multiple
-    of world_size by wrapping around, then every world_size-th index (as torch's DistributedSampler)."""
+    of world_size by wrapping around, then every world_size-th index (as torch's DistributedSampler).
+
+    With ``lengths`` (tokens per pair), length-grouped as transformers' ``group_by_length``: the permutation
+    is cut into mega-batches of up to 50 steps' pairs (``span`` pairs per step per rank, times world_size;
+    fewer on small data), each sorted longest first, so a micro-batch holds pairs of similar length. Still
+    a function of (seed, epoch, rank, world, lengths, span) only: resume and data parallelism are unchanged,
+    and a step sees the same pairs whatever its split into micro-batches or ranks.
+    """
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    if lengths is not None:
+        step = span * world
+        mega = step * max(1, min(n // (4 * step), 50))
+        perm = [i for s in range(0, n, mega) for i in sorted(perm[s : s + mega], key=lambda i: -lengths[i])]
     per_rank = math.ceil(n / world)
     perm += perm[: per_rank * world - n]
     return perm[rank::world]
@@ -372,7 +427,8 @@ def example_cols(batch, inputs: LossInputs, result, beta: float) -> dict[str, li
             "rejected_tokens": [len(p.rejected_ids) for p in batch]}
 
 
-def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device, loss_options) -> tuple[dict, float]:
+def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device, loss_options,
+                   prefix_sharing: bool = False) -> tuple[dict, float]:
     """Per-example columns and the summed loss of held-out pairs, no gradients.
 
     With a reference the columns come from ``scoring.score_pairs``, the code path of ``prefcache score``,
@@ -385,7 +441,7 @@ def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device
     cols = None
     if reference is not None:
         cols, _ = score_pairs(policy, pairs, reference, beta=cfg.beta, batch_size=batch_size, pad_id=pad_id,
-                              device=device, chunk_size=cfg.chunk_size)
+                              device=device, chunk_size=cfg.chunk_size, prefix_sharing=prefix_sharing)
     if cols is not None and cfg.ld_alpha is None:
         t = {k: torch.tensor(cols[k], dtype=torch.float64) for k in cols if k != "id"}
         inputs = LossInputs(t["policy_chosen_logps"], t["policy_rejected_logps"], t["ref_chosen_logps"],
@@ -395,7 +451,8 @@ def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device
         policy.eval()
         with torch.no_grad():
             parts = [pair_logps(policy, pairs[s : s + batch_size], pad_id=pad_id, device=device,
-                                chunk_size=cfg.chunk_size) for s in range(0, len(pairs), batch_size)]
+                                chunk_size=cfg.chunk_size, prefix_sharing=prefix_sharing)
+                     for s in range(0, len(pairs), batch_size)]
         policy.train(was_training)
         pol = PairLogps(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in
                           ("chosen", "rejected", "chosen_prefix", "rejected_prefix", "chosen_tokens",

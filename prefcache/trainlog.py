@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .atomic import write_atomic, write_text_atomic
+
 STEP_SCHEMA = pa.schema(
     [("step", pa.int64()), ("epoch", pa.float64()), ("split", pa.string())]
     + [(c, pa.float64()) for c in ("loss", "rewards_chosen", "rewards_rejected", "rewards_margins",
                                    "rewards_accuracies", "logps_chosen", "logps_rejected", "lr", "grad_norm",
-                                   "tokens_per_s", "peak_mem_mb", "time_s", "aux_loss")]
+                                   "tokens_per_s", "peak_mem_mb", "time_s", "padding_share", "aux_loss")]
 )
 EXAMPLE_SCHEMA = pa.schema(
     [("id", pa.string()), ("step", pa.int64()), ("split", pa.string()), ("checkpoint", pa.string())]
@@ -36,19 +37,11 @@ _PART = re.compile(r"^(steps|examples)-(\d{6})\.parquet$")
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
     # The temp name ends in .part: no *.parquet glob of the SQL views (evals/*.parquet) ever reads it.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-    os.close(fd)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)  # readers see the whole file or none of it
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def write_pairs(path: Path, examples) -> None:

@@ -44,7 +44,8 @@ def test_shards_are_atomic_numbered_and_readable_by_any_parquet_reader(tmp_path)
     w.write(rows(["a", "b"]))
     w.write(rows(["c"]))
     names = [p.name for p in shard_paths(tmp_path)]
-    assert names == ["part-r000-000000.parquet", "part-r000-000001.parquet"]
+    assert [n[:16] for n in names] == ["part-r000-000000", "part-r000-000001"]
+    assert len({n[17:25] for n in names}) == 1  # one nonce per pass
     assert not list(tmp_path.glob(".tmp-*"))
     assert read_metadata(tmp_path)["model_fingerprint"] == "m"
     assert sorted(read_cache(tmp_path).column("id").to_pylist()) == ["a", "b", "c"]
@@ -61,8 +62,41 @@ def test_new_writer_continues_numbering_and_removes_stale_temp_files(tmp_path):
     (tmp_path / ".tmp-r000-crashed.parquet").write_bytes(b"half a file")
     w = CacheWriter(tmp_path, META)
     assert not list(tmp_path.glob(".tmp-*"))
-    assert w.write(rows(["b"])).name == "part-r000-000001.parquet"
-    assert CacheWriter(tmp_path, META, rank=1).write(rows(["c"])).name == "part-r001-000000.parquet"
+    assert w.write(rows(["b"])).name.startswith("part-r000-000001-")
+    assert CacheWriter(tmp_path, META, rank=1).write(rows(["c"])).name.startswith("part-r001-000000-")
+
+
+def test_two_writers_never_collide_even_without_the_lock(tmp_path):
+    a, b = CacheWriter(tmp_path, META), CacheWriter(tmp_path, META)
+    a.write(rows(["a"]))
+    b.write(rows(["b"]))  # same rank, same sequence number: another nonce
+    assert existing_ids(tmp_path) == {"a", "b"} and len(shard_paths(tmp_path)) == 2
+
+
+def test_shards_without_a_nonce_of_older_caches_are_read(tmp_path):
+    CacheWriter(tmp_path, META).write(rows(["a"]))
+    old = shard_paths(tmp_path)[0]
+    old.rename(tmp_path / "part-r000-000000.parquet")
+    assert existing_ids(tmp_path) == {"a"}
+    assert CacheWriter(tmp_path, META).write(rows(["b"])).name.startswith("part-r000-000001-")
+
+
+def test_a_failed_shard_write_leaves_no_partial_file_and_names_it(tmp_path, monkeypatch):
+    from prefcache.atomic import WriteError
+
+    w = CacheWriter(tmp_path, META)
+    w.write(rows(["a"]))
+
+    def full_disk(table, where, **kwargs):
+        with open(where, "wb") as f:
+            f.write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    with pytest.raises(WriteError, match=r"cannot write .*part-r000-000001-\w+\.parquet: no space left on device "
+                                         r"\(1,000 bytes written"):
+        w.write(rows(["b"]))
+    assert [p.name for p in tmp_path.iterdir()] == [shard_paths(tmp_path)[0].name]
 
 
 def test_per_token_columns_are_lists(tmp_path):

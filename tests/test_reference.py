@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from conftest import preference_rows, write_jsonl
 
-from prefcache.cache import CacheError, read_cache, read_metadata, shard_paths
+from prefcache.cache import CacheError, read_cache, read_metadata, shard_metadata, shard_paths
 from prefcache.cli import main
 from prefcache.reference import precompute, verify_cache
 
@@ -98,17 +98,39 @@ def test_extending_with_other_settings_is_refused(tmp_path, prefs_file, tiny_mod
     assert frame(tmp_path / "c").height == 24  # nothing lost, nothing added
 
 
-def test_identical_sequences_are_scored_once(tmp_path, tiny_model, monkeypatch):
+@pytest.mark.parametrize("sharing", [False, True])
+def test_identical_sequences_are_scored_once(tmp_path, tiny_model, monkeypatch, sharing):
+    import prefcache.packing as packing
     import prefcache.reference as pre
 
     rows = [{"prompt": "Same prompt", "chosen": " same answer", "rejected": f" other {i}"} for i in range(5)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    seen = []
-    real = pre.score_sequences
+    seen, packed = [], []
+    real, real_pack = pre.score_sequences, packing.pack
     monkeypatch.setattr(pre, "score_sequences", lambda m, seqs, **kw: seen.append(len(seqs)) or real(m, seqs, **kw))
-    run(data, tmp_path / "c", tiny_model)
-    assert seen == [6]  # 5 distinct rejected + 1 shared chosen
+    monkeypatch.setattr(packing, "pack", lambda rows, pad: packed.append(rows) or real_pack(rows, pad))
+    run(data, tmp_path / "c", tiny_model, prefix_sharing=sharing)
+    if sharing:  # one packed row: the prompt once, then its 6 distinct completions
+        assert seen == [] and len(packed) == 1 and len(packed[0]) == 1 and len(packed[0][0][1]) == 6
+    else:
+        assert seen == [6] and packed == []  # 5 distinct rejected + 1 shared chosen
     assert frame(tmp_path / "c")["chosen_logps"].n_unique() == 1
+    assert read_metadata(tmp_path / "c")["prefix_sharing"] is sharing
+
+
+def test_shared_and_unshared_caches_agree(tmp_path, prefs_file, tiny_model):
+    """Packed rows give each completion the log-probs of its own prompt + completion sequence."""
+    run(prefs_file, tmp_path / "shared", tiny_model, batch_size=5, per_token=True)
+    run(prefs_file, tmp_path / "plain", tiny_model, batch_size=3, per_token=True, prefix_sharing=False)
+    a, b = frame(tmp_path / "shared"), frame(tmp_path / "plain")
+    assert a["id"].to_list() == b["id"].to_list() and a.height == 24
+    for col in ("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix"):
+        assert (a[col] - b[col]).abs().max() <= 1e-4, col
+    assert read_metadata(tmp_path / "shared")["prefix_sharing"] is True
+    # Extending keeps the path the cache was made with, whatever the flag says now.
+    more = write_jsonl(tmp_path / "more.jsonl", preference_rows(30))
+    run(more, tmp_path / "plain", tiny_model, per_token=True)
+    assert {m["prefix_sharing"] for m in map(shard_metadata, shard_paths(tmp_path / "plain"))} == {False}
 
 
 def test_bad_rows_fail_by_default_and_are_reported_when_skipped(tmp_path, tiny_model):

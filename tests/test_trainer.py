@@ -95,11 +95,13 @@ def test_logs_have_the_contract_schemas(setup, tmp_path):
             assert [(f.name, str(f.type)) for f in got] == [(f.name, str(f.type)) for f in schema], part
     assert [f.name for f in STEP_SCHEMA] == [
         "step", "epoch", "split", "loss", "rewards_chosen", "rewards_rejected", "rewards_margins", "rewards_accuracies",
-        "logps_chosen", "logps_rejected", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb", "time_s", "aux_loss"]
+        "logps_chosen", "logps_rejected", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb", "time_s", "padding_share", "aux_loss"]
     s = steps(out)
     assert set(s["split"]) == {"train", "eval"} and s.filter(pl.col("split") == "train")["step"].to_list() == [1, 2]
     train_rows = s.filter(pl.col("split") == "train")
     assert (train_rows["lr"] > 0).all() and (train_rows["tokens_per_s"] > 0).all() and (train_rows["peak_mem_mb"] > 0).all()
+    assert ((train_rows["padding_share"] >= 0) & (train_rows["padding_share"] < 1)).all()
+    assert s.filter(pl.col("split") == "eval")["padding_share"].null_count() == 2
     e = examples(out)
     assert e["checkpoint"].null_count() == e.height and set(e["split"]) == {"train", "eval"}
     pairs = pl.read_parquet(out / "pairs.parquet")
@@ -108,6 +110,7 @@ def test_logs_have_the_contract_schemas(setup, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["config"]["beta"] == 0.1 and info["cache"]["max_length"] == 64 and info["eval_pairs"] == 6
     assert info["result"]["steps"] == 2 and info["max_length"] == 64 and info["truncation"] == "keep_start"
+    assert info["prefix_sharing"] is True and info["config"]["gradient_checkpointing"] is True  # the defaults
 
 
 def test_loss_decreases_when_overfitting_eight_pairs(setup, tmp_path):
@@ -352,3 +355,46 @@ def test_two_process_data_parallel_equals_one_process(setup, tmp_path):
     torch.testing.assert_close(d["loss"].to_torch(), s["loss"].to_torch(), rtol=1e-5, atol=1e-6)
     assert examples(tmp_path / "ddp").filter(pl.col("split") == "train").group_by("step").len()["len"].to_list() == [4] * 4
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_length_grouped_order_is_seeded_resumable_and_splits_steps_alike():
+    from prefcache.trainer import epoch_order
+
+    lengths = [(i * 37) % 101 + 5 for i in range(200)]
+    order = epoch_order(200, 7, 0, 0, 1, lengths, 4)
+    assert order == epoch_order(200, 7, 0, 0, 1, lengths, 4) and sorted(order) == list(range(200))
+    assert order != epoch_order(200, 7, 1, 0, 1, lengths, 4)  # a fresh order each epoch
+    plain = epoch_order(200, 7, 0, 0, 1)
+
+    def padding(o):  # padded positions of batches of 4, as the trainer builds them
+        return sum(4 * max(lengths[i] for i in o[s : s + 4]) - sum(lengths[i] for i in o[s : s + 4])
+                   for s in range(0, len(o), 4))
+
+    assert padding(order) < 0.5 * padding(plain)
+    # Two ranks of 2 pairs per step see, step by step, the pairs one process of 4 pairs per step sees.
+    ranks = [epoch_order(200, 7, 0, r, 2, lengths, 2) for r in (0, 1)]
+    for step in range(50):
+        assert sorted(ranks[0][2 * step : 2 * step + 2] + ranks[1][2 * step : 2 * step + 2]) == \
+            sorted(order[4 * step : 4 * step + 4])
+
+
+def test_resume_refuses_another_batch_grouping(setup, tmp_path):
+    out = tmp_path / "run"
+    run(setup, out, max_steps=2)
+    with pytest.raises(ValueError, match="group_by_length: checkpoint has True, now False"):
+        run(setup, out, max_steps=4, resume=True, group_by_length=False)
+
+
+def test_training_on_an_unshared_cache_follows_it_and_a_forced_path_warns(setup, tmp_path, caplog):
+    import logging
+
+    plain = tmp_path / "plain-cache"
+    precompute(data=str(setup["data"]), out=str(plain), model=str(setup["model"]), max_length=64, quantize="fp32",
+               progress=False, prefix_sharing=False)
+    run(setup, tmp_path / "follow", cache=str(plain), max_steps=1)
+    assert json.loads((tmp_path / "follow" / "run.json").read_text())["prefix_sharing"] is False
+    with caplog.at_level(logging.WARNING, logger="prefcache"):
+        run(setup, tmp_path / "forced", cache=str(plain), max_steps=1, prefix_sharing=True)
+    assert any("cache was made without prefix sharing, training runs with it" in r.message for r in caplog.records)
+    first = steps(tmp_path / "forced").row(0, named=True)
+    assert first["loss"] == pytest.approx(LN2, abs=1e-5) and abs(first["rewards_margins"]) < 1e-4

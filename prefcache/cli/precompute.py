@@ -38,6 +38,9 @@ def run_api(fn, *args, **kwargs):
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--shard-size", type=int, default=1024, show_default=True, help="Pairs per Parquet shard.")
 @click.option("--chunk-size", type=int, default=2048, show_default=True, help="Completion positions per output-head chunk (memory vs speed).")
+@click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
+              help="Compute each prompt once, its completions packed after it under a block attention mask "
+                   "(same values to float rounding; faster the longer the prompts). Off: two sequences per pair.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def precompute_cmd(no_progress, **options):
     """Score every pair once with the frozen reference model and cache the log-probs.

@@ -27,8 +27,9 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--ld-alpha", type=float, default=None, help="LD-DPO: weight of the tokens past the shorter completion.")
 @click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="SimPO target reward margin.")
 @click.option("--discopop-tau", type=float, default=0.05, show_default=True, help="DiscoPOP temperature.")
-@click.option("--finetune", type=click.Choice(FINETUNES), default="lora", show_default=True,
-              help="lora: LoRA on all linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
+@click.option("--finetune", type=click.Choice(FINETUNES), default="auto", show_default=True,
+              help="auto: the policy that made the cache (qlora on a 4-bit cache, else lora); lora: LoRA on all "
+                   "linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
 @click.option("--lora-r", type=int, default=16, show_default=True)
 @click.option("--lora-alpha", type=float, default=None, help="[default: 2 x lora-r]")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
@@ -45,7 +46,9 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip gradients to this norm (0: no clipping).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
               help="adamw8bit / paged_adamw8bit: bitsandbytes' 8-bit optimizer states.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory, ~30% slower).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
+              help="Recompute each layer's activations in backward: the lean default (SmolLM2-135M, batch 4: "
+                   "~half the peak memory) for ~30% more time per step; --no-gradient-checkpointing for speed.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast on GPU (ignored on CPU).")
 @click.option("--max-length", type=int, default=None, help="Tokens per prompt+completion [default: the cache's].")
 @click.option("--truncation", type=click.Choice(TRUNCATIONS), default=None, help="[default: the cache's]")
@@ -62,6 +65,11 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--chunk-size", type=int, default=1024, show_default=True, help="Completion positions per output-head chunk.")
 @click.option("--flush-every", type=int, default=50, show_default=True, help="Logged steps buffered per new log file.")
+@click.option("--prefix-sharing/--no-prefix-sharing", default=None,
+              help="One packed [prompt | chosen | rejected] row per pair, the prompt computed once [default: as "
+                   "the cache was made, so step-0 rewards are exactly 0; no cache: on].")
+@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
+              help="Batches of pairs of similar length (seeded, resumable): less padding.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(no_progress, max_grad_norm, **options):
     """Train a policy with DPO (or another preference loss) against a precomputed reference cache.

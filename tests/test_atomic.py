@@ -1,0 +1,114 @@
+"""The file-writing policy: whole files only, the umask's modes, and one clear line when a write fails."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import preference_rows, write_jsonl
+
+from prefcache.atomic import WriteError, write_atomic, write_text_atomic
+from prefcache.cache import read_cache, shard_paths, verify
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+       "PREFCACHE_ALLOCATOR": "system", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+@pytest.fixture
+def umask022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_files_get_the_umask_mode_and_no_temporaries_remain(tmp_path, umask022):
+    write_text_atomic(tmp_path / "a.json", "{}")
+    assert mode(tmp_path / "a.json") == 0o644
+    os.umask(0o077)
+    write_text_atomic(tmp_path / "b.json", "{}")
+    assert mode(tmp_path / "b.json") == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_says_how_much_was_written(tmp_path):
+    (tmp_path / "f.txt").write_text("old")
+
+    def fail(tmp):
+        Path(tmp).write_text("12345")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(WriteError, match=r"cannot write .*f\.txt: no space left on device \(5 bytes written"):
+        write_atomic(tmp_path / "f.txt", fail)
+    assert (tmp_path / "f.txt").read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_run_outputs_are_readable_by_others_under_umask_022(tmp_path, tiny_model, umask022):
+    from prefcache.reference import precompute
+    from prefcache.trainer import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8) + [{"prompt": "p", "chosen": "", "rejected": "r"}])
+    precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=64, progress=False,
+               on_bad_row="skip")
+    train(data=str(data), cache=str(tmp_path / "cache"), model=str(tiny_model), out=str(tmp_path / "run"),
+          max_steps=1, progress=False, on_bad_row="skip", eval_fraction=0.25)
+    run = tmp_path / "run"
+    files = [run / "run.json", run / "pairs.parquet", run / "bad_rows.jsonl", *run.glob("logs/*.parquet"),
+             *run.glob("checkpoints/step-000001/*"), *(tmp_path / "cache").iterdir()]
+    assert len(files) > 8
+    for f in files:
+        assert mode(f) == 0o644, f
+    for d in (run, run / "logs", run / "checkpoints", run / "checkpoints" / "step-000001"):
+        assert mode(d) == 0o755, d
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_pass_that_cannot_write_a_shard_stops_with_one_line_and_a_rerun_completes(tmp_path, tiny_model):
+    from prefcache.reference import precompute
+
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))
+    precompute(data=str(data), out=str(tmp_path / "probe"), model=str(tiny_model), max_length=64, shard_size=4,
+               progress=False)
+    smallest = min(p.stat().st_size for p in shard_paths(tmp_path / "probe"))
+    manifest = (tmp_path / "probe" / "manifest.json").stat().st_size
+    assert manifest < smallest
+    cmd = [sys.executable, "-m", "prefcache", "precompute", "--data", str(data), "--out", str(tmp_path / "cache"),
+           "--model", str(tiny_model), "--max-length", "64", "--shard-size", "4", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV,
+                       preexec_fn=_limit_file_size((manifest + smallest) // 2))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot write" in r.stderr and "part-r000-000000-" in r.stderr and "bytes written" in r.stderr
+    assert "rerun the same command" in r.stderr
+    assert not shard_paths(tmp_path / "cache") and not list((tmp_path / "cache").glob(".tmp-*"))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert verify(tmp_path / "cache") == []
+    assert sorted(read_cache(tmp_path / "cache").column("id").to_pylist()) == \
+        sorted(read_cache(tmp_path / "probe").column("id").to_pylist())
+
+
+def test_a_read_only_cache_folder_is_one_line(tmp_path, tiny_model):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(4))
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    r = subprocess.run([sys.executable, "-m", "prefcache", "precompute", "--data", str(data), "--out",
+                        str(tmp_path / "ro"), "--model", str(tiny_model), "--no-progress"],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 1 and "cannot write to" in r.stderr and "Traceback" not in r.stderr
