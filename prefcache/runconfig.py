@@ -8,9 +8,10 @@ newlines. Only PyYAML's safe loader and dumper are used.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+
+from .atomic import write_text_atomic
 
 
 class ConfigFileError(ValueError):
@@ -29,10 +30,8 @@ def write_config(config, path: str | os.PathLike) -> Path:
     """Write ``config`` (an options dataclass) as YAML, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-config-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(f"# prefcache options; rerun with: prefcache COMMAND --config {path.name}\n" + to_yaml(config))
-    os.replace(tmp, path)
+    header = f"# prefcache options; rerun with: prefcache COMMAND --config {path.name}\n"
+    write_text_atomic(path, header + to_yaml(config))
     return path
 
 
