@@ -186,6 +186,14 @@ def _render(fields: dict, tokenizer) -> tuple[str, str, str, bool]:
     return prompt_text, texts[0], texts[1], True
 
 
+def _prompt_copied_into_conversations(raw: dict) -> bool:
+    """A text prompt beside chosen/rejected conversations that open with the same message: the prompt is a copy
+    of that message (``HuggingFaceH4/ultrafeedback_binarized``), and TRL takes the implicit prompt instead."""
+    c, r = raw.get("chosen"), raw.get("rejected")
+    return (isinstance(raw.get("prompt"), str) and isinstance(c, list) and isinstance(r, list) and bool(c) and bool(r)
+            and _canonical(c[0]) == _canonical(r[0]))
+
+
 def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> tuple[list[Example], list[BadRow]]:
     """Validate rows, give each its id and render its texts.
 
@@ -209,6 +217,8 @@ def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> t
             if not isinstance(row, dict):
                 raise _Bad(f"a row must be an object with prompt/chosen/rejected, got a {type(row).__name__}")
             raw = {name: row.get(name) for name in names}
+            if _prompt_copied_into_conversations(raw):
+                del raw["prompt"]  # TRL's maybe_extract_prompt does the same: the prompt is implicit
             content = _content_key(raw.get("prompt"), raw["chosen"], raw["rejected"])
             if has_id:
                 if row.get("id") is None or row["id"] == "":

@@ -85,3 +85,17 @@ def test_cache_records_the_mapping_and_the_trainer_refuses_another(tmp_path, tin
         train(out=str(tmp_path / "run0"), columns=SE_COLUMNS, prompt_template="Q: {prompt}\nA: ", **common)
     summary = train(out=str(tmp_path / "run1"), columns=SE_COLUMNS, prompt_template=SE_TEMPLATE, **common)
     assert summary["steps"] == 1
+
+
+def test_a_text_prompt_beside_full_conversations_is_implicit_as_in_trl(tokenizer):
+    """HuggingFaceH4/ultrafeedback_binarized: a text `prompt` and chosen/rejected conversations that repeat it
+    as their first message. TRL's maybe_extract_prompt takes the conversations' common prefix; so does prefcache."""
+    from prefcache.data import prepare_examples
+
+    user = {"role": "user", "content": "What colour is the sky?"}
+    row = {"prompt": user["content"], "chosen": [user, {"role": "assistant", "content": "Blue."}],
+           "rejected": [user, {"role": "assistant", "content": "Green."}]}
+    (ex,), bad = prepare_examples([row], tokenizer)
+    assert not bad and ex.conversational
+    assert ex.prompt == tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    assert ex.chosen.startswith("Blue.")
