@@ -304,7 +304,8 @@ def _precompute(config: PrecomputeConfig) -> dict:
     }
 
 
-def verify_cache(cache_dir: str, data: str | None = None) -> dict:
+def verify_cache(cache_dir: str, data: str | None = None, *, split: str | None = None,
+                 data_config: str | None = None) -> dict:
     """Check a cache's shards (integrity, consistent metadata, duplicates, NaN/inf) and, given the
     data it was made from, that every scorable id of the data is present exactly once.
 
@@ -324,7 +325,7 @@ def verify_cache(cache_dir: str, data: str | None = None) -> dict:
             problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
         mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
         pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip",
-                                         mapping=mapping)
+                                         mapping=mapping, split=split, data_config=data_config)
         expected = [p.id for p in pairs]
     problems += verify(cache_dir, expected_ids=expected)
     if problems:

@@ -54,6 +54,20 @@ def test_bad_mappings_are_one_clear_line(tmp_path, tokenizer):
         load_dataset_pairs(data, tokenizer, 64, mapping=RowMapping(SE_COLUMNS, prompt_template="{title}: {prompt}"))
 
 
+def test_bad_mappings_on_the_command_line_are_one_line(tmp_path, tiny_model):
+    from prefcache.cli import main
+
+    data = write_jsonl(tmp_path / "se.jsonl", STACK)
+    base = ["precompute", "--data", str(data), "--out", str(tmp_path / "c"), "--model", str(tiny_model), "--no-progress"]
+    for extra, message in ((["--prompt-template", "Q: {question}"], "--prompt-template must contain {prompt}"),
+                           (["--columns", "query=question"], "--columns: unknown column 'query'"),
+                           (["--columns", "prompt=title,chosen=response_j,rejected=response_k"],
+                            "--columns maps prompt to 'title', which is not a column")):
+        res = CliRunner().invoke(main, base + extra)
+        assert res.exit_code == 1 and res.output.startswith("Error: ") and message in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
+
+
 def test_unescape_and_records():
     assert unescape(r"Question: {prompt}\n\nAnswer:\t\\n") == "Question: {prompt}\n\nAnswer:\t\\n"
     assert RowMapping().record() is None and not RowMapping()
