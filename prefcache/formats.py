@@ -70,11 +70,12 @@ def _load_dataset(name: str, split: str | None, config: str | None):
     (``datasets--org--name/snapshots/...``, as ``hf download --repo-type dataset`` leaves it) is read from there."""
     from datasets import DatasetDict, load_dataset
 
-    from .hub import offline
+    from .hub import offline, split_revision
 
+    repo, revision = split_revision(name) if not Path(name).exists() else (name, None)  # org/name@revision
     try:
         try:
-            data = load_dataset(name, config, split=split)
+            data = load_dataset(repo, config, split=split, revision=revision)
         except (ConnectionError, FileNotFoundError) as e:
             folder = _cached_dataset_repo(name) if not Path(name).exists() else None
             if folder is None:
@@ -136,6 +137,17 @@ def iter_row_blocks(path: str | os.PathLike, split: str | None = None, config: s
                 start += len(rows)
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise DataFormatError(f"{path}: cannot read as Parquet ({e})") from e
+        return
+    if kind == "csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader, rows, start = csv.DictReader(f), [], 0
+            for row in reader:
+                rows.append({k: v for k, v in row.items() if k is not None})  # as _read_csv
+                if len(rows) == block_rows:
+                    yield start, rows
+                    start, rows = start + len(rows), []
+        if rows:
+            yield start, rows
         return
     if kind == "jsonl":
         rows, start = [], 0
