@@ -80,6 +80,7 @@ def precompute_cmd(no_progress, **options):
 
 
 @click.command("inspect")
+@config_option
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_cmd(cache, as_json):
@@ -117,7 +118,9 @@ def _pct(v):
 @config_option
 @click.argument("cache")
 @click.option("--data", default=None, help="The data the cache should cover (checks every id is present once).")
-def verify_cmd(cache, data):
+@click.option("--split", default=None, help="Split of --data when it is a Hub dataset or a DatasetDict.")
+@click.option("--data-config", default=None, help="Subset (configuration) of a Hub dataset.")
+def verify_cmd(cache, data, split, data_config):
     """Check a cache: shard integrity, consistent metadata, no duplicate ids, no NaN/inf, coverage of --data.
 
     Exits non-zero with a report when anything is wrong.
@@ -128,7 +131,7 @@ def verify_cmd(cache, data):
     """
     from prefcache.reference import verify_cache
 
-    report = run_api(verify_cache, cache, data)
+    report = run_api(verify_cache, cache, data, split=split, data_config=data_config)
     click.echo(report["summary"])
     if report["problems"]:
         raise click.ClickException(f"{len(report['problems'])} problem(s):\n  " + "\n  ".join(report["problems"]))
