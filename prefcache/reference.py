@@ -170,6 +170,11 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     Returns a summary dict: pairs cached before and now, pairs scored, bad rows, seconds, pairs/s, tokens/s.
     """
     config = config or PrecomputeConfig(**options)
+    if config.unpaired:  # KTO data: one completion per example plus its KL completion
+        from .unpaired import precompute_unpaired
+
+        with directory_lock(config.out, "prefcache precompute", rank=0):
+            return precompute_unpaired(config, kl_group_size=config.kl_group_size)
     # One writer per cache (per rank under torchrun): a second pass is refused, naming the holder.
     with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
         return _precompute(config)
@@ -337,9 +342,14 @@ def verify_cache(cache_dir: str, data: str | None = None, *, split: str | None =
         tokenizer = load_tokenizer(resolve_model(meta.get("model_path")))
         if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
             problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
-        mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
-        pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip",
-                                         mapping=mapping, split=split, data_config=data_config)
+        if meta.get("kind") == "unpaired":  # a KTO cache: one row per (unpaired) example
+            from .unpaired import load_unpaired
+
+            pairs, _, _ = load_unpaired(data, tokenizer, meta["max_length"], meta["truncation"], "skip", unpair=True)
+        else:
+            mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
+            pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip",
+                                             mapping=mapping, split=split, data_config=data_config)
         expected = [p.id for p in pairs]
     problems += verify(cache_dir, expected_ids=expected)
     if problems:
