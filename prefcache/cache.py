@@ -76,7 +76,11 @@ def read_metadata(cache_dir: str | os.PathLike) -> dict:
 
 
 def shard_metadata(path: Path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as e:  # a truncated or overwritten file: name it
+        raise CacheError(f"{path}: damaged shard, not readable as Parquet ({e}); `prefcache verify "
+                         f"{Path(path).parent}` lists every damaged shard") from None
     if META_KEY not in meta:
         raise CacheError(f"{path} has no prefcache metadata")
     return json.loads(meta[META_KEY])
@@ -145,6 +149,8 @@ def summary(cache_dir: str | os.PathLike) -> dict:
     import polars as pl
 
     meta = read_metadata(cache_dir)
+    for path in shard_paths(cache_dir):
+        shard_metadata(path)  # a damaged footer: CacheError naming the shard, not a polars ComputeError
     df = pl.scan_parquet([str(p) for p in shard_paths(cache_dir)])
     if meta.get("kind") == "unpaired":
         return _unpaired_summary(cache_dir, meta, df)
@@ -158,7 +164,17 @@ def summary(cache_dir: str | os.PathLike) -> dict:
         + [pl.col("chosen_truncated").mean().alias("chosen_truncated:frac"),
            pl.col("rejected_truncated").mean().alias("rejected_truncated:frac"),
            ((pl.col("chosen_logps") - pl.col("rejected_logps")) > 0).mean().alias("ref_prefers_chosen:frac")]
-    ).collect().row(0, named=True)
+    )
+    try:
+        stats = stats.collect().row(0, named=True)
+    except pl.exceptions.PolarsError as e:  # damaged pages inside a shard: find which
+        for path in shard_paths(cache_dir):
+            try:
+                pq.read_table(path)
+            except (OSError, pa.ArrowException) as err:
+                raise CacheError(f"{path}: damaged shard ({err}); `prefcache verify {cache_dir}` lists every "
+                                 "damaged shard") from None
+        raise CacheError(f"{cache_dir}: cannot summarise the cache ({str(e).splitlines()[0]})") from None
     columns = {c: {k: stats[f"{c}:{k}"] for k in ("mean", "std", "min", "max")} for c in numeric}
     return {
         "path": str(cache_dir), "metadata": meta, "shards": len(shard_paths(cache_dir)),

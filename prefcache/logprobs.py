@@ -75,6 +75,7 @@ def token_logprobs(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     checkpoint: bool | None = None,
+    aux: list | None = None,
     position_ids: torch.Tensor | None = None,
     source: torch.Tensor | None = None,
     with_sq: bool = False,
@@ -89,6 +90,8 @@ def token_logprobs(
         completion_mask: [N, T] 1 on the completion tokens whose log-prob is wanted.
         chunk_size: completion positions projected through the output head at once.
         checkpoint: recompute each chunk's logits in backward; defaults to ``torch.is_grad_enabled()``.
+        aux: for a mixture-of-experts model, a list the router load-balancing loss (a scalar, unscaled:
+            see :func:`router_aux_coef`) is appended to; None = not computed.
         position_ids: [N, T] positions for the model (packed rows restart a completion after the prompt).
         source: [N, T] long, the position whose hidden state predicts token t; default t - 1.
         with_sq: also return [N, T] fp32 log Σ_v p(v)² of each completion position (0 elsewhere), without
@@ -108,9 +111,15 @@ def token_logprobs(
     if checkpoint is None:
         checkpoint = torch.is_grad_enabled()
 
+    moe = aux is not None and router_aux_coef(lm) is not None
     extra = {} if position_ids is None else {"position_ids": position_ids}
+    if moe:
+        extra["output_router_logits"] = True
     # Through the wrapper when there is one, so PEFT / DDP forward hooks still run.
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)[0]  # [N, T, H]
+    output = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    hidden = output[0]  # [N, T, H]
+    if moe:
+        aux.append(_load_balancing_loss(lm, output.router_logits, attention_mask))
     want = _wanted(attention_mask, completion_mask)  # [N, T]
     rows, cols = want.nonzero(as_tuple=True)
     # The hidden state at source[t] (t - 1 unless packed) predicts token t.
@@ -174,14 +183,45 @@ def naive_token_logprobs(
     return picked * want, sq * want
 
 
-class LogProbModule(nn.Module):
-    """nn.Module face of :func:`token_logprobs`, so DDP can wrap the whole computation."""
+def router_aux_coef(model: nn.Module) -> float | None:
+    """A mixture-of-experts model's own weight of its router load-balancing loss (``router_aux_loss_coef``,
+    what its ``forward`` adds to the LM loss); None for a dense model or a coefficient of 0."""
+    cfg = getattr(_unwrap(model), "config", None)
+    coef = getattr(cfg, "router_aux_loss_coef", None)
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    return float(coef) if coef and experts else None
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK):
+
+def _load_balancing_loss(lm: nn.Module, router_logits, attention_mask) -> torch.Tensor:
+    """The Switch-Transformer load-balancing loss, computed by the model's own module (Mixtral, Qwen2-MoE,
+    Qwen3-MoE... each ship ``load_balancing_loss_func``) exactly as its ``forward`` does."""
+    import importlib
+
+    fn = importlib.import_module(type(lm).__module__).load_balancing_loss_func
+    cfg = lm.config
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if attention_mask.dim() == 4:  # a packed row's [N, 1, T, T] block mask: real tokens are those that see themselves
+        diag = attention_mask.diagonal(dim1=-2, dim2=-1)[:, 0]
+        attention_mask = (diag if diag.dtype == torch.bool else diag == 0).long()
+    return fn(router_logits, experts, cfg.num_experts_per_tok, attention_mask)
+
+
+class LogProbModule(nn.Module):
+    """nn.Module face of :func:`token_logprobs`, so DDP can wrap the whole computation.
+
+    ``router_aux``: with gradients on, a mixture-of-experts model's router load-balancing loss of the last
+    forward is left in ``aux_loss`` (None otherwise), for the trainer to add to its loss."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, router_aux: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.router_aux = router_aux and router_aux_coef(model) is not None
+        self.aux_loss = None
 
     def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, source=None, with_sq=False):
-        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
-                              position_ids=position_ids, source=source, with_sq=with_sq)
+        aux = [] if self.router_aux and torch.is_grad_enabled() else None
+        out = token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
+                             position_ids=position_ids, source=source, aux=aux, with_sq=with_sq)
+        self.aux_loss = aux[0] if aux else None
+        return out

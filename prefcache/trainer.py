@@ -163,11 +163,12 @@ def _train(cfg: TrainConfig) -> dict:
         resolve_model(str(ckpt)) if full_ckpt else source, finetune=cfg.finetune, device=device,
         adapter=None if full_ckpt else (ckpt or cfg.adapter), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
-    from .logprobs import LogProbModule
+    from .logprobs import LogProbModule, router_aux_coef
     from .packing import training_sharing
 
     sharing = training_sharing(cfg.prefix_sharing, reference.metadata if reference else None, policy)
-    module = LogProbModule(policy, chunk_size=cfg.chunk_size)
+    module = LogProbModule(policy, chunk_size=cfg.chunk_size, router_aux=True)
+    aux_coef = router_aux_coef(policy)  # MoE: the model's own weight of its router load-balancing loss
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -262,7 +263,7 @@ def _train(cfg: TrainConfig) -> dict:
         step_idx = order[position * span : (position + 1) * span]
         micro = [step_idx[i : i + cfg.batch_size] for i in range(0, len(step_idx), cfg.batch_size)]
         t0 = time.perf_counter()
-        loss_sum, tokens, positions, cols = 0.0, 0, 0, []
+        loss_sum, tokens, positions, cols, aux_sum = 0.0, 0, 0, [], None
         for k, idx in enumerate(micro):
             batch = [pairs[i] for i in idx]
             ids = [p.id for p in batch]
@@ -288,7 +289,12 @@ def _train(cfg: TrainConfig) -> dict:
                 check_step(step + 1, ids, result.losses)  # before backward: NaN never reaches the weights
                 # Each micro-batch's mean, weighted by its share of the step: the step's gradient is
                 # that of the mean over all its pairs, whatever the split into micro-batches.
-                (result.loss * (len(batch) / len(step_idx))).backward()
+                loss = result.loss
+                if (aux := getattr(module, "module", module).aux_loss) is not None:
+                    # A mixture of experts also learns to balance its router, as its own forward would have it.
+                    loss = loss + aux_coef * aux
+                    aux_sum = (aux_sum or 0.0) + aux.item() * len(batch)
+                (loss * (len(batch) / len(step_idx))).backward()
             loss_sum += result.loss.item() * len(batch)
             tokens += pol.n_tokens
             positions += pol.n_positions
@@ -315,7 +321,7 @@ def _train(cfg: TrainConfig) -> dict:
         bar.set_postfix(loss=f"{loss_sum / len(step_idx):.4f}", acc=f"{local['rewards_accuracies']:.2f}",
                         margin=f"{local['rewards_margins']:.3f}", refresh=False)
         if step % cfg.log_every == 0 or step == total_steps:
-            parts = gather((cols, loss_sum, tokens, peak_mem_mb(device), positions), world)
+            parts = gather((cols, loss_sum, tokens, peak_mem_mb(device), positions, aux_sum), world)
             if main:
                 cols = {k: [v for c, *_ in parts for v in c[k]] for k in cols}
                 last_train = aggregate(cols) | {"loss": sum(p[1] for p in parts) / len(cols["id"])}
@@ -324,7 +330,8 @@ def _train(cfg: TrainConfig) -> dict:
                               "lr": lr, "grad_norm": grad_norm, "tokens_per_s": sum(p[2] for p in parts) / step_time,
                               "peak_mem_mb": max(p[3] for p in parts), "time_s": time.perf_counter() - t_start,
                               # the share of the computed token positions that were padding
-                              "padding_share": 1 - sum(p[2] for p in parts) / max(sum(p[4] for p in parts), 1)})
+                              "padding_share": 1 - sum(p[2] for p in parts) / max(sum(p[4] for p in parts), 1),
+                              "aux_loss": None if aux_sum is None else sum(p[5] for p in parts) / len(cols["id"])})
                 trackers.log(row, step=step, split="train")
         if eval_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
             run_eval(step)

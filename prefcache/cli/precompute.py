@@ -37,7 +37,7 @@ def run_api(fn, *args, **kwargs):
               help="fail: stop and list bad rows; skip: score the rest and write bad_rows.jsonl in the cache.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--shard-size", type=int, default=1024, show_default=True, help="Pairs per Parquet shard.")
-@click.option("--chunk-size", type=int, default=2048, show_default=True, help="Completion positions per output-head chunk (memory vs speed).")
+@click.option("--chunk-size", type=int, default=512, show_default=True, help="Completion positions per output-head chunk (memory vs speed).")
 @click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
               help="Compute each prompt once, its completions packed after it under a block attention mask "
                    "(same values to float rounding; faster the longer the prompts). Off: two sequences per pair.")
@@ -63,6 +63,9 @@ def precompute_cmd(no_progress, **options):
     Data-parallel (one shard set per rank):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
+    from prefcache import preflight
+
+    run_api(preflight.precompute, options)  # refusals that need no model, before torch loads
     from prefcache.config import PrecomputeConfig
     from prefcache.reference import precompute
 
@@ -83,6 +86,7 @@ def precompute_cmd(no_progress, **options):
 
 
 @click.command("inspect")
+@config_option
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_cmd(cache, as_json):
@@ -120,7 +124,9 @@ def _pct(v):
 @config_option
 @click.argument("cache")
 @click.option("--data", default=None, help="The data the cache should cover (checks every id is present once).")
-def verify_cmd(cache, data):
+@click.option("--split", default=None, help="Split of --data when it is a Hub dataset or a DatasetDict.")
+@click.option("--data-config", default=None, help="Subset (configuration) of a Hub dataset.")
+def verify_cmd(cache, data, split, data_config):
     """Check a cache: shard integrity, consistent metadata, no duplicate ids, no NaN/inf, coverage of --data.
 
     Exits non-zero with a report when anything is wrong.
@@ -131,7 +137,7 @@ def verify_cmd(cache, data):
     """
     from prefcache.reference import verify_cache
 
-    report = run_api(verify_cache, cache, data)
+    report = run_api(verify_cache, cache, data, split=split, data_config=data_config)
     click.echo(report["summary"])
     if report["problems"]:
         raise click.ClickException(f"{len(report['problems'])} problem(s):\n  " + "\n  ".join(report["problems"]))

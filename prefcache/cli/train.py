@@ -70,7 +70,7 @@ from prefcache.config import BAD_ROW_POLICIES, F_DIVERGENCES, FINETUNES, OPTIMIZ
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
-@click.option("--chunk-size", type=int, default=1024, show_default=True, help="Completion positions per output-head chunk.")
+@click.option("--chunk-size", type=int, default=256, show_default=True, help="Completion positions per output-head chunk: memory (2 x chunk x vocab x 4 bytes in backward) vs speed.")
 @click.option("--flush-every", type=int, default=50, show_default=True, help="Logged steps buffered per new log file.")
 @click.option("--prefix-sharing/--no-prefix-sharing", default=None,
               help="One packed [prompt | chosen | rejected] row per pair, the prompt computed once [default: as "
@@ -98,6 +98,9 @@ def train_cmd(no_progress, max_grad_norm, **options):
     Reference-free, no cache:  prefcache train --data prefs.jsonl --out run2 --loss simpo --beta 2
     Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
     """
+    from prefcache import preflight
+
+    run_api(preflight.train, options)  # refusals that need no model, before torch loads
     from prefcache.config import TrainConfig
     from prefcache.trainer import train
 
