@@ -74,3 +74,17 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
 @pytest.fixture
 def prefs_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run where CUDA is, and are skipped (saying why) where it is not."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

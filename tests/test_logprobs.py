@@ -126,3 +126,21 @@ def test_log_sum_sq_probs_for_wpo(chunk):
     model.zero_grad()
     token_logprobs(model, ids, attention, completion, chunk_size=chunk).sum().backward()
     torch.testing.assert_close(with_sq_grad, model.lm_head.weight.grad)
+
+
+@pytest.mark.gpu
+def test_cuda_values_and_gradients_match_cpu():
+    ids, attention, completion = batch()
+    cpu = token_logprobs(tiny_llama(), ids, attention, completion, chunk_size=5)
+    model = tiny_llama().cuda()  # the same seed: the same weights
+    args = [t.cuda() for t in (ids, attention, completion)]
+    gpu = token_logprobs(model, *args, chunk_size=5)
+    torch.testing.assert_close(gpu.detach().cpu(), cpu.detach(), atol=1e-4, rtol=0)
+    gpu.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # the trainer's bf16 path
+        mixed = token_logprobs(model, *args, chunk_size=5)
+    assert mixed.dtype == torch.float32  # each head chunk is upcast before the log-softmax
+    assert torch.all(mixed[args[2] == 1] < 0)
+    torch.testing.assert_close(mixed.cpu(), cpu.detach(), atol=0.15, rtol=0)

@@ -280,3 +280,13 @@ def test_data_read_in_blocks_gives_the_same_cache(tmp_path, prefs_file, tiny_mod
     assert a["id"].to_list() == b["id"].to_list()
     for c in ("chosen_logps", "rejected_logps", "prompt_tokens", "chosen_tokens"):
         assert a[c].to_list() == pytest.approx(b[c].to_list(), abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_a_cuda_cache_equals_the_cpu_cache(tmp_path, prefs_file, tiny_model):
+    run(prefs_file, tmp_path / "cpu", tiny_model)
+    run(prefs_file, tmp_path / "cuda", tiny_model, device="cuda")
+    cpu, gpu = frame(tmp_path / "cpu"), frame(tmp_path / "cuda")
+    assert cpu["id"].to_list() == gpu["id"].to_list()
+    for col in ("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix"):
+        assert (cpu[col] - gpu[col]).abs().max() < 1e-3, col

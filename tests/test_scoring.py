@@ -127,3 +127,14 @@ def test_score_pairs_rewards_are_beta_times_policy_minus_reference(lm):
         assert cols["chosen_tokens"][i] == len(PAIRS[i].chosen_ids)
     assert means["rewards_accuracies"] == 1.0 and means["n"] == 3
     assert math.isclose(means["rewards_margins"], 0.15, abs_tol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sharing", [False, True])
+def test_pair_logps_on_cuda_equal_cpu(lm, sharing):
+    cpu = pair_logps(lm, PAIRS, pad_id=0, prefix_sharing=sharing)
+    gpu = pair_logps(lm.cuda(), PAIRS, pad_id=0, device="cuda", prefix_sharing=sharing)
+    lm.cpu()
+    for field in ("chosen", "rejected", "chosen_prefix", "rejected_prefix"):
+        torch.testing.assert_close(getattr(gpu, field).detach().cpu(), getattr(cpu, field).detach(), atol=1e-4, rtol=0)
+    assert gpu.n_tokens == cpu.n_tokens

@@ -399,3 +399,27 @@ def test_training_on_an_unshared_cache_follows_it_and_a_forced_path_warns(setup,
     assert any("cache was made without prefix sharing, training runs with it" in r.message for r in caplog.records)
     first = steps(tmp_path / "forced").row(0, named=True)
     assert first["loss"] == pytest.approx(LN2, abs=1e-5) and abs(first["rewards_margins"]) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize, finetune, tolerance", [("fp32", "lora", 1e-5), ("4bit", "qlora", 1e-3)])
+def test_cuda_policy_on_its_own_cuda_cache_starts_at_ln2(setup, tmp_path, quantize, finetune, tolerance):
+    """A 4-bit cache on a GPU computes in bf16 (and so does its QLoRA policy): equal to bf16 rounding."""
+    cache = tmp_path / "cache"
+    precompute(data=str(setup["data"]), out=str(cache), model=str(setup["model"]), max_length=64, quantize=quantize,
+               device="cuda", progress=False)
+    out = tmp_path / "run"
+    result = run(setup, out, cache=str(cache), device="cuda", bf16=quantize != "fp32", max_steps=2)
+    first = steps(out).filter((pl.col("split") == "train") & (pl.col("step") == 1)).row(0, named=True)
+    assert first["loss"] == pytest.approx(LN2, abs=tolerance)
+    assert abs(first["rewards_margins"]) < tolerance
+    assert json.loads((out / "run.json").read_text())["config"]["finetune"] == finetune
+    assert result["steps"] == 2
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_trains_with_finite_numbers(setup, tmp_path):
+    out = tmp_path / "run"
+    run(setup, out, device="cuda", bf16=True, max_steps=3)
+    s = steps(out).filter(pl.col("split") == "train")
+    assert s.height == 3 and all(math.isfinite(v) for v in s["loss"]) and s["peak_mem_mb"].min() > 0
