@@ -1,7 +1,7 @@
 """SQL over reference caches and run directories: DuckDB views plus the named queries in ``sql/*.sql``.
 
 ``connect(caches=[...], runs=[...])`` opens an in-memory DuckDB and exposes what it was given as
-views with fixed names and columns (the contract's schemas, see :data:`VIEWS`), each with one
+views with fixed names and columns (the writers' schemas, :mod:`prefcache.schemas`; see :data:`VIEWS`), each with one
 extra leading column saying where a row came from (``cache_name`` or ``run``: the directory's
 basename, lengthened with parent folders when two would clash)::
 
@@ -33,32 +33,17 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-# view -> [(column, DuckDB type)], in the contract's order (contract.md: cache, run directory).
+from . import schemas
+from .cache import shard_paths
+from .schemas import view_columns
+
+# view -> [(column, DuckDB type)], from the Arrow schemas the writers use (one declaration: prefcache.schemas).
 VIEWS: dict[str, list[tuple[str, str]]] = {
-    "cache": [
-        ("id", "VARCHAR"), ("chosen_logps", "DOUBLE"), ("rejected_logps", "DOUBLE"),
-        ("chosen_logps_prefix", "DOUBLE"), ("rejected_logps_prefix", "DOUBLE"),
-        ("prompt_tokens", "INTEGER"), ("chosen_tokens", "INTEGER"), ("rejected_tokens", "INTEGER"),
-        ("chosen_truncated", "BOOLEAN"), ("rejected_truncated", "BOOLEAN"),
-        ("chosen_token_logps", "FLOAT[]"), ("rejected_token_logps", "FLOAT[]"),
-    ],
-    "steps": [
-        ("step", "BIGINT"), ("epoch", "DOUBLE"), ("split", "VARCHAR"),
-        *((c, "DOUBLE") for c in ("loss", "rewards_chosen", "rewards_rejected", "rewards_margins",
-                                  "rewards_accuracies", "logps_chosen", "logps_rejected", "lr", "grad_norm",
-                                  "tokens_per_s", "peak_mem_mb", "time_s", "padding_share", "aux_loss", "kl")),
-    ],
-    "examples": [
-        ("id", "VARCHAR"), ("step", "BIGINT"), ("split", "VARCHAR"), ("checkpoint", "VARCHAR"),
-        *((c, "DOUBLE") for c in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
-                                  "ref_rejected_logps", "reward_chosen", "reward_rejected", "margin")),
-        ("prompt_tokens", "INTEGER"), ("chosen_tokens", "INTEGER"), ("rejected_tokens", "INTEGER"),
-    ],
-    "evals": [
-        ("checkpoint", "VARCHAR"), ("step", "BIGINT"), ("task", "VARCHAR"), ("metric", "VARCHAR"),
-        ("value", "DOUBLE"), ("stderr", "DOUBLE"), ("n", "BIGINT"), ("time", "TIMESTAMPTZ"), ("source", "VARCHAR"),
-    ],
-    "pairs": [("id", "VARCHAR"), ("prompt", "VARCHAR"), ("chosen", "VARCHAR"), ("rejected", "VARCHAR")],
+    "cache": view_columns(schemas.cache_schema(per_token=True)),
+    "steps": view_columns(schemas.STEPS),
+    "examples": view_columns(schemas.EXAMPLES),
+    "evals": view_columns(schemas.EVALS),
+    "pairs": view_columns(schemas.PAIRS),
 }
 SOURCE_COLUMN = {"cache": "cache_name", "steps": "run", "examples": "run", "evals": "run", "pairs": "run"}
 RUN_FILES = {"steps": "logs/steps-*.parquet", "examples": "logs/examples-*.parquet",
@@ -214,8 +199,6 @@ def _source_names(dirs: Iterable[str | os.PathLike] | Mapping[str, str | os.Path
 
 def _files(view: str, directory: Path) -> list[Path]:
     if view == "cache":
-        from prefcache.cache import shard_paths
-
         return shard_paths(directory)
     return sorted(directory.glob(RUN_FILES[view]))
 
@@ -279,14 +262,14 @@ class Analysis:
             if files:
                 parts.append((name, self.con.read_parquet(files, union_by_name=True)))
                 used += files
-        # Columns beyond the contract's pass through after them (NULL for sources that lack them).
+        # Columns beyond the schema's pass through after them (NULL for sources that lack them).
         extras: dict[str, str] = {}
         for _, rel in parts:
             for col, typ in zip(rel.columns, rel.types, strict=True):
                 if col not in dict(columns) and col != label:
                     extras.setdefault(col, str(typ))
         wanted = [*columns, *extras.items()]
-        if not parts:  # no file for this view in any source: empty, but with the contract's columns
+        if not parts:  # no file for this view in any source: empty, but with the schema's columns
             # (only our own column names and types go into this text; no user value does)
             cols = ", ".join(f"CAST(NULL AS {t}) AS {_ident(c)}" for c, t in [(label, "VARCHAR"), *columns])
             self.con.sql(f"SELECT {cols} LIMIT 0").create_view(view)
@@ -322,10 +305,6 @@ class Analysis:
             return rel.pl()
         except duckdb.Error as e:
             raise AnalysisError(self._explain(e)) from e
-
-    def query_relation(self, name: str, **params) -> duckdb.DuckDBPyRelation:
-        q = get_query(name)
-        return self.relation(q.sql, **q.bind(params))
 
     def query(self, name: str, **params) -> pl.DataFrame:
         """A named query (see :func:`list_queries`); parameters not given take their defaults."""

@@ -19,6 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import write_atomic, write_text_atomic
+from .schemas import cache_schema
+
 SCHEMA_VERSION = 1
 META_KEY = b"prefcache"
 SHARD_GLOB = "part-r*.parquet"
@@ -38,26 +41,7 @@ class CacheError(ValueError):
     """A cache that is missing, damaged, or does not match what is asked of it."""
 
 
-def schema(per_token: bool = False, kind: str | None = None) -> pa.Schema:
-    if kind == "unpaired":  # prefcache.unpaired: one completion per row, plus its KL completion's value
-        return pa.schema([("id", pa.string()), ("label", pa.bool_()), ("logps", pa.float64()), ("kl_id", pa.string()),
-                          ("kl_logps", pa.float64()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
-                          ("kl_tokens", pa.int32()), ("truncated", pa.bool_())])
-    fields = [
-        ("id", pa.string()),
-        ("chosen_logps", pa.float64()),
-        ("rejected_logps", pa.float64()),
-        ("chosen_logps_prefix", pa.float64()),
-        ("rejected_logps_prefix", pa.float64()),
-        ("prompt_tokens", pa.int32()),
-        ("chosen_tokens", pa.int32()),
-        ("rejected_tokens", pa.int32()),
-        ("chosen_truncated", pa.bool_()),
-        ("rejected_truncated", pa.bool_()),
-    ]
-    if per_token:
-        fields += [("chosen_token_logps", pa.list_(pa.float32())), ("rejected_token_logps", pa.list_(pa.float32()))]
-    return pa.schema(fields)
+schema = cache_schema  # the shards' columns (prefcache.unpaired's name for them)
 
 
 def shard_paths(cache_dir: str | os.PathLike) -> list[Path]:
@@ -115,7 +99,7 @@ class CacheWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metadata = metadata
         self.rank = rank
-        self.schema = (table_schema or schema(metadata.get("per_token", False))).with_metadata(
+        self.schema = (table_schema or cache_schema(metadata.get("per_token", False))).with_metadata(
             {META_KEY: json.dumps(metadata, sort_keys=True).encode()}
         )
         for stale in self.dir.glob(f".tmp-r{rank:03d}-*"):  # leftovers of a crashed run of this rank
@@ -127,8 +111,6 @@ class CacheWriter:
     def write(self, columns: dict[str, list]) -> Path:
         """One shard, atomically; a write that fails (disk full, read-only) leaves no partial file and
         raises :class:`~prefcache.atomic.WriteError` naming the shard and how much was written."""
-        from .atomic import write_atomic
-
         table = pa.Table.from_pydict(columns, schema=self.schema)
         final = self.dir / f"part-r{self.rank:03d}-{self.seq:06d}-{self.nonce}.parquet"
         write_atomic(final, lambda tmp: pq.write_table(table, tmp, compression="zstd"),
@@ -137,8 +119,6 @@ class CacheWriter:
         return final
 
     def write_manifest(self) -> None:
-        from .atomic import write_text_atomic
-
         manifest = {"metadata": self.metadata, "columns": self.schema.names,
                     "note": "mirror for humans; the Parquet metadata is authoritative"}
         write_text_atomic(self.dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
@@ -225,7 +205,7 @@ def verify(cache_dir: str | os.PathLike, expected_ids: list[str] | None = None, 
             first = meta
         elif diff := differences(first, meta):
             problems.append(f"{path.name}: metadata differs from {shards[0].name}: " + "; ".join(diff))
-        if missing := [c for c in schema(meta.get("per_token", False), meta.get("kind")).names
+        if missing := [c for c in cache_schema(meta.get("per_token", False), meta.get("kind")).names
                        if c not in table.column_names]:
             problems.append(f"{path.name}: missing columns {missing}")
             continue

@@ -1,8 +1,8 @@
 """Evaluate checkpoints of a run: lm-eval tasks (``evaluate``) and cached implicit rewards (``score``).
 
-Both write one Parquet file per checkpoint to ``RUN/evals/`` (the ``evals`` view), in the contract's
-schema: checkpoint, step, task, metric, value, stderr, n, time, source. The base model is the checkpoint
-``base`` (step null). ``score`` also writes its per-pair rewards to ``RUN/logs/examples-score-*.parquet``.
+Both write one Parquet file per checkpoint to ``RUN/evals/`` (the ``evals`` view), in the schema
+:data:`prefcache.schemas.EVALS`: checkpoint, step, task, metric, value, stderr, n, time, source. The base
+model is the checkpoint ``base`` (step null). ``score`` also writes its per-pair rewards to ``RUN/logs/examples-score-*.parquet``.
 
 A checkpoint is loaded as trained: a PEFT adapter on the run's base model (in 4-bit for a QLoRA run), or
 full weights; its own tokenizer is used. ``score`` never loads the reference model: its values come
@@ -26,16 +26,14 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from . import schemas
 from .columns import RowMapping, check_cache_mapping
 from .config import EvalConfig, ScoreConfig
 from .hub import looks_like_id, snapshot, split_revision
 from .lmeval_tasks import localise_include_paths, task_manager
 from .trainlog import write_table_atomic
 
-# The contract's Parquet schemas (Arrow types exactly: string, not polars' large_string).
-EVALS_SCHEMA = pa.schema([("checkpoint", pa.string()), ("step", pa.int64()), ("task", pa.string()),
-                          ("metric", pa.string()), ("value", pa.float64()), ("stderr", pa.float64()),
-                          ("n", pa.int64()), ("time", pa.timestamp("us", tz="UTC")), ("source", pa.string())])
+EVALS_SCHEMA = schemas.EVALS
 SCORE_METRICS = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected")
 BASE = "base"
 DEFAULT_BETA = 0.1
@@ -302,7 +300,6 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     from .data import load_dataset_pairs
     from .models import tokenizer_fingerprint
     from .scoring import ReferenceTable, check_cache_matches, check_joined, score_pairs
-    from .trainlog import EXAMPLE_SCHEMA  # the trainer's examples schema: one file layout for both
 
     run_dir, checkpoints, settings, source, device = _prepare(config)
     beta = config.beta if config.beta is not None else float(settings.get("beta", DEFAULT_BETA))
@@ -340,7 +337,7 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
         _release_memory()
         n = len(cols["id"])
         examples = pl.DataFrame({**cols, "step": [ckpt.step] * n, "split": ["score"] * n, "checkpoint": [ckpt.name] * n})
-        _write_parquet(examples, EXAMPLE_SCHEMA, run_dir / "logs", "examples-score", ckpt.name)
+        _write_parquet(examples, schemas.EXAMPLES, run_dir / "logs", "examples-score", ckpt.name)
         per_pair = {"rewards_accuracies": [float(m > 0) for m in cols["margin"]], "rewards_margins": cols["margin"],
                     "rewards_chosen": cols["reward_chosen"], "rewards_rejected": cols["reward_rejected"]}
         now = datetime.now(timezone.utc)

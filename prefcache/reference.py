@@ -30,6 +30,7 @@ from .cache import (
 from .columns import RowMapping
 from .config import PrecomputeConfig
 from .locking import directory_lock
+from .schemas import cache_schema
 
 
 def dist_info() -> tuple[int, int]:
@@ -137,11 +138,7 @@ def shard_columns(pairs, token_logps: dict, per_token: bool) -> dict[str, list]:
     """Cache columns for ``pairs`` from per-sequence token log-probs keyed by the full token tuple."""
     import numpy as np
 
-    cols: dict[str, list] = {name: [] for name in (
-        "id", "chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix",
-        "prompt_tokens", "chosen_tokens", "rejected_tokens", "chosen_truncated", "rejected_truncated")}
-    if per_token:
-        cols["chosen_token_logps"], cols["rejected_token_logps"] = [], []
+    cols: dict[str, list] = {name: [] for name in cache_schema(per_token).names}
     for p in pairs:
         chosen = token_logps[tuple(p.prompt_ids + p.chosen_ids)]
         rejected = token_logps[tuple(p.prompt_ids + p.rejected_ids)]

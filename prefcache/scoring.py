@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 
 from .cache import TOKENIZATION_KEYS, CacheError, read_cache, read_metadata
 from .logprobs import DEFAULT_CHUNK, token_logprobs
+from .schemas import CACHE, EXAMPLE_COLUMNS, example_columns
 
 
 @dataclass
@@ -93,8 +95,8 @@ def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEF
 class ReferenceTable:
     """Cached reference values keyed by example id (never by row order)."""
 
-    COLUMNS = ("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix",
-               "prompt_tokens", "chosen_tokens", "rejected_tokens")
+    # the cache's numeric columns: log-probs and token counts (not the truncation flags)
+    COLUMNS = tuple(f.name for f in CACHE if pa.types.is_floating(f.type) or pa.types.is_integer(f.type))
 
     def __init__(self, table, metadata: dict, path: str):
         self.metadata = metadata
@@ -157,9 +159,7 @@ def score_pairs(model, pairs, reference: ReferenceTable, *, beta: float, batch_s
     aggregate means: rewards_chosen, rewards_rejected, rewards_margins, rewards_accuracies,
     logps_chosen, logps_rejected, n).
     """
-    cols: dict[str, list] = {k: [] for k in (
-        "id", "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-        "reward_chosen", "reward_rejected", "margin", "prompt_tokens", "chosen_tokens", "rejected_tokens")}
+    cols: dict[str, list] = {k: [] for k in EXAMPLE_COLUMNS}
     if prefix_sharing is None:
         prefix_sharing = cache_sharing(reference.metadata)
     was_training = model.training
@@ -173,17 +173,8 @@ def score_pairs(model, pairs, reference: ReferenceTable, *, beta: float, batch_s
                              prefix_sharing=prefix_sharing)
             pc, pr = pol.chosen.double().cpu(), pol.rejected.double().cpu()
             rc, rr = beta * (pc - ref["chosen_logps"]), beta * (pr - ref["rejected_logps"])
-            cols["id"] += ids
-            cols["policy_chosen_logps"] += pc.tolist()
-            cols["policy_rejected_logps"] += pr.tolist()
-            cols["ref_chosen_logps"] += ref["chosen_logps"].tolist()
-            cols["ref_rejected_logps"] += ref["rejected_logps"].tolist()
-            cols["reward_chosen"] += rc.tolist()
-            cols["reward_rejected"] += rr.tolist()
-            cols["margin"] += (rc - rr).tolist()
-            cols["prompt_tokens"] += [len(p.prompt_ids) for p in batch]
-            cols["chosen_tokens"] += [len(p.chosen_ids) for p in batch]
-            cols["rejected_tokens"] += [len(p.rejected_ids) for p in batch]
+            for k, v in example_columns(batch, pc, pr, ref["chosen_logps"], ref["rejected_logps"], rc, rr).items():
+                cols[k] += v
     model.train(was_training)
     return cols, aggregate(cols)
 

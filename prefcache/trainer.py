@@ -46,6 +46,7 @@ from .losses import LossInputs, combined_loss, ld_logps
 from .runconfig import write_config
 from .rundir import check_run_dir
 from .schedule import make_scheduler
+from .schemas import EXAMPLE_COLUMNS, example_columns
 from .scoring import (
     PairLogps,
     ReferenceTable,
@@ -56,7 +57,7 @@ from .scoring import (
     score_pairs,
 )
 from .trackers import Trackers
-from .trainlog import EXAMPLE_SCHEMA, RunLog, peak_mem_mb, write_json_atomic, write_pairs
+from .trainlog import RunLog, peak_mem_mb, write_json_atomic, write_pairs
 
 STATE_VERSION = 1
 
@@ -432,15 +433,10 @@ def example_cols(batch, inputs: LossInputs, result, beta: float, ld_alpha: float
             ld = lambda f: ld_logps(getattr(inputs, f), getattr(inputs, f + "_prefix"), ld_alpha).detach().cpu()  # noqa: E731
             wc = beta * (ld("policy_chosen_logps") - ld("ref_chosen_logps"))
             wr = beta * (ld("policy_rejected_logps") - ld("ref_rejected_logps"))
-        rc, rr = rc.tolist(), rr.tolist()
     else:
-        rc = rr = [None] * len(batch)
+        rc = rr = None
         wc, wr = result.chosen_rewards.detach().cpu().double(), result.rejected_rewards.detach().cpu().double()
-    return {"id": [p.id for p in batch], "policy_chosen_logps": pc.tolist(), "policy_rejected_logps": pr.tolist(),
-            "ref_chosen_logps": rc, "ref_rejected_logps": rr, "reward_chosen": wc.tolist(),
-            "reward_rejected": wr.tolist(), "margin": (wc - wr).tolist(),
-            "prompt_tokens": [len(p.prompt_ids) for p in batch], "chosen_tokens": [len(p.chosen_ids) for p in batch],
-            "rejected_tokens": [len(p.rejected_ids) for p in batch]}
+    return example_columns(batch, pc, pr, rc, rr, wc, wr)
 
 
 def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device, loss_options,
@@ -452,7 +448,7 @@ def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device
     only when score's columns cannot give it (reference-free, or ld_alpha's prefix sums).
     """
     if not pairs:  # a rank whose share of a tiny eval set is empty
-        return {c: [] for c in EXAMPLE_SCHEMA.names if c not in ("step", "split", "checkpoint")}, 0.0
+        return {c: [] for c in EXAMPLE_COLUMNS}, 0.0
     batch_size = cfg.eval_batch_size or cfg.batch_size
     cols = None
     if reference is not None:

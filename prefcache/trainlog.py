@@ -1,5 +1,5 @@
 """The run directory's Parquet logs: ``logs/steps-*.parquet``, ``logs/examples-*.parquet``,
-``pairs.parquet`` and ``run.json`` (schemas in the contract; the SQL views read them as they are).
+``pairs.parquet`` and ``run.json`` (schemas in :mod:`prefcache.schemas`; the SQL views read them as they are).
 
 Rows are buffered and written as a new numbered part file per flush, each to a ``.tmp-`` name and then
 renamed, so a killed run leaves whole files only. A resumed run first drops the rows logged after the
@@ -17,22 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import schemas
 from .atomic import write_atomic, write_text_atomic
 
-STEP_SCHEMA = pa.schema(
-    [("step", pa.int64()), ("epoch", pa.float64()), ("split", pa.string())]
-    + [(c, pa.float64()) for c in ("loss", "rewards_chosen", "rewards_rejected", "rewards_margins",
-                                   "rewards_accuracies", "logps_chosen", "logps_rejected", "lr", "grad_norm",
-                                   "tokens_per_s", "peak_mem_mb", "time_s", "padding_share", "aux_loss",
-                                   "kl")]  # aux_loss: mixture-of-experts policies; kl: kto runs
-)
-EXAMPLE_SCHEMA = pa.schema(
-    [("id", pa.string()), ("step", pa.int64()), ("split", pa.string()), ("checkpoint", pa.string())]
-    + [(c, pa.float64()) for c in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
-                                   "ref_rejected_logps", "reward_chosen", "reward_rejected", "margin")]
-    + [(c, pa.int32()) for c in ("prompt_tokens", "chosen_tokens", "rejected_tokens")]
-)
-PAIRS_SCHEMA = pa.schema([(c, pa.string()) for c in ("id", "prompt", "chosen", "rejected")])
+STEP_SCHEMA, EXAMPLE_SCHEMA, PAIRS_SCHEMA = schemas.STEPS, schemas.EXAMPLES, schemas.PAIRS
 _PART = re.compile(r"^(steps|examples)-(\d{6})\.parquet$")
 
 
