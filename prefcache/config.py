@@ -14,6 +14,11 @@ TRUNCATIONS = ("keep_start", "keep_end")
 BAD_ROW_POLICIES = ("fail", "skip")
 
 
+def lora_alpha_of(r: int, alpha: float | None = None) -> float:
+    """LoRA's alpha: the given one, else 2 x r (the scale alpha / r = 2, as in the QLoRA recipe)."""
+    return alpha if alpha is not None else 2.0 * r
+
+
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
@@ -289,7 +294,7 @@ class TrainConfig:
         if self.lr is None:  # auto resolves to lora or qlora, never full
             object.__setattr__(self, "lr", 5e-6 if self.finetune == "full" else 5e-5)
         if self.lora_alpha is None:
-            object.__setattr__(self, "lora_alpha", 2.0 * self.lora_r)
+            object.__setattr__(self, "lora_alpha", lora_alpha_of(self.lora_r))
 
 
 def _str_names(value) -> tuple[str, ...]:

@@ -19,14 +19,13 @@ import json
 import os
 from dataclasses import dataclass, replace
 
+from .config import BAD_ROW_POLICIES, TRUNCATIONS
 from .formats import DataFormatError, iter_row_blocks, load_rows
 
 __all__ = ["Example", "TokenizedPair", "BadRow", "BadDataError", "DataFormatError", "load_rows", "example_id",
            "extract_prompt", "prepare_examples", "tokenize_examples", "load_dataset_pairs", "write_bad_rows",
            "collate", "iter_pair_blocks"]
 
-TRUNCATIONS = ("keep_start", "keep_end")
-BAD_ROW_POLICIES = ("fail", "skip")
 SHOWN_BAD_ROWS = 10
 
 

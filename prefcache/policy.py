@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .config import lora_alpha_of
 from .hub import resolve_adapter
 from .models import ModelError, ModelSource, load_model, resolve_device, resolve_quantization
 
@@ -20,7 +21,7 @@ def lora_config(r: int = 16, alpha: float | None = None, dropout: float = 0.0, t
     from peft import LoraConfig
 
     modules = target if target == "all-linear" else [m.strip() for m in target.split(",") if m.strip()]
-    return LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
+    return LoraConfig(r=r, lora_alpha=lora_alpha_of(r, alpha), lora_dropout=dropout,
                       target_modules=modules, bias="none", task_type="CAUSAL_LM")
 
 
@@ -94,7 +95,7 @@ def load_policy(
     info.update(finetune=finetune, adapter=str(adapter) if adapter else None, trainable_params=trainable,
                 total_params=total, gradient_checkpointing=gradient_checkpointing)
     if finetune != "full" and adapter is None:
-        info["lora"] = {"r": lora_r, "alpha": lora_alpha if lora_alpha is not None else 2 * lora_r,
+        info["lora"] = {"r": lora_r, "alpha": lora_alpha_of(lora_r, lora_alpha),
                         "dropout": lora_dropout, "target": lora_target}
     return model, info
 
@@ -106,13 +107,3 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def save_policy(model, path: str | os.PathLike) -> None:
-    """A PEFT adapter (``adapter_model.safetensors`` + ``adapter_config.json``) or, for full
-    fine-tuning, the whole model in HF format (safetensors)."""
-    model.save_pretrained(path)
-
-
-def is_adapter(model) -> bool:
-    return hasattr(model, "peft_config")
