@@ -31,6 +31,7 @@ from .columns import RowMapping, check_cache_mapping
 from .config import EvalConfig, ScoreConfig
 from .hub import looks_like_id, snapshot, split_revision
 from .lmeval_tasks import localise_include_paths, task_manager
+from .quiet import quiet_lm_eval
 from .trainlog import write_table_atomic
 
 EVALS_SCHEMA = schemas.EVALS
@@ -252,8 +253,9 @@ def _lm_eval(model, tokenizer, tasks: list[str], manager, config: EvalConfig) ->
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=config.limit,
-                           num_fewshot=config.num_fewshot, log_samples=False)
+    with quiet_lm_eval():
+        return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=config.limit,
+                               num_fewshot=config.num_fewshot, log_samples=False)
 
 
 def lm_eval_rows(results: dict, ckpt: Checkpoint) -> list[dict]:

