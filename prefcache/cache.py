@@ -41,9 +41,6 @@ class CacheError(ValueError):
     """A cache that is missing, damaged, or does not match what is asked of it."""
 
 
-schema = cache_schema  # the shards' columns (prefcache.unpaired's name for them)
-
-
 def shard_paths(cache_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(cache_dir).glob(SHARD_GLOB) if _SHARD_RE.search(p.name))
 

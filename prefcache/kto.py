@@ -22,18 +22,42 @@ difference as rewards_margins (TRL's rewards/margins), logps likewise, and kl (z
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
+import pyarrow as pa
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from . import __version__
+from .checkpoint import (
+    checkpoint_dir,
+    clean_temporaries,
+    latest_checkpoint,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import UNPAIRED_LOSSES
+from .data import collate, write_bad_rows
+from .distributed import all_reduce_sum, barrier, gather, setup
+from .guards import resolve_finetune
+from .logprobs import LogProbModule, token_logprobs
+from .models import load_tokenizer, resolve_device, resolve_model
+from .policy import load_policy
+from .runconfig import write_config
+from .schedule import make_scheduler
+from .scoring import check_cache_matches
+from .trackers import Trackers
+from .trainer import check_resumable, epoch_order, held_out_ids, make_optimizer
+from .trainlog import EXAMPLE_SCHEMA, PAIRS_SCHEMA, RunLog, peak_mem_mb, write_json_atomic, write_table_atomic
+from .unpaired import UnpairedReference, check_no_mapping, kl_sequence, load_unpaired
 
 
 class UnpairedOutput(NamedTuple):
@@ -72,9 +96,6 @@ assert set(UNPAIRED) == set(UNPAIRED_LOSSES)
 
 def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], *, pad_id: int, device, chunk_size: int):
     """Summed completion log-probs [N] (fp32) of (prompt ids, completion ids) sequences, and real tokens."""
-    from .data import collate
-    from .logprobs import LogProbModule, token_logprobs
-
     input_ids, attention, completion = (t.to(device) for t in collate([p + c for p, c in seqs],
                                                                       [len(p) for p, _ in seqs], pad_id))
     if isinstance(getattr(model, "module", model), LogProbModule):
@@ -88,8 +109,6 @@ def batch_loss(model, items, reference, by_id, cfg, *, pad_id, device, max_lengt
                reduce=None):
     """Loss, per-example columns and KL estimate of a batch of TokenizedCompletion. ``kl_model``: the model
     for the no-gradient KL pass (the unwrapped one under DDP); ``reduce``: see :func:`kl_estimate`."""
-    from .unpaired import kl_sequence
-
     fn, needs_kl = UNPAIRED[cfg.loss[0]]
     ids = [i.id for i in items]
     ref = reference.lookup(ids)
@@ -133,55 +152,12 @@ def aggregate_unpaired(cols: dict[str, list]) -> dict[str, float | None]:
 
 def train_unpaired(cfg) -> dict:
     """``prefcache train --loss kto`` (or apo_zero_unpaired): see the module docstring."""
-    from dataclasses import replace
-
-    import pyarrow as pa
-    from tqdm.auto import tqdm
-
-    from . import __version__
-    from .checkpoint import (
-        checkpoint_dir,
-        clean_temporaries,
-        latest_checkpoint,
-        load_trainer_state,
-        rng_state,
-        save_checkpoint,
-        set_rng_state,
-    )
-    from .guards import resolve_finetune
-    from .logprobs import LogProbModule
-    from .models import load_tokenizer, resolve_device, resolve_model
-    from .policy import load_policy
-    from .reference import dist_info, init_distributed
-    from .runconfig import write_config
-    from .schedule import make_scheduler
-    from .scoring import check_cache_matches
-    from .trackers import Trackers
-    from .trainer import check_resumable, epoch_order, gather, held_out_ids, make_optimizer
-    from .trainlog import (
-        EXAMPLE_SCHEMA,
-        PAIRS_SCHEMA,
-        RunLog,
-        peak_mem_mb,
-        write_json_atomic,
-        write_table_atomic,
-    )
-    from .unpaired import UnpairedReference, check_no_mapping, load_unpaired
-
     if cfg.cache is None:
         raise ValueError(f"--loss {cfg.loss[0]} needs an unpaired reference cache (prefcache precompute --unpaired)")
     check_no_mapping(cfg)
     if UNPAIRED[cfg.loss[0]][1] and cfg.batch_size < 2:  # TRL refuses it too: z would be the example's own reward
         raise ValueError("kto estimates its KL term over the micro-batch: --batch-size must be at least 2")
-    rank, world = dist_info()
-    device = resolve_device(cfg.device)
-    if world > 1:
-        import torch.distributed as dist
-
-        init_distributed(device)
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-            torch.cuda.set_device(device)
+    rank, world, device = setup(resolve_device(cfg.device))
     main = rank == 0
     out = Path(cfg.out)  # prefcache.trainer.train checked it: a new run, or a resume of one
     source = resolve_model(cfg.model)
@@ -218,8 +194,7 @@ def train_unpaired(cfg) -> dict:
     state = load_trainer_state(ckpt) if ckpt else None
     if state:  # the data order is random here (no length grouping), a function of (seed, epoch)
         check_resumable(state, world=world, n_train=len(items), cfg=replace(cfg, group_by_length=False))
-    if world > 1:  # every rank has looked at the run dir before rank 0 starts writing to it
-        dist.barrier()
+    barrier(world)  # every rank has looked at the run dir before rank 0 starts writing to it
     log = RunLog(out, enabled=main)
     if main:
         clean_temporaries(out)
@@ -231,7 +206,6 @@ def train_unpaired(cfg) -> dict:
                 texts[c].append(v)
         write_table_atomic(pa.Table.from_pydict(texts, schema=PAIRS_SCHEMA), out / "pairs.parquet")
         if bad_rows:
-            from .data import write_bad_rows
 
             write_bad_rows(out / "bad_rows.jsonl", bad_rows)
 
@@ -271,8 +245,7 @@ def train_unpaired(cfg) -> dict:
     common = {"pad_id": pad_id, "device": device, "max_length": max_length, "truncation": truncation}
 
     def mean_over_ranks(value):  # TRL gathers the per-process KL means and averages them, then clamps
-        dist.all_reduce(value)
-        return value / world
+        return all_reduce_sum(value, world) / world
 
     train_kl = {"kl_model": plain, "reduce": mean_over_ranks if world > 1 else None}
     t_start = time.perf_counter() - elapsed_before
@@ -305,8 +278,7 @@ def train_unpaired(cfg) -> dict:
             n = sum(p[0] for p in parts)
             last_eval = log_step("eval", at_step, cols, sum(p[0] * float(p[1]) for p in parts) / n,
                                  sum(p[0] * p[3] for p in parts) / n)
-        if world > 1:
-            dist.barrier()
+        barrier(world)
 
     def save(at_step):
         rngs = gather(rng_state(), world)
@@ -321,8 +293,7 @@ def train_unpaired(cfg) -> dict:
                     "model": cfg.model, "finetune": cfg.finetune, "max_length": max_length, "truncation": truncation,
                     "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache, "prefcache_version": __version__}
             save_checkpoint(out, at_step, policy, tokenizer, trainer_state, info)
-        if world > 1:
-            dist.barrier()
+        barrier(world)
 
     if eval_items and step == 0:
         run_eval(0)
@@ -381,6 +352,5 @@ def train_unpaired(cfg) -> dict:
                "seconds": time.perf_counter() - t_start, "resumed_from": str(ckpt) if ckpt else None}
     if main:
         write_json_atomic(run_info | {"result": summary}, out / "run.json")
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     return summary

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -29,23 +28,9 @@ from .cache import (
 )
 from .columns import RowMapping
 from .config import PrecomputeConfig
+from .distributed import barrier, dist_info, setup
 from .locking import directory_lock
 from .schemas import cache_schema
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) from the launcher's environment (torchrun and accelerate both set these)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(device: str) -> None:
-    """Join the process group the launcher (torchrun, accelerate) set up: nccl on GPUs, gloo on CPU."""
-    import torch
-    import torch.distributed as tdist
-
-    if not tdist.is_initialized():
-        cuda = device != "cpu" and torch.cuda.is_available()
-        tdist.init_process_group("nccl" if cuda else "gloo")
 
 
 def owner_rank(example_id: str, world_size: int) -> int:
@@ -190,14 +175,9 @@ def _precompute(config: PrecomputeConfig) -> dict:
         resolve_quantization,
     )
 
-    rank, world = dist_info()
-    if world > 1:
-        init_distributed(config.device)
+    rank, world, device = setup(resolve_device(config.device))
     t0 = time.perf_counter()
     source = resolve_model(config.model, config.revision)
-    device = resolve_device(config.device)
-    if world > 1 and device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     quantize = resolve_quantization(config.quantize, device)
     tokenizer = load_tokenizer(source)
     meta = cache_metadata(config, source, tokenizer, quantize, str(compute_dtype(quantize, device)).replace("torch.", ""), world)
@@ -293,11 +273,7 @@ def _precompute(config: PrecomputeConfig) -> dict:
         write_bad_rows(out / "bad_rows.jsonl", bad_rows)
 
     problems: list[str] = []
-    if world > 1:
-        import torch.distributed as tdist
-
-        if tdist.is_available() and tdist.is_initialized():
-            tdist.barrier()
+    barrier(world)
     if rank == 0:
         problems = verify(out, expected_ids=data_ids)
         if out.exists():

@@ -26,7 +26,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from . import __version__
 from .checkpoint import (
@@ -40,6 +39,7 @@ from .checkpoint import (
 )
 from .columns import RowMapping, check_cache_mapping
 from .config import UNPAIRED_LOSSES, TrainConfig
+from .distributed import all_reduce_sum, barrier, gather, setup
 from .guards import STEP0_MARGIN_TOLERANCE, check_reference_values, check_step, resolve_finetune
 from .locking import directory_lock
 from .losses import LossInputs, combined_loss, ld_logps
@@ -86,15 +86,8 @@ def _train(cfg: TrainConfig) -> dict:
     from .data import load_dataset_pairs, write_bad_rows
     from .models import load_tokenizer, resolve_device, resolve_model
     from .policy import load_policy
-    from .reference import dist_info, init_distributed
 
-    rank, world = dist_info()
-    device = resolve_device(cfg.device)
-    if world > 1:
-        init_distributed(device)
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-            torch.cuda.set_device(device)
+    rank, world, device = setup(resolve_device(cfg.device))
     main = rank == 0
     out = Path(cfg.out)
 
@@ -147,8 +140,7 @@ def _train(cfg: TrainConfig) -> dict:
     state = load_trainer_state(ckpt) if ckpt else None
     if state:
         check_resumable(state, world=world, n_train=len(pairs), cfg=cfg)
-    if world > 1:  # every rank has looked at the run dir before rank 0 starts writing to it
-        dist.barrier()
+    barrier(world)  # every rank has looked at the run dir before rank 0 starts writing to it
     log = RunLog(out, enabled=main)
     if main:
         clean_temporaries(out)
@@ -245,8 +237,7 @@ def _train(cfg: TrainConfig) -> dict:
                     "model": cfg.model, "finetune": cfg.finetune, "max_length": max_length, "truncation": truncation,
                     "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache, "prefcache_version": __version__}
             save_checkpoint(out, at_step, policy, tokenizer, trainer_state, info)
-        if world > 1:
-            dist.barrier()
+        barrier(world)
 
     if eval_pairs and step == 0:
         run_eval(0)  # the baseline: at step 0 a fresh LoRA policy is the reference
@@ -282,8 +273,7 @@ def _train(cfg: TrainConfig) -> dict:
                                                     inputs.policy_rejected_logps - inputs.ref_rejected_logps])
                     seen = torch.tensor([rewards.detach().sum().item(), rewards.numel()], dtype=torch.float64)
                     if world > 1:
-                        seen = seen.to(device)
-                        dist.all_reduce(seen)
+                        seen = all_reduce_sum(seen.to(device), world)
                     bco_sum, bco_count = bco_sum + seen[0].item(), bco_count + int(seen[1].item())
                     bco = {"bco_delta": bco_sum / bco_count}
                 result = combined_loss(cfg.loss, cfg.loss_weights, inputs, **loss_options, **bco)
@@ -355,8 +345,7 @@ def _train(cfg: TrainConfig) -> dict:
                "step0_margin": step0_margin}
     if main:
         write_json_atomic(run_info | {"result": summary}, out / "run.json")
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     return summary
 
 
@@ -477,11 +466,3 @@ def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device
         cols = example_cols(pairs, inputs, result, cfg.beta, cfg.ld_alpha)
     return cols, float(result.losses.sum())
 
-
-def gather(obj, world: int) -> list:
-    """Every rank's ``obj`` (a list of one without torchrun)."""
-    if world == 1:
-        return [obj]
-    parts = [None] * world
-    dist.all_gather_object(parts, obj)
-    return parts

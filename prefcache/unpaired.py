@@ -25,6 +25,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from .cache import (
+    CacheError,
+    CacheWriter,
+    differences,
+    existing_ids,
+    read_cache,
+    read_metadata,
+    shard_paths,
+    verify,
+)
+from .columns import RowMapping
 from .data import (
     BadRow,
     Example,
@@ -35,8 +48,20 @@ from .data import (
     _truncate,
     prepare_examples,
     tokenize_examples,
+    write_bad_rows,
 )
+from .distributed import barrier, setup
 from .formats import DataFormatError, load_rows
+from .models import (
+    compute_dtype,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model,
+    resolve_quantization,
+)
+from .reference import cache_metadata, owner_rank, score_sequences
+from .schemas import UNPAIRED_CACHE
 
 UNPAIR_BLOCK = 1000  # datasets.map's default batch size: the block TRL's unpairing works in
 DEFAULT_KL_GROUP = 8  # TRL's default per_device_train_batch_size
@@ -172,8 +197,6 @@ def kl_sequence(item: TokenizedCompletion, partner: TokenizedCompletion, max_len
 
 def check_no_mapping(config) -> None:
     """Column mappings and templates (``--columns``, ``--*-template``) are for pairs; refuse them here."""
-    from .columns import RowMapping
-
     if RowMapping.of(config):
         raise ValueError("--columns and the --*-template options are not supported for unpaired data yet: give "
                          "the data prompt, completion and label columns")
@@ -210,30 +233,12 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
     is unpaired (``unpair``). Resumable like the pair cache (ids already cached are skipped); under torchrun each
     rank scores the ids that hash to it (every rank reads all the data: KL partners may belong to another rank).
     """
-    from tqdm.auto import tqdm
-
-    from .cache import CacheError, CacheWriter, differences, existing_ids, read_metadata, schema, shard_paths
-    from .models import (
-        compute_dtype,
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_model,
-        resolve_quantization,
-    )
-    from .reference import cache_metadata, dist_info, init_distributed, owner_rank, score_sequences
-
     if config.per_token:
         raise ValueError("--per-token is not supported for unpaired caches")
     check_no_mapping(config)
-    rank, world = dist_info()
-    if world > 1:
-        init_distributed(config.device)
+    rank, world, device = setup(resolve_device(config.device))
     t0 = time.perf_counter()
     source = resolve_model(config.model)
-    device = resolve_device(config.device)
-    if world > 1 and device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     quantize = resolve_quantization(config.quantize, device)
     tokenizer = load_tokenizer(source)
     meta = cache_metadata(config, source, tokenizer, quantize, str(compute_dtype(quantize, device)).replace("torch.", ""),
@@ -247,8 +252,6 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
                                        config.on_bad_row, unpair=unpair, split=config.split,
                                        data_config=config.data_config)
     if bad_rows and rank == 0:
-        from .data import write_bad_rows
-
         write_bad_rows(out / "bad_rows.jsonl", bad_rows)
     by_id = {i.id: i for i in items}
     partners = kl_partners([i.id for i in items], kl_group_size)
@@ -262,7 +265,7 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
 
     if pending:
         model, _ = load_model(source, quantize=quantize, device=device, adapter=config.adapter)
-        writer = CacheWriter(out, meta, rank=rank, table_schema=schema(kind="unpaired"))
+        writer = CacheWriter(out, meta, rank=rank, table_schema=UNPAIRED_CACHE)
         if rank == 0:
             writer.write_manifest()
         bar = tqdm(total=len(pending), unit="example", desc=f"precompute{f' rank {rank}' if world > 1 else ''}",
@@ -283,12 +286,7 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
             bar.update(len(shard))
         bar.close()
         del model
-    from .cache import verify
-
-    if world > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier()
+    barrier(world)
     problems = verify(out, expected_ids=[i.id for i in items]) if rank == 0 else []
     elapsed = time.perf_counter() - t0
     return {"cache": str(out), "rank": rank, "world_size": world, "examples_in_data": len(items),
@@ -313,8 +311,6 @@ class UnpairedReference:
 
     @classmethod
     def from_cache(cls, cache_dir: str | os.PathLike) -> UnpairedReference:
-        from .cache import CacheError, read_cache, read_metadata
-
         meta = read_metadata(cache_dir)
         if meta.get("kind") != "unpaired":
             raise CacheError(f"{cache_dir} is a cache of pairs; kto and apo_zero_unpaired need an unpaired cache "
@@ -323,8 +319,6 @@ class UnpairedReference:
 
     def require(self, items: list[TokenizedCompletion], what: str) -> None:
         """Every id cached, with this run's token counts (else the content changed since precompute)."""
-        from .cache import CacheError
-
         if missing := [i.id for i in items if i.id not in self.index]:
             raise CacheError(f"{len(missing)} of {len(items)} {what} example ids are not in the cache {self.path}, "
                              f"e.g. {', '.join(missing[:5])}. Run `prefcache precompute --unpaired` on this data.")
