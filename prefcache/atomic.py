@@ -1,7 +1,8 @@
 """The one file-writing policy of prefcache: whole files only, durable, readable as the umask allows.
 
 Every file prefcache writes (cache shards and manifest, run logs, pairs.parquet, run.json, evals,
-bad_rows.jsonl, checkpoints) goes through here:
+bad_rows.jsonl, config.yaml, reports, checkpoints, exports, de-quantised GGUF copies, the fingerprint
+memo) goes through here (``tests/test_atomic.py`` checks that no other module renames or creates files):
 - written under a hidden temporary name in the target folder, fsync'ed, then renamed over the final
   name, so a reader or a crash sees the whole file or none of it;
 - given the mode an ordinary ``open()`` would give (0666 & ~umask, folders 0777 & ~umask): ``mkstemp``
@@ -12,6 +13,7 @@ bad_rows.jsonl, checkpoints) goes through here:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -78,6 +80,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, write)
 
 
+def write_json_atomic(obj, path: str | os.PathLike) -> Path:
+    """``obj`` as indented JSON with sorted keys (values JSON cannot hold written as ``str``)."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def write_table_atomic(table, path: str | os.PathLike, *, prefix: str = TMP_PREFIX) -> Path:
+    """An Arrow table as a zstd-compressed Parquet file. The temporary name ends in ``.part``: no
+    ``*.parquet`` glob (the SQL views, a reader of the cache) ever picks up a half-written file."""
+    import pyarrow.parquet as pq
+
+    return write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"), prefix=prefix)
+
+
 def make_temp_dir(final: Path) -> Path:
     """A temporary sibling folder of ``final`` to fill, then :func:`publish_dir`; mode as ``mkdir`` gives."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -86,8 +101,13 @@ def make_temp_dir(final: Path) -> Path:
     return tmp
 
 
-def publish_dir(tmp: Path, final: Path) -> Path:
-    """Move a filled temporary folder to ``final`` (replacing an existing one) after syncing its files."""
+def publish_dir(tmp: Path, final: Path, *, keep_existing: bool = False) -> Path:
+    """Move a filled temporary folder to ``final`` (replacing an existing one) after syncing its files.
+    ``keep_existing``: a ``final`` that exists by now (another process made the same folder) is kept, and
+    ``tmp`` removed."""
+    if keep_existing and final.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final
     for p in tmp.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import write_atomic, write_text_atomic
+from .atomic import write_table_atomic, write_text_atomic
 from .schemas import cache_schema
 
 SCHEMA_VERSION = 1
@@ -110,8 +110,7 @@ class CacheWriter:
         raises :class:`~prefcache.atomic.WriteError` naming the shard and how much was written."""
         table = pa.Table.from_pydict(columns, schema=self.schema)
         final = self.dir / f"part-r{self.rank:03d}-{self.seq:06d}-{self.nonce}.parquet"
-        write_atomic(final, lambda tmp: pq.write_table(table, tmp, compression="zstd"),
-                     prefix=f".tmp-r{self.rank:03d}-")
+        write_table_atomic(table, final, prefix=f".tmp-r{self.rank:03d}-")
         self.seq += 1
         return final
 

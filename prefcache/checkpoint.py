@@ -16,6 +16,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .atomic import make_temp_dir, publish_dir, write_json_atomic
+
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -62,9 +64,6 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, trainer_state: dict, info: dict) -> Path:
     """Write ``step-{step:06d}`` atomically; replaces an existing checkpoint of the same step."""
     import torch
-
-    from .atomic import make_temp_dir, publish_dir
-    from .trainlog import write_json_atomic
 
     final = checkpoint_dir(run_dir, step)
     tmp = make_temp_dir(final)  # 0777 & ~umask, as mkdir: colleagues can read a shared run

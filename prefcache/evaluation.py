@@ -27,12 +27,12 @@ import polars as pl
 import pyarrow as pa
 
 from . import schemas
+from .atomic import write_table_atomic
 from .columns import RowMapping, check_cache_mapping
 from .config import EvalConfig, ScoreConfig
 from .hub import looks_like_id, snapshot, split_revision
 from .lmeval_tasks import localise_include_paths, task_manager
 from .quiet import quiet_lm_eval
-from .trainlog import write_table_atomic
 
 EVALS_SCHEMA = schemas.EVALS
 SCORE_METRICS = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected")

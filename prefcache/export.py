@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from .atomic import make_temp_dir, publish_dir, write_text_atomic
+from .cache import shard_paths
 from .config import UNPAIRED_LOSSES
+from .models import file_fingerprint, hf_folder, resolve_model
 
 DTYPES = ("bf16", "fp16", "fp32")
 _SKIP = {"trainer_state.pt", "prefcache.json"}  # resume state, not something a user loads
@@ -37,9 +39,6 @@ def cache_fingerprint(cache_dir: str | os.PathLike | None, metadata: dict | None
     """sha256 of the cache's shard files (names and contents; memoised like model fingerprints), or, when
     the cache folder is gone, of its recorded metadata (``meta:`` prefix)."""
     import hashlib
-
-    from .cache import shard_paths
-    from .models import file_fingerprint
 
     if cache_dir and Path(cache_dir).is_dir() and (shards := shard_paths(cache_dir)):
         return file_fingerprint(shards)
@@ -132,16 +131,13 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
     info, run = checkpoint_info(ckpt)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new --out")
-    from .models import hf_folder, resolve_model
-
     source = resolve_model(model if model is not None else info.get("model"))
     full = info.get("finetune") == "full"
     dtype = dtype or base_dtype(ckpt if full else hf_folder(source))
     info = {**info, "cache_fingerprint": cache_fingerprint(info.get("cache"), run.get("cache"))}
     metrics = final_metrics(ckpt.parent.parent, int(info.get("step", 0)))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    tmp = make_temp_dir(out)
     try:
         if merge or (full and dtype != base_dtype(ckpt)):
             write_merged(ckpt, source, tmp, dtype=dtype, full=full)
@@ -151,11 +147,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
                 if p.name not in _SKIP and p.is_file():
                     shutil.copy2(p, tmp / p.name)
             merged = False
-        (tmp / "README.md").write_text(model_card(info, run, metrics, merged=merged and not full,
-                                                  dtype=dtype if merged or full else None))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        write_text_atomic(tmp / "README.md", model_card(info, run, metrics, merged=merged and not full,
+                                                        dtype=dtype if merged or full else None))
+        publish_dir(tmp, out)  # an empty `out` is replaced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -168,7 +162,6 @@ def write_merged(ckpt: Path, source, target: Path, *, dtype: str, full: bool) ->
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import hf_folder
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     if full:

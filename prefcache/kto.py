@@ -35,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import __version__
+from .atomic import write_json_atomic, write_table_atomic
 from .checkpoint import (
     checkpoint_dir,
     clean_temporaries,
@@ -56,7 +57,7 @@ from .schedule import make_scheduler
 from .scoring import check_cache_matches
 from .trackers import Trackers
 from .trainer import check_resumable, epoch_order, held_out_ids, make_optimizer
-from .trainlog import EXAMPLE_SCHEMA, PAIRS_SCHEMA, RunLog, peak_mem_mb, write_json_atomic, write_table_atomic
+from .trainlog import EXAMPLE_SCHEMA, PAIRS_SCHEMA, RunLog, peak_mem_mb
 from .unpaired import UnpairedReference, check_no_mapping, kl_sequence, load_unpaired
 
 

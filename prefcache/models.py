@@ -15,11 +15,11 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import hub
+from .atomic import make_temp_dir, publish_dir, write_text_atomic
 from .config import QUANTIZATIONS
 from .quiet import quiet_libraries
 
@@ -118,16 +118,8 @@ def file_fingerprint(paths: list[Path]) -> str:
             changed = True
         total.update(f"{p.name}:{memo[key]}\n".encode())
     if changed:
-        _atomic_write_text(memo_path, json.dumps(memo, indent=0))
+        write_text_atomic(memo_path, json.dumps(memo, indent=0))
     return total.hexdigest()[:32]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def model_fingerprint(source: ModelSource, adapter: str | os.PathLike | None = None) -> str:
@@ -176,15 +168,14 @@ def hf_folder(source: ModelSource) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    tmp = make_temp_dir(target)
     try:
-        os.replace(tmp, target)  # another process may have won the race: then theirs is as good
-    except OSError:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        raise
+    return publish_dir(tmp, target, keep_existing=True)  # another process may have won the race: theirs is as good
 
 
 def load_tokenizer(source: ModelSource):

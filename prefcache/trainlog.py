@@ -8,7 +8,6 @@ checkpoint it resumes from, so no step appears twice.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -18,19 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schemas
-from .atomic import write_atomic, write_text_atomic
+from .atomic import write_json_atomic, write_table_atomic  # noqa: F401 (write_json_atomic: trainer's)
 
 STEP_SCHEMA, EXAMPLE_SCHEMA, PAIRS_SCHEMA = schemas.STEPS, schemas.EXAMPLES, schemas.PAIRS
 _PART = re.compile(r"^(steps|examples)-(\d{6})\.parquet$")
-
-
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    # The temp name ends in .part: no *.parquet glob of the SQL views (evals/*.parquet) ever reads it.
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def write_pairs(path: Path, examples) -> None:

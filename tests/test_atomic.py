@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import stat
@@ -10,10 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import preference_rows, write_jsonl
 
-from prefcache.atomic import WriteError, write_atomic, write_text_atomic
+import prefcache
+from prefcache.atomic import (
+    WriteError,
+    make_temp_dir,
+    publish_dir,
+    write_atomic,
+    write_json_atomic,
+    write_table_atomic,
+    write_text_atomic,
+)
 from prefcache.cache import read_cache, shard_paths, verify
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
@@ -112,3 +124,41 @@ def test_a_read_only_cache_folder_is_one_line(tmp_path, tiny_model):
                         str(tmp_path / "ro"), "--model", str(tiny_model), "--no-progress"],
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 1 and "cannot write to" in r.stderr and "Traceback" not in r.stderr
+
+
+# Writing a file by any other route than prefcache.atomic: a rename, a temporary name, a direct write.
+_OTHER_WRITERS = re.compile(r"os\.replace\(|os\.rename\(|\.rename\(|mkstemp\(|mkdtemp\(|\.write_text\(|\.write_bytes\(|"
+                            r"open\([^)]*[\"'][wa]b?[\"']")
+# Files no user reads, each written once into a private temporary folder or as a lock.
+_ALLOWED = {"atomic.py", "locking.py", "lmeval_tasks.py"}
+
+
+def test_every_module_writes_files_through_prefcache_atomic():
+    root = Path(prefcache.__file__).parent
+    found = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in sorted(root.rglob("*.py")) if p.name not in _ALLOWED
+             for i, line in enumerate(p.read_text().splitlines(), 1) if _OTHER_WRITERS.search(line)]
+    assert found == []
+
+
+def test_json_and_parquet_writers(tmp_path, umask022):
+    write_json_atomic({"b": 1, "a": Path("x")}, tmp_path / "run.json")
+    assert (tmp_path / "run.json").read_text() == '{\n  "a": "x",\n  "b": 1\n}'
+    write_table_atomic(pa.table({"id": ["a"]}), tmp_path / "t.parquet")
+    assert pq.read_table(tmp_path / "t.parquet").column("id").to_pylist() == ["a"]
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"0o644"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "t.parquet"]
+
+
+def test_publish_dir_can_keep_a_folder_another_process_made(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "config.json").write_text("theirs")
+    tmp = make_temp_dir(final)
+    (tmp / "config.json").write_text("ours")
+    assert publish_dir(tmp, final, keep_existing=True) == final
+    assert (final / "config.json").read_text() == "theirs" and not tmp.exists()
+    tmp = make_temp_dir(final)
+    (tmp / "config.json").write_text("ours")
+    publish_dir(tmp, final)
+    assert (final / "config.json").read_text() == "ours"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

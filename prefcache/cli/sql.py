@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from prefcache.atomic import write_atomic, write_text_atomic
 from prefcache.cli.options import config_option
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -60,7 +61,7 @@ def emit(df, fmt: str, output: str | None, max_rows: int = 50) -> None:
     if fmt == "parquet":
         if not output:
             raise click.ClickException("--format parquet needs --output FILE")
-        df.write_parquet(output)
+        write_atomic(output, df.write_parquet)
         return
     if fmt == "csv":
         # CSV has no nested values: per-token log-prob lists become "[a, b, ...]" text
@@ -81,8 +82,7 @@ def emit(df, fmt: str, output: str | None, max_rows: int = 50) -> None:
         else:
             text += f"({len(df)} row{'s' if len(df) != 1 else ''})\n"
     if output:
-        with open(output, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_text_atomic(output, text)
     else:
         click.echo(text, nl=False)
 
