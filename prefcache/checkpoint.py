@@ -12,32 +12,11 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
-from .atomic import make_temp_dir, publish_dir, write_json_atomic
-
-_NAME = re.compile(r"^step-(\d{6,})$")
-
-
-def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, (step, path), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.exists():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))
-             and (p / "trainer_state.pt").exists()]
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
+from .atomic import make_temp_dir, publish_dir
+from .rundir import checkpoint_dir, latest_checkpoint, list_checkpoints, write_checkpoint_info  # noqa: F401
 
 
 def rng_state() -> dict:
@@ -70,7 +49,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, tra
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(info, tmp / "prefcache.json")
+        write_checkpoint_info(tmp, info)
         torch.save(trainer_state, tmp / "trainer_state.pt")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # only whole checkpoints remain

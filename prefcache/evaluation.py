@@ -19,7 +19,6 @@ import re
 import statistics
 import tempfile
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,122 +29,17 @@ from . import schemas
 from .atomic import write_table_atomic
 from .columns import RowMapping, check_cache_mapping
 from .config import EvalConfig, ScoreConfig
-from .hub import looks_like_id, snapshot, split_revision
 from .lmeval_tasks import localise_include_paths, task_manager
 from .quiet import quiet_lm_eval
+from .rundir import Checkpoint, resolve_checkpoints, run_settings
 
 EVALS_SCHEMA = schemas.EVALS
 SCORE_METRICS = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected")
-BASE = "base"
 DEFAULT_BETA = 0.1
 
 
 class EvalError(ValueError):
     """A checkpoint, run or task that cannot be evaluated; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    name: str  # 'base' or the folder's name, e.g. 'step-000100'
-    step: int | None  # None for the base model
-    path: Path | None  # None for the base model
-    kind: str  # 'base' | 'adapter' (PEFT, loaded on the base) | 'full' (HF weights)
-
-
-# ----------------------------------------------------------------------------- runs and checkpoints
-
-def run_settings(run: Path | None) -> dict:
-    """run.json's model (None = the embedded default) and, when known, finetune, adapter (the starting one),
-    beta and quantize (what the base was loaded in: 4bit for QLoRA, fp32 for full, bf16/fp32 for LoRA)."""
-    path = run / "run.json" if run else None
-    if not path or not path.exists():
-        return {}
-    data = json.loads(path.read_text())
-    cfg, policy = data.get("config") or {}, data.get("policy") or {}
-    get = lambda key: cfg.get(key, data.get(key))  # noqa: E731 - top level too, for hand-written files
-    out = {"finetune": get("finetune"), "adapter": get("adapter"), "beta": get("beta"),
-           "quantize": policy.get("quantization") or get("quantize")}
-    if out["finetune"] == "qlora":
-        out["quantize"] = "4bit"
-    return {"model": get("model"), **{k: v for k, v in out.items() if v is not None},
-            **({"revision": get("revision")} if get("revision") else {})}
-
-
-def _step_of(path: Path) -> int | None:
-    """The step a checkpoint was saved at: from its prefcache.json, else its name (step-000100)."""
-    info = path / "prefcache.json"
-    if info.exists() and isinstance(step := json.loads(info.read_text()).get("step"), int):
-        return step
-    m = re.fullmatch(r"(?:step|checkpoint)[-_]?(\d+)", path.name)
-    return int(m.group(1)) if m else None
-
-
-def _checkpoint_at(path: Path) -> Checkpoint | None:
-    kind = "adapter" if (path / "adapter_config.json").exists() else "full" if (path / "config.json").exists() else None
-    return Checkpoint(path.name, _step_of(path), path.resolve(), kind) if kind else None
-
-
-def _run_checkpoints(run: Path) -> list[Checkpoint]:
-    """The complete checkpoints of a run (the trainer's own listing: half-written ones are left out)."""
-    from .checkpoint import list_checkpoints
-
-    return [c for _, p in list_checkpoints(run) if (c := _checkpoint_at(p))]
-
-
-def resolve_checkpoints(names, run: str | None, base: bool, out: str | None = None) -> tuple[Path, list[Checkpoint]]:
-    """Checkpoint arguments -> (run folder, checkpoints in order, ``base`` first when asked for).
-
-    A name is ``base``, a checkpoint folder, a checkpoint's name in ``run``/checkpoints, a run folder
-    (all its checkpoints), a plain model or adapter folder, or a Hub id (``org/name[@rev]``, from the Hugging
-    Face cache or downloaded). The run is ``run``, else the one the checkpoint folders sit in, else ``out``.
-    """
-    run_dir = Path(run).expanduser().resolve() if run else None
-    if run_dir and not run_dir.is_dir():
-        raise EvalError(f"run folder not found: {run}")
-    found: list[Checkpoint] = []
-    runs: set[Path] = set()
-    for name in names:
-        path = Path(name).expanduser()
-        if name == BASE:
-            base = True
-            continue
-        if not path.exists() and run_dir and (run_dir / "checkpoints" / name).is_dir():
-            path = run_dir / "checkpoints" / name
-        if not path.exists() and looks_like_id(name):
-            repo, revision = split_revision(name)
-            folder = snapshot(repo, revision, what="checkpoint")
-            if not (ckpt := _checkpoint_at(folder)):
-                raise EvalError(f"{name}: the Hub repository has no config.json or adapter_config.json")
-            found.append(Checkpoint(name, None, folder, ckpt.kind))
-            continue
-        if path.is_dir() and (path / "checkpoints").is_dir() and not _checkpoint_at(path):
-            runs.add(path.resolve())
-            if not (expanded := _run_checkpoints(path)):
-                raise EvalError(f"{name} is a run folder without checkpoints (nothing in {path / 'checkpoints'})")
-            found += expanded
-            continue
-        if not path.exists():
-            where = run_dir or (path.parent.parent if path.parent.name == "checkpoints" else None)
-            have = [c.name for c in _run_checkpoints(where)] if where and where.is_dir() else []
-            raise EvalError(f"checkpoint not found: {name}" + (f" ({where}/checkpoints has: {', '.join(have)})" if have else "")
-                            + "; give a checkpoint folder (RUN/checkpoints/step-NNNNNN), a run folder, or 'base'")
-        if not (ckpt := _checkpoint_at(path)):
-            raise EvalError(f"{name} is not a checkpoint: no adapter_config.json (PEFT adapter) or config.json (HF weights)")
-        if path.resolve().parent.name == "checkpoints":
-            runs.add(path.resolve().parent.parent)
-        found.append(ckpt)
-    if run_dir is None and not runs and out:
-        run_dir = Path(out).expanduser().resolve()  # plain models and Hub ids: results go to OUT/evals/
-    if run_dir is None:
-        if len(runs) != 1:
-            raise EvalError("checkpoints from several runs: evaluate one run at a time, or pass --run" if runs else
-                            "no run folder: pass --run DIR (DIR/run.json names the base model), or --out DIR "
-                            "to write the results of plain models there (DIR/evals/, created)")
-        run_dir = runs.pop()
-    unique = list({c.path: c for c in found}.values())
-    if base:
-        unique.insert(0, Checkpoint(BASE, None, None, "base"))
-    return run_dir, unique
 
 
 def _prepare(config: EvalConfig | ScoreConfig):

@@ -19,20 +19,18 @@ from .atomic import make_temp_dir, publish_dir, write_text_atomic
 from .cache import shard_paths
 from .config import UNPAIRED_LOSSES
 from .models import file_fingerprint, hf_folder, resolve_model
+from .rundir import CHECKPOINT_JSON, read_checkpoint_info, read_run_info
 
 DTYPES = ("bf16", "fp16", "fp32")
-_SKIP = {"trainer_state.pt", "prefcache.json"}  # resume state, not something a user loads
+_SKIP = {"trainer_state.pt", CHECKPOINT_JSON}  # resume state, not something a user loads
 
 
 def checkpoint_info(checkpoint: str | os.PathLike) -> tuple[dict, dict]:
     """(the checkpoint's prefcache.json, its run's run.json or {})."""
     ckpt = Path(checkpoint)
-    if not (ckpt / "prefcache.json").exists():
-        raise ValueError(f"{ckpt} is not a prefcache checkpoint (no prefcache.json): give RUN/checkpoints/step-NNNNNN")
-    info = json.loads((ckpt / "prefcache.json").read_text())
-    run_json = ckpt.parent.parent / "run.json"
-    run = json.loads(run_json.read_text()) if run_json.exists() else {}
-    return info, run
+    if (info := read_checkpoint_info(ckpt)) is None:
+        raise ValueError(f"{ckpt} is not a prefcache checkpoint (no {CHECKPOINT_JSON}): give RUN/checkpoints/step-NNNNNN")
+    return info, read_run_info(ckpt.parent.parent)
 
 
 def cache_fingerprint(cache_dir: str | os.PathLike | None, metadata: dict | None = None) -> str | None:

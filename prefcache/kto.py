@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import write_json_atomic, write_table_atomic
+from .atomic import write_table_atomic
 from .checkpoint import (
     checkpoint_dir,
     clean_temporaries,
@@ -53,6 +53,7 @@ from .logprobs import LogProbModule, token_logprobs
 from .models import load_tokenizer, resolve_device, resolve_model
 from .policy import load_policy
 from .runconfig import write_config
+from .rundir import write_run_info
 from .schedule import make_scheduler
 from .scoring import check_cache_matches
 from .trackers import Trackers
@@ -239,7 +240,7 @@ def train_unpaired(cfg) -> dict:
                 "warmup_steps": warmup, "resumed_from": str(ckpt) if ckpt else None,
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if main:
-        write_json_atomic(run_info, out / "run.json")
+        write_run_info(out, run_info)
         write_config(cfg, out / "config.yaml")
     trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
     pad_id = tokenizer.pad_token_id
@@ -352,6 +353,6 @@ def train_unpaired(cfg) -> dict:
                "train": strip(last_train), "eval": strip(last_eval) | {"n": last_eval["n"]} if last_eval else {},
                "seconds": time.perf_counter() - t_start, "resumed_from": str(ckpt) if ckpt else None}
     if main:
-        write_json_atomic(run_info | {"result": summary}, out / "run.json")
+        write_run_info(out, run_info | {"result": summary})
     barrier(world)
     return summary
