@@ -148,7 +148,7 @@ class RowMapping:
 
 def check_cache_mapping(meta: dict, mapping: RowMapping, cache: str = "the reference cache") -> None:
     """Refuse a cache made with other columns or templates (a cache without the key was made with none)."""
-    from .cache import CacheError
+    from .cache import CacheError  # here: the CLI builds its options (and imports this) before pyarrow
 
     have, want = meta.get("data_mapping"), mapping.record()
     if have != want:

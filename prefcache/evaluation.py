@@ -27,9 +27,19 @@ import pyarrow as pa
 
 from . import schemas
 from .atomic import write_table_atomic
+from .cache import CacheError
 from .columns import RowMapping, check_cache_mapping
 from .config import EvalConfig, ScoreConfig
+from .data import load_dataset_pairs
 from .lmeval_tasks import localise_include_paths, task_manager
+from .models import (
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model,
+    tokenizer_fingerprint,
+)
 from .quiet import quiet_lm_eval
 from .rundir import Checkpoint, resolve_checkpoints, run_settings
 
@@ -45,8 +55,6 @@ class EvalError(ValueError):
 def _prepare(config: EvalConfig | ScoreConfig):
     """(run folder, checkpoints, run settings, base model source or None, device) for a config.
     The base model: --model, else the run's, else the base an adapter names, else the embedded default."""
-    from .models import resolve_device, resolve_model
-
     run_dir, checkpoints = resolve_checkpoints(config.checkpoints, config.run, config.base, config.out)
     settings = run_settings(run_dir)
     model = config.model if config.model is not None else settings.get("model")
@@ -61,8 +69,6 @@ def _prepare(config: EvalConfig | ScoreConfig):
 def load_checkpoint(ckpt: Checkpoint, source, settings: dict, *, quantize: str | None, device: str):
     """(model, tokenizer) of a checkpoint as trained: an adapter on the base model, or full weights.
     The base model is the run's starting point: its model plus, if it started from one, its adapter."""
-    from .models import ModelSource, load_model
-
     quantize = quantize or settings.get("quantize") or "auto"
     if ckpt.kind == "full":
         model, _ = load_model(ModelSource(ckpt.name, ckpt.path), quantize=quantize, device=device)
@@ -74,8 +80,6 @@ def load_checkpoint(ckpt: Checkpoint, source, settings: dict, *, quantize: str |
 
 def checkpoint_tokenizer(ckpt: Checkpoint, source):
     """The tokenizer saved with the checkpoint, else the base model's."""
-    from .models import ModelSource, load_tokenizer
-
     if ckpt.path is not None and (ckpt.path / "tokenizer_config.json").exists():
         return load_tokenizer(ModelSource(ckpt.name, ckpt.path))
     return load_tokenizer(source)
@@ -192,10 +196,7 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     (task 'preference'); returns the evals rows written.
     """
     config = config or ScoreConfig(**options)
-    from .cache import CacheError
-    from .data import load_dataset_pairs
-    from .models import tokenizer_fingerprint
-    from .scoring import ReferenceTable, check_cache_matches, check_joined, score_pairs
+    from .scoring import ReferenceTable, check_cache_matches, check_joined, score_pairs  # torch
 
     run_dir, checkpoints, settings, source, device = _prepare(config)
     beta = config.beta if config.beta is not None else float(settings.get("beta", DEFAULT_BETA))

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from .hub import cache_dir, looks_like_id, offline, split_revision
+
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet",
             ".csv": "csv"}
 DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -78,8 +80,6 @@ def open_dataset(path: str | os.PathLike, split: str | None = None, config: str 
             raise DataFormatError(f"{path} is a folder but not one written by datasets.save_to_disk (it has none "
                                   f"of {', '.join(DATASETS_MARKERS)}), nor a dataset repository with data files")
         return _load_dataset(str(path), split, config)
-    from .hub import looks_like_id
-
     if not looks_like_id(name):
         raise FileNotFoundError(f"data not found: {path}")
     return _load_dataset(name, split, config)
@@ -89,8 +89,6 @@ def _load_dataset(name: str, split: str | None, config: str | None):
     """``datasets.load_dataset``, with its errors as one line. Offline, a dataset in the Hub cache
     (``datasets--org--name/snapshots/...``, as ``hf download --repo-type dataset`` leaves it) is read from there."""
     from datasets import DatasetDict, load_dataset
-
-    from .hub import offline, split_revision
 
     repo, revision = split_revision(name) if not Path(name).exists() else (name, None)  # org/name@revision
     try:
@@ -122,8 +120,6 @@ def _load_dataset(name: str, split: str | None, config: str | None):
 def _cached_dataset_repo(name: str):
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    from .hub import cache_dir, split_revision
 
     repo, revision = split_revision(name)
     try:

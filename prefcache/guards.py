@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from .cache import CacheError
+from .cache import CacheError, read_cache
+from .policy import base_precision
 
 # A policy equal to the cache's reference has margin 0 at step 0 (to ~1e-5 in fp32); beyond this the
 # step-0 policy is not the reference and the implicit rewards start off zero.
@@ -24,8 +25,6 @@ class NonFiniteError(ValueError):
 def resolve_finetune(requested: str, cache_meta: dict | None, device: str = "cpu") -> tuple[str, str | None]:
     """``auto`` -> the policy that made the cache (qlora on a 4-bit cache, else lora), and a warning
     when the user's choice loads the base at another precision than the reference that made the cache."""
-    from .policy import base_precision
-
     quantization = (cache_meta or {}).get("quantization")
     made_by = "qlora" if quantization == "4bit" else "lora"
     if requested == "auto":
@@ -60,8 +59,6 @@ def check_reference_values(reference, pairs, what: str) -> None:
 
 def _ids(reference) -> list[str]:
     """Every cached id, duplicates included (the index keeps one row per id)."""
-    from .cache import read_cache
-
     return read_cache(reference.path, columns=["id"]).column("id").to_pylist()
 
 

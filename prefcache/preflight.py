@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import check_device
+from .hub import looks_like_id
+from .models import resolve_model  # a local folder or .gguf is checked without loading anything
 from .rundir import check_run_dir
 
 
@@ -16,8 +18,6 @@ def _exists(option: str, value, *, hub_ok: bool = False) -> None:
     """A local path must exist; with ``hub_ok`` a name that looks like a Hub id is left to the command."""
     if value is None or Path(value).expanduser().exists():
         return
-    from .hub import looks_like_id
-
     if not (hub_ok and looks_like_id(str(value))):
         raise FileNotFoundError(f"{option} {value}: no such file or folder")
 
@@ -27,8 +27,6 @@ def _model(value) -> None:
         return
     _exists("--model", value, hub_ok=True)
     if Path(value).expanduser().exists():
-        from .models import resolve_model  # a local folder or .gguf: checked without loading anything
-
         resolve_model(value)
 
 
@@ -36,7 +34,7 @@ def _cache(option: str, value) -> None:
     if value is None:
         return
     _exists(option, value)
-    from .cache import CacheError, shard_paths
+    from .cache import CacheError, shard_paths  # here: pyarrow is most of a refusal's start-up time
 
     if not shard_paths(value):
         raise CacheError(f"{option} {value} is not a prefcache cache (no part-r*.parquet shards)")
