@@ -645,3 +645,18 @@ def test_rewards_under_ld_alpha_are_beta_times_ld_logratios_even_for_sft_alone()
         assert_close(res.rejected_rewards, BETA * (pr - rr))
     # example 0 by hand: ld(π_c) = -5 + 0.25 · (-5) = -6.25, ld(ref_c) = -5.5 + 0.25 · (-5.5) = -6.875
     assert_close(res.chosen_rewards[0].item(), BETA * 0.625)
+
+
+def test_bco_running_mean_by_hand_and_through_a_checkpoint():
+    from prefcache.losses import RunningMean
+
+    mean = RunningMean()
+    assert mean.value == 0.0  # nothing seen: no shift
+    assert mean.update(3.0, 2) == 1.5
+    assert mean.update(-6.0, 4) == pytest.approx(-0.5)  # (3 - 6) / 6
+    again = RunningMean()
+    again.load_state_dict(mean.state_dict())
+    assert (again.total, again.count, again.value) == (-3.0, 6, -0.5)
+    old = RunningMean()
+    old.load_state_dict((2.0, 4))  # checkpoints made before the state dict hold (sum, count)
+    assert old.value == 0.5
