@@ -209,9 +209,9 @@ class RunningMean:
     def value(self) -> float:
         return self.total / self.count if self.count else 0.0
 
-    def state_dict(self) -> dict:
-        return {"total": self.total, "count": self.count}
+    def state_dict(self) -> tuple[float, int]:
+        """``(total, count)``: the ``bco`` entry of a checkpoint's trainer state."""
+        return self.total, self.count
 
     def load_state_dict(self, state) -> None:
-        """A :meth:`state_dict`, or the ``(total, count)`` pair older checkpoints hold."""
-        self.total, self.count = (state["total"], state["count"]) if isinstance(state, dict) else state
+        self.total, self.count = float(state[0]), int(state[1])
