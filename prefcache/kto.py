@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -38,12 +38,6 @@ from . import __version__
 from .atomic import write_table_atomic
 from .checkpoint import (
     checkpoint_dir,
-    clean_temporaries,
-    latest_checkpoint,
-    load_trainer_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
 )
 from .config import UNPAIRED_LOSSES
 from .data import collate, write_bad_rows
@@ -51,14 +45,12 @@ from .distributed import all_reduce_sum, barrier, gather, setup
 from .guards import resolve_finetune
 from .logprobs import LogProbModule, token_logprobs
 from .models import load_tokenizer, resolve_device, resolve_model
-from .policy import load_policy
 from .runconfig import write_config
 from .rundir import write_run_info
-from .schedule import make_scheduler
+from .runstate import RunState, epoch_order, held_out_ids, load_run_policy, make_optimization, open_run, save
 from .scoring import check_cache_matches
 from .trackers import Trackers
-from .trainer import check_resumable, epoch_order, held_out_ids, make_optimizer
-from .trainlog import EXAMPLE_SCHEMA, PAIRS_SCHEMA, RunLog, peak_mem_mb
+from .trainlog import EXAMPLE_SCHEMA, PAIRS_SCHEMA, peak_mem_mb
 from .unpaired import UnpairedReference, check_no_mapping, kl_sequence, load_unpaired
 
 
@@ -152,23 +144,27 @@ def aggregate_unpaired(cols: dict[str, list]) -> dict[str, float | None]:
             "n": len(cols["id"])}
 
 
-def train_unpaired(cfg) -> dict:
-    """``prefcache train --loss kto`` (or apo_zero_unpaired): see the module docstring."""
-    if cfg.cache is None:
-        raise ValueError(f"--loss {cfg.loss[0]} needs an unpaired reference cache (prefcache precompute --unpaired)")
-    check_no_mapping(cfg)
-    if UNPAIRED[cfg.loss[0]][1] and cfg.batch_size < 2:  # TRL refuses it too: z would be the example's own reward
-        raise ValueError("kto estimates its KL term over the micro-batch: --batch-size must be at least 2")
-    rank, world, device = setup(resolve_device(cfg.device))
-    main = rank == 0
-    out = Path(cfg.out)  # prefcache.trainer.train checked it: a new run, or a resume of one
-    source = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(source)
+@dataclass
+class UnpairedData:
+    """The examples of an unpaired run, checked against their caches before a model loads."""
+
+    items: list  # TokenizedCompletion, training
+    eval_items: list
+    reference: UnpairedReference
+    eval_reference: UnpairedReference
+    by_id: dict  # id -> TokenizedCompletion of both splits: KL partners may sit in either
+    examples: list  # the rendered texts, for pairs.parquet
+    bad_rows: list
+    max_length: int
+    truncation: str
+
+
+def load_unpaired_data(cfg, tokenizer) -> UnpairedData:
+    """Training and held-out examples, each with a cached value, its cached token counts, and a KL partner."""
     reference = UnpairedReference.from_cache(cfg.cache)
     max_length = cfg.max_length or reference.metadata["max_length"]
     truncation = cfg.truncation or reference.metadata["truncation"]
     check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
-    cfg = replace(cfg, finetune=resolve_finetune(cfg.finetune, reference.metadata, device)[0])
     items, bad_rows, examples = load_unpaired(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row, unpair=True,
                                               split=cfg.split, data_config=cfg.data_config)
     eval_items, eval_reference, eval_examples = [], reference, []
@@ -185,174 +181,172 @@ def train_unpaired(cfg) -> dict:
     reference.require(items, "training")
     if eval_items:
         eval_reference.require(eval_items, "eval")
-    by_id = {i.id: i for i in items + eval_items}  # KL partners may sit in either split
+    by_id = {i.id: i for i in items + eval_items}
     if missing := sorted({r.partner(i.id) for r, its in ((reference, items), (eval_reference, eval_items))
                           for i in its} - by_id.keys()):
         raise ValueError(f"{len(missing)} KL completions come from examples not in the data, e.g. {missing[:3]}")
+    return UnpairedData(items, eval_items, reference, eval_reference, by_id, examples + eval_examples, bad_rows,
+                        max_length, truncation)
 
-    steps_per_epoch = math.ceil(math.ceil(len(items) / world) / (cfg.batch_size * cfg.grad_accum))
+
+def write_texts(path: Path, examples) -> None:
+    """RUN/pairs.parquet for unpaired examples: a desirable completion as chosen, an undesirable one as rejected."""
+    texts = {c: [] for c in PAIRS_SCHEMA.names}
+    for e in examples:
+        for c, v in (("id", e.id), ("prompt", e.prompt), ("chosen", e.completion if e.label else None),
+                     ("rejected", None if e.label else e.completion)):
+            texts[c].append(v)
+    write_table_atomic(pa.Table.from_pydict(texts, schema=PAIRS_SCHEMA), path)
+
+
+def log_step(run: RunState, split: str, at_step: int, cols, loss, kl, extra=None) -> dict:
+    row = aggregate_unpaired(cols) | {"loss": loss, "kl": kl, "step": at_step, "epoch": run.epoch(at_step),
+                                      "split": split, "time_s": run.elapsed(), "peak_mem_mb": peak_mem_mb(run.device),
+                                      **(extra or {})}
+    run.log.add_examples({c: cols[c] for c in EXAMPLE_SCHEMA.names if c in cols}, step=at_step, split=split)
+    run.log.add_step(row)
+    run.trackers.log(row, step=at_step, split=split)
+    return row
+
+
+def run_eval(run: RunState, data: UnpairedData, plain, at_step: int) -> None:
+    """Rank 0 evaluates every held-out example with the unwrapped model (the KL batches are then those of
+    one process); the other ranks wait."""
+    run.last_eval_step = at_step
+    if run.main:
+        cfg = run.cfg
+        batch_size = cfg.eval_batch_size or cfg.batch_size
+        common = {"pad_id": run.tokenizer.pad_token_id, "device": run.device, "max_length": data.max_length,
+                  "truncation": data.truncation}
+        run.policy.eval()
+        parts = []
+        with torch.no_grad():
+            for s in range(0, len(data.eval_items), batch_size):
+                chunk = data.eval_items[s : s + batch_size]
+                parts.append((len(chunk), *batch_loss(plain, chunk, data.eval_reference, data.by_id, cfg, **common)))
+        run.policy.train()
+        cols = {k: [v for p in parts for v in p[2][k]] for k in parts[0][2]}
+        n = sum(p[0] for p in parts)
+        run.last_eval = log_step(run, "eval", at_step, cols, sum(p[0] * float(p[1]) for p in parts) / n,
+                                 sum(p[0] * p[3] for p in parts) / n)
+    barrier(run.world)
+
+
+def train_step(run: RunState, data: UnpairedData, module, plain, order: list[int]) -> None:
+    """One optimizer step over this rank's share of the step's examples, logged every ``log_every`` steps."""
+    cfg, world = run.cfg, run.world
+    common = {"pad_id": run.tokenizer.pad_token_id, "device": run.device, "max_length": data.max_length,
+              "truncation": data.truncation}
+    # TRL gathers the per-process KL means and averages them, then clamps
+    train_kl = {"kl_model": plain, "reduce": (lambda v: all_reduce_sum(v, world) / world) if world > 1 else None}
+    span = cfg.batch_size * cfg.grad_accum
+    position = run.step % run.steps_per_epoch
+    step_idx = order[position * span : (position + 1) * span]
+    t0 = time.perf_counter()
+    loss_sum, kl_sum, tokens, cols = 0.0, 0.0, 0, []
+    for k in range(0, len(step_idx), cfg.batch_size):
+        batch = [data.items[i] for i in step_idx[k : k + cfg.batch_size]]
+        # DDP all-reduces gradients on the last micro-batch of the step only.
+        last = k + cfg.batch_size >= len(step_idx)
+        with module.no_sync() if world > 1 and not last else nullcontext():
+            loss, part, kl, n_tokens = batch_loss(module, batch, data.reference, data.by_id, cfg, **common, **train_kl)
+            (loss * (len(batch) / len(step_idx))).backward()  # the step's gradient: the mean over its examples
+        loss_sum, kl_sum, tokens = loss_sum + loss.item() * len(batch), kl_sum + kl * len(batch), tokens + n_tokens
+        cols.append(part)
+    params = [p for p in run.policy.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    if run.due(cfg.log_every):
+        parts = gather(({c: [v for p in cols for v in p[c]] for c in cols[0]}, loss_sum, kl_sum, tokens), world)
+        if run.main:
+            cols = {c: [v for p in parts for v in p[0][c]] for c in parts[0][0]}
+            n = len(cols["id"])
+            run.last_train = log_step(run, "train", run.step, cols, sum(p[1] for p in parts) / n,
+                                      sum(p[2] for p in parts) / n,
+                                      {"lr": lr, "grad_norm": grad_norm,
+                                       "tokens_per_s": sum(p[3] for p in parts) / (time.perf_counter() - t0)})
+
+
+def train_unpaired(cfg) -> dict:
+    """``prefcache train --loss kto`` (or apo_zero_unpaired): see the module docstring."""
+    if cfg.cache is None:
+        raise ValueError(f"--loss {cfg.loss[0]} needs an unpaired reference cache (prefcache precompute --unpaired)")
+    check_no_mapping(cfg)
+    if UNPAIRED[cfg.loss[0]][1] and cfg.batch_size < 2:  # TRL refuses it too: z would be the example's own reward
+        raise ValueError("kto estimates its KL term over the micro-batch: --batch-size must be at least 2")
+    rank, world, device = setup(resolve_device(cfg.device))
+    out = Path(cfg.out)  # prefcache.trainer.train checked it: a new run, or a resume of one
+    source = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(source)
+    data = load_unpaired_data(cfg, tokenizer)
+    cfg = replace(cfg, finetune=resolve_finetune(cfg.finetune, data.reference.metadata, device)[0])
+    steps_per_epoch = math.ceil(math.ceil(len(data.items) / world) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    state = load_trainer_state(ckpt) if ckpt else None
-    if state:  # the data order is random here (no length grouping), a function of (seed, epoch)
-        check_resumable(state, world=world, n_train=len(items), cfg=replace(cfg, group_by_length=False))
-    barrier(world)  # every rank has looked at the run dir before rank 0 starts writing to it
-    log = RunLog(out, enabled=main)
-    if main:
-        clean_temporaries(out)
-        log.truncate(state["step"] if state else -1)  # rows after the checkpoint are logged again below
-        texts = {c: [] for c in PAIRS_SCHEMA.names}
-        for e in examples + eval_examples:
-            for c, v in (("id", e.id), ("prompt", e.prompt), ("chosen", e.completion if e.label else None),
-                         ("rejected", None if e.label else e.completion)):
-                texts[c].append(v)
-        write_table_atomic(pa.Table.from_pydict(texts, schema=PAIRS_SCHEMA), out / "pairs.parquet")
-        if bad_rows:
+    # the data order is random here (no length grouping), a function of (seed, epoch)
+    ckpt, state, log = open_run(replace(cfg, group_by_length=False), world=world, main=rank == 0,
+                                n_train=len(data.items))
+    run = RunState(cfg, out, rank, world, device, steps_per_epoch, total_steps, len(data.items), data.max_length,
+                   data.truncation, log, tokenizer=tokenizer)
+    if run.main:
+        write_texts(out / "pairs.parquet", data.examples)
+        if data.bad_rows:
+            write_bad_rows(out / "bad_rows.jsonl", data.bad_rows)
 
-            write_bad_rows(out / "bad_rows.jsonl", bad_rows)
-
-    torch.manual_seed(cfg.seed)
-    full_ckpt = ckpt and cfg.finetune == "full"
-    policy, policy_info = load_policy(resolve_model(str(ckpt)) if full_ckpt else source, finetune=cfg.finetune,
-                                      device=device, adapter=None if full_ckpt else (ckpt or cfg.adapter),
-                                      lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                      lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
-    plain = module = LogProbModule(policy, chunk_size=cfg.chunk_size)
+    run.policy, run.policy_info = load_run_policy(cfg, source, ckpt, device)
+    plain = module = LogProbModule(run.policy, chunk_size=cfg.chunk_size)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         module = DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = make_scheduler(optimizer, cfg.scheduler, warmup=warmup, total=total_steps, peak_lr=cfg.lr)
-    step, elapsed_before, last_eval_step = 0, 0.0, None
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler = make_scheduler(optimizer, cfg.scheduler, warmup=warmup, total=total_steps, peak_lr=cfg.lr,
-                                   done=state["step"])
-        set_rng_state(state["rng"][rank])
-        step, elapsed_before, last_eval_step = state["step"], state["elapsed_s"], state["last_eval_step"]
-    run_info = {"config": asdict(cfg), "prefcache_version": __version__, "world_size": world, "max_length": max_length,
-                "truncation": truncation, "policy": policy_info, "cache": reference.metadata,
-                "train_pairs": len(items), "train_examples": len(items), "eval_examples": len(eval_items),
-                "bad_rows": len(bad_rows), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                "warmup_steps": warmup, "resumed_from": str(ckpt) if ckpt else None,
+    params = [p for p in run.policy.parameters() if p.requires_grad]
+    run.optimizer, run.scheduler, warmup = make_optimization(cfg, params, total_steps=total_steps, state=state)
+    run.restore(state)
+    run_info = {"config": asdict(cfg), "prefcache_version": __version__, "world_size": world,
+                "max_length": data.max_length, "truncation": data.truncation, "policy": run.policy_info,
+                "cache": data.reference.metadata, "train_pairs": len(data.items), "train_examples": len(data.items),
+                "eval_examples": len(data.eval_items), "bad_rows": len(data.bad_rows),
+                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
+                "resumed_from": str(ckpt) if ckpt else None,
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    if main:
+    if run.main:
         write_run_info(out, run_info)
         write_config(cfg, out / "config.yaml")
-    trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
-    pad_id = tokenizer.pad_token_id
-    common = {"pad_id": pad_id, "device": device, "max_length": max_length, "truncation": truncation}
+    run.trackers = Trackers(cfg.report_to if run.main else (), out, run_info, state["step"] if state else None)
+    run.start_clock()
 
-    def mean_over_ranks(value):  # TRL gathers the per-process KL means and averages them, then clamps
-        return all_reduce_sum(value, world) / world
-
-    train_kl = {"kl_model": plain, "reduce": mean_over_ranks if world > 1 else None}
-    t_start = time.perf_counter() - elapsed_before
-    last_train, last_eval, last_saved = {}, {}, (step if state else None)
-
-    def log_step(split, at_step, cols, loss, kl, extra=None):
-        row = aggregate_unpaired(cols) | {"loss": loss, "kl": kl, "step": at_step, "epoch": at_step / steps_per_epoch,
-                                          "split": split, "time_s": time.perf_counter() - t_start,
-                                          "peak_mem_mb": peak_mem_mb(device), **(extra or {})}
-        log.add_examples({c: cols[c] for c in EXAMPLE_SCHEMA.names if c in cols}, step=at_step, split=split)
-        log.add_step(row)
-        trackers.log(row, step=at_step, split=split)
-        return row
-
-    def run_eval(at_step):
-        # Rank 0 evaluates every held-out example with the unwrapped model (the KL batches are then those of
-        # one process); the other ranks wait.
-        nonlocal last_eval, last_eval_step
-        last_eval_step = at_step
-        if main:
-            batch_size = cfg.eval_batch_size or cfg.batch_size
-            policy.eval()
-            parts = []
-            with torch.no_grad():
-                for s in range(0, len(eval_items), batch_size):
-                    chunk = eval_items[s : s + batch_size]
-                    parts.append((len(chunk), *batch_loss(plain, chunk, eval_reference, by_id, cfg, **common)))
-            policy.train()
-            cols = {k: [v for p in parts for v in p[2][k]] for k in parts[0][2]}
-            n = sum(p[0] for p in parts)
-            last_eval = log_step("eval", at_step, cols, sum(p[0] * float(p[1]) for p in parts) / n,
-                                 sum(p[0] * p[3] for p in parts) / n)
-        barrier(world)
-
-    def save(at_step):
-        rngs = gather(rng_state(), world)
-        if main:
-            log.flush()  # the logs up to this step are on disk before the checkpoint that vouches for them
-            trainer_state = {"version": 1, "step": at_step, "epoch": at_step / steps_per_epoch,
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
-                             "bco": (0.0, 0), "elapsed_s": time.perf_counter() - t_start, "world_size": world,
-                             "n_train": len(items), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                             "seed": cfg.seed, "group_by_length": False, "last_eval_step": last_eval_step}
-            info = {"step": at_step, "epoch": at_step / steps_per_epoch, "base_model": policy_info["model_name"],
-                    "model": cfg.model, "finetune": cfg.finetune, "max_length": max_length, "truncation": truncation,
-                    "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache, "prefcache_version": __version__}
-            save_checkpoint(out, at_step, policy, tokenizer, trainer_state, info)
-        barrier(world)
-
-    if eval_items and step == 0:
-        run_eval(0)
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss[0]}", unit="step",
-               disable=not (main and cfg.progress))
+    if data.eval_items and run.step == 0:
+        run_eval(run, data, plain, 0)
+    bar = tqdm(total=total_steps, initial=run.step, desc=f"train {cfg.loss[0]}", unit="step",
+               disable=not (run.main and cfg.progress))
     order, order_epoch = None, None
-    while step < total_steps:
-        epoch, position = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:
-            order, order_epoch = epoch_order(len(items), cfg.seed, epoch, rank, world), epoch
-        span = cfg.batch_size * cfg.grad_accum
-        step_idx = order[position * span : (position + 1) * span]
-        t0 = time.perf_counter()
-        loss_sum, kl_sum, tokens, cols = 0.0, 0.0, 0, []
-        for k in range(0, len(step_idx), cfg.batch_size):
-            batch = [items[i] for i in step_idx[k : k + cfg.batch_size]]
-            # DDP all-reduces gradients on the last micro-batch of the step only.
-            last = k + cfg.batch_size >= len(step_idx)
-            with module.no_sync() if world > 1 and not last else nullcontext():
-                loss, part, kl, n_tokens = batch_loss(module, batch, reference, by_id, cfg, **common, **train_kl)
-                (loss * (len(batch) / len(step_idx))).backward()  # the step's gradient: the mean over its examples
-            loss_sum, kl_sum, tokens = loss_sum + loss.item() * len(batch), kl_sum + kl * len(batch), tokens + n_tokens
-            cols.append(part)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    while run.step < total_steps:
+        if order_epoch != (epoch := run.step // steps_per_epoch):
+            order, order_epoch = epoch_order(len(data.items), cfg.seed, epoch, rank, world), epoch
+        train_step(run, data, module, plain, order)
         bar.update(1)
-        if step % cfg.log_every == 0 or step == total_steps:
-            parts = gather(({c: [v for p in cols for v in p[c]] for c in cols[0]}, loss_sum, kl_sum, tokens), world)
-            if main:
-                cols = {c: [v for p in parts for v in p[0][c]] for c in parts[0][0]}
-                n = len(cols["id"])
-                last_train = log_step("train", step, cols, sum(p[1] for p in parts) / n, sum(p[2] for p in parts) / n,
-                                      {"lr": lr, "grad_norm": grad_norm,
-                                       "tokens_per_s": sum(p[3] for p in parts) / (time.perf_counter() - t0)})
-        if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-            run_eval(step)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-            save(step)
-            last_saved = step
+        if data.eval_items and run.due(cfg.eval_every):
+            run_eval(run, data, plain, run.step)
+        if run.due(cfg.save_every):
+            save(run, run.step)
         if log.pending >= cfg.flush_every:
             log.flush()
     bar.close()
-    if eval_items and last_eval_step != step:
-        run_eval(step)
-    if last_saved != step:  # a resume of a finished run: make sure the final checkpoint exists
-        save(step)
+    if data.eval_items and run.last_eval_step != run.step:
+        run_eval(run, data, plain, run.step)
+    if run.last_saved != run.step:  # a resume of a finished run: make sure the final checkpoint exists
+        save(run, run.step)
     log.flush()
-    trackers.close()
+    run.trackers.close()
     strip = lambda row: {k: v for k, v in row.items() if k not in ("n", "split", "step", "epoch")}  # noqa: E731
-    summary = {"run": str(out), "steps": step, "final_checkpoint": str(checkpoint_dir(out, step)),
-               "train": strip(last_train), "eval": strip(last_eval) | {"n": last_eval["n"]} if last_eval else {},
-               "seconds": time.perf_counter() - t_start, "resumed_from": str(ckpt) if ckpt else None}
-    if main:
+    summary = {"run": str(out), "steps": run.step, "final_checkpoint": str(checkpoint_dir(out, run.step)),
+               "train": strip(run.last_train),
+               "eval": strip(run.last_eval) | {"n": run.last_eval["n"]} if run.last_eval else {},
+               "seconds": run.elapsed(), "resumed_from": str(ckpt) if ckpt else None}
+    if run.main:
         write_run_info(out, run_info | {"result": summary})
     barrier(world)
     return summary
