@@ -148,6 +148,26 @@ def token_logprobs(
     return out, torch.zeros_like(out).index_put((rows, cols), sq_flat)
 
 
+def pair_sums(chosen: tuple[torch.Tensor, torch.Tensor], rejected: tuple[torch.Tensor, torch.Tensor]):
+    """The one reduction of the kernel's output for a pair: each side's ``(token log-probs [B, T], completion
+    mask [B, T] bool)`` -> ``(totals, prefixes, counts)``, each a (chosen, rejected) pair of [B] tensors.
+
+    total: the summed completion log-prob (nats), in the dtype of the token values (the cache passes float64,
+    the trainer fp32). prefix: the sum over the first min(chosen, rejected) completion tokens, LD-DPO's
+    "public" length. counts: completion tokens (long).
+    """
+    sides = (chosen, rejected)
+    counts = tuple(mask.long().sum(-1) for _, mask in sides)
+    shared = torch.minimum(*counts)
+    totals, prefixes = [], []
+    for tok, mask in sides:
+        # Position of each completion token within its completion: 1, 2, ... ; prefix = the first `shared`.
+        rank = mask.long().cumsum(-1) * mask
+        prefixes.append((tok * ((rank > 0) & (rank <= shared[:, None]))).sum(-1))
+        totals.append((tok * mask).sum(-1))
+    return tuple(totals), tuple(prefixes), counts
+
+
 def _wanted(attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """[N, T] bool: completion tokens that are real tokens, never position 0 (no context)."""
     want = completion_mask.bool().clone()

@@ -144,3 +144,18 @@ def test_cuda_values_and_gradients_match_cpu():
     assert mixed.dtype == torch.float32  # each head chunk is upcast before the log-softmax
     assert torch.all(mixed[args[2] == 1] < 0)
     torch.testing.assert_close(mixed.cpu(), cpu.detach(), atol=0.15, rtol=0)
+
+
+def test_pair_sums_by_hand():
+    from prefcache.logprobs import pair_sums
+
+    # pair 0: chosen tokens at 1..3, rejected at 2..3; pair 1: chosen at 0, rejected at 0..2
+    tok_c = torch.tensor([[9.0, -1.0, -2.0, -3.0], [-0.5, 9.0, 9.0, 9.0]], dtype=torch.float64)
+    tok_r = torch.tensor([[9.0, 9.0, -4.0, -5.0], [-1.5, -2.5, -3.5, 9.0]], dtype=torch.float64)
+    mask_c = torch.tensor([[0, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    mask_r = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    (tc, tr), (pc, pr), (nc, nr) = pair_sums((tok_c, mask_c), (tok_r, mask_r))
+    assert tc.tolist() == [-6.0, -0.5] and tr.tolist() == [-9.0, -7.5]
+    assert pc.tolist() == [-3.0, -0.5] and pr.tolist() == [-9.0, -1.5]  # the first min(n_c, n_r) tokens
+    assert nc.tolist() == [3, 1] and nr.tolist() == [2, 3]
+    assert tc.dtype == torch.float64
