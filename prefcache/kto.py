@@ -47,7 +47,16 @@ from .logprobs import LogProbModule, token_logprobs
 from .models import load_tokenizer, resolve_device, resolve_model
 from .runconfig import write_config
 from .rundir import write_run_info
-from .runstate import RunState, epoch_order, held_out_ids, load_run_policy, make_optimization, open_run, save
+from .runstate import (
+    RunState,
+    after_step,
+    epoch_order,
+    finish,
+    held_out_ids,
+    load_run_policy,
+    make_optimization,
+    open_run,
+)
 from .scoring import check_cache_matches
 from .trackers import Trackers
 from .trainlog import EXAMPLE_SCHEMA, PAIRS_SCHEMA, peak_mem_mb
@@ -318,8 +327,9 @@ def train_unpaired(cfg) -> dict:
     run.trackers = Trackers(cfg.report_to if run.main else (), out, run_info, state["step"] if state else None)
     run.start_clock()
 
-    if data.eval_items and run.step == 0:
-        run_eval(run, data, plain, 0)
+    evaluate = (lambda at_step: run_eval(run, data, plain, at_step)) if data.eval_items else None
+    if evaluate and run.step == 0:
+        evaluate(0)
     bar = tqdm(total=total_steps, initial=run.step, desc=f"train {cfg.loss[0]}", unit="step",
                disable=not (run.main and cfg.progress))
     order, order_epoch = None, None
@@ -328,19 +338,9 @@ def train_unpaired(cfg) -> dict:
             order, order_epoch = epoch_order(len(data.items), cfg.seed, epoch, rank, world), epoch
         train_step(run, data, module, plain, order)
         bar.update(1)
-        if data.eval_items and run.due(cfg.eval_every):
-            run_eval(run, data, plain, run.step)
-        if run.due(cfg.save_every):
-            save(run, run.step)
-        if log.pending >= cfg.flush_every:
-            log.flush()
+        after_step(run, evaluate)
     bar.close()
-    if data.eval_items and run.last_eval_step != run.step:
-        run_eval(run, data, plain, run.step)
-    if run.last_saved != run.step:  # a resume of a finished run: make sure the final checkpoint exists
-        save(run, run.step)
-    log.flush()
-    run.trackers.close()
+    finish(run, evaluate)
     strip = lambda row: {k: v for k, v in row.items() if k not in ("n", "split", "step", "epoch")}  # noqa: E731
     summary = {"run": str(out), "steps": run.step, "final_checkpoint": str(checkpoint_dir(out, run.step)),
                "train": strip(run.last_train),

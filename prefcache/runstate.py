@@ -68,6 +68,7 @@ class RunState:
     last_train: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
     bco: RunningMean = field(default_factory=RunningMean)
+    step0_margin: float | None = None  # the pair loop's first step, measured on the starting policy
 
     @property
     def main(self) -> bool:
@@ -210,3 +211,26 @@ def save(run: RunState, at_step: int) -> None:
         save_checkpoint(run.out, at_step, run.policy, run.tokenizer, trainer_state, info)
     barrier(run.world)
     run.last_saved = at_step
+
+
+def after_step(run: RunState, evaluate=None) -> None:
+    """What follows each optimizer step: ``evaluate(step)`` (None: no held-out data) every ``eval_every``
+    steps, a checkpoint every ``save_every``, both at the last step too; a new log part every
+    ``flush_every`` logged steps."""
+    if evaluate and run.due(run.cfg.eval_every):
+        evaluate(run.step)
+    if run.due(run.cfg.save_every):
+        save(run, run.step)
+    if run.log.pending >= run.cfg.flush_every:
+        run.log.flush()
+
+
+def finish(run: RunState, evaluate=None) -> None:
+    """After the loop: the final eval and checkpoint unless made already (a resume of a finished run makes
+    them here), the logs flushed, the trackers closed."""
+    if evaluate and run.last_eval_step != run.step:
+        evaluate(run.step)
+    if run.last_saved != run.step:
+        save(run, run.step)
+    run.log.flush()
+    run.trackers.close()
