@@ -1,0 +1,67 @@
+"""runstate: what a training loop carries from step to step, saved into checkpoints and restored from them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefcache.checkpoint import latest_checkpoint, load_trainer_state
+from prefcache.config import TrainConfig
+from prefcache.runstate import RunState, check_resumable, held_out_ids, make_optimization, save
+from prefcache.trainlog import RunLog
+
+
+class _Saves:
+    def save_pretrained(self, folder):
+        (folder / "weights").write_text("w")
+
+
+def _run(tmp_path, cfg, **kw) -> RunState:
+    return RunState(cfg, tmp_path, 0, 1, "cpu", steps_per_epoch=4, total_steps=10, n_train=16, max_length=64,
+                    truncation="keep_start", log=RunLog(tmp_path), **kw)
+
+
+def test_due_every_n_steps_and_at_the_last(tmp_path):
+    run = _run(tmp_path, TrainConfig(data="d", out=str(tmp_path), cache="c"))
+    due = {every: [s for s in range(1, 11) if (setattr(run, "step", s) or run.due(every))] for every in (None, 3, 1)}
+    assert due == {None: [10], 3: [3, 6, 9, 10], 1: list(range(1, 11))}
+
+
+def test_held_out_ids_do_not_depend_on_row_order():
+    ids = [f"id{i}" for i in range(40)]
+    held = held_out_ids(ids, 0.25)
+    assert len(held) == 10 and held == held_out_ids(list(reversed(ids)), 0.25)
+    assert len(held_out_ids(ids[:3], 0.01)) == 1  # at least one
+
+
+def test_a_resume_with_another_data_order_is_refused():
+    cfg = TrainConfig(data="d", out="o", cache="c", batch_size=4, seed=1)
+    state = {"world_size": 1, "n_train": 16, "batch_size": 2, "grad_accum": 1, "seed": 1}  # before length grouping
+    with pytest.raises(ValueError, match=r"batch_size: checkpoint has 2, now 4\n  group_by_length: checkpoint has "
+                                         r"False, now True"):
+        check_resumable(state, world=1, n_train=16, cfg=cfg)
+    check_resumable({**state, "batch_size": 4, "group_by_length": True}, world=1, n_train=16, cfg=cfg)
+
+
+def test_save_then_restore_continues_the_run(tmp_path):
+    cfg = TrainConfig(data="d", out=str(tmp_path), cache="c", loss="bco_pair", warmup_steps=0, lr=1e-3)
+    layer = torch.nn.Linear(3, 2)
+    run = _run(tmp_path, cfg, policy=_Saves(), policy_info={"model_name": "m"}, tokenizer=_Saves(),
+               group_by_length=True)
+    run.optimizer, run.scheduler, _ = make_optimization(cfg, list(layer.parameters()), total_steps=10, state=None)
+    layer(torch.ones(1, 3)).sum().backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step, run.last_eval_step = 3, 2
+    run.bco.update(1.5, 6)
+    save(run, 3)
+    after_save = torch.rand(4)
+    state = load_trainer_state(latest_checkpoint(tmp_path))
+    assert (state["step"], state["bco"], state["group_by_length"], state["last_eval_step"]) == (3, (1.5, 6), True, 2)
+    again = _run(tmp_path, cfg)
+    again.optimizer, again.scheduler, _ = make_optimization(cfg, list(torch.nn.Linear(3, 2).parameters()),
+                                                            total_steps=10, state=state)
+    again.restore(state)
+    assert (again.step, again.last_saved, again.last_eval_step, again.bco.value) == (3, 3, 2, 0.25)
+    assert again.elapsed_before == state["elapsed_s"] and torch.equal(torch.rand(4), after_save)  # RNGs restored
+    assert again.scheduler.last_epoch == 3 and again.optimizer.state_dict()["state"]  # Adam's moments came back
