@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 from .atomic import make_temp_dir, publish_dir, write_text_atomic
-from .cache import shard_paths
 from .config import UNPAIRED_LOSSES
 from .models import file_fingerprint, hf_folder, resolve_model
 from .rundir import CHECKPOINT_JSON, read_checkpoint_info, read_run_info
@@ -37,6 +36,8 @@ def cache_fingerprint(cache_dir: str | os.PathLike | None, metadata: dict | None
     """sha256 of the cache's shard files (names and contents; memoised like model fingerprints), or, when
     the cache folder is gone, of its recorded metadata (``meta:`` prefix)."""
     import hashlib
+
+    from .cache import shard_paths  # pyarrow: the CLI imports this module for --help (DTYPES)
 
     if cache_dir and Path(cache_dir).is_dir() and (shards := shard_paths(cache_dir)):
         return file_fingerprint(shards)

@@ -99,3 +99,16 @@ def test_config_file_values_are_defaults_the_command_line_overrides(tmp_path):
     config.write_text("data: d.jsonl\nout: c\nmax_length: 512\nbatch_size: 2\n")
     params = _cli_params("precompute", ["--config", str(config), "--batch-size", "3"])
     assert (params["data"], params["max_length"], params["batch_size"]) == ("d.jsonl", 512, 3)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["precompute", "--help"], ["export", "--help"],
+                                  ["sql", "--help"], ["score", "--help"]])
+def test_help_imports_no_heavy_library(args):
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "pyarrow", "duckdb", "polars", "numpy", "lm_eval", "peft", "bitsandbytes")
+    code = (f"import sys; from prefcache.cli import main; main({args!r}, standalone_mode=False); "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
