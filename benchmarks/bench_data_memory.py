@@ -51,10 +51,12 @@ def measure(path: str, mode: str) -> dict:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     if mode == "blocks":
-        ids: list[str] = []
+        import pyarrow as pa
+
+        ids = []  # as precompute keeps them: Arrow arrays, for the coverage check at the end
         for pairs, _ in iter_pair_blocks(path, tokenizer, 1024, on_bad_row="skip"):
-            ids.extend(p.id for p in pairs)
-        n = len(ids)
+            ids.append(pa.array([p.id for p in pairs], pa.string()))
+        n = sum(len(a) for a in ids)
     else:
         pairs, _, _ = load_dataset_pairs(path, tokenizer, 1024, on_bad_row="skip")
         n = len(pairs)
