@@ -60,9 +60,11 @@ class BadRow:
     row: int  # 0-based row index in the source file
     id: str | None
     problem: str
+    line: int | None = None  # 1-based line of a line-based file (JSONL, CSV), when known
 
     def __str__(self) -> str:
-        return f"row {self.row}{f' (id {self.id})' if self.id else ''}: {self.problem}"
+        where = f"line {self.line}" if self.line else f"row {self.row + 1}"  # people count from 1
+        return f"{where}{f' (id {self.id})' if self.id else ''}: {self.problem}"
 
 
 class BadDataError(ValueError):
@@ -233,8 +235,14 @@ def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> t
                 first, first_content = seen[ex_id]
                 if first_content == content:
                     continue  # an exact duplicate: scored once, under one id
-                raise _Bad(f"id {ex_id!r} is already used by row {first} for different content")
+                raise _Bad(f"id {ex_id!r} is already used by row {first + 1} for different content")
             prompt, chosen, rejected, chat = _render(raw, tokenizer)
+            # Every row of a file in one format: standard and conversational rows render differently
+            # (chat template or not, EOS or not), so a row in the other format is a mistake.
+            if examples and chat != examples[0].conversational:
+                kinds = {True: "conversational", False: "standard"}
+                raise _Bad(f"a {kinds[chat]} row in a file of {kinds[not chat]} rows (row {examples[0].row + 1} "
+                           "is one): every row of a file must be in the same format")
             seen[ex_id] = (i, content)
             examples.append(Example(ex_id, i, prompt, chosen, rejected, chat))
         except _Bad as e:
@@ -344,17 +352,23 @@ def load_dataset_pairs(path: str | os.PathLike, tokenizer, max_length: int, trun
     """
     _check_policy(on_bad_row)
     rows = load_rows(path, split, data_config)
+    lines = getattr(rows, "lines", None)  # JSONL / CSV: bad rows are reported by line
     if max_rows is not None:
         rows = rows[:max_rows]
     if mapping:
         mapping.check_columns(_column_names(rows), str(path))
         rows = [mapping.apply(r) for r in rows]
-    examples, bad = prepare_examples(rows, tokenizer, "skip")
+    try:
+        examples, bad = prepare_examples(rows, tokenizer, "skip")
+    except DataFormatError as e:
+        raise DataFormatError(f"{path}: {e}") from None
     if ids is not None:
         wanted = set(ids)
         examples = [ex for ex in examples if ex.id in wanted]
     pairs, bad_tokens = tokenize_examples(examples, tokenizer, max_length, truncation, "skip")
     bad = sorted(bad + bad_tokens, key=lambda b: b.row)
+    if lines:
+        bad = [replace(b, line=lines[b.row]) for b in bad]
     _apply_policy(bad, on_bad_row, str(path))
     dropped = {b.row for b in bad_tokens}
     return pairs, bad, [ex for ex in examples if ex.row not in dropped]
@@ -382,6 +396,7 @@ def iter_pair_blocks(path: str | os.PathLike, tokenizer, max_length: int, trunca
     # Two ids colliding in 64 bits: ~3e-8 for a million ids.
     seen_keys, seen_contents = np.empty(0, np.uint64), np.empty(0, np.uint64)
     for start, rows in iter_row_blocks(path, split, data_config, block_rows):
+        lines = getattr(rows, "lines", None)  # JSONL / CSV: bad rows are reported by line
         if mapping:
             if start == 0:
                 mapping.check_columns(_column_names(rows), str(path))
@@ -403,6 +418,8 @@ def iter_pair_blocks(path: str | os.PathLike, tokenizer, max_length: int, trunca
         seen_keys, seen_contents = merged[order], np.concatenate([seen_contents, contents[~hit]])[order]
         pairs, bad_tokens = tokenize_examples(kept, tokenizer, max_length, truncation, "skip")
         bad = sorted(bad + bad_tokens, key=lambda b: b.row)
+        if lines:
+            bad = [replace(b, line=lines[b.row - start]) for b in bad]
         _apply_policy(bad, on_bad_row, str(path))
         yield pairs, bad
 
@@ -420,10 +437,11 @@ def _column_names(rows) -> list[str]:
 
 
 def write_bad_rows(path: str | os.PathLike, bad_rows: list[BadRow]) -> None:
-    """One JSON object per bad row: ``{"row", "id", "problem"}``."""
+    """One JSON object per bad row: ``{"row" (0-based), "id", "problem"}``, and ``"line"`` (1-based) for JSONL/CSV."""
     from .atomic import write_text_atomic
 
-    write_text_atomic(path, "".join(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}, ensure_ascii=False)
+    write_text_atomic(path, "".join(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}
+                                               | ({"line": b.line} if b.line else {}), ensure_ascii=False)
                                     + "\n" for b in bad_rows))
 
 

@@ -170,6 +170,11 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     Returns a summary dict: pairs cached before and now, pairs scored, bad rows, seconds, pairs/s, tokens/s.
     """
     config = config or PrecomputeConfig(**options)
+    if config.unpaired:  # KTO data: one completion per example plus its KL completion
+        from .unpaired import precompute_unpaired
+
+        with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
+            return precompute_unpaired(config, kl_group_size=config.kl_group_size)
     # One writer per cache (per rank under torchrun): a second pass is refused, naming the holder.
     with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
         return _precompute(config)
@@ -179,7 +184,7 @@ def _precompute(config: PrecomputeConfig) -> dict:
     import pyarrow as pa
     from tqdm.auto import tqdm
 
-    from .data import BLOCK_ROWS, iter_pair_blocks, write_bad_rows
+    from .data import BLOCK_ROWS, DataFormatError, iter_pair_blocks, write_bad_rows
     from .models import (
         compute_dtype,
         load_model,
@@ -231,6 +236,14 @@ def _precompute(config: PrecomputeConfig) -> dict:
 
     shards = pending_shards()
     first = next(shards, None)  # nothing pending: the model is never loaded
+    if first is None and not data_ids:  # the whole data was read: not one scorable pair in it
+        if not bad_rows:
+            raise DataFormatError(f"{config.data} holds no preference rows: nothing to cache")
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_bad_rows(out / "bad_rows.jsonl", bad_rows)
+        raise DataFormatError(f"all {len(bad_rows)} rows of {config.data} are bad rows (listed in "
+                              f"{out / 'bad_rows.jsonl'}): nothing to cache")
     scored_pairs = scored_tokens = 0
     if first is not None:
         model, _ = load_model(source, quantize=quantize, device=device, adapter=config.adapter)
@@ -317,16 +330,27 @@ def verify_cache(cache_dir: str, data: str | None = None, *, split: str | None =
     from .data import load_dataset_pairs
     from .models import load_tokenizer, resolve_model, tokenizer_fingerprint
 
-    meta = read_metadata(cache_dir)
+    try:
+        meta = read_metadata(cache_dir)
+    except CacheError as e:
+        if not shard_paths(cache_dir):
+            raise
+        bad = verify(cache_dir)  # a damaged first shard: report every shard by name, as for the others
+        return {"summary": f"{cache_dir}: NOT OK", "problems": bad or [str(e)]}
     expected = None
     problems: list[str] = []
     if data is not None:
         tokenizer = load_tokenizer(resolve_model(meta.get("model_path")))
         if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
             problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
-        mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
-        pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip",
-                                         mapping=mapping, split=split, data_config=data_config)
+        if meta.get("kind") == "unpaired":  # a KTO cache: one row per (unpaired) example
+            from .unpaired import load_unpaired
+
+            pairs, _, _ = load_unpaired(data, tokenizer, meta["max_length"], meta["truncation"], "skip", unpair=True)
+        else:
+            mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
+            pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip",
+                                             mapping=mapping, split=split, data_config=data_config)
         expected = [p.id for p in pairs]
     problems += verify(cache_dir, expected_ids=expected)
     if problems:

@@ -136,7 +136,7 @@ def test_shared_and_unshared_caches_agree(tmp_path, prefs_file, tiny_model):
 def test_bad_rows_fail_by_default_and_are_reported_when_skipped(tmp_path, tiny_model):
     rows = preference_rows(4) + [{"prompt": "p", "chosen": "", "rejected": "r"}]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(ValueError, match="row 4"):
+    with pytest.raises(ValueError, match="line 5"):
         run(data, tmp_path / "c", tiny_model)
     result = run(data, tmp_path / "c", tiny_model, on_bad_row="skip")
     assert result["scored"] == 4 and result["bad_rows"] == 1
@@ -237,7 +237,9 @@ def test_smollm2_4bit_nf4_end_to_end(tmp_path):
         {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
          "chosen": [{"role": "assistant", "content": "2 + 2 = 4."}],
          "rejected": [{"role": "assistant", "content": "2 + 2 = 5."}]},
-        {"prompt": "The opposite of hot is", "chosen": " cold.", "rejected": " banana."},
+        {"prompt": [{"role": "user", "content": "The opposite of hot is"}],
+         "chosen": [{"role": "assistant", "content": "cold."}],
+         "rejected": [{"role": "assistant", "content": "banana."}]},
     ]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     q = precompute(data=str(data), out=str(tmp_path / "q4"), quantize="4bit", max_length=128, progress=False)

@@ -37,10 +37,15 @@ def run_api(fn, *args, **kwargs):
               help="fail: stop and list bad rows; skip: score the rest and write bad_rows.jsonl in the cache.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--shard-size", type=int, default=1024, show_default=True, help="Pairs per Parquet shard.")
-@click.option("--chunk-size", type=int, default=2048, show_default=True, help="Completion positions per output-head chunk (memory vs speed).")
+@click.option("--chunk-size", type=int, default=512, show_default=True, help="Completion positions per output-head chunk (memory vs speed).")
 @click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
               help="Compute each prompt once, its completions packed after it under a block attention mask "
                    "(same values to float rounding; faster the longer the prompts). Off: two sequences per pair.")
+@click.option("--unpaired", is_flag=True,
+              help="KTO cache: unpaired data (prompt/completion/label; pairs are unpaired), each completion's and "
+                   "its KL completion's reference log-probs.")
+@click.option("--kl-group-size", type=int, default=8, show_default=True,
+              help="--unpaired: KL completions rotate within groups of this many examples (TRL's per-device batch).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def precompute_cmd(no_progress, **options):
     """Score every pair once with the frozen reference model and cache the log-probs.
@@ -58,6 +63,9 @@ def precompute_cmd(no_progress, **options):
     Data-parallel (one shard set per rank):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
+    from prefcache import preflight
+
+    run_api(preflight.precompute, options)  # refusals that need no model, before torch loads
     from prefcache.config import PrecomputeConfig
     from prefcache.reference import precompute
 
@@ -65,10 +73,11 @@ def precompute_cmd(no_progress, **options):
     result = run_api(precompute, config)
     if result["rank"] != 0:
         return
+    what = "examples" if config.unpaired else "pairs"
     click.echo(
-        f"{result['cache']}: {result['scored']} pairs scored, {result['cached_before']} already cached, "
+        f"{result['cache']}: {result['scored']} {what} scored, {result['cached_before']} already cached, "
         f"{result['bad_rows']} bad rows skipped; {result['seconds']:.1f}s "
-        f"({result['pairs_per_s']:.1f} pairs/s, {result['tokens_per_s']:,.0f} tokens/s)"
+        f"({result['pairs_per_s']:.1f} {what}/s, {result['tokens_per_s']:,.0f} tokens/s)"
     )
     if result["bad_rows"]:
         click.echo(f"skipped rows are listed in {result['cache']}/bad_rows.jsonl")
