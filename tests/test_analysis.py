@@ -312,6 +312,7 @@ def test_training_curves(db):
     df = db.query("training_curves", split="eval")
     assert [(r["run"], r["step"], r["loss"]) for r in rows(df)] == [("run1", 2, 0.65), ("run2", 2, 0.65)]
     assert len(db.query("training_curves")) == 6
+    assert df.columns[-1] == "padding_share"  # NULL for logs written before the column existed
 
 
 def test_margin_histogram(db):
