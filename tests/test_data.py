@@ -185,7 +185,7 @@ def test_exact_duplicates_yield_one_example(tok):
 
 def test_same_id_different_content_is_a_bad_row(tok):
     rows = [dict(r, id="x") for r in std_rows(2)]
-    with pytest.raises(BadDataError, match="row 1 \\(id x\\): id 'x' is already used by row 0"):
+    with pytest.raises(BadDataError, match="row 2 \\(id x\\): id 'x' is already used by row 1"):
         prepare_examples(rows, tok)
     examples, bad = prepare_examples(rows, tok, on_bad_row="skip")
     assert [ex.row for ex in examples] == [0] and bad[0].row == 1
@@ -283,7 +283,7 @@ def test_keep_start_keeps_the_first_max_length_tokens(tok):
 
 def test_keep_start_prompt_that_fills_max_length_is_a_bad_row(tok):
     ex = counting_example(12, 3, 3)
-    with pytest.raises(BadDataError, match="row 0 \\(id t\\): the prompt alone has 12 tokens, max_length is 12"):
+    with pytest.raises(BadDataError, match="row 1 \\(id t\\): the prompt alone has 12 tokens, max_length is 12"):
         tokenize_examples([ex], tok, 12)
     pairs, bad = tokenize_examples([ex], tok, 12, on_bad_row="skip")
     assert pairs == [] and bad == [BadRow(0, "t", "the prompt alone has 12 tokens, max_length is 12: "
@@ -342,7 +342,7 @@ BAD_ROWS = [
 @pytest.mark.parametrize("row,problem", BAD_ROWS, ids=[p for _, p in BAD_ROWS])
 def test_bad_rows_fail_or_skip(tok, row, problem):
     rows = [std_rows(1)[0], row]
-    with pytest.raises(BadDataError, match="1 bad row in the data:\n  row 1") as err:
+    with pytest.raises(BadDataError, match="1 bad row in the data:\n  row 2") as err:
         prepare_examples(rows, tok)
     assert problem in str(err.value)
     examples, bad = prepare_examples(rows, tok, on_bad_row="skip")
@@ -376,7 +376,7 @@ def test_fail_lists_ten_bad_rows_and_the_count(tok):
     with pytest.raises(BadDataError) as err:
         prepare_examples(rows, tok)
     message = str(err.value)
-    assert message.startswith("15 bad rows in the data:") and "row 9" in message and "row 10" not in message
+    assert message.startswith("15 bad rows in the data:") and "row 10" in message and "row 11" not in message
     assert "... and 5 more" in message and "on_bad_row='skip'" in message
     assert len(err.value.bad_rows) == 15
 
@@ -410,7 +410,7 @@ def test_load_dataset_pairs(tmp_path, tok):
     rows.insert(2, {"prompt": "p", "chosen": None, "rejected": " b"})
     rows.insert(4, {"prompt": "Count:" + " one" * 40, "chosen": " a", "rejected": " b"})  # prompt too long
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(BadDataError, match=f"2 bad rows in {path}:\n  row 2 .*\n  row 4 .*the prompt alone"):
+    with pytest.raises(BadDataError, match=f"2 bad rows in {path}:\n  line 3 .*\n  line 5 .*the prompt alone"):
         load_dataset_pairs(path, tok, 32)
     pairs, bad, examples = load_dataset_pairs(path, tok, 32, on_bad_row="skip")
     assert [b.row for b in bad] == [2, 4]
@@ -442,3 +442,37 @@ def test_collate():
     assert input_ids.dtype == torch.long
     with pytest.raises(ValueError, match="completion start 3 outside 0..2"):
         collate([[1, 2]], [3], pad_id=0)
+
+
+def test_pair_blocks_equal_the_whole_data_read_at_once(tmp_path, tokenizer):
+    """Read in blocks (bounded memory), the pairs, ids, bad rows and row numbers are those of one read."""
+    from conftest import preference_rows
+
+    from prefcache.data import iter_pair_blocks, load_dataset_pairs
+
+    rows = preference_rows(23)
+    rows[15] = dict(rows[2])  # an exact duplicate in a later block: dropped
+    rows[20] = {**rows[4], "chosen": rows[4]["chosen"]}  # duplicate again
+    rows[9] = {"prompt": "p", "chosen": None, "rejected": "r"}  # a bad row in the second block
+    for suffix in ("jsonl", "parquet"):
+        path = tmp_path / f"d.{suffix}"
+        if suffix == "jsonl":
+            write_jsonl(path, rows)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        whole, bad, _ = load_dataset_pairs(path, tokenizer, 32, on_bad_row="skip")
+        blocks = list(iter_pair_blocks(path, tokenizer, 32, on_bad_row="skip", block_rows=5))
+        assert len(blocks) == 5
+        assert [p for b, _ in blocks for p in b] == whole and len(whole) == 20
+        assert [r for _, b in blocks for r in b] == bad and [b.row for b in bad] == [9]
+        with pytest.raises(BadDataError, match="line 10" if suffix == "jsonl" else "row 10"):  # counted from 1
+            list(iter_pair_blocks(path, tokenizer, 32, block_rows=5))
+    # An id column reused for other content in a later block is a bad row, as in one read.
+    with_ids = [{"id": i % 6, **r} for i, r in enumerate(preference_rows(8, seed=1))]
+    write_jsonl(tmp_path / "ids.jsonl", with_ids)
+    _, bad, _ = load_dataset_pairs(tmp_path / "ids.jsonl", tokenizer, 32, on_bad_row="skip")
+    blocks = list(iter_pair_blocks(tmp_path / "ids.jsonl", tokenizer, 32, on_bad_row="skip", block_rows=3))
+    assert [b.row for _, bb in blocks for b in bb] == [b.row for b in bad] == [6, 7]
