@@ -113,8 +113,10 @@ class CacheWriter:
         self.schema = schema(metadata.get("per_token", False)).with_metadata(
             {META_KEY: json.dumps(metadata, sort_keys=True).encode()}
         )
-        for stale in self.dir.glob(f".tmp-r{rank:03d}-*"):  # leftovers of a crashed run of this rank
-            stale.unlink(missing_ok=True)
+        # Leftovers of a killed pass (this one holds the directory lock): its shard temps, and rank 0's others.
+        for pattern in [f".tmp-r{rank:03d}-*"] + ([".tmp-manifest-*", ".tmp-bad_rows-*"] if rank == 0 else []):
+            for stale in self.dir.glob(pattern):
+                stale.unlink(missing_ok=True)
         taken = [int(m.group(2)) for p in shard_paths(self.dir) if (m := _SHARD_RE.search(p.name)) and int(m.group(1)) == rank]
         self.seq = max(taken, default=-1) + 1
         self.nonce = secrets.token_hex(4)  # per pass: shard names of two writers never collide
@@ -136,7 +138,8 @@ class CacheWriter:
 
         manifest = {"metadata": self.metadata, "columns": self.schema.names,
                     "note": "mirror for humans; the Parquet metadata is authoritative"}
-        write_text_atomic(self.dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+        write_text_atomic(self.dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True),
+                          prefix=".tmp-manifest-")
 
 
 def summary(cache_dir: str | os.PathLike) -> dict:
