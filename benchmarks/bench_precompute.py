@@ -1,6 +1,7 @@
 """Benchmark the reference-log-prob precompute pass: prefcache vs a naive full-logits pass vs TRL.
 
-    python benchmarks/bench_precompute.py                               # 128 pairs, fp32, CPU, batch 8, max_length 512
+    python benchmarks/bench_precompute.py                               # 128 pairs of each shape, fp32, CPU, batch 8
+    python benchmarks/bench_precompute.py --shape prompt                # prompt-heavy pairs only
     python benchmarks/bench_precompute.py --pairs 16 --max-length 128 --batch-size 4   # a quick check
     python benchmarks/bench_precompute.py --rounds 3                    # best of 3, round-robin (a shared machine)
     python benchmarks/bench_precompute.py --allocator both              # a table for glibc malloc and one for jemalloc
@@ -11,20 +12,24 @@ Every contender scores the same pairs (benchmarks/data.py, seeded) with the same
 SmolLM2-135M-Instruct), precision, batch size (pairs per forward, i.e. 2x sequences), max_length and
 torch thread count, each in its own process (so its peak memory is its own), under the same allocator:
 
-- prefcache: ``prefcache.precompute(...)`` (prefcache/reference.py), the real API path, writing a cache
-  to a temp dir. Timed: its scoring (``score_sequences``) plus its shard writing; not the model load or
-  the tokenisation.
-- naive: the same ``precompute`` run (same tokenisation, de-duplication, length-sorted batches) with the
+- prefcache: ``prefcache.precompute(...)`` (prefcache/reference.py) at its defaults (prefix sharing: each
+  prompt once, its completions packed after it), the real API path, writing a cache to a temp dir. Timed:
+  its scoring (``score_shared`` / ``score_sequences``) plus its shard writing; not the model load or the
+  tokenisation.
+- unshared: the same with ``prefix_sharing=False`` (two sequences per pair: prefcache before prefix sharing).
+- naive (not run unless named in --contenders): the same unshared ``precompute`` run (same tokenisation, de-duplication, length-sorted batches) with the
   log-prob kernel swapped for ``naive_token_logprobs`` (full [N, T, V] logits, fp32 log-softmax).
 - trl: ``DPOTrainer(precompute_ref_log_probs=True)`` with ``precompute_ref_batch_size`` = the batch size,
   the model loaded in the same dtype, ``bf16=False`` (no autocast: fp32 runs fp32, bf16 a bf16 model) and
   the same max_length. Timed: its ``_precompute_ref_logps`` (data loading, forwards, writing its Arrow
   cache), which ``DPOTrainer.__init__`` runs; not the model load, the tokenisation or ``hash_module``.
 
+Two data shapes (benchmarks/data.py, --shape): answer-heavy and prompt-heavy; one table each.
 Printed: one table with pairs/s, tokens/s (real tokens: prompt + completion of both sequences of every
-pair, the same count for all), peak memory and the ratios to prefcache; the achieved FLOP rate
-(2 x params x real tokens / s) next to the rate of plain matmuls of the model's own shapes on this
-machine; and agreement: max |diff| of prefcache's summed log-probs vs the naive pass and vs TRL.
+pair, the same count for all), peak memory, the padding share of the positions each contender computes
+and the ratios to prefcache; the FLOP rate over the tokens each contender actually computes (2 x params x
+computed tokens / s: prefix sharing computes a prompt once) next to the rate of plain matmuls of the model's
+own shapes on this machine; and agreement: max |diff| of prefcache's summed log-probs vs the others.
 Peak memory is the process's peak RSS during the timed phase (VmHWM, reset through /proc/self/clear_refs
 when the phase starts); on a GPU also ``torch.cuda.max_memory_allocated`` over the phase.
 """
@@ -42,9 +47,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
-CONTENDERS = ("prefcache", "naive", "trl")
-LABELS = {"prefcache": "prefcache", "naive": "naive full-logits", "trl": "TRL DPOTrainer"}
-TARGET_SPEEDUP = 2.0  # the issue's target: prefcache >= 2x TRL's pairs/s at the same batch size and precision
+CONTENDERS = ("prefcache", "unshared", "naive", "trl")
+DEFAULT_CONTENDERS = ("prefcache", "unshared", "trl")
+LABELS = {"prefcache": "prefcache", "unshared": "prefcache unshared", "naive": "naive full-logits",
+          "trl": "TRL DPOTrainer"}
+# Targets: prefcache >= Nx TRL's pairs/s at the same batch size and precision, per data shape.
+TARGET_SPEEDUP = {"answer": 2.0, "prompt": 3.0}
 
 
 # ---------------------------------------------------------------- child side (one contender per process)
@@ -126,6 +134,7 @@ def _prefcache_child(name: str, spec: dict, phase: Phase) -> dict:
     from prefcache import cache as pcache
     from prefcache import logprobs as plogprobs
     from prefcache import models as pmodels
+    from prefcache import packing as ppacking
     from prefcache import reference as pre
 
     if name == "naive":  # score_sequences imports the kernel at call time: swap in the full-logits one
@@ -141,11 +150,12 @@ def _prefcache_child(name: str, spec: dict, phase: Phase) -> dict:
 
     pmodels.load_model = resident_load_model
     pre.score_sequences = phase.timed(pre.score_sequences)
+    ppacking.score_shared = phase.timed(ppacking.score_shared)  # precompute imports it at call time
     pcache.CacheWriter.write = phase.timed(pcache.CacheWriter.write)
     cache = Path(spec["work"]) / f"cache-{name}-{spec['tag']}"
     summary = pre.precompute(data=spec["data"], out=str(cache), quantize=spec["quantize"],
                              max_length=spec["max_length"], batch_size=spec["batch_size"], device=spec["device"],
-                             progress=False)
+                             progress=False, prefix_sharing=name == "prefcache")
     if summary["problems"]:
         raise RuntimeError(f"prefcache reported problems: {summary['problems']}")
     t = pcache.read_cache(cache, ["id", "chosen_logps", "rejected_logps"]).to_pydict()
@@ -253,15 +263,30 @@ def _schedules(pairs, batch_size: int) -> dict:
                                            for p in group)
     real = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     completion = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    # prefcache with prefix sharing: a row per prompt and its unique completions, `batch_size` rows a pass
+    from prefcache.packing import group_by_prompt
+
+    rows = sorted((len(pr) + sum(map(len, cs)) for pr, cs in group_by_prompt(
+        [(list(s), n) for s, n in seqs.items()], 2 * max(map(len, seqs), default=1))), reverse=True)
+    shared_padded = sum(max(rows[i : i + batch_size]) * len(rows[i : i + batch_size])
+                        for i in range(0, len(rows), batch_size))
+    unique_real = sum(map(len, seqs))
+    # Tokens through the backbone without padding, and with it, per contender.
+    computed = {"prefcache": sum(rows), "unshared": unique_real, "naive": unique_real, "trl": real}
+    # Positions through the output head: prefcache's kernel projects completion positions only.
+    unique_completion = sum(len(s) - n for s, n in seqs.items())
+    head = {"prefcache": unique_completion, "unshared": unique_completion, "naive": unique_real, "trl": real}
+    padded = {"prefcache": shared_padded, "unshared": sorted_padded, "naive": sorted_padded, "trl": trl_padded}
     return {"real": real, "completion": completion, "sorted_padded": sorted_padded, "trl_padded": trl_padded,
+            "shared_padded": shared_padded, "computed": computed, "padded": padded, "head": head,
             "batch_tokens": max(1, round(sorted_padded / -(-len(lens) // b)))}
 
 
-def _table(results: list[dict], n_pairs: int, real_tokens: int, gpu: bool) -> str:
+def _table(results: list[dict], n_pairs: int, real_tokens: int, gpu: bool, sched: dict) -> str:
     base = next((r for r in results if r["name"] == "prefcache" and "error" not in r), None)
     mem = (lambda r: r["cuda_peak"]) if gpu else (lambda r: r["peak_rss"])  # noqa: E731
     head = ["contender", "pairs/s", "tokens/s", "timed s", "CPU use", "peak RSS MB", "+RSS MB",
-            *(["peak CUDA MB"] if gpu else []), "prefcache speed-up", "mem / prefcache"]
+            *(["peak CUDA MB"] if gpu else []), "padding", "prefcache speed-up", "mem / prefcache"]
     rows = []
     for r in results:
         if "error" in r:
@@ -270,6 +295,7 @@ def _table(results: list[dict], n_pairs: int, real_tokens: int, gpu: bool) -> st
         rows.append([LABELS[r["name"]], f"{n_pairs / r['wall']:.2f}", f"{real_tokens / r['wall']:.0f}",
                      f"{r['wall']:.1f}", f"{r['cpu'] / r['wall']:.2f}", f"{r['peak_rss']:.0f}",
                      f"{r['peak_rss'] - r['rss_before']:.0f}", *([f"{r['cuda_peak']:.0f}"] if gpu else []),
+                     f"{1 - sched['computed'][r['name']] / sched['padded'][r['name']]:.1%}",
                      f"{r['wall'] / base['wall']:.2f}x" if base else "-",
                      f"{mem(r) / mem(base):.2f}x" if base else "-"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
@@ -282,7 +308,7 @@ def _agreement(by: dict, pairs, max_length: int) -> list[str]:
     ref, lines = by.get("prefcache"), []
     if not ref:
         return ["  (prefcache failed: nothing to compare)"]
-    for other in ("naive", "trl"):
+    for other in ("unshared", "naive", "trl"):
         if other not in by:
             continue
         a, b = ref["values"], by[other]["values"]
@@ -320,7 +346,8 @@ def _contest(names: list[str], spec: dict, rounds: int, timeout: float) -> list[
 def _report(alloc: str, results: list[dict], mm: dict, pairs, sched: dict, spec: dict, args) -> None:
     by = {r["name"]: r for r in results if "error" not in r}
     name = f"jemalloc (LD_PRELOAD={JEMALLOC})" if alloc == "jemalloc" else "glibc malloc"
-    print(f"\nallocator: {name}\n" + _table(results, len(pairs), sched["real"], args.device.startswith("cuda")))
+    print(f"\n[{spec['shape']}-heavy pairs] allocator: {name}\n"
+          + _table(results, len(pairs), sched["real"], args.device.startswith("cuda"), sched))
     print("  pairs/s, tokens/s: over the timed phase only (see the docstring); prefcache speed-up = contender's "
           "timed s / prefcache's.\n  CPU use = process CPU s / wall s in the phase (the thread count is the "
           "ceiling; less = waiting, or a busy machine).\n  peak RSS = the process's peak during the phase; +RSS = "
@@ -334,17 +361,22 @@ def _report(alloc: str, results: list[dict], mm: dict, pairs, sched: dict, spec:
     print("  1-min load average around each contender: " + ", ".join(
         f"{LABELS[r['name']]} {r['load_start']:.1f}->{r['load_end']:.1f}" for r in by.values()))
     if "prefcache" in by and "trl" in by:
-        speedup = by["trl"]["wall"] / by["prefcache"]["wall"]
-        print(f"target: prefcache pairs/s >= {TARGET_SPEEDUP:.0f}x TRL's at the same batch size and precision: "
-              f"{'MET' if speedup >= TARGET_SPEEDUP else 'MISS'} ({speedup:.2f}x)")
+        speedup, target = by["trl"]["wall"] / by["prefcache"]["wall"], TARGET_SPEEDUP[spec["shape"]]
+        print(f"target: prefcache pairs/s >= {target:.0f}x TRL's at the same batch size and precision: "
+              f"{'MET' if speedup >= target else 'MISS'} ({speedup:.2f}x)")
+    if "prefcache" in by and "unshared" in by:
+        p, u = by["prefcache"], by["unshared"]
+        print(f"target: no slower and no more memory than without prefix sharing: time "
+              f"{'MET' if p['wall'] <= u['wall'] else 'MISS'} ({p['wall'] / u['wall']:.2f}x), peak RSS "
+              f"{'MET' if p['peak_rss'] <= u['peak_rss'] else 'MISS'} ({p['peak_rss'] / u['peak_rss']:.2f}x)")
 
     print("agreement (summed completion log-probs, per pair and side):")
     print("\n".join(_agreement(by, pairs, args.max_length)))
 
     h, inter, kv, vocab, layers = spec["dims"]
-    params = layers * (h * (2 * h + 2 * kv) + 3 * h * inter) + vocab * h  # every linear layer and the head
-    print(f"FLOP rates (2 x {params / 1e6:.1f}M params x {sched['real']} real tokens / timed s: an effective rate, "
-          "the head counted on every token as a full-logits pass does; attention scores not counted):")
+    body = layers * (h * (2 * h + 2 * kv) + 3 * h * inter)  # every linear layer of the backbone
+    print(f"FLOP rates (2 x ({body / 1e6:.1f}M backbone params x the tokens each contender computes + {vocab * h / 1e6:.1f}M "
+          "head params x the positions it projects) / timed s; padding and attention scores not counted):")
     if "error" in mm:
         print(f"  plain matmul reference failed: {mm['error']}")
     else:
@@ -352,7 +384,7 @@ def _report(alloc: str, results: list[dict], mm: dict, pairs, sched: dict, spec:
               f"one layer's q,k,v,o,gate,up,down {mm['layer_gflops']:.1f} GFLOP/s, head {h}->{vocab} "
               f"{mm['head_gflops']:.1f} GFLOP/s; {layers} layers + head: {mm['model_gflops']:.1f} GFLOP/s")
     for r in by.values():
-        achieved = 2 * params * sched["real"] / r["wall"] / 1e9
+        achieved = 2 * (body * sched["computed"][r["name"]] + vocab * h * sched["head"][r["name"]]) / r["wall"] / 1e9
         share = f" = {achieved / mm['model_gflops']:.0%} of the plain matmul rate" if "error" not in mm else ""
         print(f"  {LABELS[r['name']]:<17}: {achieved:6.1f} GFLOP/s{share}")
 
@@ -367,7 +399,9 @@ def main() -> None:
     ap.add_argument("--allocator", default="auto", choices=("auto", "glibc", "jemalloc", "both"),
                     help="CPU allocator for every contender; auto = jemalloc when installed, else glibc; "
                     "both = a table for each")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS), help=f"from {', '.join(CONTENDERS)}")
+    ap.add_argument("--shape", default="both", choices=("answer", "prompt", "both"),
+                    help="answer-heavy or prompt-heavy pairs (benchmarks/data.py), or a table for each")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (and OMP_NUM_THREADS), all")
     ap.add_argument("--standard", action="store_true", help="plain-text pairs instead of chat messages")
     ap.add_argument("--seed", type=int, default=0)
@@ -399,38 +433,45 @@ def main() -> None:
         ap.error(f"{JEMALLOC} not found (apt-get install libjemalloc2)")
 
     sys.path.insert(0, str(HERE))
-    from data import make_pairs, warn_if_busy, write_jsonl
+    from data import SHAPES, warn_if_busy, write_jsonl
 
     from prefcache.data import load_dataset_pairs
     from prefcache.models import default_model, hf_folder, load_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
-    data = write_jsonl(work / "pairs.jsonl", make_pairs(args.pairs, args.seed, conversational=not args.standard))
     source = default_model()
     cfg = json.loads((hf_folder(source) / "config.json").read_text())
-    pairs, _, _ = load_dataset_pairs(data, load_tokenizer(source), args.max_length)
-    sched = _schedules(pairs, args.batch_size)
     h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    spec = {"data": str(data), "work": str(work), "quantize": args.quantize, "max_length": args.max_length,
-            "batch_size": args.batch_size, "device": args.device, "threads": args.threads,
-            "dims": [h, inter, kv, vocab, layers], "batch_tokens": sched["batch_tokens"]}
-
-    print(f"precompute benchmark: {len(pairs)} pairs ({'standard' if args.standard else 'chat'} format, seed "
-          f"{args.seed}), SmolLM2-135M-Instruct {args.quantize} on {args.device}, batch {args.batch_size} pairs "
-          f"({2 * args.batch_size} sequences), max_length {args.max_length}, torch threads "
-          f"{args.threads} of {os.cpu_count()} CPUs, allocator {'/'.join(allocators)}, load average {os.getloadavg()[0]:.1f}", flush=True)
-    print(f"tokens: {sched['real']} real (prompt + completion, both sequences of each pair), {sched['completion']} "
-          f"completion; padded tokens through the backbone: prefcache/naive {sched['sorted_padded']} "
-          f"({sched['sorted_padded'] / sched['real'] - 1:+.1%}, length-sorted), TRL {sched['trl_padded']} "
-          f"({sched['trl_padded'] / sched['real'] - 1:+.1%}, dataset order)", flush=True)
-    warn_if_busy()
     t_start = time.perf_counter()
-    for alloc in allocators:
-        results = _contest(names, {**spec, "allocator": alloc}, args.rounds, args.timeout)
-        mm = _run("matmul", {**spec, "allocator": alloc, "tag": "mm"}, args.timeout)
-        _report(alloc, results, mm, pairs, sched, spec, args)
-    print(f"\nwork dir {work} (data, caches); total {time.perf_counter() - t_start:.0f} s")
+    warn_if_busy()
+    for shape in (("answer", "prompt") if args.shape == "both" else (args.shape,)):
+        data = write_jsonl(work / f"pairs-{shape}.jsonl",
+                           SHAPES[shape](args.pairs, args.seed, conversational=not args.standard))
+        pairs, _, _ = load_dataset_pairs(data, load_tokenizer(source), args.max_length)
+        sched = _schedules(pairs, args.batch_size)
+        spec = {"data": str(data), "work": str(work / shape), "quantize": args.quantize,
+                "max_length": args.max_length, "batch_size": args.batch_size, "device": args.device,
+                "threads": args.threads, "dims": [h, inter, kv, vocab, layers], "batch_tokens": sched["batch_tokens"],
+                "shape": shape}
+        Path(spec["work"]).mkdir(parents=True, exist_ok=True)
+        print(f"\nprecompute benchmark, {shape}-heavy: {len(pairs)} pairs ({'standard' if args.standard else 'chat'} "
+              f"format, seed {args.seed}), SmolLM2-135M-Instruct {args.quantize} on {args.device}, batch "
+              f"{args.batch_size} pairs ({2 * args.batch_size} sequences), max_length {args.max_length}, torch threads "
+              f"{args.threads} of {os.cpu_count()} CPUs, allocator {'/'.join(allocators)}, load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+        print(f"tokens: {sched['real']} real (prompt + completion, both sequences of each pair), {sched['completion']} "
+              f"completion; through the backbone (padded): prefcache {sched['computed']['prefcache']} "
+              f"({sched['shared_padded']}, prompts once, length-sorted rows), unshared/naive "
+              f"{sched['computed']['unshared']} ({sched['sorted_padded']}, length-sorted), TRL {sched['real']} "
+              f"({sched['trl_padded']}, dataset order)", flush=True)
+        for alloc in allocators:
+            results = _contest(names, {**spec, "allocator": alloc}, args.rounds, args.timeout)
+            mm = _run("matmul", {**spec, "allocator": alloc, "tag": "mm"}, args.timeout)
+            _report(alloc, results, mm, pairs, sched, spec, args)
+    print(f"\nwork dir {work} (data, caches); total {time.perf_counter() - t_start:.0f} s, load average now "
+          f"{os.getloadavg()[0]:.1f}")
+
 
 if __name__ == "__main__":
     main()

@@ -49,7 +49,7 @@ VIEWS: dict[str, list[tuple[str, str]]] = {
         ("step", "BIGINT"), ("epoch", "DOUBLE"), ("split", "VARCHAR"),
         *((c, "DOUBLE") for c in ("loss", "rewards_chosen", "rewards_rejected", "rewards_margins",
                                   "rewards_accuracies", "logps_chosen", "logps_rejected", "lr", "grad_norm",
-                                  "tokens_per_s", "peak_mem_mb", "time_s", "padding_share")),
+                                  "tokens_per_s", "peak_mem_mb", "time_s", "padding_share", "aux_loss", "kl")),
     ],
     "examples": [
         ("id", "VARCHAR"), ("step", "BIGINT"), ("split", "VARCHAR"), ("checkpoint", "VARCHAR"),

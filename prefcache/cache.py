@@ -28,6 +28,7 @@ _SHARD_RE = re.compile(r"part-r(\d{3})-(\d{6})(?:-[0-9a-f]{8})?\.parquet$")  # n
 COMPAT_KEYS = (
     "schema_version", "model_fingerprint", "adapter_fingerprint", "tokenizer_fingerprint",
     "chat_template_hash", "max_length", "truncation", "quantization", "dtype", "per_token", "data_mapping",
+    "kind", "kl_group_size",  # unpaired (KTO) caches only; None for caches of pairs
 )
 # What the trainer / scorer checks: the tokenisation must be the one it will do itself.
 TOKENIZATION_KEYS = ("tokenizer_fingerprint", "chat_template_hash", "max_length", "truncation")
@@ -37,7 +38,11 @@ class CacheError(ValueError):
     """A cache that is missing, damaged, or does not match what is asked of it."""
 
 
-def schema(per_token: bool = False) -> pa.Schema:
+def schema(per_token: bool = False, kind: str | None = None) -> pa.Schema:
+    if kind == "unpaired":  # prefcache.unpaired: one completion per row, plus its KL completion's value
+        return pa.schema([("id", pa.string()), ("label", pa.bool_()), ("logps", pa.float64()), ("kl_id", pa.string()),
+                          ("kl_logps", pa.float64()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+                          ("kl_tokens", pa.int32()), ("truncated", pa.bool_())])
     fields = [
         ("id", pa.string()),
         ("chosen_logps", pa.float64()),
@@ -105,12 +110,12 @@ def read_cache(cache_dir: str | os.PathLike, columns: list[str] | None = None) -
 class CacheWriter:
     """Appends shards for one rank. Each :meth:`write` is one atomic shard file."""
 
-    def __init__(self, cache_dir: str | os.PathLike, metadata: dict, rank: int = 0):
+    def __init__(self, cache_dir: str | os.PathLike, metadata: dict, rank: int = 0, table_schema: pa.Schema | None = None):
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metadata = metadata
         self.rank = rank
-        self.schema = schema(metadata.get("per_token", False)).with_metadata(
+        self.schema = (table_schema or schema(metadata.get("per_token", False))).with_metadata(
             {META_KEY: json.dumps(metadata, sort_keys=True).encode()}
         )
         # Leftovers of a killed pass (this one holds the directory lock): its shard temps, and rank 0's others.
@@ -150,6 +155,8 @@ def summary(cache_dir: str | os.PathLike) -> dict:
     for path in shard_paths(cache_dir):
         shard_metadata(path)  # a damaged footer: CacheError naming the shard, not a polars ComputeError
     df = pl.scan_parquet([str(p) for p in shard_paths(cache_dir)])
+    if meta.get("kind") == "unpaired":
+        return _unpaired_summary(cache_dir, meta, df)
     numeric = ["chosen_logps", "rejected_logps", "prompt_tokens", "chosen_tokens", "rejected_tokens"]
     stats = df.select(
         [pl.len().alias("rows"), pl.col("id").n_unique().alias("unique_ids")]
@@ -181,6 +188,25 @@ def summary(cache_dir: str | os.PathLike) -> dict:
     }
 
 
+def _unpaired_summary(cache_dir, meta: dict, df) -> dict:
+    """:func:`summary` of an unpaired (KTO) cache: chosen = desirable, rejected = undesirable examples."""
+    import polars as pl
+
+    numeric = ["logps", "kl_logps", "prompt_tokens", "completion_tokens", "kl_tokens"]
+    stats = df.select(
+        [pl.len().alias("rows"), pl.col("id").n_unique().alias("unique_ids"), pl.col("label").mean().alias("desirable")]
+        + [getattr(pl.col(c).cast(pl.Float64), k)().alias(f"{c}:{k}") for c in numeric for k in ("mean", "std", "min", "max")]
+        + [pl.col("truncated").filter(pl.col("label") == want).mean().alias(f"truncated:{want}") for want in (True, False)]
+    ).collect().row(0, named=True)
+    return {
+        "path": str(cache_dir), "metadata": meta, "shards": len(shard_paths(cache_dir)), "rows": stats["rows"],
+        "unique_ids": stats["unique_ids"], "desirable_frac": stats["desirable"],
+        "columns": {c: {k: stats[f"{c}:{k}"] for k in ("mean", "std", "min", "max")} for c in numeric},
+        "chosen_truncated_frac": stats["truncated:True"], "rejected_truncated_frac": stats["truncated:False"],
+        "ref_prefers_chosen_frac": None,
+    }
+
+
 def verify(cache_dir: str | os.PathLike, expected_ids: list[str] | None = None, skipped_ids: set[str] = frozenset()) -> list[str]:
     """Problems found in a cache: unreadable shards, shards whose metadata disagrees, duplicate ids,
     NaN/inf values, and (given ``expected_ids``) ids missing from it. Empty list = healthy."""
@@ -202,15 +228,17 @@ def verify(cache_dir: str | os.PathLike, expected_ids: list[str] | None = None, 
             first = meta
         elif diff := differences(first, meta):
             problems.append(f"{path.name}: metadata differs from {shards[0].name}: " + "; ".join(diff))
-        if missing := [c for c in schema(meta.get("per_token", False)).names if c not in table.column_names]:
+        if missing := [c for c in schema(meta.get("per_token", False), meta.get("kind")).names
+                       if c not in table.column_names]:
             problems.append(f"{path.name}: missing columns {missing}")
             continue
-        cols = {c: table.column(c).to_pylist() for c in ("id", "chosen_logps", "rejected_logps")}
+        values = ("logps", "kl_logps") if meta.get("kind") == "unpaired" else ("chosen_logps", "rejected_logps")
+        cols = {c: table.column(c).to_pylist() for c in ("id", *values)}
         for i, ident in enumerate(cols["id"]):
             if ident in seen:
                 dupes.append(f"{ident} ({seen[ident]} and {path.name})")
             seen[ident] = path.name
-            for c in ("chosen_logps", "rejected_logps"):
+            for c in values:
                 v = cols[c][i]
                 if v is None or math.isnan(v) or math.isinf(v) or v > 1e-6:
                     problems.append(f"{path.name}: id {ident} has {c} = {v} (must be a finite log-prob <= 0)")

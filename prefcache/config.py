@@ -87,7 +87,7 @@ class PrecomputeConfig:
     on_bad_row: str = "fail"
     device: str = "auto"
     shard_size: int = 1024
-    chunk_size: int = 2048
+    chunk_size: int = 512  # x 49k vocab x fp32 = 100 MB of logits at a time (2048: 400 MB)
     progress: bool = True
     prefix_sharing: bool = True
     revision: str | None = None
@@ -97,10 +97,13 @@ class PrecomputeConfig:
     prompt_template: str | None = None
     chosen_template: str | None = None
     rejected_template: str | None = None
+    unpaired: bool = False  # a KTO cache: each completion and its KL completion (prefcache.unpaired)
+    kl_group_size: int = 8  # unpaired: KL completions rotate within groups of this many examples (TRL's batch)
 
     def __post_init__(self):
         _data_options(self)
         _choice("quantize", self.quantize, QUANTIZATIONS)
+        _positive("kl_group_size", self.kl_group_size)
         _choice("truncation", self.truncation, TRUNCATIONS)
         _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
         check_device(self.device)
@@ -111,6 +114,8 @@ class PrecomputeConfig:
 
 
 FINETUNES = ("auto", "lora", "qlora", "full")
+UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired")  # losses on unpaired data (prefcache.kto), each used alone
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # f-DPO (losses.f_scores)
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
@@ -162,6 +167,11 @@ class TrainConfig:
     ld_alpha: float | None = None
     simpo_gamma: float = 0.5
     discopop_tau: float = 0.05
+    use_weighting: bool = False  # WPO: weight each pair by the policy's own probability of both completions
+    f_divergence: str = "reverse_kl"  # f-DPO: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence
+    f_alpha: float = 0.5  # alpha_divergence's α
+    desirable_weight: float = 1.0  # kto / apo_zero_unpaired: weight of desirable (label True) examples
+    undesirable_weight: float = 1.0
     finetune: str = "auto"  # qlora on a 4-bit cache, else lora: the policy starts as the cache's reference
     lora_r: int = 16
     lora_alpha: float | None = None  # None = 2 * lora_r
@@ -194,7 +204,7 @@ class TrainConfig:
     resume: bool = False
     seed: int = 42
     device: str = "auto"
-    chunk_size: int = 1024
+    chunk_size: int = 256  # logits + their softmax in backward: 2 x 50 MB (1024: ~190 MB more peak, measured)
     progress: bool = True
     prefix_sharing: bool | None = None  # None: as the cache was made (no cache: on)
     group_by_length: bool = True
@@ -206,10 +216,14 @@ class TrainConfig:
     prompt_template: str | None = None
     chosen_template: str | None = None
     rejected_template: str | None = None
+    report_to: tuple[str, ...] = ()  # experiment trackers: tensorboard, wandb, trackio ("none" or () = only Parquet)
 
     def __post_init__(self):
         _data_options(self)
         from .losses import LOSSES  # the registry decides which names exist and which need a reference
+        from .trackers import parse_report_to
+
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
 
         loss = _names(self.loss)
         object.__setattr__(self, "loss", loss)
@@ -218,11 +232,20 @@ class TrainConfig:
             object.__setattr__(self, "loss_weights", weights)
             if len(weights) != len(loss):
                 raise ValueError(f"{len(loss)} loss name(s) {list(loss)} but {len(weights)} loss weight(s)")
-        if unknown := [n for n in loss if n not in LOSSES]:
-            raise ValueError(f"unknown loss {', '.join(unknown)}; choose from {', '.join(LOSSES)}")
+        if unknown := [n for n in loss if n not in LOSSES and n not in UNPAIRED_LOSSES]:
+            raise ValueError(f"unknown loss {', '.join(unknown)}; choose from {', '.join((*LOSSES, *UNPAIRED_LOSSES))}")
+        if set(loss) & set(UNPAIRED_LOSSES) and len(loss) > 1:
+            raise ValueError(f"{', '.join(UNPAIRED_LOSSES)} train on unpaired data and cannot be combined: {list(loss)}")
         if not loss or len(set(loss)) != len(loss):
             raise ValueError(f"loss must name each loss once, got {list(loss)}")
-        if self.cache is None and (needs := [n for n in loss if LOSSES[n].needs_ref]):
+        from .losses import check_loss_options
+
+        if loss[0] not in UNPAIRED_LOSSES:
+            check_loss_options(loss, f_divergence=self.f_divergence, use_weighting=self.use_weighting,
+                               label_smoothing=self.label_smoothing)
+        for name in ("desirable_weight", "undesirable_weight"):
+            _positive(name, getattr(self, name))
+        if self.cache is None and (needs := [n for n in loss if n in UNPAIRED_LOSSES or LOSSES[n].needs_ref]):
             free = [n for n, s in LOSSES.items() if not s.needs_ref]
             raise ValueError(f"loss {', '.join(needs)} needs the reference cache: pass cache (--cache DIR); "
                              f"losses that need none: {', '.join(free)}")
@@ -350,7 +373,7 @@ class ScoreConfig:
     on_bad_row: str = "fail"
     quantize: str | None = None
     device: str = "auto"
-    chunk_size: int = 2048
+    chunk_size: int = 512
     revision: str | None = None
     out: str | None = None
     split: str | None = None

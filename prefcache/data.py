@@ -19,11 +19,11 @@ import json
 import os
 from dataclasses import dataclass, replace
 
-from .formats import DataFormatError, load_rows
+from .formats import DataFormatError, iter_row_blocks, load_rows
 
 __all__ = ["Example", "TokenizedPair", "BadRow", "BadDataError", "DataFormatError", "load_rows", "example_id",
            "extract_prompt", "prepare_examples", "tokenize_examples", "load_dataset_pairs", "write_bad_rows",
-           "collate"]
+           "collate", "iter_pair_blocks"]
 
 TRUNCATIONS = ("keep_start", "keep_end")
 BAD_ROW_POLICIES = ("fail", "skip")
@@ -188,6 +188,14 @@ def _render(fields: dict, tokenizer) -> tuple[str, str, str, bool]:
     return prompt_text, texts[0], texts[1], True
 
 
+def _prompt_copied_into_conversations(raw: dict) -> bool:
+    """A text prompt beside chosen/rejected conversations that open with the same message: the prompt is a copy
+    of that message (``HuggingFaceH4/ultrafeedback_binarized``), and TRL takes the implicit prompt instead."""
+    c, r = raw.get("chosen"), raw.get("rejected")
+    return (isinstance(raw.get("prompt"), str) and isinstance(c, list) and isinstance(r, list) and bool(c) and bool(r)
+            and _canonical(c[0]) == _canonical(r[0]))
+
+
 def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> tuple[list[Example], list[BadRow]]:
     """Validate rows, give each its id and render its texts.
 
@@ -211,6 +219,8 @@ def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> t
             if not isinstance(row, dict):
                 raise _Bad(f"a row must be an object with prompt/chosen/rejected, got a {type(row).__name__}")
             raw = {name: row.get(name) for name in names}
+            if _prompt_copied_into_conversations(raw):
+                del raw["prompt"]  # TRL's maybe_extract_prompt does the same: the prompt is implicit
             content = _content_key(raw.get("prompt"), raw["chosen"], raw["rejected"])
             if has_id:
                 if row.get("id") is None or row["id"] == "":
@@ -362,6 +372,47 @@ def load_dataset_pairs(path: str | os.PathLike, tokenizer, max_length: int, trun
     _apply_policy(bad, on_bad_row, str(path))
     dropped = {b.row for b in bad_tokens}
     return pairs, bad, [ex for ex in examples if ex.row not in dropped]
+
+
+BLOCK_ROWS = 4096  # rows read, validated and tokenised at a time by iter_pair_blocks
+
+
+def iter_pair_blocks(path: str | os.PathLike, tokenizer, max_length: int, truncation: str = "keep_start",
+                     on_bad_row: str = "fail", *, split: str | None = None, data_config: str | None = None,
+                     mapping=None, block_rows: int = BLOCK_ROWS):
+    """:func:`load_dataset_pairs` in blocks of ``block_rows`` rows: yields (pairs, bad rows) per block, so
+    memory is bounded by a block, not by the data (a million pairs are never Python objects at once).
+
+    Across blocks only ids are remembered (with a hash of their rendered texts): an exact duplicate of an
+    earlier row is dropped, an id reused for other content is a bad row. Row numbers count from the start of
+    the data. With ``on_bad_row='fail'`` the first block holding a bad row raises :class:`BadDataError`.
+    """
+    _check_policy(on_bad_row)
+    seen: dict[str, int] = {}  # id -> hash of its rendered texts
+    for start, rows in iter_row_blocks(path, split, data_config, block_rows):
+        lines = getattr(rows, "lines", None)  # JSONL / CSV: bad rows are reported by line
+        if mapping:
+            if start == 0:
+                mapping.check_columns(_column_names(rows), str(path))
+            rows = [mapping.apply(r) for r in rows]
+        examples, bad = prepare_examples(rows, tokenizer, "skip")
+        bad = [replace(b, row=b.row + start) for b in bad]
+        kept = []
+        for ex in examples:
+            ex = replace(ex, row=ex.row + start)
+            key = hash((ex.prompt, ex.chosen, ex.rejected))
+            if ex.id in seen:
+                if seen[ex.id] != key:
+                    bad.append(BadRow(ex.row, ex.id, f"id {ex.id!r} is already used by an earlier row for different content"))
+                continue
+            seen[ex.id] = key
+            kept.append(ex)
+        pairs, bad_tokens = tokenize_examples(kept, tokenizer, max_length, truncation, "skip")
+        bad = sorted(bad + bad_tokens, key=lambda b: b.row)
+        if lines:
+            bad = [replace(b, line=lines[b.row - start]) for b in bad]
+        _apply_policy(bad, on_bad_row, str(path))
+        yield pairs, bad
 
 
 def _column_names(rows) -> list[str]:

@@ -90,11 +90,12 @@ def _load_dataset(name: str, split: str | None, config: str | None):
     (``datasets--org--name/snapshots/...``, as ``hf download --repo-type dataset`` leaves it) is read from there."""
     from datasets import DatasetDict, load_dataset
 
-    from .hub import offline
+    from .hub import offline, split_revision
 
+    repo, revision = split_revision(name) if not Path(name).exists() else (name, None)  # org/name@revision
     try:
         try:
-            data = load_dataset(name, config, split=split)
+            data = load_dataset(repo, config, split=split, revision=revision)
         except (ConnectionError, FileNotFoundError) as e:
             folder = _cached_dataset_repo(name) if not Path(name).exists() else None
             if folder is None:
@@ -157,21 +158,21 @@ def iter_row_blocks(path: str | os.PathLike, split: str | None = None, config: s
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise DataFormatError(f"{path}: cannot read as Parquet ({e})") from e
         return
-    if kind == "jsonl":
-        rows, start = [], 0
-        with open(path, encoding="utf-8-sig") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(_loads(line, f"{path}, line {line_no}"))
-                except json.JSONDecodeError as e:
-                    raise DataFormatError(f"{path}, line {line_no}: not valid JSON ({e.msg} at column {e.colno})") from e
+    if kind in ("jsonl", "csv"):  # line-based: each block is Rows, with the lines bad rows are reported by
+        records = _jsonl_records(path) if kind == "jsonl" else _csv_records(path)
+        start, rows, lines = 0, [], []
+        try:
+            for line_no, row in records:
+                rows.append(row)
+                lines.append(line_no)
                 if len(rows) == block_rows:
-                    yield start, rows
-                    start, rows = start + len(rows), []
+                    yield start, Rows(rows, lines)
+                    start, rows, lines = start + len(rows), [], []
+        except UnicodeDecodeError as e:
+            raise DataFormatError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} cannot be decoded); "
+                                  "save it as UTF-8") from None
         if rows:
-            yield start, rows
+            yield start, Rows(rows, lines)
         return
     rows = load_rows(path, split, config)
     for start in range(0, len(rows), block_rows):
@@ -184,8 +185,8 @@ def _rows_of(columns: dict) -> list[dict]:
     return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows, lines = [], []
+def _jsonl_records(path: Path):
+    """(1-based line, row) of each non-blank line of a JSONL file."""
     with open(path, "rb") as f:  # decoded line by line, so an encoding error can name its line
         for line_no, raw in enumerate(f, 1):
             try:
@@ -196,11 +197,14 @@ def _read_jsonl(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(_loads(line, f"{path}, line {line_no}"))
-                lines.append(line_no)
+                yield line_no, _loads(line, f"{path}, line {line_no}")
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{path}, line {line_no}: not valid JSON ({e.msg} at column {e.colno})") from e
-    return Rows(rows, lines)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = list(_jsonl_records(path))
+    return Rows([r for _, r in records], [n for n, _ in records])
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -228,18 +232,19 @@ def _read_parquet(path: Path) -> list[dict]:
         raise DataFormatError(f"{path}: cannot read as Parquet ({e})") from e
 
 
-def _read_csv(path: Path) -> list[dict]:
-    # The csv module, not a type-inferring reader: a prompt column of digits must stay text.
+def _csv_records(path: Path):
+    """(line, row) of each record of a CSV file; the line is the record's last (its only one unless a cell
+    holds newlines). The csv module, not a type-inferring reader: a prompt column of digits must stay text."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            return []
         # A short line leaves its missing cells None (reported as null fields); extra cells are dropped.
-        rows, lines = [], []
         for row in reader:
-            rows.append({k: v for k, v in row.items() if k is not None})
-            lines.append(reader.line_num)  # the record's last line: its only one unless a cell holds newlines
-        return Rows(rows, lines)
+            yield reader.line_num, {k: v for k, v in row.items() if k is not None}
+
+
+def _read_csv(path: Path) -> list[dict]:
+    records = list(_csv_records(path))
+    return Rows([r for _, r in records], [n for n, _ in records])
 
 
 def _read_datasets_dir(path: Path, split: str | None) -> list[dict]:

@@ -47,14 +47,20 @@ def _head_parts(lm: nn.Module):
     return backbone, head, softcap, scale
 
 
-def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap, scale) -> torch.Tensor:
-    """[n, H] hidden states, [n] targets -> [n] fp32 log-probs of the targets."""
+def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap, scale, with_sq: bool = False):
+    """[n, H] hidden states, [n] targets -> [n] fp32 log-probs of the targets; with ``with_sq`` also
+    [n] log Σ_v p(v)², without gradient (WPO's weights, TRL's ``log_sum_sq_probs``)."""
     logits = head(hidden).float()
     if scale is not None:
         logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if with_sq:
+        with torch.no_grad():
+            z = logits.detach()
+            log_sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+        return picked - torch.logsumexp(logits, dim=-1), log_sum_sq
     if not logits.requires_grad:  # no autograd (precompute, scoring): logsumexp in place, no second [n, V]
         top = logits.amax(-1, keepdim=True)
         return picked - (top.squeeze(-1) + logits.sub_(top).exp_().sum(-1).log())
@@ -69,9 +75,11 @@ def token_logprobs(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     checkpoint: bool | None = None,
+    aux: list | None = None,
     position_ids: torch.Tensor | None = None,
     source: torch.Tensor | None = None,
-) -> torch.Tensor:
+    with_sq: bool = False,
+):
     """Per-token log-probs of the completion tokens, without full-vocabulary logits.
 
     Args:
@@ -82,8 +90,12 @@ def token_logprobs(
         completion_mask: [N, T] 1 on the completion tokens whose log-prob is wanted.
         chunk_size: completion positions projected through the output head at once.
         checkpoint: recompute each chunk's logits in backward; defaults to ``torch.is_grad_enabled()``.
+        aux: for a mixture-of-experts model, a list the router load-balancing loss (a scalar, unscaled:
+            see :func:`router_aux_coef`) is appended to; None = not computed.
         position_ids: [N, T] positions for the model (packed rows restart a completion after the prompt).
         source: [N, T] long, the position whose hidden state predicts token t; default t - 1.
+        with_sq: also return [N, T] fp32 log Σ_v p(v)² of each completion position (0 elsewhere), without
+            gradient: the per-token values WPO's weights need.
 
     Returns:
         [N, T] fp32: at t, log p(input_ids[t] | context) in nats where completion_mask[t] is 1, else 0.
@@ -94,32 +106,46 @@ def token_logprobs(
     parts = _head_parts(lm)
     if parts is None:
         return naive_token_logprobs(model, input_ids, attention_mask, completion_mask,
-                                    position_ids=position_ids, source=source)
+                                    position_ids=position_ids, source=source, with_sq=with_sq)
     backbone, head, softcap, scale = parts
     if checkpoint is None:
         checkpoint = torch.is_grad_enabled()
 
+    moe = aux is not None and router_aux_coef(lm) is not None
     extra = {} if position_ids is None else {"position_ids": position_ids}
+    if moe:
+        extra["output_router_logits"] = True
     # Through the wrapper when there is one, so PEFT / DDP forward hooks still run.
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)[0]  # [N, T, H]
+    output = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    hidden = output[0]  # [N, T, H]
+    if moe:
+        aux.append(_load_balancing_loss(lm, output.router_logits, attention_mask))
     want = _wanted(attention_mask, completion_mask)  # [N, T]
     rows, cols = want.nonzero(as_tuple=True)
     # The hidden state at source[t] (t - 1 unless packed) predicts token t.
     h = hidden[rows, cols - 1 if source is None else source[rows, cols]]  # [n, H]
     targets = input_ids[rows, cols]  # [n]
 
-    pieces = []
+    pieces, sq_pieces = [], []
     for start in range(0, h.shape[0], chunk_size):
         hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
         if checkpoint and hc.requires_grad:
-            pieces.append(_checkpoint(_chunk_logps, hc, tc, head, softcap, scale, use_reentrant=False))
+            piece = _checkpoint(_chunk_logps, hc, tc, head, softcap, scale, with_sq, use_reentrant=False)
         else:
-            pieces.append(_chunk_logps(hc, tc, head, softcap, scale))
+            piece = _chunk_logps(hc, tc, head, softcap, scale, with_sq)
+        if with_sq:
+            piece, sq = piece
+            sq_pieces.append(sq.detach())
+        pieces.append(piece)
     flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
 
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     # index_put keeps the graph: out[want] = flat, written so autograd sees it.
-    return out.index_put((rows, cols), flat)
+    out = out.index_put((rows, cols), flat)
+    if not with_sq:
+        return out
+    sq_flat = torch.cat(sq_pieces) if sq_pieces else h.new_zeros(0, dtype=torch.float32)
+    return out, torch.zeros_like(out).index_put((rows, cols), sq_flat)
 
 
 def _wanted(attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -139,7 +165,8 @@ def naive_token_logprobs(
     *,
     position_ids: torch.Tensor | None = None,
     source: torch.Tensor | None = None,
-) -> torch.Tensor:
+    with_sq: bool = False,
+):
     """The textbook computation (full [N, T, V] logits, fp32 log-softmax) with the same contract as
     :func:`token_logprobs`. Kept for tests, benchmarks and models whose head cannot be split off."""
     extra = {} if position_ids is None else {"position_ids": position_ids}
@@ -149,17 +176,52 @@ def naive_token_logprobs(
         source = (torch.arange(input_ids.shape[1], device=input_ids.device) - 1).clamp(min=0).expand_as(input_ids)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
     picked = logps[rows, source, input_ids]  # [N, T]
-    return picked * _wanted(attention_mask, completion_mask).float()
+    want = _wanted(attention_mask, completion_mask).float()
+    if not with_sq:
+        return picked * want
+    sq = torch.logsumexp(2 * logps.detach(), dim=-1)[rows, source]  # log Σ_v p(v)² of the predicting position
+    return picked * want, sq * want
+
+
+def router_aux_coef(model: nn.Module) -> float | None:
+    """A mixture-of-experts model's own weight of its router load-balancing loss (``router_aux_loss_coef``,
+    what its ``forward`` adds to the LM loss); None for a dense model or a coefficient of 0."""
+    cfg = getattr(_unwrap(model), "config", None)
+    coef = getattr(cfg, "router_aux_loss_coef", None)
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    return float(coef) if coef and experts else None
+
+
+def _load_balancing_loss(lm: nn.Module, router_logits, attention_mask) -> torch.Tensor:
+    """The Switch-Transformer load-balancing loss, computed by the model's own module (Mixtral, Qwen2-MoE,
+    Qwen3-MoE... each ship ``load_balancing_loss_func``) exactly as its ``forward`` does."""
+    import importlib
+
+    fn = importlib.import_module(type(lm).__module__).load_balancing_loss_func
+    cfg = lm.config
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if attention_mask.dim() == 4:  # a packed row's [N, 1, T, T] block mask: real tokens are those that see themselves
+        diag = attention_mask.diagonal(dim1=-2, dim2=-1)[:, 0]
+        attention_mask = (diag if diag.dtype == torch.bool else diag == 0).long()
+    return fn(router_logits, experts, cfg.num_experts_per_tok, attention_mask)
 
 
 class LogProbModule(nn.Module):
-    """nn.Module face of :func:`token_logprobs`, so DDP can wrap the whole computation."""
+    """nn.Module face of :func:`token_logprobs`, so DDP can wrap the whole computation.
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK):
+    ``router_aux``: with gradients on, a mixture-of-experts model's router load-balancing loss of the last
+    forward is left in ``aux_loss`` (None otherwise), for the trainer to add to its loss."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, router_aux: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.router_aux = router_aux and router_aux_coef(model) is not None
+        self.aux_loss = None
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, source=None):
-        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
-                              position_ids=position_ids, source=source)
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, source=None, with_sq=False):
+        aux = [] if self.router_aux and torch.is_grad_enabled() else None
+        out = token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
+                             position_ids=position_ids, source=source, aux=aux, with_sq=with_sq)
+        self.aux_loss = aux[0] if aux else None
+        return out

@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "CombinedLoss", "LossInputs", "LossOutput", "LossSpec", "combined_loss", "ld_logps"]
+from .config import F_DIVERGENCES
+
+__all__ = ["F_DIVERGENCES", "LOSSES", "CombinedLoss", "LossInputs", "LossOutput", "LossSpec", "check_loss_options",
+           "combined_loss", "f_scores", "ld_logps", "wpo_weights"]
+
 
 
 class LossOutput(NamedTuple):
@@ -52,31 +56,58 @@ def _per_token(logps: Tensor, tokens: Tensor) -> Tensor:
     return logps / tokens.clamp(min=1.0)  # clamp as TRL: an empty completion must not divide by zero
 
 
+def f_scores(chosen: Tensor, rejected: Tensor, f_divergence: str = "reverse_kl",
+             f_alpha: float = 0.5) -> tuple[Tensor, Tensor]:
+    """f-DPO (Wang et al., 2023, arXiv:2309.16240, Thm. 1): the log-ratios u = log(π/π_ref) replaced by f'(e^u).
+
+    reverse_kl: u (plain DPO); forward_kl: 1 - e^(-u); js_divergence: log 2 + log σ(u);
+    alpha_divergence: (e^((α-1) u) - 1) / (α-1), u's limit at α = 1, exponent clamped at 80 (TRL's fp32 bound).
+    Applied, as in TRL 1.16, to the *summed* sequence log-ratios, so no per-token values are needed.
+    """
+    if f_divergence == "reverse_kl":
+        return chosen, rejected
+    if f_divergence == "forward_kl":
+        return 1 - torch.exp(-chosen), 1 - torch.exp(-rejected)
+    if f_divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(chosen), math.log(2) + F.logsigmoid(rejected)
+    if f_divergence == "alpha_divergence":
+        if abs(f_alpha - 1.0) < 1e-6:  # f'(t) -> log t: reverse KL
+            return chosen, rejected
+        a = f_alpha - 1.0
+        return ((torch.exp(torch.clamp(a * chosen, max=80.0)) - 1) / a,
+                (torch.exp(torch.clamp(a * rejected, max=80.0)) - 1) / a)
+    raise ValueError(f"f_divergence must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence!r}")
+
+
 def sigmoid(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-            beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+            beta: float = 0.1, label_smoothing: float = 0.0, f_divergence: str = "reverse_kl",
+            f_alpha: float = 0.5) -> LossOutput:
     """DPO (Rafailov et al., 2023, arXiv:2305.18290, eq. 7); with ε > 0 conservative DPO (cDPO).
 
     loss = -(1-ε) log σ(β h) - ε log σ(-β h). ε = 0 is plain DPO. cDPO (Mitchell, 2023, "A note on
     DPO with noisy preferences") is the expected DPO loss when each label is flipped with probability ε.
     Deviation from TRL: trl 1.x dropped label smoothing from "sigmoid"; this is the trl 0.x formula,
-    identical at the default ε = 0.
+    identical at the default ε = 0. With ``f_divergence`` (f-DPO), h is computed from :func:`f_scores`.
     """
     c, r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return _out(_soft_bce(beta * (c - r), label_smoothing), beta, c, r)
+    sc, sr = f_scores(c, r, f_divergence, f_alpha)
+    return _out(_soft_bce(beta * (sc - sr), label_smoothing), beta, c, r)
 
 
 def hinge(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-          beta: float = 0.1) -> LossOutput:
+          beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """SLiC-HF hinge loss (Zhao et al., 2023, arXiv:2305.10425), as used by RSO (arXiv:2309.06657).
 
     loss = max(0, 1 - β h); 1/β is the margin the log-ratio difference must reach.
     """
     c, r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return _out(torch.relu(1 - beta * (c - r)), beta, c, r)
+    sc, sr = f_scores(c, r, f_divergence, f_alpha)
+    return _out(torch.relu(1 - beta * (sc - sr)), beta, c, r)
 
 
 def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-        beta: float = 0.1, chosen_tokens: Tensor, rejected_tokens: Tensor) -> LossOutput:
+        beta: float = 0.1, chosen_tokens: Tensor, rejected_tokens: Tensor, f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5) -> LossOutput:
     """IPO (Azar et al., 2023, arXiv:2310.12036, eq. 17); β is the paper's τ.
 
     loss = (Δc/n_c - Δr/n_r - 1/(2β))², with n the completion token counts. Like TRL, the log-ratios
@@ -84,12 +115,14 @@ def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     length. Rewards stay β * (summed) log-ratios.
     """
     c, r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    h = _per_token(c, chosen_tokens) - _per_token(r, rejected_tokens)
+    sc, sr = f_scores(c, r, f_divergence, f_alpha)
+    h = _per_token(sc, chosen_tokens) - _per_token(sr, rejected_tokens)
     return _out((h - 1 / (2 * beta)) ** 2, beta, c, r)
 
 
 def robust(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-           beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+           beta: float = 0.1, label_smoothing: float = 0.0, f_divergence: str = "reverse_kl",
+           f_alpha: float = 0.5) -> LossOutput:
     """Robust DPO, rDPO (Chowdhury et al., 2024, arXiv:2403.00409); ε = label flip rate.
 
     loss = [(1-ε) ℓ(h) - ε ℓ(-h)] / (1 - 2ε), ℓ(h) = -log σ(β h). Unbiased: averaging it over a label
@@ -99,25 +132,28 @@ def robust(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
     if not 0 <= eps < 0.5:
         raise ValueError(f"robust: label_smoothing (the flip rate) must be in [0, 0.5), got {eps}")
     c, r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    x = beta * (c - r)
+    sc, sr = f_scores(c, r, f_divergence, f_alpha)
+    x = beta * (sc - sr)
     losses = (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
     return _out(losses, beta, c, r)
 
 
 def exo_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+             beta: float = 0.1, label_smoothing: float = 0.0, f_divergence: str = "reverse_kl",
+             f_alpha: float = 0.5) -> LossOutput:
     """EXO, pairwise (Ji et al., 2024, arXiv:2402.00856, eq. 16): KL(p_θ || p_label) over the pair.
 
     With p_θ = σ(±β h) and label distribution (1-ε, ε):
     loss = σ(β h) (log σ(β h) - log(1-ε)) + σ(-β h) (log σ(-β h) - log ε).
-    Deviation from TRL: ε = 0 is replaced by the paper's ε = 1e-3 (as trl 0.x did); trl 1.x would
-    return +inf there (log 0).
+    ε must be in (0, 1): at ε = 0 the loss is +inf (log 0), so it is refused, as TRL 1.16 refuses it;
+    the EXO paper uses ε = 1e-3.
     """
-    eps = label_smoothing or 1e-3
+    eps = label_smoothing
     if not 0 < eps < 1:
-        raise ValueError(f"exo_pair: label_smoothing must be in (0, 1), got {label_smoothing}")
+        raise ValueError(f"exo_pair: label_smoothing must be in (0, 1) (the EXO paper uses 1e-3), got {label_smoothing}")
     c, r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    x = beta * (c - r)
+    sc, sr = f_scores(c, r, f_divergence, f_alpha)
+    x = beta * (sc - sr)
     losses = (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
               + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
     return _out(losses, beta, c, r)
@@ -205,7 +241,8 @@ def apo_down(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 def discopop(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1, discopop_tau: float = 0.05) -> LossOutput:
+             beta: float = 0.1, discopop_tau: float = 0.05, f_divergence: str = "reverse_kl",
+             f_alpha: float = 0.5) -> LossOutput:
     """DiscoPOP / log-ratio modulated loss (Lu et al., 2024, arXiv:2406.08414, eq. 5).
 
     With x = β h and m = σ(x/τ): loss = (1 - m) (-log σ(x)) + m exp(-x), a blend of the logistic
@@ -214,22 +251,25 @@ def discopop(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     non-convex: near h = 0 (x in about [-0.12, 0.07] at τ = 0.05) its gradient pushes the margin down.
     """
     c, r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    x = beta * (c - r)
+    sc, sr = f_scores(c, r, f_divergence, f_alpha)
+    x = beta * (sc - sr)
     mod = torch.sigmoid(x / discopop_tau)
     losses = -F.logsigmoid(x) * (1 - mod) + torch.exp(-x + F.logsigmoid(x / discopop_tau))
     return _out(losses, beta, c, r)
 
 
 def sigmoid_norm(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                 beta: float = 0.1, chosen_tokens: Tensor, rejected_tokens: Tensor) -> LossOutput:
+                 beta: float = 0.1, chosen_tokens: Tensor, rejected_tokens: Tensor, f_divergence: str = "reverse_kl",
+                 f_alpha: float = 0.5) -> LossOutput:
     """Length-normalised DPO (Tülu 3: Lambert et al., 2024, arXiv:2411.15124).
 
     loss = -log σ(β (Δc/n_c - Δr/n_r)), n = completion token counts; per-token log-ratios remove
-    DPO's preference for longer answers. Not a TRL DPOTrainer loss type (open-instruct's "dpo_norm").
-    Rewards stay β * (summed) log-ratios.
+    DPO's preference for longer answers. TRL 1.16's ``sigmoid_norm`` (same formula; open-instruct's
+    "dpo_norm"). Rewards stay β * (summed) log-ratios.
     """
     c, r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    h = _per_token(c, chosen_tokens) - _per_token(r, rejected_tokens)
+    sc, sr = f_scores(c, r, f_divergence, f_alpha)
+    h = _per_token(sc, chosen_tokens) - _per_token(sr, rejected_tokens)
     return _out(-F.logsigmoid(beta * h), beta, c, r)
 
 
@@ -300,6 +340,17 @@ def ld_logps(logps: Tensor, logps_prefix: Tensor, alpha: float) -> Tensor:
     return logps_prefix + alpha * (logps - logps_prefix)
 
 
+def wpo_weights(chosen_aligned: Tensor, rejected_aligned: Tensor) -> Tensor:
+    """WPO pair weights (Zhou et al., 2024, arXiv:2406.11827, eq. 2, as TRL 1.16 computes them), [B], detached.
+
+    ``*_aligned`` [B]: the policy's mean over completion tokens of log p(y_t) - log Σ_v p(v)², i.e. the
+    per-token log-prob relative to the distribution's own "sharpness" (``scoring.pair_logps(wpo=True)``
+    computes it). w = exp(ā_c) * exp(ā_r) weights each pair by how on-policy both completions are.
+    These are the *policy's* per-token values: the reference cache needs nothing extra.
+    """
+    return torch.exp(chosen_aligned + rejected_aligned).detach()
+
+
 class LossSpec(NamedTuple):
     fn: Callable[..., LossOutput]
     needs_ref: bool
@@ -309,12 +360,13 @@ class LossSpec(NamedTuple):
 
 
 _TOKENS = ("chosen_tokens", "rejected_tokens")
+_F = ("f_divergence", "f_alpha")  # the losses that take f-DPO's scores (TRL 1.16's list, plus sft, unaffected)
 LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(sigmoid, True, options=("label_smoothing",)),
-    "hinge": LossSpec(hinge, True),
-    "ipo": LossSpec(ipo, True, _TOKENS),
-    "robust": LossSpec(robust, True, options=("label_smoothing",)),
-    "exo_pair": LossSpec(exo_pair, True, options=("label_smoothing",)),
+    "sigmoid": LossSpec(sigmoid, True, options=("label_smoothing", *_F)),
+    "hinge": LossSpec(hinge, True, options=_F),
+    "ipo": LossSpec(ipo, True, _TOKENS, _F),
+    "robust": LossSpec(robust, True, options=("label_smoothing", *_F)),
+    "exo_pair": LossSpec(exo_pair, True, options=("label_smoothing", *_F)),
     "nca_pair": LossSpec(nca_pair, True),
     "bco_pair": LossSpec(bco_pair, True, options=("bco_delta",)),
     "sppo_hard": LossSpec(sppo_hard, True),
@@ -322,13 +374,29 @@ LOSSES: dict[str, LossSpec] = {
     "aot_unpaired": LossSpec(aot_unpaired, True, options=("label_smoothing",)),
     "apo_zero": LossSpec(apo_zero, True),
     "apo_down": LossSpec(apo_down, True),
-    "discopop": LossSpec(discopop, True, options=("discopop_tau",)),
-    "sigmoid_norm": LossSpec(sigmoid_norm, True, _TOKENS),
+    "discopop": LossSpec(discopop, True, options=("discopop_tau", *_F)),
+    "sigmoid_norm": LossSpec(sigmoid_norm, True, _TOKENS, _F),
     "sft": LossSpec(sft, False, ("chosen_tokens",), uses_ld=False),
     "orpo": LossSpec(orpo, False, _TOKENS),
     "simpo": LossSpec(simpo, False, _TOKENS, ("simpo_gamma", "label_smoothing")),
 }
-_OPTIONS = {"beta", "ld_alpha"} | {option for spec in LOSSES.values() for option in spec.options}
+_OPTIONS = {"beta", "ld_alpha", "use_weighting"} | {option for spec in LOSSES.values() for option in spec.options}
+_SORTING = ("aot", "aot_unpaired")  # losses[i] is a batch quantile, not pair i: a per-pair weight cannot apply
+
+
+def check_loss_options(names: Sequence[str], *, f_divergence: str = "reverse_kl", use_weighting: bool = False,
+                       label_smoothing: float = 0.0) -> None:
+    """Refuse option combinations TRL 1.16 refuses (before any model is loaded)."""
+    if f_divergence not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence!r}")
+    if f_divergence != "reverse_kl" and (bad := [n for n in names if n != "sft" and "f_divergence" not in LOSSES[n].options]):
+        ok = [n for n, s in LOSSES.items() if "f_divergence" in s.options] + ["sft"]
+        raise ValueError(f"f_divergence {f_divergence!r} is defined for the losses {', '.join(ok)}, not {', '.join(bad)}")
+    if use_weighting and (bad := [n for n in names if n in _SORTING]):
+        raise ValueError(f"use_weighting (WPO) cannot weight {', '.join(bad)}: those losses sort the batch, so "
+                         "losses[i] is not pair i")
+    if "exo_pair" in names and not 0 < label_smoothing < 1:
+        raise ValueError(f"exo_pair needs label_smoothing in (0, 1) (the EXO paper uses 1e-3), got {label_smoothing}")
 
 
 class LossInputs(NamedTuple):
@@ -344,6 +412,8 @@ class LossInputs(NamedTuple):
     policy_rejected_logps_prefix: Tensor | None = None
     ref_chosen_logps_prefix: Tensor | None = None
     ref_rejected_logps_prefix: Tensor | None = None
+    policy_chosen_wpo: Tensor | None = None  # WPO: mean aligned per-token log-probs (see wpo_weights)
+    policy_rejected_wpo: Tensor | None = None
 
 
 class CombinedLoss(NamedTuple):
@@ -373,9 +443,11 @@ def combined_loss(
 
     losses = Σ_k weights[k] * LOSSES[names[k]](...).losses; loss = losses.mean(). weights=None means
     1.0 each. options: beta (default 0.1), ld_alpha (LD-DPO, applied to every loss but sft; needs the
-    prefixes), and the per-loss options (label_smoothing, bco_delta, discopop_tau, simpo_gamma), each
-    passed only to the losses that take it. Rewards come from the first loss other than sft (sft's if
-    it is alone): β (π - ref) for reference-based losses.
+    prefixes), use_weighting (WPO: each loss's per-pair values times :func:`wpo_weights`; needs
+    ``inputs.policy_*_wpo``), and the per-loss options (label_smoothing, bco_delta, discopop_tau,
+    simpo_gamma, f_divergence, f_alpha), each passed only to the losses that take it. Rewards come from
+    the first loss other than sft: β (π - ref) for reference-based losses, on the LD-weighted log-probs
+    under ld_alpha (what TRL logs); sft alone gives β (π - ref) too when ref is given.
     """
     names = [names] if isinstance(names, str) else list(names)
     unknown = [name for name in names if name not in LOSSES]
@@ -389,9 +461,18 @@ def combined_loss(
     bad = sorted(set(options) - _OPTIONS)
     if bad:
         raise ValueError(f"unknown loss option(s) {bad}; valid options: {', '.join(sorted(_OPTIONS))}")
+    check_loss_options(names, f_divergence=options.get("f_divergence", "reverse_kl"),
+                       use_weighting=bool(options.get("use_weighting")),
+                       label_smoothing=options.get("label_smoothing", 0.0))
     beta = options.get("beta", 0.1)
     ld_alpha = options.get("ld_alpha")
     ld_inputs = inputs if ld_alpha is None else _apply_ld(inputs, ld_alpha)
+    weights_wpo = None
+    if options.get("use_weighting"):
+        if inputs.policy_chosen_wpo is None or inputs.policy_rejected_wpo is None:
+            raise ValueError("use_weighting needs inputs.policy_chosen_wpo / policy_rejected_wpo "
+                             "(scoring.pair_logps(..., wpo=True))")
+        weights_wpo = wpo_weights(inputs.policy_chosen_wpo, inputs.policy_rejected_wpo)
 
     total, components, outputs = None, {}, []
     for name, weight in zip(names, weights, strict=True):
@@ -413,8 +494,15 @@ def combined_loss(
             beta=beta,
             **extra,
         )
+        if weights_wpo is not None:
+            # sft's values are shares of one batch mean, which TRL weights as a whole: times the mean weight.
+            out = out._replace(losses=out.losses * (weights_wpo.mean() if name == "sft" else weights_wpo))
         total = weight * out.losses if total is None else total + weight * out.losses
         components[name] = out.losses.mean()
         outputs.append((name, out))
-    rewards = next((out for name, out in outputs if name != "sft"), outputs[0][1])
+    rewards = next((out for name, out in outputs if name != "sft"), None)
+    if rewards is None:  # sft alone: TRL still logs β × the (LD-weighted) log-ratios when there is a reference
+        src = ld_inputs if ld_inputs.ref_chosen_logps is not None else inputs
+        rewards = sft(src.policy_chosen_logps, src.policy_rejected_logps, src.ref_chosen_logps,
+                      src.ref_rejected_logps, beta=beta, chosen_tokens=src.chosen_tokens)
     return CombinedLoss(total.mean(), total, rewards.chosen_rewards, rewards.rejected_rewards, components)

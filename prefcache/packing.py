@@ -140,15 +140,17 @@ def mask_for(model, segments: torch.Tensor) -> torch.Tensor:
     return block_mask(segments)
 
 
-def packed_token_logprobs(model, packed: PackedRows, *, chunk_size: int = DEFAULT_CHUNK, module=None) -> torch.Tensor:
+def packed_token_logprobs(model, packed: PackedRows, *, chunk_size: int = DEFAULT_CHUNK, module=None,
+                          with_sq: bool = False):
     """[N, T] fp32 log-probs of the completion tokens of packed rows (0 elsewhere), through the shared kernel.
-    ``module``: a (DDP-wrapped) LogProbModule over ``model`` to run instead, so DDP's hooks see the forward."""
+    ``module``: a (DDP-wrapped) LogProbModule over ``model`` to run instead, so DDP's hooks see the forward.
+    ``with_sq``: also the [N, T] log Σ_v p(v)² WPO needs (see ``token_logprobs``)."""
     mask = mask_for(model, packed.segments)
     if module is not None:
         return module(packed.input_ids, mask, packed.completion_mask, position_ids=packed.position_ids,
-                      source=packed.source)
+                      source=packed.source, with_sq=with_sq)
     return token_logprobs(model, packed.input_ids, mask, packed.completion_mask, chunk_size=chunk_size,
-                          position_ids=packed.position_ids, source=packed.source)
+                          position_ids=packed.position_ids, source=packed.source, with_sq=with_sq)
 
 
 def group_by_prompt(sequences: list[tuple[list[int], int]], max_row: int) -> list[tuple[list[int], list[list[int]]]]:

@@ -8,6 +8,7 @@ each rank scores the ids that hash to it and writes its own shards; rank 0 check
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import time
 from dataclasses import asdict
@@ -169,6 +170,11 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     Returns a summary dict: pairs cached before and now, pairs scored, bad rows, seconds, pairs/s, tokens/s.
     """
     config = config or PrecomputeConfig(**options)
+    if config.unpaired:  # KTO data: one completion per example plus its KL completion
+        from .unpaired import precompute_unpaired
+
+        with directory_lock(config.out, "prefcache precompute", rank=0):
+            return precompute_unpaired(config, kl_group_size=config.kl_group_size)
     # One writer per cache (per rank under torchrun): a second pass is refused, naming the holder.
     with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
         return _precompute(config)
@@ -177,7 +183,7 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
 def _precompute(config: PrecomputeConfig) -> dict:
     from tqdm.auto import tqdm
 
-    from .data import DataFormatError, load_dataset_pairs, write_bad_rows
+    from .data import BLOCK_ROWS, DataFormatError, iter_pair_blocks, write_bad_rows
     from .models import (
         compute_dtype,
         load_model,
@@ -208,27 +214,37 @@ def _precompute(config: PrecomputeConfig) -> dict:
         # An extension keeps the path the cache was made with (the values agree to float rounding either way).
         meta["prefix_sharing"] = bool(have.get("prefix_sharing", False))
 
-    pairs, bad_rows, _ = load_dataset_pairs(config.data, tokenizer, config.max_length, config.truncation,
-                                            config.on_bad_row, split=config.split, data_config=config.data_config,
-                                            mapping=RowMapping.of(config))
-    if not pairs and not bad_rows:
-        raise DataFormatError(f"{config.data} holds no preference rows: nothing to cache")
-    if bad_rows and rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_bad_rows(out / "bad_rows.jsonl", bad_rows)
-    if not pairs:
-        raise DataFormatError(f"all {len(bad_rows)} rows of {config.data} are bad rows (listed in "
-                              f"{out / 'bad_rows.jsonl'}): nothing to cache")
     done = existing_ids(out) if out.exists() else set()
     before = len(done)
-    pending, seen = [], set()
-    for p in pairs:
-        if p.id not in done and p.id not in seen and owner_rank(p.id, world) == rank:
-            pending.append(p)
-            seen.add(p.id)
+    data_ids: list[str] = []  # every scorable id of the data: the coverage check at the end
+    bad_rows: list = []
 
+    def pending_shards():
+        """Shards still to score, read block by block: the data is never held whole (bounded memory)."""
+        block_rows = config.shard_size * max(1, BLOCK_ROWS // config.shard_size)
+        for block, bad in iter_pair_blocks(config.data, tokenizer, config.max_length, config.truncation,
+                                           config.on_bad_row, split=config.split, data_config=config.data_config,
+                                           mapping=RowMapping.of(config), block_rows=block_rows):
+            bad_rows.extend(bad)
+            data_ids.extend(p.id for p in block)
+            pending = [p for p in block if p.id not in done and owner_rank(p.id, world) == rank]
+            # Longest pairs first: batches of similar length, and an out-of-memory shows up at once.
+            pending.sort(key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
+            for s in range(0, len(pending), config.shard_size):
+                yield pending[s : s + config.shard_size]
+
+    shards = pending_shards()
+    first = next(shards, None)  # nothing pending: the model is never loaded
+    if first is None and not data_ids:  # the whole data was read: not one scorable pair in it
+        if not bad_rows:
+            raise DataFormatError(f"{config.data} holds no preference rows: nothing to cache")
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_bad_rows(out / "bad_rows.jsonl", bad_rows)
+        raise DataFormatError(f"all {len(bad_rows)} rows of {config.data} are bad rows (listed in "
+                              f"{out / 'bad_rows.jsonl'}): nothing to cache")
     scored_pairs = scored_tokens = 0
-    if pending:
+    if first is not None:
         model, _ = load_model(source, quantize=quantize, device=device, adapter=config.adapter)
         from .packing import resolve_sharing, score_shared
 
@@ -236,13 +252,11 @@ def _precompute(config: PrecomputeConfig) -> dict:
         writer = CacheWriter(out, meta, rank=rank)
         if rank == 0:
             writer.write_manifest()
-        # Longest pairs first: batches of similar length, and an out-of-memory shows up at once.
-        pending.sort(key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
-        bar = tqdm(total=len(pending), unit="pair", desc=f"precompute{f' rank {rank}' if world > 1 else ''}",
+        bar = tqdm(unit="pair", desc=f"precompute{f' rank {rank}' if world > 1 else ''}",
                    disable=not config.progress, dynamic_ncols=True)
         t_start = time.perf_counter()
-        for s in range(0, len(pending), config.shard_size):
-            shard = pending[s : s + config.shard_size]
+        for shard in itertools.chain([first], shards):
+            s = scored_pairs  # where the bar stands when this shard starts
             unique: dict[tuple, int] = {}  # an identical (prompt, completion) sequence is scored once
             for p in shard:
                 for completion in (p.chosen_ids, p.rejected_ids):
@@ -277,6 +291,9 @@ def _precompute(config: PrecomputeConfig) -> dict:
             bar.update(s + len(shard) - bar.n)
         bar.close()
         del model
+    if bad_rows and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_bad_rows(out / "bad_rows.jsonl", bad_rows)
 
     problems: list[str] = []
     if world > 1:
@@ -285,14 +302,14 @@ def _precompute(config: PrecomputeConfig) -> dict:
         if tdist.is_available() and tdist.is_initialized():
             tdist.barrier()
     if rank == 0:
-        problems = verify(out, expected_ids=[p.id for p in pairs])
+        problems = verify(out, expected_ids=data_ids)
         if out.exists():
             from .runconfig import write_config
 
             write_config(config, out / "config.yaml")  # `prefcache precompute --config CACHE/config.yaml`
     elapsed = time.perf_counter() - t0
     return {
-        "cache": str(out), "rank": rank, "world_size": world, "pairs_in_data": len(pairs),
+        "cache": str(out), "rank": rank, "world_size": world, "pairs_in_data": len(data_ids),
         "cached_before": before, "scored": scored_pairs, "bad_rows": len(bad_rows), "seconds": elapsed,
         "pairs_per_s": scored_pairs / elapsed if elapsed else 0.0,
         "tokens_per_s": scored_tokens / elapsed if elapsed else 0.0,
@@ -300,7 +317,8 @@ def _precompute(config: PrecomputeConfig) -> dict:
     }
 
 
-def verify_cache(cache_dir: str, data: str | None = None) -> dict:
+def verify_cache(cache_dir: str, data: str | None = None, *, split: str | None = None,
+                 data_config: str | None = None) -> dict:
     """Check a cache's shards (integrity, consistent metadata, duplicates, NaN/inf) and, given the
     data it was made from, that every scorable id of the data is present exactly once.
 
@@ -324,9 +342,14 @@ def verify_cache(cache_dir: str, data: str | None = None) -> dict:
         tokenizer = load_tokenizer(resolve_model(meta.get("model_path")))
         if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
             problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
-        mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
-        pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip",
-                                         mapping=mapping)
+        if meta.get("kind") == "unpaired":  # a KTO cache: one row per (unpaired) example
+            from .unpaired import load_unpaired
+
+            pairs, _, _ = load_unpaired(data, tokenizer, meta["max_length"], meta["truncation"], "skip", unpair=True)
+        else:
+            mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
+            pairs, _, _ = load_dataset_pairs(data, tokenizer, meta["max_length"], meta["truncation"], "skip",
+                                             mapping=mapping, split=split, data_config=data_config)
         expected = [p.id for p in pairs]
     problems += verify(cache_dir, expected_ids=expected)
     if problems:

@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
+from .atomic import write_text_atomic
+
 
 class ConfigFileError(ValueError):
     """A config file that cannot be read or names options the command does not have."""
@@ -26,11 +28,11 @@ def to_yaml(config) -> str:
 
 def write_config(config, path: str | os.PathLike) -> Path:
     """Write ``config`` (an options dataclass) as YAML, atomically."""
-    from .atomic import write_text_atomic  # the one file-writing policy: whole file, the umask's mode
-
     path = Path(path)
-    return write_text_atomic(path, f"# prefcache options; rerun with: prefcache COMMAND --config {path.name}\n"
-                                   + to_yaml(config))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# prefcache options; rerun with: prefcache COMMAND --config {path.name}\n"
+    write_text_atomic(path, header + to_yaml(config))
+    return path
 
 
 def read_config(path: str | os.PathLike) -> dict:

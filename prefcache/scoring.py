@@ -27,6 +27,8 @@ class PairLogps:
     rejected_tokens: torch.Tensor
     n_tokens: int  # real (non-pad) tokens processed, prompt included: for tokens/s
     n_positions: int = 0  # token positions in the batch's tensors, padding included: padding share
+    chosen_wpo: torch.Tensor | None = None  # WPO: mean over completion of log p(y_t) - log Σ_v p(v)², detached
+    rejected_wpo: torch.Tensor | None = None
 
 
 def pair_tensors(pairs, pad_id: int):
@@ -39,13 +41,14 @@ def pair_tensors(pairs, pad_id: int):
 
 
 def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEFAULT_CHUNK,
-               prefix_sharing: bool = False) -> PairLogps:
+               prefix_sharing: bool = False, wpo: bool = False) -> PairLogps:
     """Policy log-probs of ``pairs`` through the shared kernel; gradients follow ``torch.is_grad_enabled()``.
 
     ``model`` may be a causal LM or a (DDP-wrapped) :class:`~prefcache.logprobs.LogProbModule`.
     ``prefix_sharing``: one packed row ``[prompt | chosen | rejected]`` per pair (``prefcache.packing``), the
     prompt computed once; the same numbers as two sequences per pair, to float rounding. A model that cannot
     take the block mask falls back to two sequences (said once).
+    ``wpo``: also the per-sequence values WPO's weights are made of (``losses.wpo_weights``).
     """
     from .logprobs import LogProbModule
     from .packing import pack, packed_token_logprobs, resolve_sharing
@@ -55,17 +58,21 @@ def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEF
     b = len(pairs)
     if resolve_sharing(lm, prefix_sharing):
         packed = pack([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], pad_id).to(device)
-        token = packed_token_logprobs(lm, packed, chunk_size=chunk_size, module=module)  # [B, T]
+        token = packed_token_logprobs(lm, packed, chunk_size=chunk_size, module=module, with_sq=wpo)  # [B, T]
+        token, sq = token if wpo else (token, None)
         sides = [(token, packed.segments == 1), (token, packed.segments == 2)]
+        sq_sides = [sq, sq]
         n_tokens, n_positions = packed.n_tokens, packed.input_ids.numel()
     else:
         input_ids, attention, completion = (t.to(device) for t in pair_tensors(pairs, pad_id))
         if module is not None:
-            token = module(input_ids, attention, completion)
+            token = module(input_ids, attention, completion, with_sq=wpo)
         else:
-            token = token_logprobs(model, input_ids, attention, completion, chunk_size=chunk_size)  # [2B, T]
+            token = token_logprobs(model, input_ids, attention, completion, chunk_size=chunk_size, with_sq=wpo)  # [2B, T]
+        token, sq = token if wpo else (token, None)
         completion = completion.bool() & attention.bool()
         sides = [(token[:b], completion[:b]), (token[b:], completion[b:])]
+        sq_sides = [None, None] if sq is None else [sq[:b], sq[b:]]
         n_tokens, n_positions = int(attention.sum()), attention.numel()
     counts = [mask.long().sum(-1) for _, mask in sides]  # [B] each
     shared = torch.minimum(*counts)  # LD-DPO's public length, per pair
@@ -75,8 +82,12 @@ def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEF
         rank = mask.long().cumsum(-1) * mask
         prefixes.append((tok * ((rank > 0) & (rank <= shared[:, None]))).sum(-1))
         totals.append((tok * mask).sum(-1))
-    return PairLogps(totals[0], totals[1], prefixes[0], prefixes[1], counts[0].float(), counts[1].float(), n_tokens,
-                     n_positions)
+    out = PairLogps(totals[0], totals[1], prefixes[0], prefixes[1], counts[0].float(), counts[1].float(), n_tokens,
+                    n_positions)
+    if wpo:  # TRL 1.16's WPO: mean over the completion of (log p - log Σ p²), no gradient
+        out.chosen_wpo, out.rejected_wpo = (((tok.detach() - sq) * mask).sum(-1) / n.float().clamp(min=1.0)
+                                            for (tok, mask), sq, n in zip(sides, sq_sides, counts, strict=True))
+    return out
 
 
 class ReferenceTable:
@@ -93,7 +104,11 @@ class ReferenceTable:
 
     @classmethod
     def from_cache(cls, cache_dir: str | os.PathLike) -> ReferenceTable:
-        return cls(read_cache(cache_dir, columns=["id", *cls.COLUMNS]), read_metadata(cache_dir), str(cache_dir))
+        meta = read_metadata(cache_dir)
+        if meta.get("kind") == "unpaired":
+            raise CacheError(f"{cache_dir} is an unpaired (KTO) cache: pair losses need a cache of pairs "
+                             "(prefcache precompute without --unpaired); kto and apo_zero_unpaired use this one")
+        return cls(read_cache(cache_dir, columns=["id", *cls.COLUMNS]), meta, str(cache_dir))
 
     def missing(self, ids) -> list[str]:
         return [i for i in ids if i not in self.index]

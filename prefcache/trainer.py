@@ -39,10 +39,10 @@ from .checkpoint import (
     set_rng_state,
 )
 from .columns import RowMapping, check_cache_mapping
-from .config import TrainConfig
+from .config import UNPAIRED_LOSSES, TrainConfig
 from .guards import STEP0_MARGIN_TOLERANCE, check_reference_values, check_step, resolve_finetune
 from .locking import directory_lock
-from .losses import LossInputs, combined_loss
+from .losses import LossInputs, combined_loss, ld_logps
 from .runconfig import write_config
 from .rundir import check_run_dir
 from .schedule import make_scheduler
@@ -55,6 +55,7 @@ from .scoring import (
     pair_logps,
     score_pairs,
 )
+from .trackers import Trackers
 from .trainlog import EXAMPLE_SCHEMA, RunLog, peak_mem_mb, write_json_atomic, write_pairs
 
 STATE_VERSION = 1
@@ -71,6 +72,10 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     check_run_dir(cfg.out, cfg.resume)  # before the lock, so a refusal leaves nothing behind
     # One writer per run directory; ranks > 0 write nothing there.
     with directory_lock(cfg.out, "prefcache train", enabled=int(os.environ.get("RANK", 0)) == 0):
+        if cfg.loss[0] in UNPAIRED_LOSSES:  # KTO-style losses on unpaired data: their own loop
+            from .kto import train_unpaired
+
+            return train_unpaired(cfg)
         return _train(cfg)
 
 
@@ -158,11 +163,12 @@ def _train(cfg: TrainConfig) -> dict:
         resolve_model(str(ckpt)) if full_ckpt else source, finetune=cfg.finetune, device=device,
         adapter=None if full_ckpt else (ckpt or cfg.adapter), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
-    from .logprobs import LogProbModule
+    from .logprobs import LogProbModule, router_aux_coef
     from .packing import training_sharing
 
     sharing = training_sharing(cfg.prefix_sharing, reference.metadata if reference else None, policy)
-    module = LogProbModule(policy, chunk_size=cfg.chunk_size)
+    module = LogProbModule(policy, chunk_size=cfg.chunk_size, router_aux=True)
+    aux_coef = router_aux_coef(policy)  # MoE: the model's own weight of its router load-balancing loss
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -196,9 +202,11 @@ def _train(cfg: TrainConfig) -> dict:
     if main:
         write_json_atomic(run_info, out / "run.json")
         write_config(cfg, out / "config.yaml")  # `prefcache train --config RUN/config.yaml` runs it again
+    trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
 
     loss_options = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma,
-                    "discopop_tau": cfg.discopop_tau, "ld_alpha": cfg.ld_alpha}
+                    "discopop_tau": cfg.discopop_tau, "ld_alpha": cfg.ld_alpha, "f_divergence": cfg.f_divergence,
+                    "f_alpha": cfg.f_alpha, "use_weighting": cfg.use_weighting}
     uses_bco = "bco_pair" in cfg.loss
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.startswith("cuda")
                 else nullcontext())
@@ -217,8 +225,9 @@ def _train(cfg: TrainConfig) -> dict:
             cols = {k: [v for c, _ in parts for v in c[k]] for k in cols}
             last_eval = aggregate(cols) | {"loss": sum(s for _, s in parts) / len(cols["id"])}
             log.add_examples(cols, step=at_step, split="eval")
-            log.add_step({**last_eval, "step": at_step, "epoch": at_step / steps_per_epoch, "split": "eval",
+            log.add_step(row := {**last_eval, "step": at_step, "epoch": at_step / steps_per_epoch, "split": "eval",
                           "time_s": time.perf_counter() - t_start, "peak_mem_mb": peak_mem_mb(device)})
+            trackers.log(row, step=at_step, split="eval")
         last_eval_step = at_step
 
     def save(at_step: int) -> None:
@@ -254,7 +263,7 @@ def _train(cfg: TrainConfig) -> dict:
         step_idx = order[position * span : (position + 1) * span]
         micro = [step_idx[i : i + cfg.batch_size] for i in range(0, len(step_idx), cfg.batch_size)]
         t0 = time.perf_counter()
-        loss_sum, tokens, positions, cols = 0.0, 0, 0, []
+        loss_sum, tokens, positions, cols, aux_sum = 0.0, 0, 0, [], None
         for k, idx in enumerate(micro):
             batch = [pairs[i] for i in idx]
             ids = [p.id for p in batch]
@@ -263,7 +272,7 @@ def _train(cfg: TrainConfig) -> dict:
             with sync:
                 with autocast:
                     pol = pair_logps(module, batch, pad_id=pad_id, device=device, chunk_size=cfg.chunk_size,
-                                     prefix_sharing=sharing)
+                                     prefix_sharing=sharing, wpo=cfg.use_weighting)
                 ref = {c: v.to(device) for c, v in reference.lookup(ids).items()} if reference else None
                 inputs = loss_inputs(pol, ref)
                 bco = {}
@@ -280,11 +289,16 @@ def _train(cfg: TrainConfig) -> dict:
                 check_step(step + 1, ids, result.losses)  # before backward: NaN never reaches the weights
                 # Each micro-batch's mean, weighted by its share of the step: the step's gradient is
                 # that of the mean over all its pairs, whatever the split into micro-batches.
-                (result.loss * (len(batch) / len(step_idx))).backward()
+                loss = result.loss
+                if (aux := getattr(module, "module", module).aux_loss) is not None:
+                    # A mixture of experts also learns to balance its router, as its own forward would have it.
+                    loss = loss + aux_coef * aux
+                    aux_sum = (aux_sum or 0.0) + aux.item() * len(batch)
+                (loss * (len(batch) / len(step_idx))).backward()
             loss_sum += result.loss.item() * len(batch)
             tokens += pol.n_tokens
             positions += pol.n_positions
-            cols.append(example_cols(batch, inputs, result, cfg.beta))
+            cols.append(example_cols(batch, inputs, result, cfg.beta, cfg.ld_alpha))
 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
         check_step(step + 1, [pairs[i].id for i in step_idx], torch.zeros(0), grad_norm)
@@ -307,16 +321,18 @@ def _train(cfg: TrainConfig) -> dict:
         bar.set_postfix(loss=f"{loss_sum / len(step_idx):.4f}", acc=f"{local['rewards_accuracies']:.2f}",
                         margin=f"{local['rewards_margins']:.3f}", refresh=False)
         if step % cfg.log_every == 0 or step == total_steps:
-            parts = gather((cols, loss_sum, tokens, peak_mem_mb(device), positions), world)
+            parts = gather((cols, loss_sum, tokens, peak_mem_mb(device), positions, aux_sum), world)
             if main:
                 cols = {k: [v for c, *_ in parts for v in c[k]] for k in cols}
                 last_train = aggregate(cols) | {"loss": sum(p[1] for p in parts) / len(cols["id"])}
                 log.add_examples(cols, step=step, split="train")
-                log.add_step({**last_train, "step": step, "epoch": step / steps_per_epoch, "split": "train",
+                log.add_step(row := {**last_train, "step": step, "epoch": step / steps_per_epoch, "split": "train",
                               "lr": lr, "grad_norm": grad_norm, "tokens_per_s": sum(p[2] for p in parts) / step_time,
                               "peak_mem_mb": max(p[3] for p in parts), "time_s": time.perf_counter() - t_start,
                               # the share of the computed token positions that were padding
-                              "padding_share": 1 - sum(p[2] for p in parts) / max(sum(p[4] for p in parts), 1)})
+                              "padding_share": 1 - sum(p[2] for p in parts) / max(sum(p[4] for p in parts), 1),
+                              "aux_loss": None if aux_sum is None else sum(p[5] for p in parts) / len(cols["id"])})
+                trackers.log(row, step=step, split="train")
         if eval_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
             run_eval(step)
         if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
@@ -330,6 +346,7 @@ def _train(cfg: TrainConfig) -> dict:
     if last_saved != step:  # a resume of a finished run: make sure the final checkpoint exists
         save(step)
     log.flush()
+    trackers.close()
 
     summary = {"run": str(out), "steps": step, "final_checkpoint": str(checkpoint_dir(out, step)),
                "train": {k: v for k, v in last_train.items() if k != "n"}, "eval": last_eval,
@@ -399,16 +416,22 @@ def loss_inputs(pol: PairLogps, ref: dict | None) -> LossInputs:
     r = ref or {}
     return LossInputs(d(pol.chosen), d(pol.rejected), d(r.get("chosen_logps")), d(r.get("rejected_logps")),
                       d(pol.chosen_tokens), d(pol.rejected_tokens), d(pol.chosen_prefix), d(pol.rejected_prefix),
-                      d(r.get("chosen_logps_prefix")), d(r.get("rejected_logps_prefix")))
+                      d(r.get("chosen_logps_prefix")), d(r.get("rejected_logps_prefix")), d(pol.chosen_wpo),
+                      d(pol.rejected_wpo))
 
 
-def example_cols(batch, inputs: LossInputs, result, beta: float) -> dict[str, list]:
+def example_cols(batch, inputs: LossInputs, result, beta: float, ld_alpha: float | None = None) -> dict[str, list]:
     """Per-example log columns. With a reference, reward = beta * (policy - ref) on summed log-probs (as
-    ``prefcache score``); reference-free, the loss's own rewards (e.g. simpo: beta * mean log-prob)."""
+    ``prefcache score``), on the LD-weighted log-probs under ld_alpha (what TRL logs; the logps columns
+    stay the plain sums); reference-free, the loss's own rewards (e.g. simpo: beta * mean log-prob)."""
     pc, pr = inputs.policy_chosen_logps.detach().cpu(), inputs.policy_rejected_logps.detach().cpu()
     if inputs.ref_chosen_logps is not None:
         rc, rr = inputs.ref_chosen_logps.cpu(), inputs.ref_rejected_logps.cpu()
         wc, wr = beta * (pc - rc), beta * (pr - rr)
+        if ld_alpha is not None:
+            ld = lambda f: ld_logps(getattr(inputs, f), getattr(inputs, f + "_prefix"), ld_alpha).detach().cpu()  # noqa: E731
+            wc = beta * (ld("policy_chosen_logps") - ld("ref_chosen_logps"))
+            wr = beta * (ld("policy_rejected_logps") - ld("ref_rejected_logps"))
         rc, rr = rc.tolist(), rr.tolist()
     else:
         rc = rr = [None] * len(batch)
@@ -435,7 +458,7 @@ def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device
     if reference is not None:
         cols, _ = score_pairs(policy, pairs, reference, beta=cfg.beta, batch_size=batch_size, pad_id=pad_id,
                               device=device, chunk_size=cfg.chunk_size, prefix_sharing=prefix_sharing)
-    if cols is not None and cfg.ld_alpha is None:
+    if cols is not None and cfg.ld_alpha is None and not cfg.use_weighting:
         t = {k: torch.tensor(cols[k], dtype=torch.float64) for k in cols if k != "id"}
         inputs = LossInputs(t["policy_chosen_logps"], t["policy_rejected_logps"], t["ref_chosen_logps"],
                             t["ref_rejected_logps"], t["chosen_tokens"], t["rejected_tokens"])
@@ -444,16 +467,18 @@ def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device
         policy.eval()
         with torch.no_grad():
             parts = [pair_logps(policy, pairs[s : s + batch_size], pad_id=pad_id, device=device,
-                                chunk_size=cfg.chunk_size, prefix_sharing=prefix_sharing)
+                                chunk_size=cfg.chunk_size, prefix_sharing=prefix_sharing, wpo=cfg.use_weighting)
                      for s in range(0, len(pairs), batch_size)]
         policy.train(was_training)
         pol = PairLogps(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in
                           ("chosen", "rejected", "chosen_prefix", "rejected_prefix", "chosen_tokens",
-                           "rejected_tokens")), sum(p.n_tokens for p in parts))
+                           "rejected_tokens")), sum(p.n_tokens for p in parts),
+                        **({f: torch.cat([getattr(p, f) for p in parts]).cpu() for f in ("chosen_wpo", "rejected_wpo")}
+                           if cfg.use_weighting else {}))
         inputs = loss_inputs(pol, reference.lookup([p.id for p in pairs]) if reference else None)
     result = combined_loss(cfg.loss, cfg.loss_weights, inputs, **loss_options)
     if cols is None:
-        cols = example_cols(pairs, inputs, result, cfg.beta)
+        cols = example_cols(pairs, inputs, result, cfg.beta, cfg.ld_alpha)
     return cols, float(result.losses.sum())
 
 

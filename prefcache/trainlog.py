@@ -23,7 +23,8 @@ STEP_SCHEMA = pa.schema(
     [("step", pa.int64()), ("epoch", pa.float64()), ("split", pa.string())]
     + [(c, pa.float64()) for c in ("loss", "rewards_chosen", "rewards_rejected", "rewards_margins",
                                    "rewards_accuracies", "logps_chosen", "logps_rejected", "lr", "grad_norm",
-                                   "tokens_per_s", "peak_mem_mb", "time_s", "padding_share")]
+                                   "tokens_per_s", "peak_mem_mb", "time_s", "padding_share", "aux_loss",
+                                   "kl")]  # aux_loss: mixture-of-experts policies; kl: kto runs
 )
 EXAMPLE_SCHEMA = pa.schema(
     [("id", pa.string()), ("step", pa.int64()), ("split", pa.string()), ("checkpoint", pa.string())]

@@ -54,6 +54,20 @@ def test_bad_mappings_are_one_clear_line(tmp_path, tokenizer):
         load_dataset_pairs(data, tokenizer, 64, mapping=RowMapping(SE_COLUMNS, prompt_template="{title}: {prompt}"))
 
 
+def test_bad_mappings_on_the_command_line_are_one_line(tmp_path, tiny_model):
+    from prefcache.cli import main
+
+    data = write_jsonl(tmp_path / "se.jsonl", STACK)
+    base = ["precompute", "--data", str(data), "--out", str(tmp_path / "c"), "--model", str(tiny_model), "--no-progress"]
+    for extra, message in ((["--prompt-template", "Q: {question}"], "--prompt-template must contain {prompt}"),
+                           (["--columns", "query=question"], "--columns: unknown column 'query'"),
+                           (["--columns", "prompt=title,chosen=response_j,rejected=response_k"],
+                            "--columns maps prompt to 'title', which is not a column")):
+        res = CliRunner().invoke(main, base + extra)
+        assert res.exit_code == 1 and res.output.startswith("Error: ") and message in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
+
+
 def test_unescape_and_records():
     assert unescape(r"Question: {prompt}\n\nAnswer:\t\\n") == "Question: {prompt}\n\nAnswer:\t\\n"
     assert RowMapping().record() is None and not RowMapping()
@@ -85,3 +99,17 @@ def test_cache_records_the_mapping_and_the_trainer_refuses_another(tmp_path, tin
         train(out=str(tmp_path / "run0"), columns=SE_COLUMNS, prompt_template="Q: {prompt}\nA: ", **common)
     summary = train(out=str(tmp_path / "run1"), columns=SE_COLUMNS, prompt_template=SE_TEMPLATE, **common)
     assert summary["steps"] == 1
+
+
+def test_a_text_prompt_beside_full_conversations_is_implicit_as_in_trl(tokenizer):
+    """HuggingFaceH4/ultrafeedback_binarized: a text `prompt` and chosen/rejected conversations that repeat it
+    as their first message. TRL's maybe_extract_prompt takes the conversations' common prefix; so does prefcache."""
+    from prefcache.data import prepare_examples
+
+    user = {"role": "user", "content": "What colour is the sky?"}
+    row = {"prompt": user["content"], "chosen": [user, {"role": "assistant", "content": "Blue."}],
+           "rejected": [user, {"role": "assistant", "content": "Green."}]}
+    (ex,), bad = prepare_examples([row], tokenizer)
+    assert not bad and ex.conversational
+    assert ex.prompt == tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    assert ex.chosen.startswith("Blue.")

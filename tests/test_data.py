@@ -442,3 +442,37 @@ def test_collate():
     assert input_ids.dtype == torch.long
     with pytest.raises(ValueError, match="completion start 3 outside 0..2"):
         collate([[1, 2]], [3], pad_id=0)
+
+
+def test_pair_blocks_equal_the_whole_data_read_at_once(tmp_path, tokenizer):
+    """Read in blocks (bounded memory), the pairs, ids, bad rows and row numbers are those of one read."""
+    from conftest import preference_rows
+
+    from prefcache.data import iter_pair_blocks, load_dataset_pairs
+
+    rows = preference_rows(23)
+    rows[15] = dict(rows[2])  # an exact duplicate in a later block: dropped
+    rows[20] = {**rows[4], "chosen": rows[4]["chosen"]}  # duplicate again
+    rows[9] = {"prompt": "p", "chosen": None, "rejected": "r"}  # a bad row in the second block
+    for suffix in ("jsonl", "parquet"):
+        path = tmp_path / f"d.{suffix}"
+        if suffix == "jsonl":
+            write_jsonl(path, rows)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        whole, bad, _ = load_dataset_pairs(path, tokenizer, 32, on_bad_row="skip")
+        blocks = list(iter_pair_blocks(path, tokenizer, 32, on_bad_row="skip", block_rows=5))
+        assert len(blocks) == 5
+        assert [p for b, _ in blocks for p in b] == whole and len(whole) == 20
+        assert [r for _, b in blocks for r in b] == bad and [b.row for b in bad] == [9]
+        with pytest.raises(BadDataError, match="line 10" if suffix == "jsonl" else "row 10"):  # counted from 1
+            list(iter_pair_blocks(path, tokenizer, 32, block_rows=5))
+    # An id column reused for other content in a later block is a bad row, as in one read.
+    with_ids = [{"id": i % 6, **r} for i, r in enumerate(preference_rows(8, seed=1))]
+    write_jsonl(tmp_path / "ids.jsonl", with_ids)
+    _, bad, _ = load_dataset_pairs(tmp_path / "ids.jsonl", tokenizer, 32, on_bad_row="skip")
+    blocks = list(iter_pair_blocks(tmp_path / "ids.jsonl", tokenizer, 32, on_bad_row="skip", block_rows=3))
+    assert [b.row for _, bb in blocks for b in bb] == [b.row for b in bad] == [6, 7]

@@ -320,3 +320,21 @@ def test_a_qlora_run_is_scored_on_a_4bit_base(setup, tmp_path):
     four_bit = score(**common).filter(pl.col("metric") == "rewards_chosen")["value"].item()
     exact = score(**common, quantize="fp32").filter(pl.col("metric") == "rewards_chosen")["value"].item()
     assert abs(four_bit) > 1e-4 and abs(exact) < 1e-5
+
+
+def test_eval_a_plain_model_folder_without_a_run(setup, tmp_path, monkeypatch):
+    """`eval MODEL_DIR --out DIR` and `eval base --model MODEL_DIR --out DIR`: no run folder is needed; the
+    results land in DIR/evals/ (created), and the same model gives the same numbers either way."""
+    from prefcache.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "new" / "evals-out"
+    common = ["--tasks", TASK, "--include-path", str(setup["task"]), "--limit", "5", "--out", str(out), "--device", "cpu"]
+    res = CliRunner().invoke(main, ["eval", str(setup["model"]), "--no-base", *common])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["eval", "base", "--model", str(setup["model"]), *common])
+    assert res.exit_code == 0, res.output
+    rows = pa.concat_tables(_read(out / "evals", "lm-eval-*.parquet")).to_pylist()
+    by = {(r["checkpoint"], r["metric"]): r["value"] for r in rows}
+    assert {c for c, _ in by} == {setup["model"].name, "base"} and all(r["step"] is None for r in rows)
+    assert by[(setup["model"].name, "acc")] == by[("base", "acc")]

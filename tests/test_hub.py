@@ -193,3 +193,20 @@ def test_score_and_eval_take_hub_ids_and_plain_folders_with_out(hub_dataset, tmp
     run_dir, ckpts = resolve_checkpoints(["org/tiny@v2", str(tiny_model)], None, False, str(tmp_path / "evals"))
     assert run_dir == tmp_path / "evals" and [c.kind for c in ckpts] == ["full", "full"]
     assert ckpts[0].path.name == COMMIT2
+
+
+def test_csv_and_jsonl_blocks_equal_whole_reads(tmp_path):
+    import csv
+
+    from prefcache.formats import iter_row_blocks, load_rows
+
+    rows = preference_rows(7)
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("d.csv", "d.jsonl"):
+        blocks = list(iter_row_blocks(tmp_path / name, block_rows=3))
+        assert [s for s, _ in blocks] == [0, 3, 6]
+        assert [r for _, b in blocks for r in b] == load_rows(tmp_path / name) == rows

@@ -104,3 +104,25 @@ def test_no_completion_tokens_gives_zeros():
     with torch.no_grad():
         out = token_logprobs(model, ids, attention, torch.zeros_like(ids))
     assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_log_sum_sq_probs_for_wpo(chunk):
+    """with_sq: log Σ_v p(v)² per completion position (float64 ground truth), no gradient, and the
+    log-probs and their gradients unchanged."""
+    model = tiny_llama()
+    ids, attention, completion = batch()
+    logits = model(input_ids=ids, attention_mask=attention).logits.double()
+    exact = torch.logsumexp(2 * torch.log_softmax(logits[:, :-1], -1), -1)
+    exact = torch.nn.functional.pad(exact * completion[:, 1:], (1, 0)).detach()
+    logps, sq = token_logprobs(model, ids, attention, completion, chunk_size=chunk, with_sq=True)
+    torch.testing.assert_close(sq.double(), exact, atol=1e-5, rtol=0)
+    assert not sq.requires_grad and torch.all(sq[completion == 0] == 0)
+    assert torch.all(sq[completion == 1] <= 0)  # Σ p² <= 1
+    naive_logps, naive_sq = naive_token_logprobs(model, ids, attention, completion, with_sq=True)
+    torch.testing.assert_close(sq, naive_sq, atol=1e-5, rtol=0)
+    logps.sum().backward()
+    with_sq_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    token_logprobs(model, ids, attention, completion, chunk_size=chunk).sum().backward()
+    torch.testing.assert_close(with_sq_grad, model.lm_head.weight.grad)

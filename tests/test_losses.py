@@ -32,9 +32,14 @@ def t(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+# exo_pair has no valid ε = 0 (log 0; TRL 1.16 refuses it): these tests use the EXO paper's 1e-3 unless told.
+DEFAULT_OPTIONS = {"exo_pair": {"label_smoothing": 1e-3}}
+
+
 def call(name, pc=PC, pr=PR, rc=RC, rr=RR, nc=NC, nr=NR, **options):
     """Call LOSSES[name] directly, with the token counts it declares."""
     spec = LOSSES[name]
+    options = {**DEFAULT_OPTIONS.get(name, {}), **options}
     tokens = {"chosen_tokens": t(nc), "rejected_tokens": t(nr)}
     extra = {field: tokens[field] for field in spec.inputs}
     as_t = [x if isinstance(x, torch.Tensor) or x is None else t(x) for x in (pc, pr, rc, rr)]
@@ -317,8 +322,11 @@ def test_robust_without_noise_is_dpo_and_rejects_half():
         call("robust", label_smoothing=0.5)
 
 
-def test_exo_zero_smoothing_means_paper_epsilon_and_kl_vanishes_at_target():
-    assert_close(call("exo_pair").losses, call("exo_pair", label_smoothing=1e-3).losses)
+def test_exo_refuses_zero_smoothing_and_kl_vanishes_at_target():
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        call("exo_pair", label_smoothing=0.0)  # TRL 1.16 refuses it too: the loss would be +inf
+    with pytest.raises(ValueError, match="exo_pair needs label_smoothing"):
+        combined_loss(["exo_pair"], None, inputs())
     eps = 0.05
     h = math.log((1 - eps) / eps) / BETA  # σ(βh) = 1 - ε: the model matches the label distribution
     out = call("exo_pair", pc=[h], pr=[0.0], rc=[0.0], rr=[0.0], nc=[1.0], nr=[1.0], label_smoothing=eps)
@@ -484,7 +492,7 @@ def test_reference_based_losses_refuse_missing_reference(name):
     with pytest.raises(ValueError, match="reference"):
         call(name, rc=None, rr=None)
     with pytest.raises(ValueError, match="reference"):
-        combined_loss([name], None, inputs(ref_chosen_logps=None, ref_rejected_logps=None))
+        combined_loss([name], None, inputs(ref_chosen_logps=None, ref_rejected_logps=None), label_smoothing=1e-3)
 
 
 def test_combined_ld_alpha():
@@ -535,3 +543,105 @@ def test_registry_flags():
     assert {n for n, s in LOSSES.items() if not s.needs_ref} == {"sft", "orpo", "simpo"}
     needs_tokens = {n for n, s in LOSSES.items() if s.inputs}
     assert needs_tokens == {"ipo", "sigmoid_norm", "sft", "orpo", "simpo"}
+
+
+# ---- f-DPO: f'(π/π_ref) in place of the log-ratio (TRL 1.16, on the summed log-ratios) ----
+def fscore(u: float, kind: str, alpha: float = 0.5) -> float:
+    return {"reverse_kl": u, "forward_kl": 1 - math.exp(-u), "js_divergence": LN2 + logsig(u),
+            "alpha_divergence": (math.exp((alpha - 1) * u) - 1) / (alpha - 1)}[kind]
+
+
+F_LOSSES = ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "discopop", "sigmoid_norm"]
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("name", F_LOSSES)
+def test_f_divergence_is_the_loss_on_f_scores(name, kind):
+    # The hand formulas above, fed with log-ratios replaced by their f-scores (ref = 0, policy = score).
+    rs = rows()
+    sc, sr = [fscore(x.c, kind) for x in rs], [fscore(x.r, kind) for x in rs]
+    eps = {"robust": 0.1, "exo_pair": 0.01}.get(name, 0.0)
+    options = {"label_smoothing": eps} if eps else {}
+    expected = hand(name, eps=eps, pc=sc, pr=sr, rc=[0.0] * 3, rr=[0.0] * 3)
+    out = call(name, f_divergence=kind, **options)
+    assert_close(out.losses, t(expected))
+    assert_close(out.chosen_rewards, BETA * (t(PC) - t(RC)))  # rewards stay β × log-ratios, as TRL logs them
+
+
+def test_f_divergence_values_worked_by_hand():
+    # example 0: Δc = 1, Δr = -0.5
+    # forward KL: 1 - e^-1 = 0.632121, 1 - e^0.5 = -0.648721, h = 1.280842 -> log(1 + e^-0.128084)
+    assert_close(call("sigmoid", f_divergence="forward_kl").losses[0].item(), 0.6311543835721054)
+    # JS: ln2 + log σ(1) = 0.379885, ln2 + log σ(-0.5) = -0.280930, h = 0.660815
+    assert_close(call("sigmoid", f_divergence="js_divergence").losses[0].item(), 0.6606521625101546)
+    # α = 0.5: (e^-0.5 - 1) / -0.5 = 0.786939, (e^0.25 - 1) / -0.5 = -0.568051, h = 1.354990; hinge 1 - 0.135499
+    assert_close(call("hinge", f_divergence="alpha_divergence").losses[0].item(), 0.8645010486049785)
+
+
+def test_f_divergence_limits_and_zero_margin():
+    assert_close(call("sigmoid", f_divergence="alpha_divergence", f_alpha=1.0).losses, call("sigmoid").losses)
+    assert_close(call("sigmoid", f_divergence="reverse_kl").losses, call("sigmoid").losses)
+    for kind in ("forward_kl", "js_divergence", "alpha_divergence"):  # equal scores: DPO's ln 2 at policy = ref
+        assert_close(call("sigmoid", pc=Z, pr=Z, rc=Z, rr=Z, f_divergence=kind).losses, torch.full((3,), LN2, dtype=torch.float64))
+    # α-divergence's exponent is clamped as TRL clamps it: a huge log-ratio gives a finite loss
+    big = call("sigmoid", pc=[5000.0], pr=[0.0], rc=[0.0], rr=[0.0], nc=[1.0], nr=[1.0],
+               f_divergence="alpha_divergence", f_alpha=2.0)
+    assert torch.isfinite(big.losses).all()
+    with pytest.raises(ValueError, match="f_divergence must be one of"):
+        call("sigmoid", f_divergence="kl")
+
+
+def test_f_divergence_refused_where_trl_refuses_it():
+    for name in ("nca_pair", "bco_pair", "sppo_hard", "aot", "apo_zero", "orpo", "simpo"):
+        with pytest.raises(ValueError, match="f_divergence 'forward_kl' is defined for the losses"):
+            combined_loss([name], None, inputs(), f_divergence="forward_kl")
+    res = combined_loss(["sigmoid", "sft"], None, inputs(), f_divergence="js_divergence")  # sft: unaffected
+    assert_close(res.components["sigmoid"], call("sigmoid", f_divergence="js_divergence").losses.mean())
+    assert_close(res.components["sft"], call("sft").losses.mean())
+
+
+# ---- WPO: per-pair weights from the policy's own per-token values ----
+ALIGNED_C, ALIGNED_R = [-0.2, -1.0, -0.05], [-0.7, -0.3, -2.0]
+
+
+def test_wpo_weights_multiply_each_pair_worked_by_hand():
+    x = inputs(policy_chosen_wpo=t(ALIGNED_C), policy_rejected_wpo=t(ALIGNED_R))
+    res = combined_loss(["sigmoid"], None, x, use_weighting=True)
+    # example 0: w = e^-0.2 · e^-0.7 = e^-0.9 = 0.406570; loss = log(1 + e^-0.15) · w
+    assert_close(res.losses[0].item(), 0.252462295633317)
+    w = torch.exp(t(ALIGNED_C) + t(ALIGNED_R))
+    assert_close(res.losses, call("sigmoid").losses * w)
+    # sft is one batch mean in TRL, weighted as a whole: times the mean weight
+    both = combined_loss(["ipo", "sft"], None, x, use_weighting=True)
+    assert_close(both.components["ipo"], (call("ipo").losses * w).mean())
+    assert_close(both.components["sft"], call("sft").losses.mean() * w.mean())
+    assert_close(res.chosen_rewards, BETA * (t(PC) - t(RC)))  # rewards are not weighted
+
+
+def test_wpo_weights_carry_no_gradient_and_are_refused_for_sorting_losses():
+    ac, pc = t(ALIGNED_C).requires_grad_(), t(PC).requires_grad_()
+    res = combined_loss(["sigmoid"], None, inputs(policy_chosen_logps=pc, policy_chosen_wpo=ac,
+                                                  policy_rejected_wpo=t(ALIGNED_R)), use_weighting=True)
+    res.loss.backward()
+    assert ac.grad is None and pc.grad is not None
+    with pytest.raises(ValueError, match="use_weighting needs"):
+        combined_loss(["sigmoid"], None, inputs(), use_weighting=True)
+    for name in ("aot", "aot_unpaired"):
+        with pytest.raises(ValueError, match="sort the batch"):
+            combined_loss([name], None, inputs(policy_chosen_wpo=ac, policy_rejected_wpo=ac), use_weighting=True)
+
+
+# ---- logged rewards under ld_alpha: β × the LD-weighted log-ratios, whatever the loss ----
+def test_rewards_under_ld_alpha_are_beta_times_ld_logratios_even_for_sft_alone():
+    prefixes = dict(
+        policy_chosen_logps_prefix=t(PC) * 0.5, policy_rejected_logps_prefix=t(PR) * 0.7,
+        ref_chosen_logps_prefix=t(RC) * 0.5, ref_rejected_logps_prefix=t(RR) * 0.7,
+    )  # fmt: skip
+    a = 0.25
+    pc, pr, rc, rr = (ld_logps(t(v), p, a) for v, p in zip((PC, PR, RC, RR), prefixes.values(), strict=True))
+    for names in (["sigmoid"], ["sft"], ["sft", "ipo"]):
+        res = combined_loss(names, None, inputs(**prefixes), ld_alpha=a)
+        assert_close(res.chosen_rewards, BETA * (pc - rc))
+        assert_close(res.rejected_rewards, BETA * (pr - rr))
+    # example 0 by hand: ld(π_c) = -5 + 0.25 · (-5) = -6.25, ld(ref_c) = -5.5 + 0.25 · (-5.5) = -6.875
+    assert_close(res.chosen_rewards[0].item(), BETA * 0.625)

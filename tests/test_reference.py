@@ -237,7 +237,9 @@ def test_smollm2_4bit_nf4_end_to_end(tmp_path):
         {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
          "chosen": [{"role": "assistant", "content": "2 + 2 = 4."}],
          "rejected": [{"role": "assistant", "content": "2 + 2 = 5."}]},
-        {"prompt": "The opposite of hot is", "chosen": " cold.", "rejected": " banana."},
+        {"prompt": [{"role": "user", "content": "The opposite of hot is"}],
+         "chosen": [{"role": "assistant", "content": "cold."}],
+         "rejected": [{"role": "assistant", "content": "banana."}]},
     ]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     q = precompute(data=str(data), out=str(tmp_path / "q4"), quantize="4bit", max_length=128, progress=False)
@@ -263,3 +265,18 @@ def test_public_api_names_stay_functions_after_every_module_is_imported():
 
     for name in ("precompute", "verify_cache", "train", "evaluate", "score", "inspect_cache", "read_cache"):
         assert callable(getattr(prefcache, name)) and not isinstance(getattr(prefcache, name), type(prefcache)), name
+
+
+def test_data_read_in_blocks_gives_the_same_cache(tmp_path, prefs_file, tiny_model, monkeypatch):
+    """Precompute reads the data block by block (bounded memory); the cache is the one a single read makes."""
+    import prefcache.data
+
+    run(prefs_file, tmp_path / "one", tiny_model)
+    monkeypatch.setattr(prefcache.data, "BLOCK_ROWS", 5)
+    result = run(prefs_file, tmp_path / "blocks", tiny_model, shard_size=2)
+    assert result["pairs_in_data"] == 24 and result["scored"] == 24 and not result["problems"]
+    assert len(shard_paths(tmp_path / "blocks")) >= 12
+    a, b = frame(tmp_path / "one"), frame(tmp_path / "blocks")
+    assert a["id"].to_list() == b["id"].to_list()
+    for c in ("chosen_logps", "rejected_logps", "prompt_tokens", "chosen_tokens"):
+        assert a[c].to_list() == pytest.approx(b[c].to_list(), abs=1e-5)

@@ -30,6 +30,10 @@ def test_precompute_and_train_from_yaml_and_their_saved_configs_rerun(tmp_path, 
     # The saved config reruns the same cache: nothing left to score.
     res = runner.invoke(main, ["precompute", "--config", str(tmp_path / "cache" / "config.yaml")])
     assert res.exit_code == 0 and "0 pairs scored, 6 already cached" in res.output, res.output
+    # Any command takes --config; keys may be the option's spelling (`json` for --json).
+    (tmp_path / "inspect.yaml").write_text(f"cache: {tmp_path / 'cache'}\njson: true\n")
+    res = runner.invoke(main, ["inspect", "--config", str(tmp_path / "inspect.yaml")])
+    assert res.exit_code == 0 and '"rows": 6' in res.output, res.output
 
     res = runner.invoke(main, ["train", "--data", str(data), "--cache", str(tmp_path / "cache"), "--out",
                                str(tmp_path / "run1"), "--model", str(tiny_model), "--max-steps", "1", "--lora-r", "2",

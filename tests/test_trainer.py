@@ -95,7 +95,8 @@ def test_logs_have_the_contract_schemas(setup, tmp_path):
             assert [(f.name, str(f.type)) for f in got] == [(f.name, str(f.type)) for f in schema], part
     assert [f.name for f in STEP_SCHEMA] == [
         "step", "epoch", "split", "loss", "rewards_chosen", "rewards_rejected", "rewards_margins", "rewards_accuracies",
-        "logps_chosen", "logps_rejected", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb", "time_s", "padding_share"]
+        "logps_chosen", "logps_rejected", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb", "time_s", "padding_share", "aux_loss",
+        "kl"]
     s = steps(out)
     assert set(s["split"]) == {"train", "eval"} and s.filter(pl.col("split") == "train")["step"].to_list() == [1, 2]
     train_rows = s.filter(pl.col("split") == "train")

@@ -24,6 +24,7 @@ COMMANDS = {
     "sql": ("prefcache.cli.sql", "sql_cmd"),
     "query": ("prefcache.cli.sql", "query_cmd"),
     "report": ("prefcache.cli.sql", "report_cmd"),
+    "export": ("prefcache.cli.export", "export_cmd"),
 }
 
 

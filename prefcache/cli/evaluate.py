@@ -62,7 +62,7 @@ def eval_cmd(**options):
 @data_options()
 @click.option("--beta", type=float, default=None, help="Reward scale [default: the run's beta, else 0.1].")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per forward pass.")
-@click.option("--chunk-size", type=int, default=2048, show_default=True, help="Completion positions per output-head chunk.")
+@click.option("--chunk-size", type=int, default=512, show_default=True, help="Completion positions per output-head chunk.")
 @click.option("--run", default=None, help="Run folder: reads run.json, writes evals/ and logs/ [default: the checkpoints' run].")
 @click.option("--out", default=None, help="Folder for results when there is no run (plain models, Hub ids): OUT/evals/, OUT/logs/.")
 @click.option("--model", default=None, help="Base model (HF folder, .gguf or Hub id) [default: the run's].")

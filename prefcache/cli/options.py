@@ -12,6 +12,10 @@ import click
 def _to_defaults(command: click.Command, data: dict, path: str) -> dict:
     """Config-file values -> click defaults for ``command``'s parameters."""
     params = {p.name: p for p in command.params}
+    for p in command.params:  # the option's own spelling too: `run:` for --run (whose parameter is `runs`)
+        for opt in getattr(p, "opts", []):
+            if opt.startswith("--"):
+                params.setdefault(opt[2:].replace("-", "_"), p)
     defaults = {}
     for key, value in data.items():
         if key == "progress" and "no_progress" in params:  # the dataclass field behind --no-progress
@@ -20,18 +24,22 @@ def _to_defaults(command: click.Command, data: dict, path: str) -> dict:
         if key == "config":
             continue
         if key not in params:
-            options = ", ".join(sorted(n for n in params if n != "config"))
+            options = ", ".join(sorted({p.name for p in command.params} - {"config"}))
             raise click.BadParameter(f"{path}: unknown key {key!r} for `prefcache {command.name}` (its options: {options})",
                                      param_hint="'--config'")
         param = params[key]
+        key = param.name
         if value is None:
             if key == "max_grad_norm":  # None = no clipping, which the command line spells 0
                 defaults[key] = 0.0
             continue  # the option's own default
         if isinstance(value, dict):
             value = ",".join(f"{k}={v}" for k, v in value.items())
-        if isinstance(value, (list, tuple)) and not (param.multiple or param.nargs == -1):
+        many = param.multiple or param.nargs == -1
+        if isinstance(value, (list, tuple)) and not many:
             value = ",".join(str(v) for v in value)
+        elif many and not isinstance(value, (list, tuple)):
+            value = [value]
         defaults[key] = value
     return defaults
 

@@ -37,10 +37,15 @@ def run_api(fn, *args, **kwargs):
               help="fail: stop and list bad rows; skip: score the rest and write bad_rows.jsonl in the cache.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--shard-size", type=int, default=1024, show_default=True, help="Pairs per Parquet shard.")
-@click.option("--chunk-size", type=int, default=2048, show_default=True, help="Completion positions per output-head chunk (memory vs speed).")
+@click.option("--chunk-size", type=int, default=512, show_default=True, help="Completion positions per output-head chunk (memory vs speed).")
 @click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
               help="Compute each prompt once, its completions packed after it under a block attention mask "
                    "(same values to float rounding; faster the longer the prompts). Off: two sequences per pair.")
+@click.option("--unpaired", is_flag=True,
+              help="KTO cache: unpaired data (prompt/completion/label; pairs are unpaired), each completion's and "
+                   "its KL completion's reference log-probs.")
+@click.option("--kl-group-size", type=int, default=8, show_default=True,
+              help="--unpaired: KL completions rotate within groups of this many examples (TRL's per-device batch).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def precompute_cmd(no_progress, **options):
     """Score every pair once with the frozen reference model and cache the log-probs.
@@ -68,10 +73,11 @@ def precompute_cmd(no_progress, **options):
     result = run_api(precompute, config)
     if result["rank"] != 0:
         return
+    what = "examples" if config.unpaired else "pairs"
     click.echo(
-        f"{result['cache']}: {result['scored']} pairs scored, {result['cached_before']} already cached, "
+        f"{result['cache']}: {result['scored']} {what} scored, {result['cached_before']} already cached, "
         f"{result['bad_rows']} bad rows skipped; {result['seconds']:.1f}s "
-        f"({result['pairs_per_s']:.1f} pairs/s, {result['tokens_per_s']:,.0f} tokens/s)"
+        f"({result['pairs_per_s']:.1f} {what}/s, {result['tokens_per_s']:,.0f} tokens/s)"
     )
     if result["bad_rows"]:
         click.echo(f"skipped rows are listed in {result['cache']}/bad_rows.jsonl")
@@ -80,6 +86,7 @@ def precompute_cmd(no_progress, **options):
 
 
 @click.command("inspect")
+@config_option
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_cmd(cache, as_json):
@@ -117,7 +124,9 @@ def _pct(v):
 @config_option
 @click.argument("cache")
 @click.option("--data", default=None, help="The data the cache should cover (checks every id is present once).")
-def verify_cmd(cache, data):
+@click.option("--split", default=None, help="Split of --data when it is a Hub dataset or a DatasetDict.")
+@click.option("--data-config", default=None, help="Subset (configuration) of a Hub dataset.")
+def verify_cmd(cache, data, split, data_config):
     """Check a cache: shard integrity, consistent metadata, no duplicate ids, no NaN/inf, coverage of --data.
 
     Exits non-zero with a report when anything is wrong.
@@ -128,7 +137,7 @@ def verify_cmd(cache, data):
     """
     from prefcache.reference import verify_cache
 
-    report = run_api(verify_cache, cache, data)
+    report = run_api(verify_cache, cache, data, split=split, data_config=data_config)
     click.echo(report["summary"])
     if report["problems"]:
         raise click.ClickException(f"{len(report['problems'])} problem(s):\n  " + "\n  ".join(report["problems"]))

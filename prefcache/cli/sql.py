@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import click
 
+from prefcache.cli.options import config_option
+
 FORMATS = ("table", "csv", "json", "parquet")
 
 
@@ -108,6 +110,7 @@ def _run(caches, runs, work):
 
 
 @click.command("sql")
+@config_option
 @click.argument("query")
 @_source_options
 @_output_options
@@ -127,6 +130,7 @@ def sql_cmd(query, caches, runs, params, fmt, output, max_rows):
 
 
 @click.command("query")
+@config_option
 @click.argument("name", required=False)
 @click.option("--list", "list_", is_flag=True, help="List the named queries and their parameters.")
 @click.option("--show-sql", is_flag=True, help="Print the query's SQL instead of running it.")
@@ -165,6 +169,7 @@ def query_cmd(name, list_, show_sql, caches, runs, params, fmt, output, max_rows
 
 
 @click.command("report")
+@config_option
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="HTML file to write  [default: RUN_DIR/report.html]")
 def report_cmd(run_dir, out):

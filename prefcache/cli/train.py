@@ -8,7 +8,7 @@ import click
 
 from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.cli.precompute import run_api
-from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS, TRUNCATIONS
+from prefcache.config import BAD_ROW_POLICIES, F_DIVERGENCES, FINETUNES, OPTIMIZERS, SCHEDULERS, TRUNCATIONS
 
 
 @click.command("train")
@@ -20,13 +20,20 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--model", default=None, help="Policy's starting weights: HF folder, .gguf or Hub id [default: embedded SmolLM2-135M-Instruct].")
 @revision_option
 @click.option("--adapter", default=None, help="Starting PEFT adapter, folder or Hub id (e.g. your SFT LoRA), trained further.")
-@click.option("--loss", default="sigmoid", show_default=True, help="Loss name(s), comma-separated: sigmoid, ipo, simpo, sigmoid,sft ...")
+@click.option("--loss", default="sigmoid", show_default=True, help="Loss name(s), comma-separated: sigmoid, ipo, simpo, sigmoid,sft ...; kto or apo_zero_unpaired alone, with an unpaired cache.")
 @click.option("--loss-weights", default=None, help="Weights of the losses, comma-separated [default: 1 each].")
 @click.option("--beta", type=float, default=0.1, show_default=True)
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="cDPO / robust / exo label noise ε.")
 @click.option("--ld-alpha", type=float, default=None, help="LD-DPO: weight of the tokens past the shorter completion.")
+@click.option("--desirable-weight", type=float, default=1.0, show_default=True, help="kto: weight of desirable examples.")
+@click.option("--undesirable-weight", type=float, default=1.0, show_default=True, help="kto: weight of undesirable examples.")
 @click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="SimPO target reward margin.")
 @click.option("--discopop-tau", type=float, default=0.05, show_default=True, help="DiscoPOP temperature.")
+@click.option("--use-weighting", is_flag=True,
+              help="WPO: weight each pair by the policy's own per-token probability of both completions (arXiv:2406.11827).")
+@click.option("--f-divergence", type=click.Choice(F_DIVERGENCES), default="reverse_kl", show_default=True,
+              help="f-DPO divergence (arXiv:2309.16240); reverse_kl is DPO.")
+@click.option("--f-alpha", type=float, default=0.5, show_default=True, help="α of --f-divergence alpha_divergence.")
 @click.option("--finetune", type=click.Choice(FINETUNES), default="auto", show_default=True,
               help="auto: the policy that made the cache (qlora on a 4-bit cache, else lora); lora: LoRA on all "
                    "linear layers; qlora: LoRA on a 4-bit NF4 base; full: every weight.")
@@ -63,13 +70,16 @@ from prefcache.config import BAD_ROW_POLICIES, FINETUNES, OPTIMIZERS, SCHEDULERS
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
-@click.option("--chunk-size", type=int, default=1024, show_default=True, help="Completion positions per output-head chunk.")
+@click.option("--chunk-size", type=int, default=256, show_default=True, help="Completion positions per output-head chunk: memory (2 x chunk x vocab x 4 bytes in backward) vs speed.")
 @click.option("--flush-every", type=int, default=50, show_default=True, help="Logged steps buffered per new log file.")
 @click.option("--prefix-sharing/--no-prefix-sharing", default=None,
               help="One packed [prompt | chosen | rejected] row per pair, the prompt computed once [default: as "
                    "the cache was made, so step-0 rewards are exactly 0; no cache: on].")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
               help="Batches of pairs of similar length (seeded, resumable): less padding.")
+@click.option("--report-to", default="none", show_default=True,
+              help="Experiment trackers besides the Parquet logs, comma-separated: none, tensorboard, wandb, trackio "
+                   "(optional extras; TensorBoard events go to OUT/tensorboard, WANDB_MODE=offline works).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(no_progress, max_grad_norm, **options):
     """Train a policy with DPO (or another preference loss) against a precomputed reference cache.
@@ -100,10 +110,14 @@ def train_cmd(no_progress, max_grad_norm, **options):
         return
     t, e = result["train"], result["eval"]
     line = f"{result['run']}: {result['steps']} steps in {result['seconds']:.1f}s"
-    if t:
+    if t and t.get("rewards_accuracies") is None:  # kto / apo_zero_unpaired: no pairs, no accuracy
+        line += f"; last step loss {t['loss']:.4f}, kl {t.get('kl') or 0:.4f}"
+    elif t:
         line += f"; last step loss {t['loss']:.4f}, accuracy {t['rewards_accuracies']:.2f}, margin {t['rewards_margins']:.4f}"
     click.echo(line)
-    if e:
+    if e and e.get("rewards_accuracies") is None:
+        click.echo(f"eval: loss {e['loss']:.4f}, kl {e.get('kl') or 0:.4f} ({e['n']} examples)")
+    elif e:
         click.echo(f"eval: loss {e['loss']:.4f}, accuracy {e['rewards_accuracies']:.2f}, margin {e['rewards_margins']:.4f} "
                    f"({e['n']} pairs)")
     click.echo(f"final checkpoint: {result['final_checkpoint']}")

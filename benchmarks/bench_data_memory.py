@@ -1,0 +1,91 @@
+"""Peak memory of precompute's data side: reading, validating, id-ing and tokenising N pairs.
+
+Each measurement runs in a fresh process (peak RSS = ``ru_maxrss``), on a Parquet file of N synthetic
+standard-format pairs tokenised with SmolLM2's tokenizer, in two ways:
+- ``blocks``: what precompute does, ``iter_pair_blocks`` (4,096 rows at a time), keeping only the ids;
+- ``whole``: ``load_dataset_pairs``, every row, example and token list in memory at once (what precompute did
+  before, and what the trainer still does).
+No model is loaded: this is the cost of the data alone. Usage:
+  python benchmarks/bench_data_memory.py --pairs 10000 1000000 [--whole-up-to 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_parquet(path: Path, n: int) -> None:
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on under blue red quick slow house tree river sky".split()
+    writer = None
+    for start in range(0, n, 100_000):
+        rows = []
+        for i in range(start, min(n, start + 100_000)):
+            rows.append({"prompt": f"Question {i}: " + " ".join(rng.choices(words, k=rng.randint(8, 40))),
+                         "chosen": " " + " ".join(rng.choices(words, k=rng.randint(10, 60))),
+                         "rejected": " " + " ".join(rng.choices(words, k=rng.randint(10, 60)))})
+        table = pa.Table.from_pylist(rows)
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+def measure(path: str, mode: str) -> dict:
+    from prefcache.data import iter_pair_blocks, load_dataset_pairs
+    from prefcache.models import default_model, load_tokenizer
+
+    tokenizer = load_tokenizer(default_model())
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if mode == "blocks":
+        ids: list[str] = []
+        for pairs, _ in iter_pair_blocks(path, tokenizer, 1024, on_bad_row="skip"):
+            ids.extend(p.id for p in pairs)
+        n = len(ids)
+    else:
+        pairs, _, _ = load_dataset_pairs(path, tokenizer, 1024, on_bad_row="skip")
+        n = len(pairs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"mode": mode, "pairs": n, "seconds": time.perf_counter() - t0, "baseline_mb": base, "peak_mb": peak,
+            "data_mb": peak - base}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, nargs="+", default=[10_000, 1_000_000])
+    parser.add_argument("--whole-up-to", type=int, default=100_000, help="measure the whole-read path only up to N")
+    parser.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._measure:
+        print(json.dumps(measure(*args._measure)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"{'pairs':>10} {'mode':>7} {'data-side peak RSS':>19} {'process peak':>13} {'seconds':>8}")
+        for n in args.pairs:
+            path = Path(tmp) / f"pairs-{n}.parquet"
+            make_parquet(path, n)
+            for mode in ("blocks", "whole"):
+                if mode == "whole" and n > args.whole_up_to:
+                    continue
+                out = subprocess.run([sys.executable, __file__, "--_measure", str(path), mode], check=True,
+                                     capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"{r['pairs']:>10,} {mode:>7} {r['data_mb']:>16,.0f} MB {r['peak_mb']:>10,.0f} MB {r['seconds']:>8.1f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
