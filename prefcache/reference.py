@@ -174,7 +174,7 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     if config.unpaired:  # KTO data: one completion per example plus its KL completion
         from .unpaired import precompute_unpaired
 
-        with directory_lock(config.out, "prefcache precompute", rank=0):
+        with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
             return precompute_unpaired(config, kl_group_size=config.kl_group_size)
     # One writer per cache (per rank under torchrun): a second pass is refused, naming the holder.
     with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):

@@ -207,8 +207,11 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
     """``prefcache precompute --unpaired``: reference log-probs of each completion and of its KL completion.
 
     ``config`` is a :class:`~prefcache.config.PrecomputeConfig` (per_token is not supported here). Paired data
-    is unpaired (``unpair``). Single process; resumable like the pair cache (ids already cached are skipped).
+    is unpaired (``unpair``). Resumable like the pair cache (ids already cached are skipped); under torchrun each
+    rank scores the ids that hash to it (every rank reads all the data: KL partners may belong to another rank).
     """
+    from tqdm.auto import tqdm
+
     from .cache import CacheError, CacheWriter, differences, existing_ids, read_metadata, schema, shard_paths
     from .models import (
         compute_dtype,
@@ -218,19 +221,23 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
         resolve_model,
         resolve_quantization,
     )
-    from .reference import cache_metadata, dist_info, score_sequences
+    from .reference import cache_metadata, dist_info, init_distributed, owner_rank, score_sequences
 
     if config.per_token:
         raise ValueError("--per-token is not supported for unpaired caches")
     check_no_mapping(config)
-    if dist_info()[1] > 1:
-        raise ValueError("unpaired precompute runs in one process (torchrun is not supported for it yet)")
+    rank, world = dist_info()
+    if world > 1:
+        init_distributed(config.device)
     t0 = time.perf_counter()
     source = resolve_model(config.model)
     device = resolve_device(config.device)
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     quantize = resolve_quantization(config.quantize, device)
     tokenizer = load_tokenizer(source)
-    meta = cache_metadata(config, source, tokenizer, quantize, str(compute_dtype(quantize, device)).replace("torch.", ""), 1)
+    meta = cache_metadata(config, source, tokenizer, quantize, str(compute_dtype(quantize, device)).replace("torch.", ""),
+                          world)
     meta.update(kind="unpaired", kl_group_size=kl_group_size, prefix_sharing=False)  # one sequence per completion
     out = Path(config.out)
     if out.exists() and shard_paths(out) and (diff := differences(read_metadata(out), meta)):
@@ -239,14 +246,14 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
     items, bad_rows, _ = load_unpaired(config.data, tokenizer, config.max_length, config.truncation,
                                        config.on_bad_row, unpair=unpair, split=config.split,
                                        data_config=config.data_config)
-    if bad_rows:
+    if bad_rows and rank == 0:
         from .data import write_bad_rows
 
         write_bad_rows(out / "bad_rows.jsonl", bad_rows)
     by_id = {i.id: i for i in items}
     partners = kl_partners([i.id for i in items], kl_group_size)
     done = existing_ids(out) if out.exists() else set()
-    pending = [i for i in items if i.id not in done]
+    pending = [i for i in items if i.id not in done and owner_rank(i.id, world) == rank]
     tokens = 0
 
     def count(_, n_tokens):
@@ -255,8 +262,11 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
 
     if pending:
         model, _ = load_model(source, quantize=quantize, device=device, adapter=config.adapter)
-        writer = CacheWriter(out, meta, table_schema=schema(kind="unpaired"))
-        writer.write_manifest()
+        writer = CacheWriter(out, meta, rank=rank, table_schema=schema(kind="unpaired"))
+        if rank == 0:
+            writer.write_manifest()
+        bar = tqdm(total=len(pending), unit="example", desc=f"precompute{f' rank {rank}' if world > 1 else ''}",
+                   disable=not config.progress, dynamic_ncols=True)
         for s in range(0, len(pending), config.shard_size):
             shard = pending[s : s + config.shard_size]
             unique: dict[tuple, int] = {}
@@ -270,12 +280,19 @@ def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair
                                     on_batch=count)
             writer.write(cache_columns(shard, by_id, partners, dict(zip(keys, logps, strict=True)),
                                        config.max_length, config.truncation))
+            bar.update(len(shard))
+        bar.close()
         del model
     from .cache import verify
 
-    problems = verify(out, expected_ids=[i.id for i in items])
+    if world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    problems = verify(out, expected_ids=[i.id for i in items]) if rank == 0 else []
     elapsed = time.perf_counter() - t0
-    return {"cache": str(out), "rank": 0, "world_size": 1, "examples_in_data": len(items), "cached_before": len(done),
+    return {"cache": str(out), "rank": rank, "world_size": world, "examples_in_data": len(items),
+            "cached_before": len(done),
             "scored": len(pending), "bad_rows": len(bad_rows), "seconds": elapsed, "problems": problems,
             "pairs_per_s": len(pending) / elapsed, "tokens_per_s": tokens / elapsed, "config": asdict(config),
             "kl_group_size": kl_group_size}

@@ -148,3 +148,31 @@ def test_column_mappings_are_refused_for_unpaired_data(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="not supported for unpaired data"):
         precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), unpaired=True,
                    columns="prompt=question", progress=False)
+
+
+def test_two_process_unpaired_precompute_equals_one_process(tmp_path, tiny_model):
+    import os
+    import subprocess
+    import sys
+
+    import polars as pl
+
+    from prefcache.reference import precompute
+
+    torch.set_num_threads(1)
+    data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(10))
+    common = ["--data", str(data), "--model", str(tiny_model), "--max-length", "48", "--quantize", "fp32",
+              "--unpaired", "--kl-group-size", "4", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29549", "-m", "prefcache", "precompute", *common, "--out", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert {p.name.split("-")[1] for p in (tmp_path / "ddp").glob("part-*.parquet")} == {"r000", "r001"}
+    assert verify(tmp_path / "ddp") == []
+    precompute(data=str(data), out=str(tmp_path / "one"), model=str(tiny_model), max_length=48, quantize="fp32",
+               unpaired=True, kl_group_size=4, progress=False)
+    a, b = (pl.read_parquet(f"{tmp_path}/{d}/part-*.parquet").sort("id") for d in ("ddp", "one"))
+    assert a["id"].to_list() == b["id"].to_list() and a["kl_id"].to_list() == b["kl_id"].to_list()
+    torch.testing.assert_close(a["logps"].to_torch(), b["logps"].to_torch(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(a["kl_logps"].to_torch(), b["kl_logps"].to_torch(), rtol=0, atol=1e-5)

@@ -30,7 +30,9 @@ from prefcache.config import BAD_ROW_POLICIES, F_DIVERGENCES, FINETUNES, OPTIMIZ
 @click.option("--simpo-gamma", type=float, default=0.5, show_default=True, help="SimPO target reward margin.")
 @click.option("--discopop-tau", type=float, default=0.05, show_default=True, help="DiscoPOP temperature.")
 @click.option("--use-weighting", is_flag=True,
-              help="WPO: weight each pair by the policy's own per-token probability of both completions (arXiv:2406.11827).")
+              help="WPO: weight each pair by the policy's own per-token probability of both completions (arXiv:2406.11827). "
+                   "Costs one more log-sum-exp over the vocabulary per completion token (measured: ~10% slower steps, "
+                   "SmolLM2-135M on CPU).")
 @click.option("--f-divergence", type=click.Choice(F_DIVERGENCES), default="reverse_kl", show_default=True,
               help="f-DPO divergence (arXiv:2309.16240); reverse_kl is DPO.")
 @click.option("--f-alpha", type=float, default=0.5, show_default=True, help="α of --f-divergence alpha_divergence.")
