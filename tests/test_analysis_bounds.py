@@ -32,9 +32,21 @@ def test_max_rows_fetches_only_what_is_shown():
     assert "(5 rows shown, more not fetched" in out
 
 
+READY_THEN_SQL = """
+import sys
+import duckdb, polars, prefcache.analysis, prefcache.cli.sql  # the imports done, Ctrl-C lands in the command
+from prefcache.cli import main
+print("ready", flush=True)
+main(["sql", sys.argv[1]])
+"""
+
+
 def test_ctrl_c_stops_a_running_query_with_one_line():
-    p = prefcache("sql", "SELECT count(*) FROM range(100000000) a, range(100000000) b WHERE a.range + b.range < 0")
-    time.sleep(6)  # past the imports: DuckDB is computing (the query takes hours)
+    query = "SELECT count(*) FROM range(100000000) a, range(100000000) b WHERE a.range + b.range < 0"  # hours
+    p = subprocess.Popen([sys.executable, "-c", READY_THEN_SQL, query], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV)
+    assert p.stdout.readline().strip() == "ready"
+    time.sleep(2)  # the query is running (an interrupt while it connects is caught by the same handler)
     assert p.poll() is None
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
