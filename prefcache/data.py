@@ -442,7 +442,7 @@ def write_bad_rows(path: str | os.PathLike, bad_rows: list[BadRow]) -> None:
 
     write_text_atomic(path, "".join(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}
                                                | ({"line": b.line} if b.line else {}), ensure_ascii=False)
-                                    + "\n" for b in bad_rows))
+                                    + "\n" for b in bad_rows), prefix=".tmp-bad_rows-")
 
 
 def collate(seqs: list[list[int]], completion_starts: list[int], pad_id: int):

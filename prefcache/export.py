@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .config import UNPAIRED_LOSSES
@@ -132,6 +131,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
     info, run = checkpoint_info(ckpt)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new --out")
+    from .atomic import make_temp_dir, publish_dir
     from .models import hf_folder, resolve_model
 
     source = resolve_model(model if model is not None else info.get("model"))
@@ -141,7 +141,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
     metrics = final_metrics(ckpt.parent.parent, int(info.get("step", 0)))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    tmp = make_temp_dir(out)  # the umask's modes (mkdtemp gives 0700), as every prefcache output
     try:
         if merge or (full and dtype != base_dtype(ckpt)):
             write_merged(ckpt, source, tmp, dtype=dtype, full=full)
@@ -155,7 +155,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
                                                   dtype=dtype if merged or full else None))
         if out.exists():
             out.rmdir()
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,6 +24,7 @@ from .cache import (
     differences,
     existing_ids,
     read_metadata,
+    remove_temporaries,
     shard_paths,
     verify,
 )
@@ -207,6 +208,7 @@ def _precompute(config: PrecomputeConfig) -> dict:
     meta = cache_metadata(config, source, tokenizer, quantize, str(compute_dtype(quantize, device)).replace("torch.", ""), world)
 
     out = Path(config.out)
+    remove_temporaries(out, rank)  # of a killed pass, even when nothing is left to score
     if out.exists() and shard_paths(out):
         have = read_metadata(out)
         if diff := differences(have, meta):
