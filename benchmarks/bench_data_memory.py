@@ -5,8 +5,10 @@ standard-format pairs tokenised with SmolLM2's tokenizer, in two ways:
 - ``blocks``: what precompute does, ``iter_pair_blocks`` (4,096 rows at a time), keeping only the ids;
 - ``whole``: ``load_dataset_pairs``, every row, example and token list in memory at once (what precompute did
   before, and what the trainer still does).
-No model is loaded: this is the cost of the data alone. Usage:
-  python benchmarks/bench_data_memory.py --pairs 10000 1000000 [--whole-up-to 100000]
+No model is loaded: this is the cost of the data alone. The allocator is the one ``prefcache precompute``
+runs with (jemalloc when installed, see prefcache/allocator.py; ``--allocator system`` for glibc malloc).
+Usage:
+  python benchmarks/bench_data_memory.py --pairs 10000 1000000 [--whole-up-to 100000] [--allocator system]
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ def measure(path: str, mode: str) -> dict:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     if mode == "blocks":
-        ids: list[str] = []
+        import pyarrow as pa
+
+        ids = []  # as precompute keeps them: Arrow arrays, for the coverage check at the end
         for pairs, _ in iter_pair_blocks(path, tokenizer, 1024, on_bad_row="skip"):
-            ids.extend(p.id for p in pairs)
-        n = len(ids)
+            ids.append(pa.array([p.id for p in pairs], pa.string()))
+        n = sum(len(a) for a in ids)
     else:
         pairs, _, _ = load_dataset_pairs(path, tokenizer, 1024, on_bad_row="skip")
         n = len(pairs)
@@ -67,11 +71,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--whole-up-to", type=int, default=100_000, help="measure the whole-read path only up to N")
+    parser.add_argument("--allocator", choices=("auto", "system"), default="auto",
+                        help="auto: jemalloc when installed, as the CLI; system: glibc malloc")
     parser.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._measure:
         print(json.dumps(measure(*args._measure)))
         return
+    from prefcache.allocator import find_jemalloc
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    lib = find_jemalloc() if args.allocator == "auto" else None
+    if lib:
+        env["LD_PRELOAD"] = ":".join(x for x in (lib, env.get("LD_PRELOAD")) if x)
+    print(f"allocator: {'jemalloc (' + lib + ')' if lib else 'system (glibc malloc)'}")
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{'pairs':>10} {'mode':>7} {'data-side peak RSS':>19} {'process peak':>13} {'seconds':>8}")
         for n in args.pairs:
@@ -81,7 +94,7 @@ def main() -> None:
                 if mode == "whole" and n > args.whole_up_to:
                     continue
                 out = subprocess.run([sys.executable, __file__, "--_measure", str(path), mode], check=True,
-                                     capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                                     capture_output=True, text=True, env=env)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"{r['pairs']:>10,} {mode:>7} {r['data_mb']:>16,.0f} MB {r['peak_mb']:>10,.0f} MB {r['seconds']:>8.1f}",
                       flush=True)

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,20 +218,27 @@ class Analysis:
     >>> a.query("margin_histogram", bins=30, step="last")
     """
 
-    def __init__(self, caches=(), runs=(), *, threads: int | None = None):
+    def __init__(self, caches=(), runs=(), *, threads: int | None = None, memory_limit: str | None = None):
         self.caches = _source_names(caches)
         self.runs = _source_names(runs)
         self.views: dict[str, list[str]] = {}  # view -> the source names it holds rows of
+        # DuckDB's default temp folder is <cwd>/.tmp, and DuckDB allows reading its temp folder whatever
+        # allowed_paths says: a folder private to this session (0700, removed on close) leaks nothing.
+        self.temp_dir = tempfile.mkdtemp(prefix="prefcache-sql-")
         self.con = duckdb.connect(":memory:")
         try:
-            self._open(threads)
+            self._open(threads, memory_limit or default_memory_limit())
         except BaseException:
-            self.con.close()
+            self.close()
             raise
 
-    def _open(self, threads: int | None) -> None:
+    def _open(self, threads: int | None, memory_limit: str) -> None:
         if threads:
             self.con.execute("SET threads = $n", {"n": threads})
+        # Bounded: past the limit, sorts, joins and aggregates spill to the private temp folder.
+        self.con.execute("SET memory_limit = $m", {"m": memory_limit})
+        self.con.execute("SET temp_directory = $d", {"d": self.temp_dir})
+        self.con.execute("SET enable_progress_bar = false")  # results go to stdout; no bar mixed into them
         self.con.execute("SET TimeZone = 'UTC'")
         # Parquet min/max statistics leave NaN out (as the format says), and DuckDB's statistics propagation
         # then folds isnan(x) and x > 0 to constants: a NaN check over a cache would always say "none".
@@ -298,13 +308,44 @@ class Analysis:
         except duckdb.Error as e:
             raise AnalysisError(self._explain(e)) from e
 
-    def sql(self, query: str, **params) -> pl.DataFrame:
-        """The result of one read-only SELECT as a polars DataFrame."""
+    def sql(self, query: str, fetch_rows: int | None = None, **params) -> pl.DataFrame:
+        """The result of one read-only SELECT as a polars DataFrame; ``fetch_rows``: at most that many rows
+        (a LIMIT on the relation: DuckDB stops producing rows there, nothing else is materialised)."""
         rel = self.relation(query, **params)
+        if fetch_rows is not None:
+            rel = rel.limit(fetch_rows)
         try:
             return rel.pl()
         except duckdb.Error as e:
             raise AnalysisError(self._explain(e)) from e
+
+    def interruptible(self, work: Callable[[], object]):
+        """Run ``work()`` in a worker thread so that Ctrl-C reaches us while DuckDB computes (the main
+        thread's signal handler does not run inside a C call): on KeyboardInterrupt the query is
+        interrupted (``connection.interrupt()``), the worker is joined, and KeyboardInterrupt re-raised."""
+        outcome: dict[str, object] = {}
+        # An Event, not Thread.join: a join interrupted by Ctrl-C marks a still-running thread as finished.
+        done = threading.Event()
+
+        def target():
+            try:
+                outcome["value"] = work()
+            except BaseException as e:  # noqa: BLE001 - handed back to the main thread
+                outcome["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=target, name="prefcache-sql", daemon=True).start()
+        try:
+            while not done.wait(0.05):
+                pass
+        except KeyboardInterrupt:
+            self.con.interrupt()
+            done.wait(5)
+            raise
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
 
     def query(self, name: str, **params) -> pl.DataFrame:
         """A named query (see :func:`list_queries`); parameters not given take their defaults."""
@@ -333,6 +374,7 @@ class Analysis:
 
     def close(self) -> None:
         self.con.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -355,9 +397,19 @@ def _check_read_only(query: str) -> None:
                             "(caches and logs are never modified)")
 
 
-def connect(caches=(), runs=(), *, threads: int | None = None) -> Analysis:
+def default_memory_limit() -> str:
+    """A quarter of the machine's memory (DuckDB's own default is 80%): a query that needs more spills."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "2GB"
+    return f"{max(256, total // 4 // 2**20)}MB"
+
+
+def connect(caches=(), runs=(), *, threads: int | None = None, memory_limit: str | None = None) -> Analysis:
     """Open a read-only analysis session over cache directories and run directories.
 
     ``caches`` / ``runs``: directories, or ``{name: directory}`` to choose the ``cache_name`` / ``run`` values.
+    ``memory_limit``: DuckDB's (e.g. ``"4GB"``); default a quarter of the machine's memory, spilling beyond.
     """
-    return Analysis(caches, runs, threads=threads)
+    return Analysis(caches, runs, threads=threads, memory_limit=memory_limit)

@@ -72,12 +72,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], *, prefi
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str, *, prefix: str = TMP_PREFIX) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    return write_atomic(path, write)
+    return write_atomic(path, write, prefix=prefix)
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> Path:

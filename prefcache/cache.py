@@ -88,6 +88,15 @@ def read_cache(cache_dir: str | os.PathLike, columns: list[str] | None = None) -
     return pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="default")
 
 
+def remove_temporaries(cache_dir: str | os.PathLike, rank: int = 0) -> None:
+    """Half-written files of a killed pass: this rank's shard temps, and rank 0's manifest, bad-rows and
+    config temps. Only a pass holding the directory lock calls this (other ranks' temps are left alone)."""
+    patterns = [f".tmp-r{rank:03d}-*"] + ([".tmp-manifest-*", ".tmp-bad_rows-*", ".tmp-config-*"] if rank == 0 else [])
+    for pattern in patterns:
+        for stale in Path(cache_dir).glob(pattern):
+            stale.unlink(missing_ok=True)
+
+
 class CacheWriter:
     """Appends shards for one rank. Each :meth:`write` is one atomic shard file."""
 
@@ -99,8 +108,7 @@ class CacheWriter:
         self.schema = (table_schema or cache_schema(metadata.get("per_token", False))).with_metadata(
             {META_KEY: json.dumps(metadata, sort_keys=True).encode()}
         )
-        for stale in self.dir.glob(f".tmp-r{rank:03d}-*"):  # leftovers of a crashed run of this rank
-            stale.unlink(missing_ok=True)
+        remove_temporaries(self.dir, rank)
         taken = [int(m.group(2)) for p in shard_paths(self.dir) if (m := _SHARD_RE.search(p.name)) and int(m.group(1)) == rank]
         self.seq = max(taken, default=-1) + 1
         self.nonce = secrets.token_hex(4)  # per pass: shard names of two writers never collide
@@ -117,7 +125,8 @@ class CacheWriter:
     def write_manifest(self) -> None:
         manifest = {"metadata": self.metadata, "columns": self.schema.names,
                     "note": "mirror for humans; the Parquet metadata is authoritative"}
-        write_text_atomic(self.dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+        write_text_atomic(self.dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True),
+                          prefix=".tmp-manifest-")
 
 
 def summary(cache_dir: str | os.PathLike) -> dict:

@@ -136,7 +136,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
     info = {**info, "cache_fingerprint": cache_fingerprint(info.get("cache"), run.get("cache"))}
     metrics = final_metrics(ckpt.parent.parent, int(info.get("step", 0)))
 
-    tmp = make_temp_dir(out)
+    tmp = make_temp_dir(out)  # the umask's modes (mkdtemp gives 0700), as every prefcache output
     try:
         if merge or (full and dtype != base_dtype(ckpt)):
             write_merged(ckpt, source, tmp, dtype=dtype, full=full)

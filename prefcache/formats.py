@@ -103,7 +103,7 @@ def _load_dataset(name: str, split: str | None, config: str | None):
         first = str(e).strip().splitlines()[0]
         if first.startswith("Unknown split"):
             raise DataFormatError(f"{name}: unknown split {split!r}; {first.partition('. ')[2] or first}") from e
-        if "BuilderConfig" in first or "config" in first.lower():
+        if config is not None and ("BuilderConfig" in first or "config" in first.lower()):
             raise DataFormatError(f"{name}: unknown --data-config {config!r}: {first}") from e
         raise DataFormatError(f"{name}: {first}") from e
     except (ConnectionError, FileNotFoundError) as e:

@@ -47,10 +47,13 @@ def check_reference_values(reference, pairs, what: str) -> None:
                          f"{reference.path}` lists them")
     ids = [p.id for p in pairs]
     values = reference.lookup(ids)
+    import torch
+
     bad = []
     for column in ("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix"):
         col = values[column]
-        bad += [(ids[i], column, float(col[i])) for i in range(len(ids)) if not math.isfinite(float(col[i]))]
+        rows = (~torch.isfinite(col)).nonzero().flatten().tolist()  # vectorised: a million pairs in ms
+        bad += [(ids[i], column, float(col[i])) for i in rows]
     if bad:
         shown = ", ".join(f"{i} ({c} = {v})" for i, c, v in bad[:3])
         raise CacheError(f"the cache {reference.path} holds {len(bad)} non-finite reference values for the "

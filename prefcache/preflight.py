@@ -58,3 +58,10 @@ def train(options: dict) -> None:
     _cache("--eval-cache", options.get("eval_cache"))
     _model(options.get("model"))
     _exists("--adapter", options.get("adapter"), hub_ok=True)
+
+
+def score(options: dict) -> None:
+    check_device(options.get("device", "auto"))
+    _cache("--cache", options.get("cache"))
+    _exists("--data", options.get("data"), hub_ok=True)
+    _model(options.get("model"))

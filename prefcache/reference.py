@@ -23,6 +23,7 @@ from .cache import (
     differences,
     existing_ids,
     read_metadata,
+    remove_temporaries,
     shard_paths,
     verify,
 )
@@ -163,6 +164,7 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
 
 
 def _precompute(config: PrecomputeConfig) -> dict:
+    import pyarrow as pa
     from tqdm.auto import tqdm
 
     from .data import BLOCK_ROWS, DataFormatError, iter_pair_blocks, write_bad_rows
@@ -183,6 +185,7 @@ def _precompute(config: PrecomputeConfig) -> dict:
     meta = cache_metadata(config, source, tokenizer, quantize, str(compute_dtype(quantize, device)).replace("torch.", ""), world)
 
     out = Path(config.out)
+    remove_temporaries(out, rank)  # of a killed pass, even when nothing is left to score
     if out.exists() and shard_paths(out):
         have = read_metadata(out)
         if diff := differences(have, meta):
@@ -193,7 +196,7 @@ def _precompute(config: PrecomputeConfig) -> dict:
 
     done = existing_ids(out) if out.exists() else set()
     before = len(done)
-    data_ids: list[str] = []  # every scorable id of the data: the coverage check at the end
+    data_ids: list = []  # every scorable id of the data, as Arrow arrays (off the Python heap): the final check
     bad_rows: list = []
 
     def pending_shards():
@@ -203,7 +206,7 @@ def _precompute(config: PrecomputeConfig) -> dict:
                                            config.on_bad_row, split=config.split, data_config=config.data_config,
                                            mapping=RowMapping.of(config), block_rows=block_rows):
             bad_rows.extend(bad)
-            data_ids.extend(p.id for p in block)
+            data_ids.append(pa.array([p.id for p in block], pa.string()))
             pending = [p for p in block if p.id not in done and owner_rank(p.id, world) == rank]
             # Longest pairs first: batches of similar length, and an out-of-memory shows up at once.
             pending.sort(key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
@@ -275,14 +278,14 @@ def _precompute(config: PrecomputeConfig) -> dict:
     problems: list[str] = []
     barrier(world)
     if rank == 0:
-        problems = verify(out, expected_ids=data_ids)
+        problems = verify(out, expected_ids=itertools.chain.from_iterable(a.to_pylist() for a in data_ids))
         if out.exists():
             from .runconfig import write_config
 
             write_config(config, out / "config.yaml")  # `prefcache precompute --config CACHE/config.yaml`
     elapsed = time.perf_counter() - t0
     return {
-        "cache": str(out), "rank": rank, "world_size": world, "pairs_in_data": len(data_ids),
+        "cache": str(out), "rank": rank, "world_size": world, "pairs_in_data": sum(len(a) for a in data_ids),
         "cached_before": before, "scored": scored_pairs, "bad_rows": len(bad_rows), "seconds": elapsed,
         "pairs_per_s": scored_pairs / elapsed if elapsed else 0.0,
         "tokens_per_s": scored_tokens / elapsed if elapsed else 0.0,

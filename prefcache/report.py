@@ -219,16 +219,18 @@ def bar_chart(title: str, edges: list[str], series: list[tuple[str, str, list[fl
 # ---------------------------------------------------------------------------------------------------------
 # The report.
 
-def _table(df, columns: list[str] | None = None, max_chars: int = 160) -> str:
+def _table(df, columns: list[str] | None = None, max_chars: int = 160, tail: tuple[str, ...] = ()) -> str:
+    """An HTML table; long texts are cut to ``max_chars``, keeping their end in the ``tail`` columns (a
+    prompt's question comes last, after the template's system prompt)."""
     columns = columns or df.columns
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in df.select(columns).iter_rows():
         cells = []
-        for v in row:
+        for name, v in zip(columns, row, strict=True):
             text = _fmt(v) if isinstance(v, float) and math.isfinite(v) else ("" if v is None else str(v))
             if len(text) > max_chars:
-                text = text[:max_chars] + "…"
+                text = "…" + text[-max_chars:] if name in tail else text[:max_chars] + "…"
             cells.append(f"<td>{html.escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -262,8 +264,13 @@ def _curves(db) -> list[str]:
 def _split_with_examples(db) -> str | None:
     if not db.views.get("examples"):
         return None
-    splits = db.sql("SELECT split, count(*) AS n FROM examples GROUP BY split")["split"].to_list()
-    return next((s for s in ("train", "eval", "score") if s in splits), None)
+    # The split with the most pairs at its last logged step, held-out ones first on a tie: a train step
+    # logs one batch (4 pairs by default), an eval step every held-out pair.
+    sizes = db.sql("SELECT split, count(*) AS n FROM examples WHERE (split, step) IN "
+                   "(SELECT (split, max(step)) FROM examples GROUP BY split) GROUP BY split")
+    n = dict(sizes.iter_rows())
+    order = [s for s in ("eval", "score", "train") if s in n] + sorted(s for s in n if s not in ("eval", "score", "train"))
+    return max(order, key=lambda s: (n[s], -order.index(s))) if order else None
 
 
 def _histograms(db, split: str) -> list[str]:
@@ -280,6 +287,8 @@ def _histograms(db, split: str) -> list[str]:
     if not los:
         return []
     lo, hi = min(los), max(his)
+    if hi <= lo:  # every margin equal (one pair, or a policy still equal to the reference)
+        lo, hi = lo - 0.5, hi + 0.5
     series, edges, skipped = [], None, []
     for (step, n, bad, win, *_), color in zip(stats.iter_rows(), (FIRST, LAST) if len(stats) == 2 else (LAST,), strict=True):
         label = f"step {step}"
@@ -328,6 +337,23 @@ def _length_bias(db, split: str) -> list[str]:
     ]
 
 
+def _settings(run: dict) -> list[tuple[str, str]]:
+    """The run's settings a reader needs to interpret the curves, from run.json."""
+    cfg = run.get("config") if isinstance(run.get("config"), dict) else {}
+    cache = run.get("cache") if isinstance(run.get("cache"), dict) else {}
+    policy = run.get("policy") if isinstance(run.get("policy"), dict) else {}
+    loss = cfg.get("loss")
+    rows = [("model", policy.get("model_name") or cfg.get("model") or "(embedded default)"),
+            ("finetune", cfg.get("finetune")),
+            ("loss", ",".join(loss) if isinstance(loss, list) else loss),
+            ("beta", cfg.get("beta")), ("lr", cfg.get("lr")), ("scheduler", cfg.get("scheduler")),
+            ("steps", run.get("total_steps")), ("pairs per step", run.get("pairs_per_step")),
+            ("train / eval pairs", f"{run.get('train_pairs')} / {run.get('eval_pairs')}"
+             if run.get("train_pairs") is not None else None),
+            ("reference cache", f"{cfg.get('cache')} ({cache.get('quantization')})" if cfg.get("cache") else None)]
+    return [(k, str(v)) for k, v in rows if v is not None]
+
+
 def _summary(run_dir: Path, db) -> str:
     items: list[tuple[str, str]] = []
     run_json = run_dir / "run.json"
@@ -336,6 +362,8 @@ def _summary(run_dir: Path, db) -> str:
             config = json.loads(run_json.read_text())
         except ValueError:
             config = {}
+        if isinstance(config, dict):
+            items += _settings(config)
         for key, value in (config.items() if isinstance(config, dict) else []):
             if isinstance(value, (str, int, float, bool)) and len(items) < 16:
                 items.append((key, str(value)))
@@ -376,7 +404,8 @@ def build_report(run_dir: str | os.PathLike) -> str:
             hardest = db.query("hardest_pairs", split=split, limit=5)
             if len(hardest):
                 sections += [f"<h2>Hardest pairs ({split}, last logged step)</h2>",
-                             _table(hardest, ["id", "margin", "reward_chosen", "reward_rejected", "prompt", "chosen", "rejected"])]
+                             _table(hardest, ["id", "margin", "reward_chosen", "reward_rejected", "prompt", "chosen", "rejected"],
+                                    tail=("prompt",))]
         else:
             sections.append('<p class="empty">No per-example logs (logs/examples-*.parquet).</p>')
         if db.views.get("evals"):

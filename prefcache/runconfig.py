@@ -31,7 +31,7 @@ def write_config(config, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"# prefcache options; rerun with: prefcache COMMAND --config {path.name}\n"
-    write_text_atomic(path, header + to_yaml(config))
+    write_text_atomic(path, header + to_yaml(config), prefix=".tmp-config-")
     return path
 
 

@@ -312,6 +312,7 @@ def test_training_curves(db):
     df = db.query("training_curves", split="eval")
     assert [(r["run"], r["step"], r["loss"]) for r in rows(df)] == [("run1", 2, 0.65), ("run2", 2, 0.65)]
     assert len(db.query("training_curves")) == 6
+    assert df.columns[-1] == "padding_share"  # NULL for logs written before the column existed
 
 
 def test_margin_histogram(db):
@@ -469,7 +470,9 @@ def test_cli_sql_formats_and_output(fx, tmp_path):
     r = invoke(sql_cmd, q, "--run", fx["run1"], "-p", "split=train", "-f", "parquet", "-o", out)
     assert r.exit_code == 0 and pq.read_table(out).num_rows == 8
     r = invoke(sql_cmd, "SELECT * FROM range(10)", "--max-rows", "3")
-    assert "(10 rows, 3 shown" in r.output
+    assert "(3 rows shown, more not fetched" in r.output and r.output.count("│") > 0
+    r = invoke(sql_cmd, "SELECT * FROM range(3)", "--max-rows", "3")
+    assert "(3 rows)" in r.output
     r = invoke(sql_cmd, "SELECT [1.5, 2.0]::FLOAT[] AS toks, TIMESTAMPTZ '2025-01-02 03:04:05+00' AS t", "-f", "csv")
     assert r.exit_code == 0 and r.output.splitlines()[1].startswith('"[1.5, 2.0]",2025-01-02T03:04:05')
     r = invoke(sql_cmd, "SELECT [1.5]::FLOAT[] AS toks, 'nan'::DOUBLE AS x", "-f", "json")

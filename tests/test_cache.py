@@ -168,3 +168,16 @@ def test_shards_and_manifest_are_readable_by_others(tmp_path):
     writer.write_manifest()
     for path in (shard, tmp_path / "c" / "manifest.json"):
         assert path.stat().st_mode & stat.S_IROTH, path
+
+
+def test_temporaries_of_a_killed_pass_are_removed_by_the_next_one_of_their_rank(tmp_path):
+    from prefcache.cache import remove_temporaries
+
+    names = [".tmp-r000-a.part", ".tmp-manifest-b.part", ".tmp-config-c.part", ".tmp-bad_rows-d.part",
+             ".tmp-r001-e.part"]
+    for name in names:
+        (tmp_path / name).write_text("half")
+    remove_temporaries(tmp_path, rank=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[:4])
+    remove_temporaries(tmp_path, rank=0)
+    assert list(tmp_path.iterdir()) == []

@@ -140,6 +140,8 @@ def test_hub_dataset_is_loaded_by_load_dataset_offline(hub_dataset):
     assert [s for s, _ in blocks] == [0, 3, 6] and [r for _, b in blocks for r in b] == hub_dataset[:7]
     with pytest.raises(DataFormatError, match=r"org/prefs: unknown split 'dev'; Should be one of \['train', 'test'\]"):
         load_rows("org/prefs", split="dev")
+    with pytest.raises(DataFormatError, match=r"org/prefs: unknown --data-config 'nope': BuilderConfig 'nope' not found"):
+        load_rows("org/prefs", split="train", config="nope")
     with pytest.raises(DataFormatError, match="has splits train, test: name one with --split"):
         load_rows("org/prefs")
     with pytest.raises(DataFormatError, match="data not found: org/absent is not a local file or folder"):

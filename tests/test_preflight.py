@@ -144,3 +144,14 @@ def test_inspect_and_verify_name_a_damaged_shard(tmp_path, which):
     one_line_error(r, shard.name, "damaged shard")
     r = CliRunner().invoke(main, ["verify", str(cache)])
     one_line_error(r, "NOT OK", f"{shard.name}: unreadable")
+
+
+def test_score_refuses_a_missing_cache_or_data_before_torch(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(2))
+    CacheWriter(tmp_path / "cache", META).write(cache_rows(["a"]))
+    for args, message in ((["--cache", str(tmp_path / "nocache"), "--data", str(data)], "no such file"),
+                          (["--cache", str(tmp_path / "cache"), "--data", str(tmp_path / "no.jsonl")], "no such file"),
+                          (["--cache", str(tmp_path), "--data", str(data)], "not a prefcache cache")):
+        out = subprocess.run([sys.executable, "-c", REFUSE, "score", "base", *args], capture_output=True, text=True,
+                             env=ENV).stdout
+        assert message in out and "torch loaded: False" in out, out

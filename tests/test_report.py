@@ -157,3 +157,29 @@ def test_chart_helpers_handle_edge_cases():
         root = ET.fromstring(svg)
         assert root.tag == f"{SVG_NS}svg"
         assert not re.search(r'="[^"]*(nan|inf)', svg.lower())  # no coordinate is NaN or infinite
+
+
+def test_margins_come_from_the_eval_split_when_it_holds_more_pairs(tmp_path):
+    run = write_run(tmp_path / "run", evals=False)
+    held = [(f"p{i % 5 + 1}", step, "eval", 0.1 * i - 0.3) for step in (0, 2) for i in range(8)]
+    pq.write_table(examples_table(held), run / "logs" / "examples-000002.parquet")
+    titles = _titles(_svgs(build_report(run)))
+    assert "Reward margins (eval), first and last logged step" in titles
+    assert any(t.startswith("Accuracy by length difference (eval, step 2)") for t in titles)
+
+
+def test_header_shows_the_run_settings_and_hardest_pairs_the_end_of_the_prompt(tmp_path):
+    import json
+
+    run = write_run(tmp_path / "run", evals=False, pairs=False)
+    (run / "run.json").write_text(json.dumps({
+        "config": {"model": "tiny-model", "finetune": "qlora", "loss": ["sigmoid", "sft"], "beta": 0.25, "lr": 5e-5,
+                   "cache": "ref-cache", "scheduler": "cosine"},
+        "cache": {"quantization": "4bit"}, "total_steps": 12, "pairs_per_step": 4, "train_pairs": 40, "eval_pairs": 9}))
+    long_prompt = "You are a helpful assistant. " * 20 + "What colour is the sky at noon?"
+    rows = [{"id": i, "prompt": long_prompt, "chosen": "blue", "rejected": "green"} for i in ("p1", "p2", "p3", "p4", "p5")]
+    pq.write_table(__import__("pyarrow").Table.from_pylist(rows), run / "pairs.parquet")
+    page = build_report(run)
+    for fact in ("tiny-model", "qlora", "sigmoid,sft", "0.25", "5e-05", "12", "ref-cache (4bit)", "40 / 9"):
+        assert f"<td>{fact}</td>" in page, fact
+    assert "What colour is the sky at noon?" in page

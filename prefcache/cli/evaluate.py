@@ -85,6 +85,9 @@ def score_cmd(**options):
       prefcache precompute --data heldout.jsonl --out heldout-cache
       prefcache score run1 --cache heldout-cache --data heldout.jsonl
     """
+    from prefcache import preflight
+
+    run_api(preflight.score, options)  # refusals that need no model, before torch loads
     from prefcache.config import ScoreConfig
     from prefcache.evaluation import run_dir_of, score
 

@@ -57,8 +57,7 @@ def precompute_cmd(no_progress, **options):
     \b
     Example:
       prefcache precompute --data prefs.jsonl --out ref-cache --quantize 4bit --max-length 512
-      prefcache precompute --model Qwen/Qwen2.5-0.5B-Instruct --data HuggingFaceH4/ultrafeedback_binarized \
-          --split train_prefs --out ref-cache
+      prefcache precompute --model Qwen/Qwen2.5-0.5B-Instruct --data HuggingFaceH4/ultrafeedback_binarized --split train_prefs --out c
       prefcache precompute --config ref-cache/config.yaml   (the options a cache was made with)
     Data-parallel (one shard set per rank):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache

@@ -54,6 +54,11 @@ def _guess_type(value: str):
     return value
 
 
+def _fetch_limit(fmt: str, max_rows: int) -> int | None:
+    """A table shows max_rows: fetch one more (to say there are more), not the whole result."""
+    return max_rows + 1 if fmt == "table" and max_rows > 0 else None
+
+
 def emit(df, fmt: str, output: str | None, max_rows: int = 50) -> None:
     """Print or write a polars DataFrame as a table, CSV, JSON (an array of objects) or Parquet."""
     import polars as pl
@@ -72,13 +77,14 @@ def emit(df, fmt: str, output: str | None, max_rows: int = 50) -> None:
     elif fmt == "json":
         text = df.write_json() + "\n"
     else:
+        more = max_rows > 0 and len(df) > max_rows  # the query fetched max_rows + 1 rows, no more
         shown = df if max_rows <= 0 else df.head(max_rows)
         with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
                        tbl_formatting="UTF8_FULL_CONDENSED", fmt_str_lengths=60, tbl_width_chars=10_000,
                        float_precision=None):
             text = str(shown) + "\n"
-        if len(shown) < len(df):
-            text += f"({len(df)} rows, {len(shown)} shown; --max-rows 0 shows all, --format csv exports)\n"
+        if more:
+            text += f"({len(shown)} rows shown, more not fetched; --max-rows 0 shows all, --format csv exports)\n"
         else:
             text += f"({len(df)} row{'s' if len(df) != 1 else ''})\n"
     if output:
@@ -95,7 +101,10 @@ def _run(caches, runs, work):
 
     try:
         with connect(caches=caches, runs=runs) as session:
-            return work(session)
+            return session.interruptible(lambda: work(session))  # Ctrl-C stops the query itself
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        raise click.exceptions.Exit(130) from None
     except (AnalysisError, duckdb.Error, OSError) as e:
         raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
 
@@ -116,7 +125,7 @@ def sql_cmd(query, caches, runs, params, fmt, output, max_rows):
       prefcache sql "SELECT * FROM steps WHERE step >= \\$from" --run run1 -p from=100 -f csv
     """
     bound = {k: _guess_type(v) for k, v in _parse_params(params).items()}
-    df = _run(caches, runs, lambda s: s.sql(query, **bound))
+    df = _run(caches, runs, lambda s: s.sql(query, fetch_rows=_fetch_limit(fmt, max_rows), **bound))
     emit(df, fmt, output, max_rows)
 
 
@@ -155,7 +164,7 @@ def query_cmd(name, list_, show_sql, caches, runs, params, fmt, output, max_rows
         bound = q.bind(_parse_params(params))
     except AnalysisError as e:
         raise click.ClickException(str(e)) from e
-    df = _run(caches, runs, lambda s: s.sql(q.sql, **bound))
+    df = _run(caches, runs, lambda s: s.sql(q.sql, fetch_rows=_fetch_limit(fmt, max_rows), **bound))
     emit(df, fmt, output, max_rows)
 
 
