@@ -15,37 +15,42 @@ the gradients; rank 0 writes the logs with metrics gathered from all ranks.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import (
-    checkpoint_dir,
-    clean_temporaries,
-    latest_checkpoint,
-    load_trainer_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import checkpoint_dir
 from .columns import RowMapping, check_cache_mapping
 from .config import UNPAIRED_LOSSES, TrainConfig
-from .distributed import all_reduce_sum, barrier, gather, setup
+from .data import load_dataset_pairs, write_bad_rows
+from .distributed import all_reduce_sum, barrier, dist_info, gather, setup
 from .guards import STEP0_MARGIN_TOLERANCE, check_reference_values, check_step, resolve_finetune
+from .kto import train_unpaired
 from .locking import directory_lock
+from .logprobs import LogProbModule, router_aux_coef
 from .losses import LossInputs, combined_loss, ld_logps
+from .models import load_tokenizer, resolve_device, resolve_model
+from .packing import training_sharing
 from .runconfig import write_config
-from .rundir import check_run_dir
-from .schedule import make_scheduler
+from .rundir import check_run_dir, write_run_info
+from .runstate import (
+    RunState,
+    after_step,
+    epoch_order,
+    finish,
+    held_out_ids,
+    load_run_policy,
+    make_optimization,
+    open_run,
+)
 from .schemas import EXAMPLE_COLUMNS, example_columns
 from .scoring import (
     PairLogps,
@@ -57,9 +62,7 @@ from .scoring import (
     score_pairs,
 )
 from .trackers import Trackers
-from .trainlog import RunLog, peak_mem_mb, write_json_atomic, write_pairs
-
-STATE_VERSION = 1
+from .trainlog import peak_mem_mb, write_pairs
 
 
 def train(config: TrainConfig | None = None, **options) -> dict:
@@ -72,40 +75,56 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     cfg = config or TrainConfig(**options)
     check_run_dir(cfg.out, cfg.resume)  # before the lock, so a refusal leaves nothing behind
     # One writer per run directory; ranks > 0 write nothing there.
-    with directory_lock(cfg.out, "prefcache train", enabled=int(os.environ.get("RANK", 0)) == 0):
+    with directory_lock(cfg.out, "prefcache train", enabled=dist_info()[0] == 0):
         if cfg.loss[0] in UNPAIRED_LOSSES:  # KTO-style losses on unpaired data: their own loop
-            from .kto import train_unpaired
-
             return train_unpaired(cfg)
         return _train(cfg)
 
 
-def _train(cfg: TrainConfig) -> dict:
-    from tqdm.auto import tqdm
+@dataclass
+class PairData:
+    """The pairs of a run and their reference values, checked before a model loads."""
 
-    from .data import load_dataset_pairs, write_bad_rows
-    from .models import load_tokenizer, resolve_device, resolve_model
-    from .policy import load_policy
+    pairs: list  # TokenizedPair, training
+    eval_pairs: list
+    reference: ReferenceTable | None  # None: reference-free losses
+    eval_reference: ReferenceTable | None
+    examples: list  # the rendered texts of both splits, for pairs.parquet
+    bad_rows: list
+    max_length: int
+    truncation: str
 
-    rank, world, device = setup(resolve_device(cfg.device))
-    main = rank == 0
-    out = Path(cfg.out)
+    @property
+    def cache_meta(self) -> dict | None:
+        return self.reference.metadata if self.reference else None
 
-    # 1. Tokenizer, reference cache and data: everything is checked before a model is loaded.
-    source = resolve_model(cfg.model, cfg.revision)
-    mapping = RowMapping.of(cfg)
-    tokenizer = load_tokenizer(source)
+
+@dataclass
+class PairModel:
+    """The policy as the pair loop drives it."""
+
+    module: torch.nn.Module  # LogProbModule, DDP-wrapped under torchrun
+    params: list
+    sharing: bool  # packed [prompt | chosen | rejected] rows
+    aux_coef: float | None  # MoE: the model's own weight of its router load-balancing loss
+    autocast: object
+    pad_id: int
+    loss_options: dict
+
+
+def open_reference(cfg: TrainConfig, tokenizer, mapping: RowMapping):
+    """(reference table or None, max_length, truncation): the cache's, checked against this tokenisation."""
     reference = ReferenceTable.from_cache(cfg.cache) if cfg.cache else None
     max_length = cfg.max_length or (reference.metadata["max_length"] if reference else 1024)
     truncation = cfg.truncation or (reference.metadata["truncation"] if reference else "keep_start")
     if reference:
         check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
         check_cache_mapping(reference.metadata, mapping, cfg.cache)
-    finetune, mismatch = resolve_finetune(cfg.finetune, reference.metadata if reference else None, device)
-    if finetune != cfg.finetune:  # run.json and checkpoints record the policy actually trained
-        cfg = replace(cfg, finetune=finetune)
-    if mismatch and main:
-        print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
+    return reference, max_length, truncation
+
+
+def load_pairs(cfg: TrainConfig, tokenizer, mapping: RowMapping, reference, max_length: int, truncation: str) -> PairData:
+    """Training and held-out pairs, each cached (by id) with this run's token counts and finite values."""
     data_options = {"data_config": cfg.data_config, "mapping": mapping}
     pairs, bad_rows, examples = load_dataset_pairs(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row,
                                                    split=cfg.split, **data_options)
@@ -129,275 +148,209 @@ def _train(cfg: TrainConfig) -> dict:
         check_reference_values(eval_reference, eval_pairs, "eval")
     if not pairs:
         raise ValueError(f"no training pairs in {cfg.data}")
+    return PairData(pairs, eval_pairs, reference, eval_reference, examples + eval_examples, bad_rows, max_length,
+                    truncation)
 
-    steps_per_epoch = math.ceil(math.ceil(len(pairs) / world) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
-    # 2. The run directory: a fresh one, or a resume from its latest checkpoint.
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if (notice := check_run_dir(out, cfg.resume)) and main:
-        print(f"prefcache train: {notice}", file=sys.stderr)
-    state = load_trainer_state(ckpt) if ckpt else None
-    if state:
-        check_resumable(state, world=world, n_train=len(pairs), cfg=cfg)
-    barrier(world)  # every rank has looked at the run dir before rank 0 starts writing to it
-    log = RunLog(out, enabled=main)
-    if main:
-        clean_temporaries(out)
-        log.truncate(state["step"] if state else -1)  # rows after the checkpoint are logged again below
-        write_pairs(out / "pairs.parquet", examples + eval_examples)
-        if bad_rows:
-            write_bad_rows(out / "bad_rows.jsonl", bad_rows)
-
-    # 3. The policy (only it), its optimizer and schedule; DDP wraps the module whose forward runs.
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices are random
-    full_ckpt = ckpt and cfg.finetune == "full"
-    policy, policy_info = load_policy(
-        resolve_model(str(ckpt)) if full_ckpt else source, finetune=cfg.finetune, device=device,
-        adapter=None if full_ckpt else (ckpt or cfg.adapter), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout, lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
-    from .logprobs import LogProbModule, router_aux_coef
-    from .packing import training_sharing
-
-    sharing = training_sharing(cfg.prefix_sharing, reference.metadata if reference else None, policy)
-    module = LogProbModule(policy, chunk_size=cfg.chunk_size, router_aux=True)
-    aux_coef = router_aux_coef(policy)  # MoE: the model's own weight of its router load-balancing loss
-    if world > 1:
+def build_model(run: RunState, data: PairData, cfg: TrainConfig) -> PairModel:
+    """The kernel's module over the policy (DDP-wrapped under torchrun), and what every step passes it."""
+    sharing = training_sharing(cfg.prefix_sharing, data.cache_meta, run.policy)
+    module = LogProbModule(run.policy, chunk_size=cfg.chunk_size, router_aux=True)
+    if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        module = DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
-    schedule = cfg.scheduler
-    scheduler = make_scheduler(optimizer, schedule, warmup=warmup, total=total_steps, peak_lr=cfg.lr)
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as in any data-parallel run
-    step, bco_sum, bco_count, elapsed_before, last_eval_step = 0, 0.0, 0, 0.0, None
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        # The lr is recomputed from the step and this run's total (never the saved schedule's): extending
-        # a finished run trains its new steps at a real lr.
-        scheduler = make_scheduler(optimizer, schedule, warmup=warmup, total=total_steps, peak_lr=cfg.lr,
-                                   done=state["step"])
-        set_rng_state(state["rng"][rank])
-        step, bco_sum, bco_count, elapsed_before = state["step"], *state["bco"], state["elapsed_s"]
-        last_eval_step = state["last_eval_step"]
-
-    run_info = {"config": asdict(cfg), "prefcache_version": __version__, "world_size": world,
-                "max_length": max_length, "truncation": truncation, "policy": policy_info,
-                "cache": reference.metadata if reference else None,
-                "eval_cache": eval_reference.metadata if eval_pairs and eval_reference else None,
-                "train_pairs": len(pairs), "eval_pairs": len(eval_pairs), "bad_rows": len(bad_rows),
-                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
-                "pairs_per_step": cfg.batch_size * cfg.grad_accum * world, "prefix_sharing": sharing,
-                "resumed_from": str(ckpt) if ckpt else None,
-                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    if main:
-        write_json_atomic(run_info, out / "run.json")
-        write_config(cfg, out / "config.yaml")  # `prefcache train --config RUN/config.yaml` runs it again
-    trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
-
+        module = DistributedDataParallel(module, device_ids=[run.device] if run.device.startswith("cuda") else None)
     loss_options = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma,
                     "discopop_tau": cfg.discopop_tau, "ld_alpha": cfg.ld_alpha, "f_divergence": cfg.f_divergence,
                     "f_alpha": cfg.f_alpha, "use_weighting": cfg.use_weighting}
-    uses_bco = "bco_pair" in cfg.loss
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.startswith("cuda")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and run.device.startswith("cuda")
                 else nullcontext())
-    pad_id = tokenizer.pad_token_id
-    t_start = time.perf_counter() - elapsed_before
-    last_train, last_eval, last_saved = {}, {}, (step if state else None)
-    step0_margin = None
+    return PairModel(module, [p for p in run.policy.parameters() if p.requires_grad], sharing,
+                     router_aux_coef(run.policy), autocast, run.tokenizer.pad_token_id, loss_options)
 
-    def run_eval(at_step: int) -> None:
-        nonlocal last_eval, last_eval_step
-        bco = {"bco_delta": bco_sum / bco_count if bco_count else 0.0} if uses_bco else {}
-        cols, losses = evaluate_split(policy, eval_pairs[rank::world], eval_reference, cfg, pad_id=pad_id,
-                                      device=device, loss_options={**loss_options, **bco}, prefix_sharing=sharing)
-        parts = gather((cols, losses), world)
-        if main:
-            cols = {k: [v for c, _ in parts for v in c[k]] for k in cols}
-            last_eval = aggregate(cols) | {"loss": sum(s for _, s in parts) / len(cols["id"])}
-            log.add_examples(cols, step=at_step, split="eval")
-            log.add_step(row := {**last_eval, "step": at_step, "epoch": at_step / steps_per_epoch, "split": "eval",
-                          "time_s": time.perf_counter() - t_start, "peak_mem_mb": peak_mem_mb(device)})
-            trackers.log(row, step=at_step, split="eval")
-        last_eval_step = at_step
 
-    def save(at_step: int) -> None:
-        rngs = gather(rng_state(), world)
-        if main:
-            log.flush()  # the logs up to this step are on disk before the checkpoint that vouches for them
-            trainer_state = {"version": STATE_VERSION, "step": at_step, "epoch": at_step / steps_per_epoch,
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
-                             "bco": (bco_sum, bco_count), "elapsed_s": time.perf_counter() - t_start,
-                             "world_size": world, "n_train": len(pairs), "batch_size": cfg.batch_size,
-                             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "last_eval_step": last_eval_step,
-                             "group_by_length": cfg.group_by_length}
-            info = {"step": at_step, "epoch": at_step / steps_per_epoch, "base_model": policy_info["model_name"],
-                    "model": cfg.model, "finetune": cfg.finetune, "max_length": max_length, "truncation": truncation,
-                    "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache, "prefcache_version": __version__}
-            save_checkpoint(out, at_step, policy, tokenizer, trainer_state, info)
-        barrier(world)
+def _train(cfg: TrainConfig) -> dict:
+    rank, world, device = setup(resolve_device(cfg.device))
+    main = rank == 0
+    out = Path(cfg.out)
 
-    if eval_pairs and step == 0:
-        run_eval(0)  # the baseline: at step 0 a fresh LoRA policy is the reference
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (main and cfg.progress),
+    # 1. Tokenizer, reference cache and data: everything is checked before a model is loaded.
+    source = resolve_model(cfg.model, cfg.revision)
+    mapping = RowMapping.of(cfg)
+    tokenizer = load_tokenizer(source)
+    reference, max_length, truncation = open_reference(cfg, tokenizer, mapping)
+    finetune, mismatch = resolve_finetune(cfg.finetune, reference.metadata if reference else None, device)
+    if finetune != cfg.finetune:  # run.json and checkpoints record the policy actually trained
+        cfg = replace(cfg, finetune=finetune)
+    if mismatch and main:
+        print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
+    data = load_pairs(cfg, tokenizer, mapping, reference, max_length, truncation)
+    steps_per_epoch = math.ceil(math.ceil(len(data.pairs) / world) / (cfg.batch_size * cfg.grad_accum))
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    # 2. The run directory: a fresh one, or a resume from its latest checkpoint.
+    if (notice := check_run_dir(out, cfg.resume)) and main:
+        print(f"prefcache train: {notice}", file=sys.stderr)
+    ckpt, state, log = open_run(cfg, world=world, main=main, n_train=len(data.pairs))
+    run = RunState(cfg, out, rank, world, device, steps_per_epoch, total_steps, len(data.pairs), max_length,
+                   truncation, log, group_by_length=cfg.group_by_length, tokenizer=tokenizer)
+    if main:
+        write_pairs(out / "pairs.parquet", data.examples)
+        if data.bad_rows:
+            write_bad_rows(out / "bad_rows.jsonl", data.bad_rows)
+
+    # 3. The policy (only it), its optimizer and schedule; DDP wraps the module whose forward runs.
+    run.policy, run.policy_info = load_run_policy(cfg, source, ckpt, device)
+    model = build_model(run, data, cfg)
+    run.optimizer, run.scheduler, warmup = make_optimization(cfg, model.params, total_steps=total_steps, state=state)
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as in any data-parallel run
+    run.restore(state)
+    run_info = {"config": asdict(cfg), "prefcache_version": __version__, "world_size": world,
+                "max_length": max_length, "truncation": truncation, "policy": run.policy_info,
+                "cache": data.cache_meta,
+                "eval_cache": data.eval_reference.metadata if data.eval_pairs and data.eval_reference else None,
+                "train_pairs": len(data.pairs), "eval_pairs": len(data.eval_pairs), "bad_rows": len(data.bad_rows),
+                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
+                "pairs_per_step": cfg.batch_size * cfg.grad_accum * world, "prefix_sharing": model.sharing,
+                "resumed_from": str(ckpt) if ckpt else None,
+                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if main:
+        write_run_info(out, run_info)
+        write_config(cfg, out / "config.yaml")  # `prefcache train --config RUN/config.yaml` runs it again
+    run.trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
+    run.start_clock()
+
+    # 4. The loop: seeded epoch order -> a step of micro-batches -> log / eval / checkpoint.
+    evaluate = (lambda at_step: run_eval(run, data, model, at_step)) if data.eval_pairs else None
+    if evaluate and run.step == 0:
+        evaluate(0)  # the baseline: at step 0 a fresh LoRA policy is the reference
+    bar = tqdm(total=total_steps, initial=run.step, desc="train", unit="step", disable=not (main and cfg.progress),
                dynamic_ncols=True)
     order, order_epoch = None, None
-    while step < total_steps:
-        epoch, position = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:  # a fresh seeded permutation each epoch, resumable from the step alone
-            lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs] \
+    while run.step < total_steps:
+        if order_epoch != (epoch := run.step // steps_per_epoch):  # a fresh seeded permutation each epoch
+            lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in data.pairs] \
                 if cfg.group_by_length else None
-            order = epoch_order(len(pairs), cfg.seed, epoch, rank, world, lengths, cfg.batch_size * cfg.grad_accum)
+            order = epoch_order(len(data.pairs), cfg.seed, epoch, rank, world, lengths, cfg.batch_size * cfg.grad_accum)
             order_epoch = epoch
-        span = cfg.batch_size * cfg.grad_accum
-        step_idx = order[position * span : (position + 1) * span]
-        micro = [step_idx[i : i + cfg.batch_size] for i in range(0, len(step_idx), cfg.batch_size)]
-        t0 = time.perf_counter()
-        loss_sum, tokens, positions, cols, aux_sum = 0.0, 0, 0, [], None
-        for k, idx in enumerate(micro):
-            batch = [pairs[i] for i in idx]
-            ids = [p.id for p in batch]
-            # DDP all-reduces gradients on the last micro-batch of the step only.
-            sync = module.no_sync() if world > 1 and k < len(micro) - 1 else nullcontext()
-            with sync:
-                with autocast:
-                    pol = pair_logps(module, batch, pad_id=pad_id, device=device, chunk_size=cfg.chunk_size,
-                                     prefix_sharing=sharing, wpo=cfg.use_weighting)
-                ref = {c: v.to(device) for c, v in reference.lookup(ids).items()} if reference else None
-                inputs = loss_inputs(pol, ref)
-                bco = {}
-                if uses_bco:  # bco_pair's reward shift: the running mean of all rewards seen so far
-                    rewards = cfg.beta * torch.cat([inputs.policy_chosen_logps - inputs.ref_chosen_logps,
-                                                    inputs.policy_rejected_logps - inputs.ref_rejected_logps])
-                    seen = torch.tensor([rewards.detach().sum().item(), rewards.numel()], dtype=torch.float64)
-                    if world > 1:
-                        seen = all_reduce_sum(seen.to(device), world)
-                    bco_sum, bco_count = bco_sum + seen[0].item(), bco_count + int(seen[1].item())
-                    bco = {"bco_delta": bco_sum / bco_count}
-                result = combined_loss(cfg.loss, cfg.loss_weights, inputs, **loss_options, **bco)
-                check_step(step + 1, ids, result.losses)  # before backward: NaN never reaches the weights
-                # Each micro-batch's mean, weighted by its share of the step: the step's gradient is
-                # that of the mean over all its pairs, whatever the split into micro-batches.
-                loss = result.loss
-                if (aux := getattr(module, "module", module).aux_loss) is not None:
-                    # A mixture of experts also learns to balance its router, as its own forward would have it.
-                    loss = loss + aux_coef * aux
-                    aux_sum = (aux_sum or 0.0) + aux.item() * len(batch)
-                (loss * (len(batch) / len(step_idx))).backward()
-            loss_sum += result.loss.item() * len(batch)
-            tokens += pol.n_tokens
-            positions += pol.n_positions
-            cols.append(example_cols(batch, inputs, result, cfg.beta, cfg.ld_alpha))
-
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
-        check_step(step + 1, [pairs[i].id for i in step_idx], torch.zeros(0), grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_time = time.perf_counter() - t0
-
-        cols = {k: [v for c in cols for v in c[k]] for k in cols[0]}
-        local = aggregate(cols)
-        if step == 1 and reference is not None and main:  # step 1's numbers are the step-0 policy's
-            step0_margin = local["rewards_margins"]
-            print(f"prefcache train: step 0 margin {step0_margin:.4g}, loss {loss_sum / len(step_idx):.4f} "
-                  f"(0 and ln 2 = 0.6931 when the policy starts as the cache's reference)"
-                  + ("; the policy is NOT the cache's reference" if abs(step0_margin) > STEP0_MARGIN_TOLERANCE
-                     else ""), file=sys.stderr)
+        loss, local = train_step(run, data, model, order)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / len(step_idx):.4f}", acc=f"{local['rewards_accuracies']:.2f}",
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{local['rewards_accuracies']:.2f}",
                         margin=f"{local['rewards_margins']:.3f}", refresh=False)
-        if step % cfg.log_every == 0 or step == total_steps:
-            parts = gather((cols, loss_sum, tokens, peak_mem_mb(device), positions, aux_sum), world)
-            if main:
-                cols = {k: [v for c, *_ in parts for v in c[k]] for k in cols}
-                last_train = aggregate(cols) | {"loss": sum(p[1] for p in parts) / len(cols["id"])}
-                log.add_examples(cols, step=step, split="train")
-                log.add_step(row := {**last_train, "step": step, "epoch": step / steps_per_epoch, "split": "train",
-                              "lr": lr, "grad_norm": grad_norm, "tokens_per_s": sum(p[2] for p in parts) / step_time,
-                              "peak_mem_mb": max(p[3] for p in parts), "time_s": time.perf_counter() - t_start,
-                              # the share of the computed token positions that were padding
-                              "padding_share": 1 - sum(p[2] for p in parts) / max(sum(p[4] for p in parts), 1),
-                              "aux_loss": None if aux_sum is None else sum(p[5] for p in parts) / len(cols["id"])})
-                trackers.log(row, step=step, split="train")
-        if eval_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-            run_eval(step)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-            save(step)
-            last_saved = step
-        if log.pending >= cfg.flush_every:
-            log.flush()
+        after_step(run, evaluate)
     bar.close()
-    if eval_pairs and last_eval_step != step:
-        run_eval(step)
-    if last_saved != step:  # a resume of a finished run: make sure the final checkpoint exists
-        save(step)
-    log.flush()
-    trackers.close()
+    finish(run, evaluate)
 
-    summary = {"run": str(out), "steps": step, "final_checkpoint": str(checkpoint_dir(out, step)),
-               "train": {k: v for k, v in last_train.items() if k != "n"}, "eval": last_eval,
-               "seconds": time.perf_counter() - t_start, "resumed_from": str(ckpt) if ckpt else None,
-               "step0_margin": step0_margin}
+    summary = {"run": str(out), "steps": run.step, "final_checkpoint": str(checkpoint_dir(out, run.step)),
+               "train": {k: v for k, v in run.last_train.items() if k != "n"}, "eval": run.last_eval,
+               "seconds": run.elapsed(), "resumed_from": str(ckpt) if ckpt else None,
+               "step0_margin": run.step0_margin}
     if main:
-        write_json_atomic(run_info | {"result": summary}, out / "run.json")
+        write_run_info(out, run_info | {"result": summary})
     barrier(world)
     return summary
 
 
-def held_out_ids(ids: list[str], fraction: float) -> set[str]:
-    """The eval share of the training ids, picked by a hash of the id: the same ids whatever the row order."""
-    k = max(1, round(fraction * len(ids)))
-    return set(sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:k])
+def micro_step(run: RunState, data: PairData, model: PairModel, batch: list, share: float):
+    """Forward and backward of one micro-batch; returns (loss result, loss inputs, policy values, aux loss).
+    ``share``: the micro-batch's share of the step's pairs."""
+    cfg = run.cfg
+    ids = [p.id for p in batch]
+    with model.autocast:
+        pol = pair_logps(model.module, batch, pad_id=model.pad_id, device=run.device, chunk_size=cfg.chunk_size,
+                         prefix_sharing=model.sharing, wpo=cfg.use_weighting)
+    ref = {c: v.to(run.device) for c, v in data.reference.lookup(ids).items()} if data.reference else None
+    inputs = loss_inputs(pol, ref)
+    bco = {}
+    if "bco_pair" in cfg.loss:  # bco_pair's reward shift: the running mean of all rewards seen so far
+        rewards = cfg.beta * torch.cat([inputs.policy_chosen_logps - inputs.ref_chosen_logps,
+                                        inputs.policy_rejected_logps - inputs.ref_rejected_logps])
+        seen = torch.tensor([rewards.detach().sum().item(), rewards.numel()], dtype=torch.float64)
+        if run.world > 1:
+            seen = all_reduce_sum(seen.to(run.device), run.world)
+        bco = {"bco_delta": run.bco.update(seen[0].item(), int(seen[1].item()))}
+    result = combined_loss(cfg.loss, cfg.loss_weights, inputs, **model.loss_options, **bco)
+    check_step(run.step + 1, ids, result.losses)  # before backward: NaN never reaches the weights
+    # Each micro-batch's mean, weighted by its share of the step: the step's gradient is that of the mean
+    # over all its pairs, whatever the split into micro-batches.
+    loss = result.loss
+    if (aux := getattr(model.module, "module", model.module).aux_loss) is not None:
+        loss = loss + model.aux_coef * aux  # a mixture of experts also learns to balance its router
+    (loss * share).backward()
+    return result, inputs, pol, aux
 
 
+def train_step(run: RunState, data: PairData, model: PairModel, order: list[int]) -> tuple[float, dict]:
+    """One optimizer step over this rank's share of the step's pairs; returns (mean loss, local metrics)."""
+    cfg, world = run.cfg, run.world
+    span = cfg.batch_size * cfg.grad_accum
+    position = run.step % run.steps_per_epoch
+    step_idx = order[position * span : (position + 1) * span]
+    micro = [step_idx[i : i + cfg.batch_size] for i in range(0, len(step_idx), cfg.batch_size)]
+    t0 = time.perf_counter()
+    loss_sum, tokens, positions, cols, aux_sum = 0.0, 0, 0, [], None
+    for k, idx in enumerate(micro):
+        batch = [data.pairs[i] for i in idx]
+        # DDP all-reduces gradients on the last micro-batch of the step only.
+        with model.module.no_sync() if world > 1 and k < len(micro) - 1 else nullcontext():
+            result, inputs, pol, aux = micro_step(run, data, model, batch, len(batch) / len(step_idx))
+        if aux is not None:
+            aux_sum = (aux_sum or 0.0) + aux.item() * len(batch)
+        loss_sum += result.loss.item() * len(batch)
+        tokens += pol.n_tokens
+        positions += pol.n_positions
+        cols.append(example_cols(batch, inputs, result, cfg.beta, cfg.ld_alpha))
 
-def check_resumable(state: dict, *, world: int, n_train: int, cfg: TrainConfig) -> None:
-    """The data order is a function of these: resuming with others would not continue the same run."""
-    now = {"world_size": world, "n_train": n_train, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-           "seed": cfg.seed, "group_by_length": cfg.group_by_length}
-    had = {"group_by_length": False}  # checkpoints from before length grouping: random batches
-    if diff := [f"{k}: checkpoint has {state.get(k, had.get(k))!r}, now {v!r}" for k, v in now.items()
-                if state.get(k, had.get(k)) != v]:
-        raise ValueError("cannot resume with other settings:\n  " + "\n  ".join(diff))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.params, cfg.max_grad_norm or math.inf).item()
+    check_step(run.step + 1, [data.pairs[i].id for i in step_idx], torch.zeros(0), grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    step_time = time.perf_counter() - t0
+
+    cols = {k: [v for c in cols for v in c[k]] for k in cols[0]}
+    local = aggregate(cols)
+    if run.step == 1 and data.reference is not None and run.main:  # step 1's numbers are the step-0 policy's
+        run.step0_margin = local["rewards_margins"]
+        print(f"prefcache train: step 0 margin {run.step0_margin:.4g}, loss {loss_sum / len(step_idx):.4f} "
+              f"(0 and ln 2 = 0.6931 when the policy starts as the cache's reference)"
+              + ("; the policy is NOT the cache's reference" if abs(run.step0_margin) > STEP0_MARGIN_TOLERANCE
+                 else ""), file=sys.stderr)
+    if run.due(cfg.log_every):
+        parts = gather((cols, loss_sum, tokens, peak_mem_mb(run.device), positions, aux_sum), world)
+        if run.main:
+            cols = {k: [v for c, *_ in parts for v in c[k]] for k in cols}
+            run.last_train = aggregate(cols) | {"loss": sum(p[1] for p in parts) / len(cols["id"])}
+            run.log.add_examples(cols, step=run.step, split="train")
+            run.log.add_step(row := {**run.last_train, "step": run.step, "epoch": run.epoch(run.step),
+                                     "split": "train", "lr": lr, "grad_norm": grad_norm,
+                                     "tokens_per_s": sum(p[2] for p in parts) / step_time,
+                                     "peak_mem_mb": max(p[3] for p in parts), "time_s": run.elapsed(),
+                                     # the share of the computed token positions that were padding
+                                     "padding_share": 1 - sum(p[2] for p in parts) / max(sum(p[4] for p in parts), 1),
+                                     "aux_loss": None if aux_sum is None else sum(p[5] for p in parts) / len(cols["id"])})
+            run.trackers.log(row, step=run.step, split="train")
+    return loss_sum / len(step_idx), local
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, lengths: list[int] | None = None,
-                span: int = 1) -> list[int]:
-    """This rank's pair indices for an epoch: a permutation seeded by (seed + epoch), padded to a multiple
-    of world_size by wrapping around, then every world_size-th index (as torch's DistributedSampler).
-
-    With ``lengths`` (tokens per pair), length-grouped as transformers' ``group_by_length``: the permutation
-    is cut into mega-batches of up to 50 steps' pairs (``span`` pairs per step per rank, times world_size;
-    fewer on small data), each sorted longest first, so a micro-batch holds pairs of similar length. Still
-    a function of (seed, epoch, rank, world, lengths, span) only: resume and data parallelism are unchanged,
-    and a step sees the same pairs whatever its split into micro-batches or ranks.
-    """
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    if lengths is not None:
-        step = span * world
-        mega = step * max(1, min(n // (4 * step), 50))
-        perm = [i for s in range(0, n, mega) for i in sorted(perm[s : s + mega], key=lambda i: -lengths[i])]
-    per_rank = math.ceil(n / world)
-    perm += perm[: per_rank * world - n]
-    return perm[rank::world]
-
-
-def make_optimizer(cfg: TrainConfig, params):
-    """AdamW (torch), or bitsandbytes' 8-bit / paged 8-bit AdamW. Weight decay on matrices only."""
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
-    return cls(groups, lr=cfg.lr)
+def run_eval(run: RunState, data: PairData, model: PairModel, at_step: int) -> None:
+    """Score the held-out pairs (each rank its share), logged by rank 0 as the eval split of ``at_step``."""
+    cfg = run.cfg
+    bco = {"bco_delta": run.bco.value} if "bco_pair" in cfg.loss else {}
+    cols, losses = evaluate_split(run.policy, data.eval_pairs[run.rank :: run.world], data.eval_reference, cfg,
+                                  pad_id=model.pad_id, device=run.device, loss_options={**model.loss_options, **bco},
+                                  prefix_sharing=model.sharing)
+    parts = gather((cols, losses), run.world)
+    if run.main:
+        cols = {k: [v for c, _ in parts for v in c[k]] for k in cols}
+        run.last_eval = aggregate(cols) | {"loss": sum(s for _, s in parts) / len(cols["id"])}
+        run.log.add_examples(cols, step=at_step, split="eval")
+        run.log.add_step(row := {**run.last_eval, "step": at_step, "epoch": run.epoch(at_step), "split": "eval",
+                                 "time_s": run.elapsed(), "peak_mem_mb": peak_mem_mb(run.device)})
+        run.trackers.log(row, step=at_step, split="eval")
+    run.last_eval_step = at_step
 
 
 def loss_inputs(pol: PairLogps, ref: dict | None) -> LossInputs:
