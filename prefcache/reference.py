@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+import pyarrow as pa
 
 from . import __version__
 from .atomic import WriteError
@@ -25,12 +27,28 @@ from .cache import (
     read_metadata,
     remove_temporaries,
     shard_paths,
+    summary,
     verify,
 )
 from .columns import RowMapping
 from .config import PrecomputeConfig
+from .data import BLOCK_ROWS, DataFormatError, collate, iter_pair_blocks, load_dataset_pairs, write_bad_rows
 from .distributed import barrier, dist_info, setup
+from .hub import resolve_adapter
 from .locking import directory_lock
+from .models import (
+    chat_template_hash,
+    compute_dtype,
+    file_fingerprint,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_device,
+    resolve_model,
+    resolve_quantization,
+    tokenizer_fingerprint,
+)
+from .runconfig import write_config
 from .schemas import cache_schema
 
 
@@ -40,8 +58,6 @@ def owner_rank(example_id: str, world_size: int) -> int:
 
 
 def cache_metadata(config: PrecomputeConfig, source, tokenizer, quantize: str, dtype: str, world_size: int) -> dict:
-    from .models import chat_template_hash, model_fingerprint, tokenizer_fingerprint
-
     return {
         "schema_version": SCHEMA_VERSION,
         "prefcache_version": __version__,
@@ -83,9 +99,6 @@ def library_versions() -> dict:
 def model_fingerprint_of_adapter(adapter: str | None) -> str | None:
     if not adapter:
         return None
-    from .hub import resolve_adapter
-    from .models import file_fingerprint
-
     files = sorted(p for p in resolve_adapter(adapter).iterdir() if p.suffix in (".safetensors", ".bin"))
     return file_fingerprint(files)
 
@@ -99,8 +112,7 @@ def score_sequences(model, sequences: list[tuple[list[int], int]], *, batch_size
     """
     import torch
 
-    from .data import collate
-    from .logprobs import token_logprobs
+    from .logprobs import token_logprobs  # torch
 
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))  # length buckets: little padding
     out: list = [None] * len(sequences)
@@ -121,29 +133,36 @@ def score_sequences(model, sequences: list[tuple[list[int], int]], *, batch_size
 
 
 def shard_columns(pairs, token_logps: dict, per_token: bool) -> dict[str, list]:
-    """Cache columns for ``pairs`` from per-sequence token log-probs keyed by the full token tuple."""
-    import numpy as np
+    """Cache columns for ``pairs`` from per-sequence token log-probs keyed by the full token tuple.
 
-    cols: dict[str, list] = {name: [] for name in cache_schema(per_token).names}
-    for p in pairs:
-        chosen = token_logps[tuple(p.prompt_ids + p.chosen_ids)]
-        rejected = token_logps[tuple(p.prompt_ids + p.rejected_ids)]
-        shared = min(len(chosen), len(rejected))  # LD-DPO's "public" length
-        cols["id"].append(p.id)
-        # Sum in float64: the per-token values are fp32, their sum need not lose more.
-        cols["chosen_logps"].append(float(np.sum(chosen, dtype=np.float64)))
-        cols["rejected_logps"].append(float(np.sum(rejected, dtype=np.float64)))
-        cols["chosen_logps_prefix"].append(float(np.sum(chosen[:shared], dtype=np.float64)))
-        cols["rejected_logps_prefix"].append(float(np.sum(rejected[:shared], dtype=np.float64)))
-        cols["prompt_tokens"].append(len(p.prompt_ids))
-        cols["chosen_tokens"].append(len(p.chosen_ids))
-        cols["rejected_tokens"].append(len(p.rejected_ids))
-        cols["chosen_truncated"].append(p.chosen_truncated)
-        cols["rejected_truncated"].append(p.rejected_truncated)
-        if per_token:
-            cols["chosen_token_logps"].append(chosen.tolist())
-            cols["rejected_token_logps"].append(rejected.tolist())
-    return cols
+    The sums are :func:`~prefcache.logprobs.pair_sums`, the trainer's own reduction, in float64: the
+    per-token values are fp32, their sum need not lose more.
+    """
+    import torch
+
+    from .logprobs import pair_sums  # torch
+
+    chosen = [token_logps[tuple(p.prompt_ids + p.chosen_ids)] for p in pairs]
+    rejected = [token_logps[tuple(p.prompt_ids + p.rejected_ids)] for p in pairs]
+
+    def padded(values):  # [B, T] float64 values and their mask
+        lengths = torch.tensor([len(v) for v in values])
+        tok = torch.zeros(len(values), max((len(v) for v in values), default=0), dtype=torch.float64)
+        for row, v in enumerate(values):
+            tok[row, : len(v)] = torch.from_numpy(v)
+        return tok, torch.arange(tok.shape[1])[None, :] < lengths[:, None]
+
+    (total_c, total_r), (prefix_c, prefix_r), _ = pair_sums(padded(chosen), padded(rejected))
+    cols = {"id": [p.id for p in pairs], "chosen_logps": total_c.tolist(), "rejected_logps": total_r.tolist(),
+            "chosen_logps_prefix": prefix_c.tolist(), "rejected_logps_prefix": prefix_r.tolist(),
+            "prompt_tokens": [len(p.prompt_ids) for p in pairs], "chosen_tokens": [len(p.chosen_ids) for p in pairs],
+            "rejected_tokens": [len(p.rejected_ids) for p in pairs],
+            "chosen_truncated": [p.chosen_truncated for p in pairs],
+            "rejected_truncated": [p.rejected_truncated for p in pairs]}
+    if per_token:
+        cols["chosen_token_logps"] = [v.tolist() for v in chosen]
+        cols["rejected_token_logps"] = [v.tolist() for v in rejected]
+    return {name: cols[name] for name in cache_schema(per_token).names}
 
 
 def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
@@ -154,7 +173,7 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     """
     config = config or PrecomputeConfig(**options)
     if config.unpaired:  # KTO data: one completion per example plus its KL completion
-        from .unpaired import precompute_unpaired
+        from .unpaired import precompute_unpaired  # it imports this module
 
         with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
             return precompute_unpaired(config, kl_group_size=config.kl_group_size)
@@ -163,27 +182,61 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
         return _precompute(config)
 
 
-def _precompute(config: PrecomputeConfig) -> dict:
-    import pyarrow as pa
-    from tqdm.auto import tqdm
+@dataclass
+class DataScan:
+    """What reading the data found so far: every scorable id (the coverage check at the end) and the bad rows."""
 
-    from .data import BLOCK_ROWS, DataFormatError, iter_pair_blocks, write_bad_rows
-    from .models import (
-        compute_dtype,
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_model,
-        resolve_quantization,
-    )
+    data_ids: list = field(default_factory=list)  # Arrow string arrays, one a block: off the Python heap
+    bad_rows: list = field(default_factory=list)
 
-    rank, world, device = setup(resolve_device(config.device))
-    t0 = time.perf_counter()
-    source = resolve_model(config.model, config.revision)
+    def n_ids(self) -> int:
+        return sum(len(a) for a in self.data_ids)
+
+    def ids(self):
+        return itertools.chain.from_iterable(a.to_pylist() for a in self.data_ids)
+
+
+def pending_shards(config: PrecomputeConfig, tokenizer, done: set[str], rank: int, world: int, scan: DataScan):
+    """Shards still to score (this rank's ids not yet cached), read block by block: the data is never held
+    whole (bounded memory). Fills ``scan`` as it reads."""
+    block_rows = config.shard_size * max(1, BLOCK_ROWS // config.shard_size)
+    for block, bad in iter_pair_blocks(config.data, tokenizer, config.max_length, config.truncation,
+                                       config.on_bad_row, split=config.split, data_config=config.data_config,
+                                       mapping=RowMapping.of(config), block_rows=block_rows):
+        scan.bad_rows.extend(bad)
+        scan.data_ids.append(pa.array([p.id for p in block], pa.string()))
+        pending = [p for p in block if p.id not in done and owner_rank(p.id, world) == rank]
+        # Longest pairs first: batches of similar length, and an out-of-memory shows up at once.
+        pending.sort(key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
+        for s in range(0, len(pending), config.shard_size):
+            yield pending[s : s + config.shard_size]
+
+
+class Progress:
+    """The pass's bar. It moves per batch (pairs in proportion to the shard's sequences scored), so its
+    pairs/s is live; tokens/s counts the real (unpadded) tokens scored."""
+
+    def __init__(self, bar):
+        self.bar, self.tokens, self.t_start = bar, 0, time.perf_counter()
+        self.start = self.n_keys = self.n_pairs = self.seqs = 0
+
+    def shard(self, start: int, n_keys: int, n_pairs: int) -> None:
+        """A shard of ``n_pairs`` pairs (``n_keys`` unique sequences) begins, the bar at ``start`` pairs."""
+        self.start, self.n_keys, self.n_pairs, self.seqs = start, n_keys, n_pairs, 0
+
+    def __call__(self, n_seqs: int, n_tokens: int) -> None:
+        self.tokens, self.seqs = self.tokens + n_tokens, self.seqs + n_seqs
+        elapsed = max(time.perf_counter() - self.t_start, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+        self.bar.update(self.start + int(self.seqs / self.n_keys * self.n_pairs) - self.bar.n)
+
+
+def cache_to_extend(config: PrecomputeConfig, source, tokenizer, device: str, rank: int, world: int) -> dict:
+    """The metadata this pass writes; an existing cache in ``out`` must have been made the same way (what a
+    killed pass of this rank left half-written is removed first)."""
     quantize = resolve_quantization(config.quantize, device)
-    tokenizer = load_tokenizer(source)
-    meta = cache_metadata(config, source, tokenizer, quantize, str(compute_dtype(quantize, device)).replace("torch.", ""), world)
-
+    dtype = str(compute_dtype(quantize, device)).replace("torch.", "")
+    meta = cache_metadata(config, source, tokenizer, quantize, dtype, world)
     out = Path(config.out)
     remove_temporaries(out, rank)  # of a killed pass, even when nothing is left to score
     if out.exists() and shard_paths(out):
@@ -193,100 +246,96 @@ def _precompute(config: PrecomputeConfig) -> dict:
                              + "\n  ".join(diff) + "\nUse a new --out directory, or the original settings.")
         # An extension keeps the path the cache was made with (the values agree to float rounding either way).
         meta["prefix_sharing"] = bool(have.get("prefix_sharing", False))
+    return meta
 
+
+def score_shard(model, shard: list, config: PrecomputeConfig, *, sharing: bool, pad_id: int, device: str,
+                progress: Progress, start: int) -> dict[str, list]:
+    """The cache columns of one shard (``start``: pairs scored before it); an identical (prompt, completion)
+    sequence is scored once."""
+    unique: dict[tuple, int] = {}
+    for p in shard:
+        for completion in (p.chosen_ids, p.rejected_ids):
+            unique.setdefault(tuple(p.prompt_ids + completion), len(p.prompt_ids))
+    keys = list(unique)
+    progress.shard(start, len(keys), len(shard))
+    sequences = [(list(k), unique[k]) for k in keys]
+    if sharing:  # a prompt once per packed row, for all of its unique completions in the shard
+        from .packing import score_shared  # torch
+
+        logps = score_shared(model, sequences, batch_size=config.batch_size, pad_id=pad_id, chunk_size=config.chunk_size,
+                             device=device, max_row=2 * config.max_length, on_batch=progress)
+    else:
+        logps = score_sequences(model, sequences, batch_size=2 * config.batch_size, pad_id=pad_id,
+                                chunk_size=config.chunk_size, device=device, on_batch=progress)
+    return shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token)
+
+
+def score_pass(config: PrecomputeConfig, source, meta: dict, shards, *, pad_id: int, device: str, rank: int,
+               world: int) -> tuple[int, int]:
+    """Load the reference model, score ``shards`` and write each as it is done; returns (pairs, tokens)."""
+    from tqdm.auto import tqdm
+
+    from .packing import resolve_sharing  # torch
+
+    out = Path(config.out)
+    model, _ = load_model(source, quantize=meta["quantization"], device=device, adapter=config.adapter)
+    sharing = meta["prefix_sharing"] = resolve_sharing(model, meta["prefix_sharing"])
+    writer = CacheWriter(out, meta, rank=rank)
+    if rank == 0:
+        writer.write_manifest()
+    bar = tqdm(unit="pair", desc=f"precompute{f' rank {rank}' if world > 1 else ''}", disable=not config.progress,
+               dynamic_ncols=True)
+    progress, scored = Progress(bar), 0
+    for shard in shards:
+        columns = score_shard(model, shard, config, sharing=sharing, pad_id=pad_id, device=device, progress=progress,
+                              start=scored)
+        try:
+            writer.write(columns)
+        except WriteError as e:  # disk full, file-size limit, read-only: the shards written stay whole
+            raise WriteError(e.errno, f"{e}; the {scored} pairs of this pass already in {out} are kept: "
+                                      "free space and rerun the same command to finish the cache") from e
+        scored += len(shard)
+        bar.update(scored - bar.n)
+    bar.close()
+    return scored, progress.tokens
+
+
+def _precompute(config: PrecomputeConfig) -> dict:
+    rank, world, device = setup(resolve_device(config.device))
+    t0 = time.perf_counter()
+    source = resolve_model(config.model, config.revision)
+    tokenizer = load_tokenizer(source)
+    meta = cache_to_extend(config, source, tokenizer, device, rank, world)
+    out = Path(config.out)
     done = existing_ids(out) if out.exists() else set()
-    before = len(done)
-    data_ids: list = []  # every scorable id of the data, as Arrow arrays (off the Python heap): the final check
-    bad_rows: list = []
-
-    def pending_shards():
-        """Shards still to score, read block by block: the data is never held whole (bounded memory)."""
-        block_rows = config.shard_size * max(1, BLOCK_ROWS // config.shard_size)
-        for block, bad in iter_pair_blocks(config.data, tokenizer, config.max_length, config.truncation,
-                                           config.on_bad_row, split=config.split, data_config=config.data_config,
-                                           mapping=RowMapping.of(config), block_rows=block_rows):
-            bad_rows.extend(bad)
-            data_ids.append(pa.array([p.id for p in block], pa.string()))
-            pending = [p for p in block if p.id not in done and owner_rank(p.id, world) == rank]
-            # Longest pairs first: batches of similar length, and an out-of-memory shows up at once.
-            pending.sort(key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
-            for s in range(0, len(pending), config.shard_size):
-                yield pending[s : s + config.shard_size]
-
-    shards = pending_shards()
+    scan = DataScan()
+    shards = pending_shards(config, tokenizer, done, rank, world, scan)
     first = next(shards, None)  # nothing pending: the model is never loaded
-    if first is None and not data_ids:  # the whole data was read: not one scorable pair in it
-        if not bad_rows:
+    if first is None and not scan.data_ids:  # the whole data was read: not one scorable pair in it
+        if not scan.bad_rows:
             raise DataFormatError(f"{config.data} holds no preference rows: nothing to cache")
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            write_bad_rows(out / "bad_rows.jsonl", bad_rows)
-        raise DataFormatError(f"all {len(bad_rows)} rows of {config.data} are bad rows (listed in "
+            write_bad_rows(out / "bad_rows.jsonl", scan.bad_rows)
+        raise DataFormatError(f"all {len(scan.bad_rows)} rows of {config.data} are bad rows (listed in "
                               f"{out / 'bad_rows.jsonl'}): nothing to cache")
     scored_pairs = scored_tokens = 0
     if first is not None:
-        model, _ = load_model(source, quantize=quantize, device=device, adapter=config.adapter)
-        from .packing import resolve_sharing, score_shared
-
-        sharing = meta["prefix_sharing"] = resolve_sharing(model, meta["prefix_sharing"])
-        writer = CacheWriter(out, meta, rank=rank)
-        if rank == 0:
-            writer.write_manifest()
-        bar = tqdm(unit="pair", desc=f"precompute{f' rank {rank}' if world > 1 else ''}",
-                   disable=not config.progress, dynamic_ncols=True)
-        t_start = time.perf_counter()
-        for shard in itertools.chain([first], shards):
-            s = scored_pairs  # where the bar stands when this shard starts
-            unique: dict[tuple, int] = {}  # an identical (prompt, completion) sequence is scored once
-            for p in shard:
-                for completion in (p.chosen_ids, p.rejected_ids):
-                    unique.setdefault(tuple(p.prompt_ids + completion), len(p.prompt_ids))
-            keys = list(unique)
-            seqs_done, n_keys, n_pairs = 0, len(keys), len(shard)
-
-            def progress(n_seqs, n_tokens, start=s, n_keys=n_keys, n_pairs=n_pairs):
-                # The bar moves per batch (pairs in proportion to the shard's sequences scored), so its
-                # pairs/s is live; tokens/s counts the real (unpadded) tokens scored.
-                nonlocal scored_tokens, seqs_done
-                scored_tokens, seqs_done = scored_tokens + n_tokens, seqs_done + n_seqs
-                elapsed = max(time.perf_counter() - t_start, 1e-9)
-                bar.set_postfix_str(f"{scored_tokens / elapsed:,.0f} tok/s", refresh=False)
-                bar.update(start + int(seqs_done / n_keys * n_pairs) - bar.n)
-
-            sequences = [(list(k), unique[k]) for k in keys]
-            if sharing:  # a prompt once per packed row, for all of its unique completions in the shard
-                logps = score_shared(model, sequences, batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
-                                     chunk_size=config.chunk_size, device=device, max_row=2 * config.max_length,
-                                     on_batch=progress)
-            else:
-                logps = score_sequences(model, sequences, batch_size=2 * config.batch_size,
-                                        pad_id=tokenizer.pad_token_id, chunk_size=config.chunk_size, device=device,
-                                        on_batch=progress)
-            try:
-                writer.write(shard_columns(shard, dict(zip(keys, logps, strict=True)), config.per_token))
-            except WriteError as e:  # disk full, file-size limit, read-only: the shards written stay whole
-                raise WriteError(e.errno, f"{e}; the {scored_pairs} pairs of this pass already in {out} are kept: "
-                                          "free space and rerun the same command to finish the cache") from e
-            scored_pairs += len(shard)
-            bar.update(s + len(shard) - bar.n)
-        bar.close()
-        del model
-    if bad_rows and rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_bad_rows(out / "bad_rows.jsonl", bad_rows)
+        scored_pairs, scored_tokens = score_pass(config, source, meta, itertools.chain([first], shards),
+                                                 pad_id=tokenizer.pad_token_id, device=device, rank=rank, world=world)
+    if scan.bad_rows and rank == 0:
+        write_bad_rows(out / "bad_rows.jsonl", scan.bad_rows)
 
     problems: list[str] = []
     barrier(world)
     if rank == 0:
-        problems = verify(out, expected_ids=itertools.chain.from_iterable(a.to_pylist() for a in data_ids))
+        problems = verify(out, expected_ids=scan.ids())
         if out.exists():
-            from .runconfig import write_config
-
             write_config(config, out / "config.yaml")  # `prefcache precompute --config CACHE/config.yaml`
     elapsed = time.perf_counter() - t0
     return {
-        "cache": str(out), "rank": rank, "world_size": world, "pairs_in_data": sum(len(a) for a in data_ids),
-        "cached_before": before, "scored": scored_pairs, "bad_rows": len(bad_rows), "seconds": elapsed,
+        "cache": str(out), "rank": rank, "world_size": world, "pairs_in_data": scan.n_ids(),
+        "cached_before": len(done), "scored": scored_pairs, "bad_rows": len(scan.bad_rows), "seconds": elapsed,
         "pairs_per_s": scored_pairs / elapsed if elapsed else 0.0,
         "tokens_per_s": scored_tokens / elapsed if elapsed else 0.0,
         "problems": problems, "config": asdict(config),
@@ -301,10 +350,6 @@ def verify_cache(cache_dir: str, data: str | None = None, *, split: str | None =
     The data is tokenised as the cache says (its tokenizer, max_length, truncation), so rows the
     precompute pass had to skip (bad rows) are not counted as missing.
     """
-    from .cache import summary
-    from .data import load_dataset_pairs
-    from .models import load_tokenizer, resolve_model, tokenizer_fingerprint
-
     try:
         meta = read_metadata(cache_dir)
     except CacheError as e:
@@ -319,7 +364,7 @@ def verify_cache(cache_dir: str, data: str | None = None, *, split: str | None =
         if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
             problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
         if meta.get("kind") == "unpaired":  # a KTO cache: one row per (unpaired) example
-            from .unpaired import load_unpaired
+            from .unpaired import load_unpaired  # it imports this module
 
             pairs, _, _ = load_unpaired(data, tokenizer, meta["max_length"], meta["truncation"], "skip", unpair=True)
         else:

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from .cache import TOKENIZATION_KEYS, CacheError, read_cache, read_metadata
-from .logprobs import DEFAULT_CHUNK, token_logprobs
+from .cache import TOKENIZATION_KEYS, CacheError, differences, read_cache, read_metadata
+from .data import collate
+from .logprobs import DEFAULT_CHUNK, LogProbModule, pair_sums, token_logprobs
+from .models import chat_template_hash, tokenizer_fingerprint
+from .packing import pack, packed_token_logprobs, resolve_sharing
 from .schemas import CACHE, EXAMPLE_COLUMNS, example_columns
 
 
@@ -35,8 +38,6 @@ class PairLogps:
 
 def pair_tensors(pairs, pad_id: int):
     """[2B, T] input_ids, attention_mask, completion_mask: rows 0..B-1 chosen, B..2B-1 rejected."""
-    from .data import collate
-
     seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
     starts = [len(p.prompt_ids) for p in pairs] * 2
     return collate(seqs, starts, pad_id)
@@ -52,9 +53,6 @@ def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEF
     take the block mask falls back to two sequences (said once).
     ``wpo``: also the per-sequence values WPO's weights are made of (``losses.wpo_weights``).
     """
-    from .logprobs import LogProbModule
-    from .packing import pack, packed_token_logprobs, resolve_sharing
-
     module = model if isinstance(getattr(model, "module", model), LogProbModule) else None
     lm = getattr(model, "module", model).model if module is not None else model
     b = len(pairs)
@@ -76,14 +74,7 @@ def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEF
         sides = [(token[:b], completion[:b]), (token[b:], completion[b:])]
         sq_sides = [None, None] if sq is None else [sq[:b], sq[b:]]
         n_tokens, n_positions = int(attention.sum()), attention.numel()
-    counts = [mask.long().sum(-1) for _, mask in sides]  # [B] each
-    shared = torch.minimum(*counts)  # LD-DPO's public length, per pair
-    totals, prefixes = [], []
-    for tok, mask in sides:
-        # Position of each completion token within its completion: 1, 2, ... ; prefix = the first `shared`.
-        rank = mask.long().cumsum(-1) * mask
-        prefixes.append((tok * ((rank > 0) & (rank <= shared[:, None]))).sum(-1))
-        totals.append((tok * mask).sum(-1))
+    totals, prefixes, counts = pair_sums(*sides)  # the cache's own reduction (reference.shard_columns)
     out = PairLogps(totals[0], totals[1], prefixes[0], prefixes[1], counts[0].float(), counts[1].float(), n_tokens,
                     n_positions)
     if wpo:  # TRL 1.16's WPO: mean over the completion of (log p - log Σ p²), no gradient
@@ -137,9 +128,6 @@ def cache_sharing(meta: dict) -> bool:
 
 def check_cache_matches(meta: dict, tokenizer, max_length: int, truncation: str) -> None:
     """Refuse a cache whose tokenisation is not the one about to be used, saying what differs."""
-    from .cache import differences
-    from .models import chat_template_hash, tokenizer_fingerprint
-
     want = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "chat_template_hash": chat_template_hash(tokenizer),
             "max_length": max_length, "truncation": truncation}
     if diff := differences(meta, want, TOKENIZATION_KEYS):
