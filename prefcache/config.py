@@ -9,6 +9,10 @@ import math
 import re
 from dataclasses import dataclass
 
+from .columns import RowMapping, parse_columns
+from .schedule import SCHEDULES
+from .trackers import parse_report_to
+
 QUANTIZATIONS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
 TRUNCATIONS = ("keep_start", "keep_end")
 BAD_ROW_POLICIES = ("fail", "skip")
@@ -26,8 +30,6 @@ def _choice(name: str, value, allowed) -> None:
 
 def _data_options(config) -> None:
     """Validate the column mapping and templates now (one clear line), and store columns as text."""
-    from .columns import RowMapping, parse_columns
-
     columns = parse_columns(getattr(config, "columns", None))
     object.__setattr__(config, "columns", ",".join(f"{t}={c}" for t, c in columns) or None)
     RowMapping.of(config)
@@ -121,7 +123,7 @@ class PrecomputeConfig:
 FINETUNES = ("auto", "lora", "qlora", "full")
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired")  # losses on unpaired data (prefcache.kto), each used alone
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # f-DPO (losses.f_scores)
-SCHEDULERS = ("cosine", "linear", "constant")
+SCHEDULERS = SCHEDULES  # prefcache.schedule implements them
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
@@ -225,8 +227,10 @@ class TrainConfig:
 
     def __post_init__(self):
         _data_options(self)
-        from .losses import LOSSES  # the registry decides which names exist and which need a reference
-        from .trackers import parse_report_to
+        from .losses import (  # torch: the registry says which names need a reference
+            LOSSES,
+            check_loss_options,
+        )
 
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))
 
@@ -243,8 +247,6 @@ class TrainConfig:
             raise ValueError(f"{', '.join(UNPAIRED_LOSSES)} train on unpaired data and cannot be combined: {list(loss)}")
         if not loss or len(set(loss)) != len(loss):
             raise ValueError(f"loss must name each loss once, got {list(loss)}")
-        from .losses import check_loss_options
-
         if loss[0] not in UNPAIRED_LOSSES:
             check_loss_options(loss, f_divergence=self.f_divergence, use_weighting=self.use_weighting,
                                label_smoothing=self.label_smoothing)

@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 
+from .atomic import write_text_atomic
 from .config import BAD_ROW_POLICIES, TRUNCATIONS
 from .formats import DataFormatError, iter_row_blocks, load_rows
 
@@ -437,8 +438,6 @@ def _column_names(rows) -> list[str]:
 
 def write_bad_rows(path: str | os.PathLike, bad_rows: list[BadRow]) -> None:
     """One JSON object per bad row: ``{"row" (0-based), "id", "problem"}``, and ``"line"`` (1-based) for JSONL/CSV."""
-    from .atomic import write_text_atomic
-
     write_text_atomic(path, "".join(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}
                                                | ({"line": b.line} if b.line else {}), ensure_ascii=False)
                                     + "\n" for b in bad_rows), prefix=".tmp-bad_rows-")

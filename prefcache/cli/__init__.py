@@ -12,6 +12,7 @@ import sys
 import click
 
 from prefcache import __version__
+from prefcache.allocator import current, maybe_reexec
 
 # command name -> (module, attribute); imported when the command is used or listed.
 COMMANDS = {
@@ -61,8 +62,6 @@ def main(ctx):
     (less memory, faster steps); set PREFCACHE_ALLOCATOR=system to keep the default.
     """
     if ctx.invoked_subcommand in HEAVY and not {"-h", "--help"} & set(sys.argv):
-        from prefcache.allocator import maybe_reexec
-
         maybe_reexec()
 
 
@@ -72,8 +71,6 @@ def env_cmd():
     import platform
 
     import torch
-
-    from prefcache.allocator import current
 
     rows = {"prefcache": __version__, "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "cuda available": torch.cuda.is_available(),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from prefcache import preflight
 from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.cli.precompute import run_api
-from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS
+from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS, EvalConfig, ScoreConfig
 
 
 def _show(df, run_dir) -> None:
@@ -46,8 +47,7 @@ def eval_cmd(**options):
       prefcache eval run1/checkpoints/step-000200 --tasks arc_easy,hellaswag --limit 200
       prefcache eval Qwen/Qwen2.5-0.5B-Instruct --tasks arc_easy --limit 200 --out qwen-evals
     """
-    from prefcache.config import EvalConfig
-    from prefcache.evaluation import evaluate, run_dir_of
+    from prefcache.evaluation import evaluate, run_dir_of  # polars, pyarrow, then lm-eval and torch
 
     config = run_api(EvalConfig, **options)
     df = run_api(evaluate, config)
@@ -85,11 +85,8 @@ def score_cmd(**options):
       prefcache precompute --data heldout.jsonl --out heldout-cache
       prefcache score run1 --cache heldout-cache --data heldout.jsonl
     """
-    from prefcache import preflight
-
     run_api(preflight.score, options)  # refusals that need no model, before torch loads
-    from prefcache.config import ScoreConfig
-    from prefcache.evaluation import run_dir_of, score
+    from prefcache.evaluation import run_dir_of, score  # polars, pyarrow, then torch
 
     config = run_api(ScoreConfig, **options)
     df = run_api(score, config)

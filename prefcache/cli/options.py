@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import click
 
+from prefcache.columns import unescape
+from prefcache.runconfig import ConfigFileError, read_config
+
 
 def _to_defaults(command: click.Command, data: dict, path: str) -> dict:
     """Config-file values -> click defaults for ``command``'s parameters."""
@@ -47,8 +50,6 @@ def _to_defaults(command: click.Command, data: dict, path: str) -> dict:
 def _load_config(ctx: click.Context, param: click.Parameter, value):
     if not value:
         return value
-    from prefcache.runconfig import ConfigFileError, read_config
-
     try:
         data = read_config(value)
     except ConfigFileError as e:
@@ -70,8 +71,6 @@ def revision_option(f):
 
 
 def _unescape(ctx, param, value):
-    from prefcache.columns import unescape
-
     return unescape(value)
 
 

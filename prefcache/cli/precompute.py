@@ -6,8 +6,9 @@ import json
 
 import click
 
+from prefcache import preflight
 from prefcache.cli.options import config_option, data_options, revision_option
-from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS, TRUNCATIONS
+from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS, TRUNCATIONS, PrecomputeConfig
 
 
 def run_api(fn, *args, **kwargs):
@@ -62,11 +63,8 @@ def precompute_cmd(no_progress, **options):
     Data-parallel (one shard set per rank):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
-    from prefcache import preflight
-
     run_api(preflight.precompute, options)  # refusals that need no model, before torch loads
-    from prefcache.config import PrecomputeConfig
-    from prefcache.reference import precompute
+    from prefcache.reference import precompute  # the API: data, models and (when scoring) torch
 
     config = run_api(PrecomputeConfig, progress=not no_progress, **options)
     result = run_api(precompute, config)

@@ -6,9 +6,18 @@ import os
 
 import click
 
+from prefcache import preflight
 from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.cli.precompute import run_api
-from prefcache.config import BAD_ROW_POLICIES, F_DIVERGENCES, FINETUNES, OPTIMIZERS, SCHEDULERS, TRUNCATIONS
+from prefcache.config import (
+    BAD_ROW_POLICIES,
+    F_DIVERGENCES,
+    FINETUNES,
+    OPTIMIZERS,
+    SCHEDULERS,
+    TRUNCATIONS,
+    TrainConfig,
+)
 
 
 @click.command("train")
@@ -100,11 +109,8 @@ def train_cmd(no_progress, max_grad_norm, **options):
     Reference-free, no cache:  prefcache train --data prefs.jsonl --out run2 --loss simpo --beta 2
     Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
     """
-    from prefcache import preflight
-
     run_api(preflight.train, options)  # refusals that need no model, before torch loads
-    from prefcache.config import TrainConfig
-    from prefcache.trainer import train
+    from prefcache.trainer import train  # torch
 
     config = run_api(TrainConfig, progress=not no_progress, max_grad_norm=max_grad_norm or None, **options)
     result = run_api(train, config)
