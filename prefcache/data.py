@@ -25,7 +25,7 @@ from .formats import DataFormatError, iter_row_blocks, load_rows
 
 __all__ = ["Example", "TokenizedPair", "BadRow", "BadDataError", "DataFormatError", "load_rows", "example_id",
            "extract_prompt", "prepare_examples", "tokenize_examples", "load_dataset_pairs", "write_bad_rows",
-           "collate", "iter_pair_blocks"]
+           "iter_pair_blocks"]
 
 SHOWN_BAD_ROWS = 10
 
@@ -441,26 +441,6 @@ def write_bad_rows(path: str | os.PathLike, bad_rows: list[BadRow]) -> None:
     write_text_atomic(path, "".join(json.dumps({"row": b.row, "id": b.id, "problem": b.problem}
                                                | ({"line": b.line} if b.line else {}), ensure_ascii=False)
                                     + "\n" for b in bad_rows), prefix=".tmp-bad_rows-")
-
-
-def collate(seqs: list[list[int]], completion_starts: list[int], pad_id: int):
-    """Right-pad token sequences into ``input_ids``, ``attention_mask``, ``completion_mask``, each [N, T]
-    int64 (T = longest sequence); ``completion_mask`` is 1 on positions ``completion_starts[i] <= t < len``."""
-    import torch
-
-    if len(seqs) != len(completion_starts):
-        raise ValueError(f"{len(seqs)} sequences but {len(completion_starts)} completion starts")
-    width = max((len(s) for s in seqs), default=0)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    completion = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (seq, start) in enumerate(zip(seqs, completion_starts, strict=True)):
-        if not 0 <= start <= len(seq):
-            raise ValueError(f"sequence {i}: completion start {start} outside 0..{len(seq)}")
-        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention[i, : len(seq)] = 1
-        completion[i, start : len(seq)] = 1
-    return input_ids, attention, completion
 
 
 def _check_policy(on_bad_row: str) -> None:

@@ -40,10 +40,10 @@ from .checkpoint import (
     checkpoint_dir,
 )
 from .config import UNPAIRED_LOSSES
-from .data import collate, write_bad_rows
+from .data import write_bad_rows
 from .distributed import all_reduce_sum, barrier, gather, setup
 from .guards import resolve_finetune
-from .logprobs import LogProbModule, token_logprobs
+from .logprobs import LogProbModule, collate, token_logprobs
 from .models import load_tokenizer, resolve_device, resolve_model
 from .runconfig import write_config
 from .rundir import write_run_info

@@ -148,6 +148,24 @@ def token_logprobs(
     return out, torch.zeros_like(out).index_put((rows, cols), sq_flat)
 
 
+def collate(seqs: list[list[int]], completion_starts: list[int], pad_id: int):
+    """Right-pad token sequences into ``input_ids``, ``attention_mask``, ``completion_mask``, each [N, T]
+    int64 (T = longest sequence); ``completion_mask`` is 1 on positions ``completion_starts[i] <= t < len``."""
+    if len(seqs) != len(completion_starts):
+        raise ValueError(f"{len(seqs)} sequences but {len(completion_starts)} completion starts")
+    width = max((len(s) for s in seqs), default=0)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (seq, start) in enumerate(zip(seqs, completion_starts, strict=True)):
+        if not 0 <= start <= len(seq):
+            raise ValueError(f"sequence {i}: completion start {start} outside 0..{len(seq)}")
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, : len(seq)] = 1
+        completion[i, start : len(seq)] = 1
+    return input_ids, attention, completion
+
+
 def pair_sums(chosen: tuple[torch.Tensor, torch.Tensor], rejected: tuple[torch.Tensor, torch.Tensor]):
     """The one reduction of the kernel's output for a pair: each side's ``(token log-probs [B, T], completion
     mask [B, T] bool)`` -> ``(totals, prefixes, counts)``, each a (chosen, rejected) pair of [B] tensors.

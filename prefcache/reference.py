@@ -32,7 +32,7 @@ from .cache import (
 )
 from .columns import RowMapping
 from .config import PrecomputeConfig
-from .data import BLOCK_ROWS, DataFormatError, collate, iter_pair_blocks, load_dataset_pairs, write_bad_rows
+from .data import BLOCK_ROWS, DataFormatError, iter_pair_blocks, load_dataset_pairs, write_bad_rows
 from .distributed import barrier, dist_info, setup
 from .hub import resolve_adapter
 from .locking import directory_lock
@@ -112,7 +112,7 @@ def score_sequences(model, sequences: list[tuple[list[int], int]], *, batch_size
     """
     import torch
 
-    from .logprobs import token_logprobs  # torch
+    from .logprobs import collate, token_logprobs  # torch
 
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))  # length buckets: little padding
     out: list = [None] * len(sequences)

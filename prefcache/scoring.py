@@ -13,8 +13,7 @@ import pyarrow as pa
 import torch
 
 from .cache import TOKENIZATION_KEYS, CacheError, differences, read_cache, read_metadata
-from .data import collate
-from .logprobs import DEFAULT_CHUNK, LogProbModule, pair_sums, token_logprobs
+from .logprobs import DEFAULT_CHUNK, LogProbModule, collate, pair_sums, token_logprobs
 from .models import chat_template_hash, tokenizer_fingerprint
 from .packing import pack, packed_token_logprobs, resolve_sharing
 from .schemas import CACHE, EXAMPLE_COLUMNS, example_columns

@@ -1,4 +1,4 @@
-"""prefcache.data: file formats, TRL's formats and tokenisation, truncation, ids, bad rows, collate."""
+"""prefcache.data: file formats, TRL's formats and tokenisation, truncation, ids, bad rows."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from prefcache.data import (
     DataFormatError,
     Example,
     _truncate,
-    collate,
     example_id,
     extract_prompt,
     load_dataset_pairs,
@@ -402,7 +401,7 @@ def test_write_bad_rows(tmp_path):
     assert [BadRow(**json.loads(line)) for line in lines] == bad
 
 
-# --------------------------------------------------------------------------- end to end, collate
+# --------------------------------------------------------------------------- end to end
 
 
 def test_load_dataset_pairs(tmp_path, tok):
@@ -430,18 +429,6 @@ def test_tokenising_ten_thousand_rows_takes_seconds(tok):
     examples, _ = prepare_examples(rows, tok)
     pairs, _ = tokenize_examples(examples, tok, 64)
     assert len(pairs) == len({ex.id for ex in examples}) and time.perf_counter() - start < 30
-
-
-def test_collate():
-    import torch
-
-    input_ids, attention, completion = collate([[5, 6, 7, 8], [9, 10]], [2, 1], pad_id=0)
-    assert torch.equal(input_ids, torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]))
-    assert torch.equal(attention, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
-    assert torch.equal(completion, torch.tensor([[0, 0, 1, 1], [0, 1, 0, 0]]))
-    assert input_ids.dtype == torch.long
-    with pytest.raises(ValueError, match="completion start 3 outside 0..2"):
-        collate([[1, 2]], [3], pad_id=0)
 
 
 def test_pair_blocks_equal_the_whole_data_read_at_once(tmp_path, tokenizer):

@@ -198,8 +198,8 @@ def _hand_scores(model_dir: Path, adapter: Path | None, setup) -> dict[str, tupl
     import torch
 
     from prefcache.cache import read_cache
-    from prefcache.data import collate, load_dataset_pairs
-    from prefcache.logprobs import token_logprobs
+    from prefcache.data import load_dataset_pairs
+    from prefcache.logprobs import collate, token_logprobs
     from prefcache.models import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(str(model_dir))

@@ -159,3 +159,17 @@ def test_pair_sums_by_hand():
     assert pc.tolist() == [-3.0, -0.5] and pr.tolist() == [-9.0, -1.5]  # the first min(n_c, n_r) tokens
     assert nc.tolist() == [3, 1] and nr.tolist() == [2, 3]
     assert tc.dtype == torch.float64
+
+
+def test_collate():
+    import torch
+
+    from prefcache.logprobs import collate
+
+    input_ids, attention, completion = collate([[5, 6, 7, 8], [9, 10]], [2, 1], pad_id=0)
+    assert torch.equal(input_ids, torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]))
+    assert torch.equal(attention, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    assert torch.equal(completion, torch.tensor([[0, 0, 1, 1], [0, 1, 0, 0]]))
+    assert input_ids.dtype == torch.long
+    with pytest.raises(ValueError, match="completion start 3 outside 0..2"):
+        collate([[1, 2]], [3], pad_id=0)
