@@ -13,6 +13,7 @@ import click
 
 from prefcache import __version__
 from prefcache.allocator import current, maybe_reexec
+from prefcache.quiet import quiet_libraries
 
 # command name -> (module, attribute); imported when the command is used or listed.
 COMMANDS = {
@@ -72,6 +73,7 @@ def env_cmd():
 
     import torch
 
+    quiet_libraries()  # importing bitsandbytes below would print its CPU kernel notice
     rows = {"prefcache": __version__, "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "cuda available": torch.cuda.is_available(),
             "cpu threads": torch.get_num_threads(), "allocator": current()}
