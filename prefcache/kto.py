@@ -56,6 +56,7 @@ from .runstate import (
     load_run_policy,
     make_optimization,
     open_run,
+    step_counts,
 )
 from .scoring import check_cache_matches
 from .trackers import Trackers
@@ -293,8 +294,7 @@ def train_unpaired(cfg) -> dict:
     tokenizer = load_tokenizer(source)
     data = load_unpaired_data(cfg, tokenizer)
     cfg = replace(cfg, finetune=resolve_finetune(cfg.finetune, data.reference.metadata, device)[0])
-    steps_per_epoch = math.ceil(math.ceil(len(data.items) / world) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    steps_per_epoch, total_steps = step_counts(cfg, len(data.items), world)
     # the data order is random here (no length grouping), a function of (seed, epoch)
     ckpt, state, log = open_run(replace(cfg, group_by_length=False), world=world, main=rank == 0,
                                 n_train=len(data.items))

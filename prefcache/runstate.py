@@ -98,6 +98,13 @@ class RunState:
         return bool(every and self.step % every == 0) or self.step == self.total_steps
 
 
+def step_counts(cfg, n_train: int, world: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps): each rank takes every world_size-th example, and a step is
+    ``batch_size * grad_accum`` of them per rank; ``max_steps`` overrides ``epochs``."""
+    steps_per_epoch = math.ceil(math.ceil(n_train / world) / (cfg.batch_size * cfg.grad_accum))
+    return steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch
+
+
 def held_out_ids(ids: list[str], fraction: float) -> set[str]:
     """The eval share of the training ids, picked by a hash of the id: the same ids whatever the row order."""
     k = max(1, round(fraction * len(ids)))

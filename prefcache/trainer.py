@@ -50,6 +50,7 @@ from .runstate import (
     load_run_policy,
     make_optimization,
     open_run,
+    step_counts,
 )
 from .schemas import EXAMPLE_COLUMNS, example_columns
 from .scoring import (
@@ -185,8 +186,7 @@ def _train(cfg: TrainConfig) -> dict:
     if mismatch and main:
         print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
     data = load_pairs(cfg, tokenizer, mapping, reference, max_length, truncation)
-    steps_per_epoch = math.ceil(math.ceil(len(data.pairs) / world) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    steps_per_epoch, total_steps = step_counts(cfg, len(data.pairs), world)
 
     # 2. The run directory: a fresh one, or a resume from its latest checkpoint.
     if (notice := check_run_dir(out, cfg.resume)) and main:
