@@ -312,7 +312,7 @@ def _precompute(config: PrecomputeConfig) -> dict:
     scan = DataScan()
     shards = pending_shards(config, tokenizer, done, rank, world, scan)
     first = next(shards, None)  # nothing pending: the model is never loaded
-    if first is None and not scan.data_ids:  # the whole data was read: not one scorable pair in it
+    if first is None and not scan.n_ids():  # the whole data was read: not one scorable pair in it
         if not scan.bad_rows:
             raise DataFormatError(f"{config.data} holds no preference rows: nothing to cache")
         if rank == 0:

@@ -290,3 +290,11 @@ def test_a_cuda_cache_equals_the_cpu_cache(tmp_path, prefs_file, tiny_model):
     assert cpu["id"].to_list() == gpu["id"].to_list()
     for col in ("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix"):
         assert (cpu[col] - gpu[col]).abs().max() < 1e-3, col
+
+
+def test_data_of_bad_rows_only_is_refused_and_the_rows_listed(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b"}, {"prompt": "c", "rejected": "d"}])
+    with pytest.raises(ValueError, match=r"all 2 rows of .* are bad rows \(listed in .*bad_rows.jsonl\): nothing"):
+        run(data, tmp_path / "cache", tiny_model, on_bad_row="skip")
+    assert len((tmp_path / "cache" / "bad_rows.jsonl").read_text().splitlines()) == 2
+    assert not shard_paths(tmp_path / "cache")
