@@ -1,4 +1,4 @@
-"""prefcache end to end on the embedded SmolLM2-135M-Instruct, on CPU, in three to five minutes on 2 cores.
+"""prefcache end to end on the embedded SmolLM2-135M-Instruct, on CPU, in about six minutes on 2 cores.
 
     python examples/demo.py                # the default run (make demo)
     python examples/demo.py --scale 4      # 4x the data and steps
