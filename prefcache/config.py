@@ -61,8 +61,29 @@ def check_device(device: str) -> None:
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class DataOptions:
+    """Options shared by the commands that read preference data (precompute, train, score), declared once.
+
+    revision: the Hub revision (branch, tag or commit) of a Hub ``model``. split / data_config: the split and
+    subset of a Hub dataset or dataset folder. columns / *_template: the column mapping and prompt templates
+    (:mod:`prefcache.columns`), validated on construction.
+    """
+
+    revision: str | None = None
+    split: str | None = None
+    data_config: str | None = None
+    columns: str | None = None
+    prompt_template: str | None = None
+    chosen_template: str | None = None
+    rejected_template: str | None = None
+
+    def __post_init__(self):
+        _data_options(self)
+
+
 @dataclass(frozen=True)
-class PrecomputeConfig:
+class PrecomputeConfig(DataOptions):
     """What ``prefcache precompute`` does.
 
     data: preference data (JSONL/JSON/Parquet/CSV file or a ``datasets.save_to_disk`` folder).
@@ -97,18 +118,11 @@ class PrecomputeConfig:
     chunk_size: int = 512  # x 49k vocab x fp32 = 100 MB of logits at a time (2048: 400 MB)
     progress: bool = True
     prefix_sharing: bool = True
-    revision: str | None = None
-    split: str | None = None
-    data_config: str | None = None
-    columns: str | None = None
-    prompt_template: str | None = None
-    chosen_template: str | None = None
-    rejected_template: str | None = None
     unpaired: bool = False  # a KTO cache: each completion and its KL completion (prefcache.unpaired)
     kl_group_size: int = 8  # unpaired: KL completions rotate within groups of this many examples (TRL's batch)
 
     def __post_init__(self):
-        _data_options(self)
+        super().__post_init__()  # the data options
         _choice("quantize", self.quantize, QUANTIZATIONS)
         _positive("kl_group_size", self.kl_group_size)
         _choice("truncation", self.truncation, TRUNCATIONS)
@@ -135,7 +149,7 @@ def _names(value) -> tuple:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DataOptions):
     """What ``prefcache train`` does.
 
     data: training preference data (same formats as precompute). cache: the reference cache made from it
@@ -215,18 +229,11 @@ class TrainConfig:
     progress: bool = True
     prefix_sharing: bool | None = None  # None: as the cache was made (no cache: on)
     group_by_length: bool = True
-    revision: str | None = None
-    split: str | None = None
     eval_split: str | None = None
-    data_config: str | None = None
-    columns: str | None = None
-    prompt_template: str | None = None
-    chosen_template: str | None = None
-    rejected_template: str | None = None
     report_to: tuple[str, ...] = ()  # experiment trackers: tensorboard, wandb, trackio ("none" or () = only Parquet)
 
     def __post_init__(self):
-        _data_options(self)
+        super().__post_init__()  # the data options
         from .losses import (  # torch: the registry says which names need a reference
             LOSSES,
             check_loss_options,
@@ -355,7 +362,7 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class ScoreConfig:
+class ScoreConfig(DataOptions):
     """What ``prefcache score`` does: implicit rewards of checkpoints on held-out pairs, against the cache.
 
     checkpoints: as for :class:`EvalConfig` (``base`` scores the base model: rewards ~0 when the cache was
@@ -381,17 +388,10 @@ class ScoreConfig:
     quantize: str | None = None
     device: str = "auto"
     chunk_size: int = 512
-    revision: str | None = None
     out: str | None = None
-    split: str | None = None
-    data_config: str | None = None
-    columns: str | None = None
-    prompt_template: str | None = None
-    chosen_template: str | None = None
-    rejected_template: str | None = None
 
     def __post_init__(self):
-        _data_options(self)
+        super().__post_init__()  # the data options
         object.__setattr__(self, "checkpoints", _str_names(self.checkpoints))
         if not self.checkpoints and not self.base:
             raise ValueError("nothing to score: give checkpoints, or base=True")
