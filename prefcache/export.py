@@ -15,10 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .atomic import make_temp_dir, publish_dir, write_text_atomic
-from .config import UNPAIRED_LOSSES
-from .models import file_fingerprint, hf_folder, resolve_model
-from .rundir import CHECKPOINT_JSON, read_checkpoint_info, read_run_info
+from prefcache.core.atomic import make_temp_dir, publish_dir, write_text_atomic
+from prefcache.losses.unpaired import UNPAIRED_LOSSES
+from prefcache.model.load import file_fingerprint, hf_folder, resolve_model
+from prefcache.train.rundir import CHECKPOINT_JSON, read_checkpoint_info, read_run_info
 
 DTYPES = ("bf16", "fp16", "fp32")
 _SKIP = {"trainer_state.pt", CHECKPOINT_JSON}  # resume state, not something a user loads
@@ -37,7 +37,9 @@ def cache_fingerprint(cache_dir: str | os.PathLike | None, metadata: dict | None
     the cache folder is gone, of its recorded metadata (``meta:`` prefix)."""
     import hashlib
 
-    from .cache import shard_paths  # pyarrow: the CLI imports this module for --help (DTYPES)
+    from prefcache.cache.store import (
+        shard_paths,  # pyarrow: the CLI imports this module for --help (DTYPES)
+    )
 
     if cache_dir and Path(cache_dir).is_dir() and (shards := shard_paths(cache_dir)):
         return file_fingerprint(shards)

@@ -28,14 +28,14 @@ def one_thread():
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a plain HF folder (de-quantised from GGUF once)."""
-    from prefcache.models import default_model, hf_folder
+    from prefcache.model.load import default_model, hf_folder
 
     return hf_folder(default_model())
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smol_dir):
-    from prefcache.models import load_tokenizer, resolve_model
+    from prefcache.model.load import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model(str(smol_dir)))
 

@@ -17,7 +17,8 @@ import pytest
 from conftest import preference_rows, write_jsonl
 
 import prefcache
-from prefcache.atomic import (
+from prefcache.cache.store import read_cache, shard_paths, verify
+from prefcache.core.atomic import (
     WriteError,
     make_temp_dir,
     publish_dir,
@@ -26,7 +27,6 @@ from prefcache.atomic import (
     write_table_atomic,
     write_text_atomic,
 )
-from prefcache.cache import read_cache, shard_paths, verify
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
        "PREFCACHE_ALLOCATOR": "system", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -65,8 +65,8 @@ def test_a_failed_write_keeps_the_old_file_and_says_how_much_was_written(tmp_pat
 
 
 def test_run_outputs_are_readable_by_others_under_umask_022(tmp_path, tiny_model, umask022):
-    from prefcache.reference import precompute
-    from prefcache.trainer import train
+    from prefcache.precompute.shards import precompute
+    from prefcache.train.loop import train
 
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8) + [{"prompt": "p", "chosen": "", "rejected": "r"}])
     precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=64, progress=False,
@@ -91,7 +91,7 @@ def _limit_file_size(limit: int):
 
 
 def test_a_pass_that_cannot_write_a_shard_stops_with_one_line_and_a_rerun_completes(tmp_path, tiny_model):
-    from prefcache.reference import precompute
+    from prefcache.precompute.shards import precompute
 
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(tmp_path / "probe"), model=str(tiny_model), max_length=64, shard_size=4,
@@ -126,7 +126,7 @@ def test_a_read_only_cache_folder_is_one_line(tmp_path, tiny_model):
     assert r.returncode == 1 and "cannot write to" in r.stderr and "Traceback" not in r.stderr
 
 
-# Writing a file by any other route than prefcache.atomic: a rename, a temporary name, a direct write.
+# Writing a file by any other route than prefcache.core.atomic: a rename, a temporary name, a direct write.
 _OTHER_WRITERS = re.compile(r"os\.replace\(|os\.rename\(|\.rename\(|mkstemp\(|mkdtemp\(|\.write_text\(|\.write_bytes\(|"
                             r"open\([^)]*[\"'][wa]b?[\"']")
 # Files no user reads, each written once into a private temporary folder or as a lock.

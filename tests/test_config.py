@@ -6,7 +6,10 @@ import dataclasses
 
 import pytest
 
-from prefcache.config import EvalConfig, PrecomputeConfig, ScoreConfig, TrainConfig, check_device
+from prefcache.core.options import check_device
+from prefcache.evaluate.config import EvalConfig, ScoreConfig
+from prefcache.precompute.config import PrecomputeConfig
+from prefcache.train.config import TrainConfig
 
 
 def _train(**kw):

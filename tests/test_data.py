@@ -1,4 +1,4 @@
-"""prefcache.data: file formats, TRL's formats and tokenisation, truncation, ids, bad rows."""
+"""prefcache.data.pairs: file formats, TRL's formats and tokenisation, truncation, ids, bad rows."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prefcache.data import (
+from prefcache.data.pairs import (
     BadDataError,
     BadRow,
     DataFormatError,
@@ -435,7 +435,7 @@ def test_pair_blocks_equal_the_whole_data_read_at_once(tmp_path, tokenizer):
     """Read in blocks (bounded memory), the pairs, ids, bad rows and row numbers are those of one read."""
     from conftest import preference_rows
 
-    from prefcache.data import iter_pair_blocks, load_dataset_pairs
+    from prefcache.data.pairs import iter_pair_blocks, load_dataset_pairs
 
     rows = preference_rows(23)
     rows[15] = dict(rows[2])  # an exact duplicate in a later block: dropped

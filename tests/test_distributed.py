@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prefcache.distributed import all_reduce_sum, barrier, dist_info, gather, setup
+from prefcache.core.distributed import all_reduce_sum, barrier, dist_info, gather, setup
 
 
 def test_rank_and_world_from_the_environment(monkeypatch):

@@ -11,8 +11,8 @@ from conftest import preference_rows, write_jsonl
 
 from prefcache.cli import main
 from prefcache.export import export
-from prefcache.reference import precompute
-from prefcache.trainer import train
+from prefcache.precompute.shards import precompute
+from prefcache.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_merged_model_equals_adapter_on_base(run_dir, tmp_path, tokenizer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from prefcache.data import load_dataset_pairs
-    from prefcache.scoring import pair_logps
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.model.pairs import pair_logps
 
     out = tmp_path / "merged"
     result = CliRunner().invoke(main, ["export", str(run_dir["ckpt"]), "--out", str(out), "--merge", "--dtype", "fp32"])
@@ -89,8 +89,8 @@ def test_qlora_merges_into_the_dequantised_base_and_full_runs_export_as_models(r
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from prefcache.data import load_dataset_pairs
-    from prefcache.scoring import pair_logps
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.model.pairs import pair_logps
 
     common = {"data": str(run_dir["data"]), "cache": str(run_dir["root"] / "cache"), "model": str(run_dir["model"]),
               "max_steps": 1, "batch_size": 4, "warmup_steps": 0, "progress": False}

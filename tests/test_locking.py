@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import preference_rows, write_jsonl
 
-from prefcache.cache import existing_ids, read_cache, verify
-from prefcache.locking import LockedError, directory_lock, lock_path
+from prefcache.cache.store import existing_ids, read_cache, verify
+from prefcache.core.locking import LockedError, directory_lock, lock_path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
        "PREFCACHE_ALLOCATOR": "system"}
 HOLD = """
 import sys, time
-from prefcache.locking import directory_lock
+from prefcache.core.locking import directory_lock
 with directory_lock(sys.argv[1], "holder"):
     print("held", flush=True)
     time.sleep(60)
@@ -106,8 +106,8 @@ def test_two_concurrent_precompute_processes_lose_no_rows(tmp_path, tiny_model):
 
 
 def test_train_refuses_a_run_another_process_is_writing(tmp_path, tiny_model):
-    from prefcache.reference import precompute
-    from prefcache.trainer import train
+    from prefcache.precompute.shards import precompute
+    from prefcache.train.loop import train
 
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8))
     precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=64, progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefcache.models import (
+from prefcache.model.load import (
     ModelError,
     chat_template_hash,
     default_model,

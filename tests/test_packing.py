@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from prefcache.data import TokenizedPair
-from prefcache.packing import block_mask, group_by_prompt, pack, sharing_problem
-from prefcache.scoring import pair_logps
+from prefcache.data.pairs import TokenizedPair
+from prefcache.model.packing import block_mask, group_by_prompt, pack, sharing_problem
+from prefcache.model.pairs import pair_logps
 
 VOCAB = 301
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -14,9 +14,9 @@ import torch
 from click.testing import CliRunner
 from conftest import preference_rows, write_jsonl
 
-from prefcache.cache import CacheError, read_cache, read_metadata, shard_metadata, shard_paths
+from prefcache.cache.store import CacheError, read_cache, read_metadata, shard_metadata, shard_paths
 from prefcache.cli import main
-from prefcache.reference import precompute, verify_cache
+from prefcache.precompute.shards import precompute, verify_cache
 
 
 def run(data, out, model, **kw):
@@ -33,8 +33,8 @@ def frame(cache):
 def test_values_equal_a_naive_full_logits_computation(tmp_path, prefs_file, tiny_model, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from prefcache.data import load_dataset_pairs
-    from prefcache.logprobs import naive_token_logprobs
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.model.kernel import naive_token_logprobs
 
     result = run(prefs_file, tmp_path / "c", tiny_model, batch_size=3, per_token=True)
     assert result["scored"] == 24 and result["problems"] == []
@@ -100,8 +100,8 @@ def test_extending_with_other_settings_is_refused(tmp_path, prefs_file, tiny_mod
 
 @pytest.mark.parametrize("sharing", [False, True])
 def test_identical_sequences_are_scored_once(tmp_path, tiny_model, monkeypatch, sharing):
-    import prefcache.packing as packing
-    import prefcache.reference as pre
+    import prefcache.model.packing as packing
+    import prefcache.precompute.shards as pre
 
     rows = [{"prompt": "Same prompt", "chosen": " same answer", "rejected": f" other {i}"} for i in range(5)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -147,7 +147,7 @@ def test_bad_rows_fail_by_default_and_are_reported_when_skipped(tmp_path, tiny_m
 
 CRASHER = textwrap.dedent("""
     import os, sys
-    import prefcache.cache as cache
+    import prefcache.cache.store as cache
     real = cache.CacheWriter.write
     calls = []
     def write(self, columns):
@@ -157,7 +157,7 @@ CRASHER = textwrap.dedent("""
             os._exit(137)
         return real(self, columns)
     cache.CacheWriter.write = write
-    from prefcache.reference import precompute
+    from prefcache.precompute.shards import precompute
     precompute(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], max_length=64, quantize="fp32",
                shard_size=5, progress=False)
 """)
@@ -259,9 +259,9 @@ def test_smollm2_4bit_nf4_end_to_end(tmp_path):
 
 def test_public_api_names_stay_functions_after_every_module_is_imported():
     import prefcache
-    import prefcache.evaluation
-    import prefcache.reference
-    import prefcache.trainer  # noqa: F401 - importing a submodule must not rebind a public name
+    import prefcache.evaluate.evaluation
+    import prefcache.precompute.shards
+    import prefcache.train.loop  # noqa: F401 - importing a submodule must not rebind a public name
 
     for name in ("precompute", "verify_cache", "train", "evaluate", "score", "inspect_cache", "read_cache"):
         assert callable(getattr(prefcache, name)) and not isinstance(getattr(prefcache, name), type(prefcache)), name
@@ -269,10 +269,10 @@ def test_public_api_names_stay_functions_after_every_module_is_imported():
 
 def test_data_read_in_blocks_gives_the_same_cache(tmp_path, prefs_file, tiny_model, monkeypatch):
     """Precompute reads the data block by block (bounded memory); the cache is the one a single read makes."""
-    import prefcache.data
+    import prefcache.data.pairs
 
     run(prefs_file, tmp_path / "one", tiny_model)
-    monkeypatch.setattr(prefcache.data, "BLOCK_ROWS", 5)
+    monkeypatch.setattr(prefcache.data.pairs, "BLOCK_ROWS", 5)
     result = run(prefs_file, tmp_path / "blocks", tiny_model, shard_size=2)
     assert result["pairs_in_data"] == 24 and result["scored"] == 24 and not result["problems"]
     assert len(shard_paths(tmp_path / "blocks")) >= 12

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import preference_rows, write_jsonl
 
-from prefcache.cache import CacheError, read_metadata, verify
-from prefcache.data import prepare_examples, tokenize_examples
-from prefcache.unpaired import (
-    UnpairedReference,
+from prefcache.cache.lookup import UnpairedReference
+from prefcache.cache.store import CacheError, read_metadata, verify
+from prefcache.data.pairs import prepare_examples, tokenize_examples
+from prefcache.data.unpaired import (
     kl_partners,
     kl_sequence,
     load_unpaired,
@@ -73,8 +73,8 @@ def test_kl_sequence_truncates_keep_start(tokenizer, tmp_path):
 def test_unpaired_cache_holds_each_completion_and_its_kl_completion(tmp_path, tiny_model, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from prefcache.reference import precompute
-    from prefcache.trainer import train
+    from prefcache.precompute.shards import precompute
+    from prefcache.train.loop import train
 
     torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(6))
@@ -124,7 +124,7 @@ def test_inspect_and_verify_read_an_unpaired_cache(tmp_path, tiny_model):
     from click.testing import CliRunner
 
     from prefcache.cli import main
-    from prefcache.reference import precompute
+    from prefcache.precompute.shards import precompute
 
     torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(6))
@@ -142,7 +142,7 @@ def test_inspect_and_verify_read_an_unpaired_cache(tmp_path, tiny_model):
 
 
 def test_column_mappings_are_refused_for_unpaired_data(tmp_path, tiny_model):
-    from prefcache.reference import precompute
+    from prefcache.precompute.shards import precompute
 
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(4))
     with pytest.raises(ValueError, match="not supported for unpaired data"):
@@ -157,7 +157,7 @@ def test_two_process_unpaired_precompute_equals_one_process(tmp_path, tiny_model
 
     import polars as pl
 
-    from prefcache.reference import precompute
+    from prefcache.precompute.shards import precompute
 
     torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(10))

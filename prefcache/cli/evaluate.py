@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
-from prefcache import preflight
+from prefcache.cli import preflight
 from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.cli.precompute import run_api
-from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS, EvalConfig, ScoreConfig
+from prefcache.data.options import BAD_ROW_POLICIES
+from prefcache.evaluate.config import EvalConfig, ScoreConfig
+from prefcache.model.load import QUANTIZATIONS
 
 
 def _show(df, run_dir) -> None:
@@ -47,7 +49,7 @@ def eval_cmd(**options):
       prefcache eval run1/checkpoints/step-000200 --tasks arc_easy,hellaswag --limit 200
       prefcache eval Qwen/Qwen2.5-0.5B-Instruct --tasks arc_easy --limit 200 --out qwen-evals
     """
-    from prefcache.evaluation import evaluate, run_dir_of  # polars, pyarrow, then lm-eval and torch
+    from prefcache.evaluate.evaluation import evaluate, run_dir_of  # polars, pyarrow, then lm-eval and torch
 
     config = run_api(EvalConfig, **options)
     df = run_api(evaluate, config)
@@ -86,7 +88,7 @@ def score_cmd(**options):
       prefcache score run1 --cache heldout-cache --data heldout.jsonl
     """
     run_api(preflight.score, options)  # refusals that need no model, before torch loads
-    from prefcache.evaluation import run_dir_of, score  # polars, pyarrow, then torch
+    from prefcache.evaluate.evaluation import run_dir_of, score  # polars, pyarrow, then torch
 
     config = run_api(ScoreConfig, **options)
     df = run_api(score, config)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import click
 
-from prefcache.columns import unescape
-from prefcache.runconfig import ConfigFileError, read_config
+from prefcache.core.runconfig import ConfigFileError, read_config
+from prefcache.data.columns import unescape
 
 
 def _to_defaults(command: click.Command, data: dict, path: str) -> dict:

@@ -6,9 +6,11 @@ import json
 
 import click
 
-from prefcache import preflight
+from prefcache.cli import preflight
 from prefcache.cli.options import config_option, data_options, revision_option
-from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS, TRUNCATIONS, PrecomputeConfig
+from prefcache.data.options import BAD_ROW_POLICIES, TRUNCATIONS
+from prefcache.model.load import QUANTIZATIONS
+from prefcache.precompute.config import PrecomputeConfig
 
 
 def run_api(fn, *args, **kwargs):
@@ -64,7 +66,7 @@ def precompute_cmd(no_progress, **options):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
     run_api(preflight.precompute, options)  # refusals that need no model, before torch loads
-    from prefcache.reference import precompute  # the API: data, models and (when scoring) torch
+    from prefcache.precompute.shards import precompute  # the API: data, models and (when scoring) torch
 
     config = run_api(PrecomputeConfig, progress=not no_progress, **options)
     result = run_api(precompute, config)
@@ -93,7 +95,7 @@ def inspect_cmd(cache, as_json):
     Example:
       prefcache inspect ref-cache
     """
-    from prefcache.cache import summary
+    from prefcache.cache.store import summary
 
     info = run_api(summary, cache)
     if as_json:
@@ -132,7 +134,7 @@ def verify_cmd(cache, data, split, data_config):
     Example:
       prefcache verify ref-cache --data prefs.jsonl
     """
-    from prefcache.reference import verify_cache
+    from prefcache.precompute.shards import verify_cache
 
     report = run_api(verify_cache, cache, data, split=split, data_config=data_config)
     click.echo(report["summary"])

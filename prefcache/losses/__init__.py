@@ -14,8 +14,7 @@ The formulas follow TRL's ``DPOTrainer`` loss types (trl 1.x ``_compute_loss``),
 (simpo) and ``ORPOTrainer`` (orpo). Where a function differs, its docstring says "Deviation from TRL".
 """
 
-from ..config import F_DIVERGENCES
-from .combine import (
+from prefcache.losses.combine import (
            LOSSES,
            CombinedLoss,
            LossInputs,
@@ -24,7 +23,7 @@ from .combine import (
            check_loss_options,
            combined_loss,
 )
-from .pairs import LossOutput, f_scores, ld_logps, wpo_weights
+from prefcache.losses.pairs import F_DIVERGENCES, LossOutput, f_scores, ld_logps, wpo_weights
 
 __all__ = ["F_DIVERGENCES", "LOSSES", "CombinedLoss", "LossInputs", "LossOutput", "LossSpec", "RunningMean",
            "check_loss_options", "combined_loss", "f_scores", "ld_logps", "wpo_weights"]

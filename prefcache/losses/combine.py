@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from ..config import F_DIVERGENCES
-from .pairs import (
+from prefcache.losses.pairs import (
+    F_DIVERGENCES,
     LossOutput,
     aot,
     aot_unpaired,

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import F_DIVERGENCES
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # f-DPO (losses.f_scores)
+
+
 
 
 class LossOutput(NamedTuple):

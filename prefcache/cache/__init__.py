@@ -1,0 +1,1 @@
+"""prefcache.cache.store."""

@@ -1,0 +1,32 @@
+"""prefcache.cache.compat."""
+
+from __future__ import annotations
+
+from prefcache.cache.store import TOKENIZATION_KEYS, CacheError, differences
+from prefcache.data.columns import RowMapping
+from prefcache.model.load import chat_template_hash, tokenizer_fingerprint
+
+
+def check_cache_mapping(meta: dict, mapping: RowMapping, cache: str = "the reference cache") -> None:
+    """Refuse a cache made with other columns or templates (a cache without the key was made with none)."""
+    from prefcache.cache.store import (
+        CacheError,  # here: the CLI builds its options (and imports this) before pyarrow
+    )
+
+    have, want = meta.get("data_mapping"), mapping.record()
+    if have != want:
+        raise CacheError(f"{cache} was made with data mapping {have} but this run asks for {want}: the rendered "
+                         "texts differ. Use the --columns/--*-template the cache was made with, or precompute a new cache")
+
+
+def cache_sharing(meta: dict) -> bool:
+    """Whether a cache's values came from packed rows (caches made before prefix sharing: no)."""
+    return bool(meta.get("prefix_sharing", False))
+
+
+def check_cache_matches(meta: dict, tokenizer, max_length: int, truncation: str) -> None:
+    """Refuse a cache whose tokenisation is not the one about to be used, saying what differs."""
+    want = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "chat_template_hash": chat_template_hash(tokenizer),
+            "max_length": max_length, "truncation": truncation}
+    if diff := differences(meta, want, TOKENIZATION_KEYS):
+        raise CacheError("the reference cache does not match this model's tokenisation:\n  " + "\n  ".join(diff))

@@ -1,0 +1,56 @@
+"""A run's options as YAML: written next to what a run makes (``RUN/config.yaml``, ``CACHE/config.yaml``)
+and read back by ``--config`` on any command, so ``prefcache train --config RUN/config.yaml`` runs it again.
+
+Keys are the option names (``max_length`` or ``max-length``); values as YAML types, templates with real
+newlines. Only PyYAML's safe loader and dumper are used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+from prefcache.core.atomic import write_text_atomic
+
+
+class ConfigFileError(ValueError):
+    """A config file that cannot be read or names options the command does not have."""
+
+
+def to_yaml(config) -> str:
+    import yaml
+
+    data = asdict(config) if is_dataclass(config) else dict(config)
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+
+
+def write_config(config, path: str | os.PathLike) -> Path:
+    """Write ``config`` (an options dataclass) as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# prefcache options; rerun with: prefcache COMMAND --config {path.name}\n"
+    write_text_atomic(path, header + to_yaml(config), prefix=".tmp-config-")
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A YAML mapping of option names (``-`` or ``_``) to values; one-line errors."""
+    import yaml
+
+    path = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigFileError(f"config file {path}: cannot read it ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigFileError(f"config file {path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"config file {path}: expected a mapping of option names to values, "
+                              f"got a {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
