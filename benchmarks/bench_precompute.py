@@ -12,7 +12,7 @@ Every contender scores the same pairs (benchmarks/data.py, seeded) with the same
 SmolLM2-135M-Instruct), precision, batch size (pairs per forward, i.e. 2x sequences), max_length and
 torch thread count, each in its own process (so its peak memory is its own), under the same allocator:
 
-- prefcache: ``prefcache.precompute(...)`` (prefcache/precompute/shards.py) at its defaults (prefix sharing: each
+- prefcache: ``prefcache.precompute(...)`` (prefcache/reference/shards.py) at its defaults (prefix sharing: each
   prompt once, its completions packed after it), the real API path, writing a cache to a temp dir. Timed:
   its scoring (``score_shared`` / ``score_sequences``) plus its shard writing; not the model load or the
   tokenisation.
@@ -135,7 +135,7 @@ def _prefcache_child(name: str, spec: dict, phase: Phase) -> dict:
     from prefcache.model import kernel as plogprobs
     from prefcache.model import load as pmodels
     from prefcache.model import packing as ppacking
-    from prefcache.precompute import shards as pre
+    from prefcache.reference import shards as pre
 
     if name == "naive":  # score_sequences imports the kernel at call time: swap in the full-logits one
         naive = plogprobs.naive_token_logprobs

@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
     ap.add_argument("--keep", type=Path, help="write the data here and keep it")
     args = ap.parse_args()
-    from prefcache.analyze.views import connect
+    from prefcache.analysis.views import connect
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_sql-"))
     t0 = time.perf_counter()

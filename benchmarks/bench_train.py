@@ -17,7 +17,7 @@ lr 1e-5, no weight decay, constant LR, no warm-up), gradient clipping at 1.0 and
 count / OMP_NUM_THREADS. Activation checkpointing is each tool's default (both: on, non-reentrant), or
 off for all with --no-checkpointing. The modes:
 
-- prefcache      : ``prefcache.train`` (prefcache/train/loop.py) at its defaults (activation checkpointing,
+- prefcache      : ``prefcache.train`` (prefcache/training/loop.py) at its defaults (activation checkpointing,
                    prefix sharing, length-grouped batches): the policy only; the reference log-probs
                    come from a cache made beforehand by ``prefcache.precompute`` (a one-off pass, reported
                    on its own line);
@@ -82,7 +82,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 def run_precompute(spec: dict) -> dict:
-    from prefcache.precompute.shards import precompute
+    from prefcache.reference.shards import precompute
 
     t0 = time.perf_counter()
     precompute(data=spec["data"], out=spec["cache"], model=spec["model"], max_length=spec["max_length"],
@@ -95,7 +95,7 @@ def run_prefcache(spec: dict, mode: str = "prefcache") -> dict:
     import polars as pl
 
     import prefcache.model.policy as ppolicy
-    from prefcache.train.loop import train
+    from prefcache.training.loop import train
 
     base: list[float] = []
     load_policy = ppolicy.load_policy  # train() imports it at call time: wrapped, the RSS before the weights
@@ -277,7 +277,7 @@ def run_shape(shape: str, a, model: str, work: Path, env: dict, tokenizer) -> di
     from data import SHAPES, write_jsonl
 
     from prefcache.data.pairs import load_dataset_pairs
-    from prefcache.train.loop import epoch_order
+    from prefcache.training.loop import epoch_order
 
     total = a.warmup + a.steps
     rows = SHAPES[shape](total * a.batch_size, seed=a.seed, conversational=True)  # one epoch: every pair once

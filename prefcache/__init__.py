@@ -6,17 +6,17 @@ The heavy functions are imported on first use, so ``import prefcache`` (and ``pr
 __version__ = "0.1.0"
 
 _LAZY = {
-    "precompute": ("prefcache.precompute.shards", "precompute"),
-    "PrecomputeConfig": ("prefcache.train.config", "PrecomputeConfig"),
+    "precompute": ("prefcache.reference.shards", "precompute"),
+    "PrecomputeConfig": ("prefcache.reference.config", "PrecomputeConfig"),
     "inspect_cache": ("prefcache.cache.store", "summary"),
-    "verify_cache": ("prefcache.precompute.shards", "verify_cache"),
+    "verify_cache": ("prefcache.reference.shards", "verify_cache"),
     "read_cache": ("prefcache.cache.store", "read_cache"),
     "token_logprobs": ("prefcache.model.kernel", "token_logprobs"),
-    "train": ("prefcache.train.loop", "train"),
-    "TrainConfig": ("prefcache.train.config", "TrainConfig"),
-    "connect": ("prefcache.analyze.views", "connect"),
-    "evaluate": ("prefcache.evaluate.evaluation", "evaluate"),
-    "score": ("prefcache.evaluate.evaluation", "score"),
+    "train": ("prefcache.training.loop", "train"),
+    "TrainConfig": ("prefcache.training.config", "TrainConfig"),
+    "connect": ("prefcache.analysis.views", "connect"),
+    "evaluate": ("prefcache.evaluation.evaluation", "evaluate"),
+    "score": ("prefcache.evaluation.evaluation", "score"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 
 from prefcache.core.atomic import make_temp_dir, publish_dir, write_text_atomic
-from prefcache.losses.unpaired import UNPAIRED_LOSSES
+from prefcache.losses.registry import UNPAIRED_LOSSES
 from prefcache.model.load import file_fingerprint, hf_folder, resolve_model
-from prefcache.train.rundir import CHECKPOINT_JSON, read_checkpoint_info, read_run_info
+from prefcache.training.rundir import CHECKPOINT_JSON, read_checkpoint_info, read_run_info
 
 DTYPES = ("bf16", "fp16", "fp32")
 _SKIP = {"trainer_state.pt", CHECKPOINT_JSON}  # resume state, not something a user loads

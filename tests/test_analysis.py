@@ -1,4 +1,4 @@
-"""prefcache.analyze.views and the `sql` / `query` commands, on tiny Parquet fixtures with hand-worked answers.
+"""prefcache.analysis.views and the `sql` / `query` commands, on tiny Parquet fixtures with hand-worked answers.
 
 Fixture (contract schemas), numbers chosen so every expected value below can be checked by hand:
 
@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefcache.analyze import views as analysis
-from prefcache.analyze.views import AnalysisError, connect
+from prefcache.analysis import views as analysis
+from prefcache.analysis.views import AnalysisError, connect
 
 CACHE_COLS = ["id", "chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix",
               "prompt_tokens", "chosen_tokens", "rejected_tokens", "chosen_truncated", "rejected_truncated"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from prefcache.analyze.views import AnalysisError, connect
+from prefcache.analysis.views import AnalysisError, connect
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 HUGE = "SELECT a.range AS x FROM range(100000000) a, range(100000000) b"  # 1e16 rows
@@ -34,7 +34,7 @@ def test_max_rows_fetches_only_what_is_shown():
 
 READY_THEN_SQL = """
 import sys
-import duckdb, polars, prefcache.analyze.views, prefcache.cli.sql  # the imports done, Ctrl-C lands in the command
+import duckdb, polars, prefcache.analysis.views, prefcache.cli.sql  # the imports done, Ctrl-C lands in the command
 from prefcache.cli import main
 print("ready", flush=True)
 main(["sql", sys.argv[1]])

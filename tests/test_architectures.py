@@ -145,8 +145,8 @@ def test_step0_invariant_through_precompute_and_train(arch, tmp_path, tokenizer)
     own coefficient."""
     import polars as pl
 
-    from prefcache.precompute.shards import precompute
-    from prefcache.train.loop import train
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     folder = save_arch(tmp_path / arch, arch, tokenizer)
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8))

@@ -65,8 +65,8 @@ def test_a_failed_write_keeps_the_old_file_and_says_how_much_was_written(tmp_pat
 
 
 def test_run_outputs_are_readable_by_others_under_umask_022(tmp_path, tiny_model, umask022):
-    from prefcache.precompute.shards import precompute
-    from prefcache.train.loop import train
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8) + [{"prompt": "p", "chosen": "", "rejected": "r"}])
     precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=64, progress=False,
@@ -91,7 +91,7 @@ def _limit_file_size(limit: int):
 
 
 def test_a_pass_that_cannot_write_a_shard_stops_with_one_line_and_a_rerun_completes(tmp_path, tiny_model):
-    from prefcache.precompute.shards import precompute
+    from prefcache.reference.shards import precompute
 
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(tmp_path / "probe"), model=str(tiny_model), max_length=64, shard_size=4,

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from prefcache.cli import COMMANDS, main
-from prefcache.evaluate.config import EvalConfig, ScoreConfig
-from prefcache.precompute.config import PrecomputeConfig
-from prefcache.train.config import TrainConfig
+from prefcache.evaluation.config import EvalConfig, ScoreConfig
+from prefcache.reference.config import PrecomputeConfig
+from prefcache.training.config import TrainConfig
 
 # command -> (the dataclass it builds, the arguments its required options need)
 BUILDS = {

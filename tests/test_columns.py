@@ -39,7 +39,7 @@ def test_stack_exchange_rows_are_mapped_and_rendered(tmp_path, tokenizer):
 def test_bad_mappings_are_one_clear_line(tmp_path, tokenizer):
     from prefcache.data.formats import DataFormatError
     from prefcache.data.pairs import load_dataset_pairs
-    from prefcache.precompute.config import PrecomputeConfig
+    from prefcache.reference.config import PrecomputeConfig
 
     with pytest.raises(ValueError, match="--columns: unknown column 'question'; map id, prompt, chosen, rejected"):
         parse_columns("question=prompt")
@@ -85,7 +85,7 @@ def test_unescape_and_records():
 def test_cache_records_the_mapping_and_the_trainer_refuses_another(tmp_path, tiny_model):
     from prefcache.cache.store import CacheError, read_metadata
     from prefcache.cli import main
-    from prefcache.train.loop import train
+    from prefcache.training.loop import train
 
     data = write_jsonl(tmp_path / "se.jsonl", STACK * 2)
     cache = tmp_path / "cache"

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 
 from prefcache.core.options import check_device
-from prefcache.evaluate.config import EvalConfig, ScoreConfig
-from prefcache.precompute.config import PrecomputeConfig
-from prefcache.train.config import TrainConfig
+from prefcache.evaluation.config import EvalConfig, ScoreConfig
+from prefcache.reference.config import PrecomputeConfig
+from prefcache.training.config import TrainConfig
 
 
 def _train(**kw):

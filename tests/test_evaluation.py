@@ -1,4 +1,4 @@
-"""prefcache.evaluate.evaluation: lm-eval on checkpoints (`eval`) and cached implicit rewards (`score`), on a tiny model.
+"""prefcache.evaluation.evaluation: lm-eval on checkpoints (`eval`) and cached implicit rewards (`score`), on a tiny model.
 
 One small LoRA run (4 steps, checkpoints at 2 and 4, eval split) is trained once for the module; the
 lm-eval task is built from its held-out pairs by examples/make_lm_eval_task.py.
@@ -44,7 +44,7 @@ def _script(name: str):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model):
     """Train and held-out data, one cache holding both, a 4-step LoRA run, and the lm-eval task."""
-    from prefcache.precompute.shards import precompute
+    from prefcache.reference.shards import precompute
 
     root = tmp_path_factory.mktemp("evaluate")
     train = write_jsonl(root / "train.jsonl", preference_rows(16, seed=0))
@@ -54,7 +54,7 @@ def setup(tmp_path_factory, tiny_model):
         precompute(data=str(data), out=str(cache), model=str(tiny_model), quantize="fp32", max_length=64,
                    device="cpu", progress=False)
     run = root / "run"
-    train_mod = pytest.importorskip("prefcache.train.loop")
+    train_mod = pytest.importorskip("prefcache.training.loop")
     train_mod.train(data=str(train), cache=str(cache), out=str(run), model=str(tiny_model), max_steps=4,
                     save_every=2, batch_size=4, lr=1e-2, beta=BETA, eval_data=str(heldout), device="cpu",
                     lora_r=4, progress=False)
@@ -71,7 +71,7 @@ def _read(folder: Path, pattern: str) -> list[pa.Table]:
 # ----------------------------------------------------------------------------- configs and the task builder
 
 def test_configs_validate():
-    from prefcache.evaluate.config import EvalConfig, ScoreConfig
+    from prefcache.evaluation.config import EvalConfig, ScoreConfig
 
     assert EvalConfig(checkpoints="a, b", tasks="t1,t2").tasks == ("t1", "t2")
     with pytest.raises(ValueError, match="no tasks"):
@@ -109,7 +109,7 @@ def test_include_paths_made_absolute(tmp_path):
     """Relative data_files are resolved against their YAML; !function tags and other files survive."""
     import yaml
 
-    from prefcache.evaluate.evaluation import localise_include_paths
+    from prefcache.evaluation.evaluation import localise_include_paths
 
     src = tmp_path / "tasks"
     (src / "sub").mkdir(parents=True)
@@ -138,8 +138,8 @@ def test_include_paths_made_absolute(tmp_path):
 # ----------------------------------------------------------------------------- eval
 
 def test_eval_writes_contract_rows(setup, tmp_path, monkeypatch):
-    from prefcache.analyze.views import connect
-    from prefcache.evaluate.evaluation import evaluate
+    from prefcache.analysis.views import connect
+    from prefcache.evaluation.evaluation import evaluate
 
     run = setup["run"]
     monkeypatch.chdir(tmp_path)  # the task's relative data_files must not depend on the working directory
@@ -219,7 +219,7 @@ def _hand_scores(model_dir: Path, adapter: Path | None, setup) -> dict[str, tupl
 
 
 def test_score_checkpoint_equals_hand_computation(setup):
-    from prefcache.evaluate.evaluation import score
+    from prefcache.evaluation.evaluation import score
 
     run = setup["run"]
     ckpt = run / "checkpoints" / "step-000004"
@@ -250,7 +250,7 @@ def test_score_checkpoint_equals_hand_computation(setup):
 
 def test_score_policy_equal_to_reference_gives_zero_rewards(setup, tmp_path):
     """The base model (it made the cache) and a full-weights copy of it: rewards 0 to 1e-5."""
-    from prefcache.evaluate.evaluation import score
+    from prefcache.evaluation.evaluation import score
 
     full = tmp_path / "copy" / "step-000007"
     shutil.copytree(setup["model"], full)
@@ -267,7 +267,7 @@ def test_score_policy_equal_to_reference_gives_zero_rewards(setup, tmp_path):
 
 
 def test_score_agrees_with_the_trainers_eval_log(setup):
-    pytest.importorskip("prefcache.train.loop")
+    pytest.importorskip("prefcache.training.loop")
     from prefcache.cli import main
 
     run = setup["run"]
@@ -308,7 +308,7 @@ def test_score_refuses_a_cache_of_another_tokenisation(setup, tmp_path):
 def test_a_qlora_run_is_scored_on_a_4bit_base(setup, tmp_path):
     """run.json decides the precision: a QLoRA run's base loads in 4-bit, so against the fp32 cache its
     rewards are no longer 0; --quantize fp32 gives them back."""
-    from prefcache.evaluate.evaluation import run_settings, score
+    from prefcache.evaluation.evaluation import run_settings, score
 
     run = tmp_path / "qlora-run"
     run.mkdir()

@@ -11,8 +11,8 @@ from conftest import preference_rows, write_jsonl
 
 from prefcache.cli import main
 from prefcache.export import export
-from prefcache.precompute.shards import precompute
-from prefcache.train.loop import train
+from prefcache.reference.shards import precompute
+from prefcache.training.loop import train
 
 
 @pytest.fixture(scope="module")

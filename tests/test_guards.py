@@ -18,11 +18,11 @@ from conftest import preference_rows, write_jsonl
 from safetensors.torch import load_file
 
 from prefcache.cache.store import CacheError, shard_paths
-from prefcache.precompute.shards import precompute
-from prefcache.train.config import TrainConfig
-from prefcache.train.guards import NonFiniteError, resolve_finetune
-from prefcache.train.loop import train
-from prefcache.train.schedule import lr_factor
+from prefcache.reference.shards import precompute
+from prefcache.training.config import TrainConfig
+from prefcache.training.guards import NonFiniteError, resolve_finetune
+from prefcache.training.loop import train
+from prefcache.training.schedule import lr_factor
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
@@ -113,7 +113,7 @@ def test_a_copied_shard_duplicate_ids_is_refused(setup, tmp_path):
 
 
 def test_a_non_finite_loss_stops_at_its_step_keeping_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
-    import prefcache.train.loop as trainer_module
+    import prefcache.training.loop as trainer_module
 
     real = trainer_module.combined_loss
     calls = {"n": 0}
@@ -137,7 +137,7 @@ def test_a_non_finite_loss_stops_at_its_step_keeping_the_last_good_checkpoint(se
 
 
 def test_a_non_finite_gradient_stops_the_run(setup, tmp_path, monkeypatch):
-    import prefcache.train.loop as trainer_module
+    import prefcache.training.loop as trainer_module
 
     monkeypatch.setattr(trainer_module.torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(math.inf))
     with pytest.raises(NonFiniteError, match="step 1: non-finite gradient"):

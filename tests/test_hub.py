@@ -66,7 +66,7 @@ def test_hub_id_resolves_to_its_cached_snapshot_and_commit(hub_cache, tiny_model
 
 def test_precompute_records_the_hub_id_and_commit(hub_cache, tmp_path, prefs_file):
     from prefcache.cache.store import read_metadata
-    from prefcache.precompute.shards import precompute
+    from prefcache.reference.shards import precompute
 
     out = tmp_path / "cache"
     precompute(data=str(prefs_file), out=str(out), model="org/tiny", revision="v2", quantize="fp32",
@@ -159,8 +159,8 @@ def test_local_dataset_repository_folder(tmp_path):
 
 def test_precompute_and_train_on_a_hub_model_and_dataset(hub_dataset, tmp_path):
     from prefcache.cache.store import read_metadata
-    from prefcache.precompute.shards import precompute
-    from prefcache.train.loop import train
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     cache = tmp_path / "cache"
     result = precompute(data="org/prefs", split="train", out=str(cache), model="org/tiny", quantize="fp32",
@@ -179,8 +179,8 @@ def test_precompute_and_train_on_a_hub_model_and_dataset(hub_dataset, tmp_path):
 
 def test_score_and_eval_take_hub_ids_and_plain_folders_with_out(hub_dataset, tmp_path, tiny_model):
     from prefcache.cli import main
-    from prefcache.evaluate.evaluation import resolve_checkpoints
-    from prefcache.precompute.shards import precompute
+    from prefcache.evaluation.evaluation import resolve_checkpoints
+    from prefcache.reference.shards import precompute
 
     cache = tmp_path / "cache"
     precompute(data="org/prefs", split="test", out=str(cache), model="org/tiny", quantize="fp32", max_length=64,

@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 from prefcache.cli import main
 from prefcache.losses.unpaired import apo_zero_unpaired, kl_estimate, kto
-from prefcache.train.config import TrainConfig
+from prefcache.training.config import TrainConfig
 
 
 def t(values) -> torch.Tensor:
@@ -124,7 +124,7 @@ def test_kto_training_run_from_paired_data(tmp_path, tiny_model):
 
 
 def test_kto_refuses_a_micro_batch_of_one(tmp_path):
-    from prefcache.train.loop import train
+    from prefcache.training.loop import train
 
     with pytest.raises(ValueError, match="batch-size must be at least 2"):
         train(data="d.jsonl", cache=str(tmp_path), out=str(tmp_path / "run"), loss="kto", batch_size=1)
@@ -133,8 +133,8 @@ def test_kto_refuses_a_micro_batch_of_one(tmp_path):
 def test_kto_resume_reaches_the_same_weights(tmp_path, tiny_model):
     from safetensors.torch import load_file
 
-    from prefcache.precompute.shards import precompute
-    from prefcache.train.loop import train
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8))
@@ -164,8 +164,8 @@ def test_two_process_kto_equals_one_process(tmp_path, tiny_model):
 
     from safetensors.torch import load_file
 
-    from prefcache.precompute.shards import precompute
-    from prefcache.train.loop import train
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8))

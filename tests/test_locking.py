@@ -106,8 +106,8 @@ def test_two_concurrent_precompute_processes_lose_no_rows(tmp_path, tiny_model):
 
 
 def test_train_refuses_a_run_another_process_is_writing(tmp_path, tiny_model):
-    from prefcache.precompute.shards import precompute
-    from prefcache.train.loop import train
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8))
     precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=64, progress=False)

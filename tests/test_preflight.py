@@ -118,7 +118,7 @@ def test_bad_rows_are_numbered_by_line_in_jsonl_and_csv_and_from_1_elsewhere(tmp
 
 
 def test_an_empty_data_file_says_so(tmp_path, tiny_model):
-    from prefcache.precompute.shards import precompute
+    from prefcache.reference.shards import precompute
 
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataFormatError, match="empty.jsonl holds no preference rows"):

@@ -16,7 +16,7 @@ from conftest import preference_rows, write_jsonl
 
 from prefcache.cache.store import CacheError, read_cache, read_metadata, shard_metadata, shard_paths
 from prefcache.cli import main
-from prefcache.precompute.shards import precompute, verify_cache
+from prefcache.reference.shards import precompute, verify_cache
 
 
 def run(data, out, model, **kw):
@@ -101,7 +101,7 @@ def test_extending_with_other_settings_is_refused(tmp_path, prefs_file, tiny_mod
 @pytest.mark.parametrize("sharing", [False, True])
 def test_identical_sequences_are_scored_once(tmp_path, tiny_model, monkeypatch, sharing):
     import prefcache.model.packing as packing
-    import prefcache.precompute.shards as pre
+    import prefcache.reference.shards as pre
 
     rows = [{"prompt": "Same prompt", "chosen": " same answer", "rejected": f" other {i}"} for i in range(5)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -157,7 +157,7 @@ CRASHER = textwrap.dedent("""
             os._exit(137)
         return real(self, columns)
     cache.CacheWriter.write = write
-    from prefcache.precompute.shards import precompute
+    from prefcache.reference.shards import precompute
     precompute(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], max_length=64, quantize="fp32",
                shard_size=5, progress=False)
 """)
@@ -259,9 +259,9 @@ def test_smollm2_4bit_nf4_end_to_end(tmp_path):
 
 def test_public_api_names_stay_functions_after_every_module_is_imported():
     import prefcache
-    import prefcache.evaluate.evaluation
-    import prefcache.precompute.shards
-    import prefcache.train.loop  # noqa: F401 - importing a submodule must not rebind a public name
+    import prefcache.evaluation.evaluation
+    import prefcache.reference.shards
+    import prefcache.training.loop  # noqa: F401 - importing a submodule must not rebind a public name
 
     for name in ("precompute", "verify_cache", "train", "evaluate", "score", "inspect_cache", "read_cache"):
         assert callable(getattr(prefcache, name)) and not isinstance(getattr(prefcache, name), type(prefcache)), name

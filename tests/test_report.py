@@ -1,4 +1,4 @@
-"""prefcache.analyze.report and `prefcache report`: the HTML is checked structurally (no browser needed)."""
+"""prefcache.analysis.report and `prefcache report`: the HTML is checked structurally (no browser needed)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from test_analysis import examples_table, write_run  # the hand-worked fixture of the analysis tests
 
-from prefcache.analyze.report import (
+from prefcache.analysis.report import (
     _nice_ticks,
     bar_chart,
     build_report,

@@ -64,9 +64,9 @@ def test_every_option_of_a_config_class_is_a_command_line_option():
     from dataclasses import fields
 
     from prefcache.cli import main
-    from prefcache.evaluate.config import EvalConfig, ScoreConfig
-    from prefcache.precompute.config import PrecomputeConfig
-    from prefcache.train.config import TrainConfig
+    from prefcache.evaluation.config import EvalConfig, ScoreConfig
+    from prefcache.reference.config import PrecomputeConfig
+    from prefcache.training.config import TrainConfig
 
     for name, cls in (("precompute", PrecomputeConfig), ("train", TrainConfig), ("eval", EvalConfig),
                       ("score", ScoreConfig)):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefcache.train.checkpoint import latest_checkpoint, load_trainer_state
-from prefcache.train.config import TrainConfig
-from prefcache.train.log import RunLog
-from prefcache.train.state import RunState, check_resumable, held_out_ids, make_optimization, save
+from prefcache.training.checkpoint import latest_checkpoint, load_trainer_state
+from prefcache.training.config import TrainConfig
+from prefcache.training.log import RunLog
+from prefcache.training.state import RunState, check_resumable, held_out_ids, make_optimization, save
 
 
 class _Saves:

@@ -14,7 +14,7 @@ from prefcache.cache.store import CacheError
 from prefcache.data.pairs import TokenizedPair
 from prefcache.model.kernel import token_logprobs
 from prefcache.model.pairs import pair_logps, pair_tensors
-from prefcache.train.scoring import aggregate, score_pairs
+from prefcache.training.scoring import aggregate, score_pairs
 
 
 def _pair(i, prompt, chosen, rejected):

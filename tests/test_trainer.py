@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 
 from prefcache.cache.store import CacheError
 from prefcache.cli import main
-from prefcache.precompute.shards import precompute
-from prefcache.train.checkpoint import list_checkpoints, load_trainer_state
-from prefcache.train.config import TrainConfig
-from prefcache.train.log import EXAMPLE_SCHEMA, STEP_SCHEMA
-from prefcache.train.loop import train
+from prefcache.reference.shards import precompute
+from prefcache.training.checkpoint import list_checkpoints, load_trainer_state
+from prefcache.training.config import TrainConfig
+from prefcache.training.log import EXAMPLE_SCHEMA, STEP_SCHEMA
+from prefcache.training.loop import train
 
 LN2 = math.log(2)
 # One thread: deterministic CPU sums, and no oversubscription on a small machine.
@@ -124,7 +124,7 @@ def test_eval_numbers_are_what_score_pairs_gives_for_the_final_checkpoint(setup,
 
     from prefcache.cache.lookup import ReferenceTable
     from prefcache.data.pairs import load_dataset_pairs
-    from prefcache.train.scoring import score_pairs
+    from prefcache.training.scoring import score_pairs
 
     result = run(setup, tmp_path / "run", eval_data=str(setup["data"]), max_steps=2, eval_batch_size=5)
     logged = examples(tmp_path / "run").filter((pl.col("split") == "eval") & (pl.col("step") == 2)).sort("id")
@@ -209,7 +209,7 @@ def _cli_train(setup, out, *extra):
 
 KILLED_RUN = """
 import sys
-from prefcache.train.loop import train
+from prefcache.training.loop import train
 train(data=sys.argv[1], cache=sys.argv[2], model=sys.argv[3], out=sys.argv[4], max_steps=16, batch_size=2, lr=5e-3,
       warmup_steps=3, save_every=2, progress=False, flush_every=1)
 """
@@ -355,7 +355,7 @@ def test_two_process_data_parallel_equals_one_process(setup, tmp_path):
 
 
 def test_length_grouped_order_is_seeded_resumable_and_splits_steps_alike():
-    from prefcache.train.loop import epoch_order
+    from prefcache.training.loop import epoch_order
 
     lengths = [(i * 37) % 101 + 5 for i in range(200)]
     order = epoch_order(200, 7, 0, 0, 1, lengths, 4)

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from conftest import preference_rows, write_jsonl
 
 from prefcache.cli import main
-from prefcache.precompute.shards import precompute
-from prefcache.train.config import TrainConfig
-from prefcache.train.loop import train
+from prefcache.reference.shards import precompute
+from prefcache.training.config import TrainConfig
+from prefcache.training.loop import train
 
 LN2 = math.log(2)
 
@@ -63,7 +63,7 @@ def test_f_divergence_starts_at_ln2(setup, tmp_path, kind):
 
 def test_logged_rewards_under_ld_alpha_are_ld_weighted(setup, tmp_path):
     from prefcache.losses import LossInputs, combined_loss
-    from prefcache.train.loop import example_cols
+    from prefcache.training.loop import example_cols
 
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     # one pair, chosen 4 tokens, rejected 2: prefixes over the first 2 tokens of each

@@ -73,8 +73,8 @@ def test_kl_sequence_truncates_keep_start(tokenizer, tmp_path):
 def test_unpaired_cache_holds_each_completion_and_its_kl_completion(tmp_path, tiny_model, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from prefcache.precompute.shards import precompute
-    from prefcache.train.loop import train
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(6))
@@ -124,7 +124,7 @@ def test_inspect_and_verify_read_an_unpaired_cache(tmp_path, tiny_model):
     from click.testing import CliRunner
 
     from prefcache.cli import main
-    from prefcache.precompute.shards import precompute
+    from prefcache.reference.shards import precompute
 
     torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(6))
@@ -142,7 +142,7 @@ def test_inspect_and_verify_read_an_unpaired_cache(tmp_path, tiny_model):
 
 
 def test_column_mappings_are_refused_for_unpaired_data(tmp_path, tiny_model):
-    from prefcache.precompute.shards import precompute
+    from prefcache.reference.shards import precompute
 
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(4))
     with pytest.raises(ValueError, match="not supported for unpaired data"):
@@ -157,7 +157,7 @@ def test_two_process_unpaired_precompute_equals_one_process(tmp_path, tiny_model
 
     import polars as pl
 
-    from prefcache.precompute.shards import precompute
+    from prefcache.reference.shards import precompute
 
     torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(10))

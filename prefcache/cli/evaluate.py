@@ -8,7 +8,7 @@ from prefcache.cli import preflight
 from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.cli.precompute import run_api
 from prefcache.data.options import BAD_ROW_POLICIES
-from prefcache.evaluate.config import EvalConfig, ScoreConfig
+from prefcache.evaluation.config import EvalConfig, ScoreConfig
 from prefcache.model.load import QUANTIZATIONS
 
 
@@ -49,7 +49,10 @@ def eval_cmd(**options):
       prefcache eval run1/checkpoints/step-000200 --tasks arc_easy,hellaswag --limit 200
       prefcache eval Qwen/Qwen2.5-0.5B-Instruct --tasks arc_easy --limit 200 --out qwen-evals
     """
-    from prefcache.evaluate.evaluation import evaluate, run_dir_of  # polars, pyarrow, then lm-eval and torch
+    from prefcache.evaluation.evaluation import (  # polars, pyarrow, then lm-eval and torch
+        evaluate,
+        run_dir_of,
+    )
 
     config = run_api(EvalConfig, **options)
     df = run_api(evaluate, config)
@@ -88,7 +91,7 @@ def score_cmd(**options):
       prefcache score run1 --cache heldout-cache --data heldout.jsonl
     """
     run_api(preflight.score, options)  # refusals that need no model, before torch loads
-    from prefcache.evaluate.evaluation import run_dir_of, score  # polars, pyarrow, then torch
+    from prefcache.evaluation.evaluation import run_dir_of, score  # polars, pyarrow, then torch
 
     config = run_api(ScoreConfig, **options)
     df = run_api(score, config)

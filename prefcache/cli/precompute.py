@@ -10,7 +10,7 @@ from prefcache.cli import preflight
 from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.data.options import BAD_ROW_POLICIES, TRUNCATIONS
 from prefcache.model.load import QUANTIZATIONS
-from prefcache.precompute.config import PrecomputeConfig
+from prefcache.reference.config import PrecomputeConfig
 
 
 def run_api(fn, *args, **kwargs):
@@ -66,7 +66,7 @@ def precompute_cmd(no_progress, **options):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
     run_api(preflight.precompute, options)  # refusals that need no model, before torch loads
-    from prefcache.precompute.shards import precompute  # the API: data, models and (when scoring) torch
+    from prefcache.reference.shards import precompute  # the API: data, models and (when scoring) torch
 
     config = run_api(PrecomputeConfig, progress=not no_progress, **options)
     result = run_api(precompute, config)
@@ -134,7 +134,7 @@ def verify_cmd(cache, data, split, data_config):
     Example:
       prefcache verify ref-cache --data prefs.jsonl
     """
-    from prefcache.precompute.shards import verify_cache
+    from prefcache.reference.shards import verify_cache
 
     report = run_api(verify_cache, cache, data, split=split, data_config=data_config)
     click.echo(report["summary"])

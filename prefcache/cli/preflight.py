@@ -11,7 +11,7 @@ from pathlib import Path
 from prefcache.core.hub import looks_like_id
 from prefcache.core.options import check_device
 from prefcache.model.load import resolve_model  # a local folder or .gguf is checked without loading anything
-from prefcache.train.rundir import check_run_dir
+from prefcache.training.rundir import check_run_dir
 
 
 def _exists(option: str, value, *, hub_ok: bool = False) -> None:

@@ -10,9 +10,9 @@ from prefcache.cli import preflight
 from prefcache.cli.options import config_option, data_options, revision_option
 from prefcache.cli.precompute import run_api
 from prefcache.data.options import BAD_ROW_POLICIES, TRUNCATIONS
-from prefcache.losses.pairs import F_DIVERGENCES
+from prefcache.losses.registry import F_DIVERGENCES
 from prefcache.model.policy import FINETUNES
-from prefcache.train.config import OPTIMIZERS, SCHEDULERS, TrainConfig
+from prefcache.training.config import OPTIMIZERS, SCHEDULERS, TrainConfig
 
 
 @click.command("train")
@@ -105,7 +105,7 @@ def train_cmd(no_progress, max_grad_norm, **options):
     Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
     """
     run_api(preflight.train, options)  # refusals that need no model, before torch loads
-    from prefcache.train.loop import train  # torch
+    from prefcache.training.loop import train  # torch
 
     config = run_api(TrainConfig, progress=not no_progress, max_grad_norm=max_grad_norm or None, **options)
     result = run_api(train, config)

@@ -1,7 +1,7 @@
 """Every table prefcache writes, declared once as an Arrow schema.
 
 The writers (``cache.CacheWriter``, ``trainlog.RunLog``, ``evaluation``) build their tables with these
-schemas, and the SQL views of :mod:`prefcache.analyze.views` take their columns and types from them, so a
+schemas, and the SQL views of :mod:`prefcache.analysis.views` take their columns and types from them, so a
 column renamed here is renamed everywhere (a test checks that every writer's table reads back through
 its view with no column NULLed). Arrow types exactly: string, not polars' large_string.
 

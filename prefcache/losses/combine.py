@@ -10,77 +10,24 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from prefcache.losses.pairs import (
-    F_DIVERGENCES,
-    LossOutput,
-    aot,
-    aot_unpaired,
-    apo_down,
-    apo_zero,
-    bco_pair,
-    discopop,
-    exo_pair,
-    hinge,
-    ipo,
-    ld_logps,
-    nca_pair,
-    orpo,
-    robust,
-    sft,
-    sigmoid,
-    sigmoid_norm,
-    simpo,
-    sppo_hard,
-    wpo_weights,
-)
+from prefcache.losses import pairs as pair_losses
+from prefcache.losses.pairs import LossOutput, ld_logps, sft, wpo_weights
+from prefcache.losses.registry import PAIR_LOSSES, PAIR_OPTIONS, check_loss_options
 
 
 class LossSpec(NamedTuple):
+    """A pair loss: its function and what :mod:`prefcache.losses.registry` declares about it."""
+
     fn: Callable[..., LossOutput]
     needs_ref: bool
-    inputs: tuple[str, ...] = ()  # LossInputs fields passed as keywords (token counts)
-    options: tuple[str, ...] = ()  # keyword options besides beta
-    uses_ld: bool = True  # ld_alpha transforms its log-probs (sft: an NLL of the actual text, no)
+    inputs: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    uses_ld: bool = True
 
 
-_TOKENS = ("chosen_tokens", "rejected_tokens")
-_F = ("f_divergence", "f_alpha")  # the losses that take f-DPO's scores (TRL 1.16's list, plus sft, unaffected)
-LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(sigmoid, True, options=("label_smoothing", *_F)),
-    "hinge": LossSpec(hinge, True, options=_F),
-    "ipo": LossSpec(ipo, True, _TOKENS, _F),
-    "robust": LossSpec(robust, True, options=("label_smoothing", *_F)),
-    "exo_pair": LossSpec(exo_pair, True, options=("label_smoothing", *_F)),
-    "nca_pair": LossSpec(nca_pair, True),
-    "bco_pair": LossSpec(bco_pair, True, options=("bco_delta",)),
-    "sppo_hard": LossSpec(sppo_hard, True),
-    "aot": LossSpec(aot, True, options=("label_smoothing",)),
-    "aot_unpaired": LossSpec(aot_unpaired, True, options=("label_smoothing",)),
-    "apo_zero": LossSpec(apo_zero, True),
-    "apo_down": LossSpec(apo_down, True),
-    "discopop": LossSpec(discopop, True, options=("discopop_tau", *_F)),
-    "sigmoid_norm": LossSpec(sigmoid_norm, True, _TOKENS, _F),
-    "sft": LossSpec(sft, False, ("chosen_tokens",), uses_ld=False),
-    "orpo": LossSpec(orpo, False, _TOKENS),
-    "simpo": LossSpec(simpo, False, _TOKENS, ("simpo_gamma", "label_smoothing")),
-}
-_OPTIONS = {"beta", "ld_alpha", "use_weighting"} | {option for spec in LOSSES.values() for option in spec.options}
-_SORTING = ("aot", "aot_unpaired")  # losses[i] is a batch quantile, not pair i: a per-pair weight cannot apply
-
-
-def check_loss_options(names: Sequence[str], *, f_divergence: str = "reverse_kl", use_weighting: bool = False,
-                       label_smoothing: float = 0.0) -> None:
-    """Refuse option combinations TRL 1.16 refuses (before any model is loaded)."""
-    if f_divergence not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence!r}")
-    if f_divergence != "reverse_kl" and (bad := [n for n in names if n != "sft" and "f_divergence" not in LOSSES[n].options]):
-        ok = [n for n, s in LOSSES.items() if "f_divergence" in s.options] + ["sft"]
-        raise ValueError(f"f_divergence {f_divergence!r} is defined for the losses {', '.join(ok)}, not {', '.join(bad)}")
-    if use_weighting and (bad := [n for n in names if n in _SORTING]):
-        raise ValueError(f"use_weighting (WPO) cannot weight {', '.join(bad)}: those losses sort the batch, so "
-                         "losses[i] is not pair i")
-    if "exo_pair" in names and not 0 < label_smoothing < 1:
-        raise ValueError(f"exo_pair needs label_smoothing in (0, 1) (the EXO paper uses 1e-3), got {label_smoothing}")
+LOSSES: dict[str, LossSpec] = {name: LossSpec(getattr(pair_losses, name), info.needs_ref, info.inputs, info.options,
+                                              info.uses_ld) for name, info in PAIR_LOSSES.items()}
+_OPTIONS = PAIR_OPTIONS
 
 
 class LossInputs(NamedTuple):

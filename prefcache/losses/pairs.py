@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # f-DPO (losses.f_scores)
-
-
+from prefcache.losses.registry import F_DIVERGENCES
 
 
 class LossOutput(NamedTuple):

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from prefcache.losses.registry import UNPAIRED_LOSSES
+
 
 class UnpairedOutput(NamedTuple):
     losses: Tensor  # [B], unreduced, weights applied
@@ -49,6 +51,6 @@ def apo_zero_unpaired(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, k
     return UnpairedOutput(torch.where(labels, desirable, undesirable), (beta * delta).detach())
 
 
-UNPAIRED = {"kto": (kto, True), "apo_zero_unpaired": (apo_zero_unpaired, False)}  # name -> (fn, needs KL)
 
-UNPAIRED_LOSSES = tuple(UNPAIRED)  # losses on unpaired data, each used alone
+# name -> (function, takes the KL estimate), as the registry declares them
+UNPAIRED = {name: (globals()[name], info.kl) for name, info in UNPAIRED_LOSSES.items()}

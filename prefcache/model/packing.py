@@ -186,7 +186,7 @@ def completion_logps(packed: PackedRows, token: torch.Tensor) -> list[list[torch
 
 def score_shared(model, sequences: list[tuple[list[int], int]], *, batch_size: int, pad_id: int, chunk_size: int,
                  device: str, max_row: int, on_batch=None) -> list:
-    """:func:`prefcache.precompute.shards.score_sequences` with prefix sharing: the unique sequences are grouped by
+    """:func:`prefcache.reference.shards.score_sequences` with prefix sharing: the unique sequences are grouped by
     prompt into packed rows (:func:`group_by_prompt`), ``batch_size`` rows per forward pass, longest first.
 
     Returns, per sequence, a numpy fp32 array of its completion tokens' log-probs (nats).

@@ -16,7 +16,12 @@ import shutil
 from pathlib import Path
 
 from prefcache.core.atomic import make_temp_dir, publish_dir
-from prefcache.train.rundir import checkpoint_dir, latest_checkpoint, list_checkpoints, write_checkpoint_info  # noqa: F401
+from prefcache.training.rundir import (  # noqa: F401
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    write_checkpoint_info,
+)
 
 
 def rng_state() -> dict:

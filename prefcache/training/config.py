@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 from prefcache.core.options import _choice, _in_range, _names, _positive, check_device
 from prefcache.data.options import BAD_ROW_POLICIES, TRUNCATIONS, DataOptions
-from prefcache.losses.unpaired import UNPAIRED_LOSSES
+from prefcache.losses.registry import PAIR_LOSSES as LOSSES
+from prefcache.losses.registry import UNPAIRED_LOSSES, check_loss_options
 from prefcache.model.policy import FINETUNES, lora_alpha_of
-from prefcache.train.schedule import SCHEDULES
-from prefcache.train.trackers import parse_report_to
+from prefcache.training.schedule import SCHEDULES
+from prefcache.training.trackers import parse_report_to
 
-SCHEDULERS = SCHEDULES  # prefcache.train.schedule implements them
+SCHEDULERS = SCHEDULES  # prefcache.training.schedule implements them
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
@@ -106,11 +107,6 @@ class TrainConfig(DataOptions):
 
     def __post_init__(self):
         super().__post_init__()  # the data options
-        from prefcache.losses import (  # torch: the registry says which names need a reference
-            LOSSES,
-            check_loss_options,
-        )
-
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))
 
         loss = _names(self.loss)

@@ -1,4 +1,4 @@
-"""prefcache.precompute.config."""
+"""prefcache.reference.config."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""prefcache.precompute.unpaired."""
+"""prefcache.reference.unpaired."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from prefcache.model.load import (
     resolve_model,
     resolve_quantization,
 )
-from prefcache.precompute.shards import cache_metadata, owner_rank, score_sequences
+from prefcache.reference.shards import cache_metadata, owner_rank, score_sequences
 
 
 # ---- the cache ----
@@ -68,7 +68,7 @@ def cache_columns(items: list[TokenizedCompletion], by_id: dict, partners: dict[
 def precompute_unpaired(config, *, kl_group_size: int = DEFAULT_KL_GROUP, unpair: bool = True) -> dict:
     """``prefcache precompute --unpaired``: reference log-probs of each completion and of its KL completion.
 
-    ``config`` is a :class:`~prefcache.precompute.config.PrecomputeConfig` (per_token is not supported here). Paired data
+    ``config`` is a :class:`~prefcache.reference.config.PrecomputeConfig` (per_token is not supported here). Paired data
     is unpaired (``unpair``). Resumable like the pair cache (ids already cached are skipped); under torchrun each
     rank scores the ids that hash to it (every rank reads all the data: KL partners may belong to another rank).
     """

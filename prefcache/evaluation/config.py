@@ -1,4 +1,4 @@
-"""prefcache.evaluate.config."""
+"""prefcache.evaluation.config."""
 
 from __future__ import annotations
 

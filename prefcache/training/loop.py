@@ -36,18 +36,18 @@ from prefcache.core.schemas import EXAMPLE_COLUMNS, example_columns
 from prefcache.data.columns import RowMapping
 from prefcache.data.pairs import load_dataset_pairs, write_bad_rows
 from prefcache.losses import LossInputs, combined_loss, ld_logps
-from prefcache.losses.unpaired import UNPAIRED_LOSSES
+from prefcache.losses.registry import UNPAIRED_LOSSES
 from prefcache.model.kernel import LogProbModule, router_aux_coef
 from prefcache.model.load import load_tokenizer, resolve_device, resolve_model
 from prefcache.model.packing import training_sharing
 from prefcache.model.pairs import PairLogps, pair_logps
-from prefcache.train.checkpoint import checkpoint_dir
-from prefcache.train.config import TrainConfig
-from prefcache.train.guards import STEP0_MARGIN_TOLERANCE, check_step, resolve_finetune
-from prefcache.train.log import peak_mem_mb, write_pairs
-from prefcache.train.rundir import check_run_dir, write_run_info
-from prefcache.train.scoring import aggregate, score_pairs
-from prefcache.train.state import (
+from prefcache.training.checkpoint import checkpoint_dir
+from prefcache.training.config import TrainConfig
+from prefcache.training.guards import STEP0_MARGIN_TOLERANCE, check_step, resolve_finetune
+from prefcache.training.log import peak_mem_mb, write_pairs
+from prefcache.training.rundir import check_run_dir, write_run_info
+from prefcache.training.scoring import aggregate, score_pairs
+from prefcache.training.state import (
     RunState,
     after_step,
     epoch_order,
@@ -58,8 +58,8 @@ from prefcache.train.state import (
     open_run,
     step_counts,
 )
-from prefcache.train.trackers import Trackers
-from prefcache.train.unpaired import train_unpaired
+from prefcache.training.trackers import Trackers
+from prefcache.training.unpaired import train_unpaired
 
 
 def train(config: TrainConfig | None = None, **options) -> dict:

@@ -6,7 +6,7 @@ model is the checkpoint ``base`` (step null). ``score`` also writes its per-pair
 
 A checkpoint is loaded as trained: a PEFT adapter on the run's base model (in 4-bit for a QLoRA run), or
 full weights; its own tokenizer is used. ``score`` never loads the reference model: its values come
-from the cache, joined by example id, through :func:`prefcache.train.scoring.score_pairs`, the function the
+from the cache, joined by example id, through :func:`prefcache.training.scoring.score_pairs`, the function the
 trainer logs its eval split with, so the two agree.
 """
 
@@ -32,8 +32,8 @@ from prefcache.core.atomic import write_table_atomic
 from prefcache.core.quiet import quiet_lm_eval
 from prefcache.data.columns import RowMapping
 from prefcache.data.pairs import load_dataset_pairs
-from prefcache.evaluate.config import EvalConfig, ScoreConfig
-from prefcache.evaluate.lmeval_tasks import localise_include_paths, task_manager
+from prefcache.evaluation.config import EvalConfig, ScoreConfig
+from prefcache.evaluation.lmeval_tasks import localise_include_paths, task_manager
 from prefcache.model.load import (
     ModelSource,
     load_model,
@@ -42,7 +42,7 @@ from prefcache.model.load import (
     resolve_model,
     tokenizer_fingerprint,
 )
-from prefcache.train.rundir import Checkpoint, resolve_checkpoints, run_settings
+from prefcache.training.rundir import Checkpoint, resolve_checkpoints, run_settings
 
 EVALS_SCHEMA = schemas.EVALS
 SCORE_METRICS = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected")
@@ -199,7 +199,7 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     config = config or ScoreConfig(**options)
     from prefcache.cache.compat import check_cache_matches
     from prefcache.cache.lookup import ReferenceTable, check_joined  # torch
-    from prefcache.train.scoring import score_pairs
+    from prefcache.training.scoring import score_pairs
 
     run_dir, checkpoints, settings, source, device = _prepare(config)
     beta = config.beta if config.beta is not None else float(settings.get("beta", DEFAULT_BETA))

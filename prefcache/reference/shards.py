@@ -55,7 +55,7 @@ from prefcache.model.load import (
     resolve_quantization,
     tokenizer_fingerprint,
 )
-from prefcache.precompute.config import PrecomputeConfig
+from prefcache.reference.config import PrecomputeConfig
 
 
 def owner_rank(example_id: str, world_size: int) -> int:
@@ -179,7 +179,7 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     """
     config = config or PrecomputeConfig(**options)
     if config.unpaired:  # KTO data: one completion per example plus its KL completion
-        from prefcache.precompute.unpaired import precompute_unpaired  # it imports this module
+        from prefcache.reference.unpaired import precompute_unpaired  # it imports this module
 
         with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
             return precompute_unpaired(config, kl_group_size=config.kl_group_size)

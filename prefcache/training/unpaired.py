@@ -10,7 +10,7 @@ z = max(0, mean_batch(log π(y'|x) - log π_ref(y'|x))) over the KL completions 
 see :mod:`prefcache.data.unpaired`), without gradient. At step 0 (policy = reference) Δ = 0 and z = 0, so every
 example's kto loss is 0.5 at unit weights.
 
-The training loop is the pair trainer's (:mod:`prefcache.train.loop`) in miniature, kept apart so that the
+The training loop is the pair trainer's (:mod:`prefcache.training.loop`) in miniature, kept apart so that the
 pair path stays as it is: torchrun (each rank every world_size-th example; the KL means averaged over
 ranks before the clamp, as TRL gathers them), LoRA / QLoRA / full, gradient accumulation, schedules, eval
 (on rank 0), checkpoints and ``--resume`` (the same weights as a run never stopped), Parquet logs and
@@ -43,11 +43,11 @@ from prefcache.data.unpaired import check_no_mapping, kl_sequence, load_unpaired
 from prefcache.losses.unpaired import UNPAIRED, kl_estimate
 from prefcache.model.kernel import LogProbModule, collate, token_logprobs
 from prefcache.model.load import load_tokenizer, resolve_device, resolve_model
-from prefcache.train.checkpoint import checkpoint_dir
-from prefcache.train.guards import resolve_finetune
-from prefcache.train.log import EXAMPLE_SCHEMA, PAIRS_SCHEMA, peak_mem_mb
-from prefcache.train.rundir import write_run_info
-from prefcache.train.state import (
+from prefcache.training.checkpoint import checkpoint_dir
+from prefcache.training.guards import resolve_finetune
+from prefcache.training.log import EXAMPLE_SCHEMA, PAIRS_SCHEMA, peak_mem_mb
+from prefcache.training.rundir import write_run_info
+from prefcache.training.state import (
     RunState,
     after_step,
     epoch_order,
@@ -58,7 +58,7 @@ from prefcache.train.state import (
     open_run,
     step_counts,
 )
-from prefcache.train.trackers import Trackers
+from prefcache.training.trackers import Trackers
 
 
 def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], *, pad_id: int, device, chunk_size: int):
@@ -252,7 +252,7 @@ def train_unpaired(cfg) -> dict:
     if UNPAIRED[cfg.loss[0]][1] and cfg.batch_size < 2:  # TRL refuses it too: z would be the example's own reward
         raise ValueError("kto estimates its KL term over the micro-batch: --batch-size must be at least 2")
     rank, world, device = setup(resolve_device(cfg.device))
-    out = Path(cfg.out)  # prefcache.train.loop.train checked it: a new run, or a resume of one
+    out = Path(cfg.out)  # prefcache.training.loop.train checked it: a new run, or a resume of one
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source)
     data = load_unpaired_data(cfg, tokenizer)

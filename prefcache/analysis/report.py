@@ -1,6 +1,6 @@
 """A self-contained HTML report of one run: curves, margin histograms, length bias, evals.
 
-Everything comes from the named queries in ``sql/`` (via :mod:`prefcache.analyze.views`); the charts are
+Everything comes from the named queries in ``sql/`` (via :mod:`prefcache.analysis.views`); the charts are
 inline SVG drawn here, so the page needs no JavaScript, no network and no plotting library.
 """
 
@@ -13,7 +13,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefcache.analyze.views import AnalysisError, connect
+from prefcache.analysis.views import AnalysisError, connect
 from prefcache.core.atomic import write_text_atomic
 
 TRAIN, EVAL, FIRST, LAST, CHOSEN, REJECTED = "#1f6fb4", "#e8731a", "#8a94a3", "#1f6fb4", "#2e9e57", "#c8453b"

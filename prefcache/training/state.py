@@ -1,5 +1,5 @@
-"""A training run's machinery, shared by the pair loop (:mod:`prefcache.train.loop`) and the unpaired one
-(:mod:`prefcache.train.unpaired`): the run directory opened or resumed, the policy and its optimizer built (or
+"""A training run's machinery, shared by the pair loop (:mod:`prefcache.training.loop`) and the unpaired one
+(:mod:`prefcache.training.unpaired`): the run directory opened or resumed, the policy and its optimizer built (or
 restored from a checkpoint), the seeded data order, and :class:`RunState`, what a loop carries from step
 to step and writes into its checkpoints.
 """
@@ -19,7 +19,7 @@ from prefcache.core.distributed import barrier, gather
 from prefcache.losses import RunningMean
 from prefcache.model.load import resolve_model
 from prefcache.model.policy import load_policy
-from prefcache.train.checkpoint import (
+from prefcache.training.checkpoint import (
     clean_temporaries,
     latest_checkpoint,
     load_trainer_state,
@@ -27,9 +27,9 @@ from prefcache.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from prefcache.train.log import RunLog
-from prefcache.train.schedule import make_scheduler
-from prefcache.train.trackers import Trackers
+from prefcache.training.log import RunLog
+from prefcache.training.schedule import make_scheduler
+from prefcache.training.trackers import Trackers
 
 STATE_VERSION = 1
 

@@ -1,1 +1,0 @@
-"""prefcache.precompute."""
