@@ -145,7 +145,7 @@ def query_cmd(name, list_, show_sql, caches, runs, params, fmt, output, max_rows
       prefcache query margin_histogram --run run1 --param bins=30 --param step=first
       prefcache query quant_audit --cache ref-fp --cache ref-4bit -p cache_a=ref-fp -p cache_b=ref-4bit
     """
-    from prefcache.analysis.views import AnalysisError, get_query, list_queries
+    from prefcache.analysis.queries import AnalysisError, get_query, list_queries
 
     try:
         if list_:

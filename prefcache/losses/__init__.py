@@ -14,7 +14,7 @@ The formulas follow TRL's ``DPOTrainer`` loss types (trl 1.x ``_compute_loss``),
 (simpo) and ``ORPOTrainer`` (orpo). Where a function differs, its docstring says "Deviation from TRL".
 
 Modules: ``registry`` (every loss's name and options, torch-free: the CLI and the option checks read it),
-``pairs`` (the pair losses), ``unpaired`` (kto, apo_zero_unpaired), ``combine`` (the objective of a step:
+``pairs`` (the pair losses), ``transforms`` (f-DPO, LD-DPO, WPO), ``unpaired`` (kto, apo_zero_unpaired), ``combine`` (the objective of a step:
 weighted losses, LD-DPO, WPO, bco_pair's running mean). The torch names below load on first use.
 """
 
@@ -23,7 +23,7 @@ from prefcache.losses.registry import F_DIVERGENCES, PAIR_LOSSES, UNPAIRED_LOSSE
 _LAZY = {
     "LOSSES": "combine", "CombinedLoss": "combine", "LossInputs": "combine", "LossSpec": "combine",
     "RunningMean": "combine", "combined_loss": "combine",
-    "LossOutput": "pairs", "f_scores": "pairs", "ld_logps": "pairs", "wpo_weights": "pairs",
+    "LossOutput": "pairs", "f_scores": "transforms", "ld_logps": "transforms", "wpo_weights": "transforms",
 }
 
 __all__ = ["F_DIVERGENCES", "PAIR_LOSSES", "UNPAIRED_LOSSES", "check_loss_options", *_LAZY]

@@ -11,8 +11,9 @@ from typing import NamedTuple
 from torch import Tensor
 
 from prefcache.losses import pairs as pair_losses
-from prefcache.losses.pairs import LossOutput, ld_logps, sft, wpo_weights
+from prefcache.losses.pairs import LossOutput, sft
 from prefcache.losses.registry import PAIR_LOSSES, PAIR_OPTIONS, check_loss_options
+from prefcache.losses.transforms import ld_logps, wpo_weights
 
 
 class LossSpec(NamedTuple):
