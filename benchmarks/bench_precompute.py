@@ -131,7 +131,7 @@ def _child(name: str, spec: dict) -> dict:
 
 
 def _prefcache_child(name: str, spec: dict, phase: Phase) -> dict:
-    from prefcache.cache.store import store as pcache
+    from prefcache.cache import store as pcache
     from prefcache.model import kernel as plogprobs
     from prefcache.model import load as pmodels
     from prefcache.model import packing as ppacking

@@ -112,3 +112,36 @@ def test_modules_stay_small(limit):
     """One purpose per module: a few hundred lines at most (STYLE.md 7)."""
     big = {m: n for m, p in _modules() if (n := len(p.read_text().splitlines())) > limit}
     assert not big, big
+
+
+def _prefcache_imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("prefcache"):
+            yield node.lineno, node.module, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("prefcache"):
+                    yield node.lineno, a.name, []
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "examples", "tests"])
+def test_every_prefcache_import_outside_the_package_resolves(folder):
+    """Scripts import the package's modules by path (often inside functions, so nothing runs them here):
+    each name they import must exist where they look for it."""
+    import importlib
+
+    broken = []
+    for path in sorted((PKG.parent / folder).rglob("*.py")):
+        for line, module, names in _prefcache_imports(path):
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as e:
+                broken.append(f"{path.name}:{line}: {module} ({e})")
+                continue
+            for name in names:
+                if not hasattr(mod, name):
+                    try:
+                        importlib.import_module(f"{module}.{name}")
+                    except ImportError:
+                        broken.append(f"{path.name}:{line}: {module}.{name}")
+    assert not broken, "\n".join(broken)
