@@ -1,4 +1,10 @@
-"""prefcache.cache.compat."""
+"""Whether a cache fits the run about to read it.
+
+A cache's values are only comparable with a policy's when both tokenised the same texts the same way:
+the tokenizer (its fingerprint), the chat template, max length and truncation (:func:`check_cache_matches`),
+and the column mapping and templates that rendered the texts (:func:`check_cache_mapping`). Each refusal
+names what differs. How the values were computed (packed rows or two sequences) is read here too.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,6 @@ from prefcache.model.load import chat_template_hash, tokenizer_fingerprint
 
 def check_cache_mapping(meta: dict, mapping: RowMapping, cache: str = "the reference cache") -> None:
     """Refuse a cache made with other columns or templates (a cache without the key was made with none)."""
-    from prefcache.cache.store import (
-        CacheError,  # here: the CLI builds its options (and imports this) before pyarrow
-    )
-
     have, want = meta.get("data_mapping"), mapping.record()
     if have != want:
         raise CacheError(f"{cache} was made with data mapping {have} but this run asks for {want}: the rendered "
