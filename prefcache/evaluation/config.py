@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefcache.core.options import POSITIVE, Range, _str_names, check_device, check_options, check_revision, option
+from prefcache.core.options import (
+    POSITIVE,
+    Range,
+    _str_names,
+    check_device,
+    check_options,
+    check_revision,
+    option,
+)
 from prefcache.data.options import BAD_ROW_POLICIES, DataOptions
 from prefcache.model.load import QUANTIZATIONS
 

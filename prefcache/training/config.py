@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 from prefcache.core.options import POSITIVE, Range, _names, check_device, check_options, given, option
 from prefcache.data.options import BAD_ROW_POLICIES, TRUNCATIONS, DataOptions
-from prefcache.losses.registry import F_DIVERGENCES, LOSSES, UNPAIRED_LOSSES, check_loss_names, check_loss_options
-from prefcache.losses.registry import PAIR_LOSSES as PAIR_LOSSES
+from prefcache.losses.registry import (
+    F_DIVERGENCES,
+    LOSSES,
+    UNPAIRED_LOSSES,
+    check_loss_names,
+    check_loss_options,
+)
 from prefcache.model.policy import FINETUNES, lora_alpha_of
 from prefcache.training.schedule import SCHEDULES
 from prefcache.training.trackers import TRACKERS, check_installed, parse_report_to
