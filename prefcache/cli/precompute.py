@@ -39,9 +39,9 @@ def precompute_cmd(**options):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
     run_api(preflight.precompute, options)  # refusals that need no model, before torch loads
+    config = run_api(PrecomputeConfig, **options)  # every option's rule, still before torch
     from prefcache.reference.shards import precompute  # the API: data, models and (when scoring) torch
 
-    config = run_api(PrecomputeConfig, **options)
     result = run_api(precompute, config)
     if result["rank"] != 0:
         return

@@ -35,9 +35,9 @@ def train_cmd(**options):
     Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
     """
     run_api(preflight.train, options)  # refusals that need no model, before torch loads
+    config = run_api(TrainConfig, **options)  # every option's rule, still before torch
     from prefcache.training.loop import train  # torch
 
-    config = run_api(TrainConfig, **options)
     result = run_api(train, config)
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 reports
         return
