@@ -243,3 +243,12 @@ def test_merge_is_refused_on_a_full_fine_tune(tmp_path):
     assert not (tmp_path / "out").exists()
     result = CliRunner().invoke(main, ["export", str(ckpt), "--out", str(tmp_path / "out"), "--merge"])
     assert result.exit_code == 1 and "drop --merge" in result.output
+
+
+def test_none_is_spelled_as_the_command_line_spells_it(tmp_path):
+    """max_grad_norm None (no clipping) is `--max-grad-norm 0`, and `null` in a config file."""
+    assert TrainConfig(**_cli_params("train", [*ARGS["train"], "--max-grad-norm", "0"])).max_grad_norm is None
+    path = write_config(TrainConfig(data="d.jsonl", cache="c", out="r", max_grad_norm=None), tmp_path / "c.yaml")
+    assert yaml.safe_load(path.read_text())["max_grad_norm"] is None
+    assert _cli_params("train", ["--config", str(path)])["max_grad_norm"] is None
+    assert _cli_params("train", ARGS["train"])["max_grad_norm"] == TrainConfig.__dataclass_fields__["max_grad_norm"].default
