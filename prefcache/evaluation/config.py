@@ -18,7 +18,7 @@ from prefcache.model.load import QUANTIZATIONS
 
 _CHECKPOINTS = ("Checkpoint folders, names of checkpoints of --run, run folders (all their checkpoints), plain model "
                 "folders or Hub ids (with --out), or `base`.")
-_RUN = "Run folder: reads run.json, writes evals/{} [default: the checkpoints' run]."
+_RUN = "Run folder: reads run.json, writes evals/{}."
 _OUT = "Folder for results when there is no run (plain models, Hub ids): OUT/evals/{} (created)."
 
 
@@ -44,7 +44,7 @@ class EvalConfig:
 
     checkpoints: tuple[str, ...] = option(help=_CHECKPOINTS, argument=True)
     tasks: tuple[str, ...] = option(help="lm-eval task names, comma-separated (globs allowed).")
-    run: str | None = option(None, _RUN.format(""))
+    run: str | None = option(None, _RUN.format(""), default_text="the checkpoints' run")
     model: str | None = option(None, "Base model (HF folder, .gguf or Hub id).", default_text="the run's")
     base: bool = option(True, "Also evaluate the base model (checkpoint 'base').")
     include_path: tuple[str, ...] = option((), "Folder of task YAMLs (repeatable); relative data_files are read "
@@ -90,7 +90,7 @@ class ScoreConfig(DataOptions):
     checkpoints: tuple[str, ...] = option(help=_CHECKPOINTS, argument=True)
     cache: str = option(help="Reference cache holding the held-out pairs (the reference is never loaded).")
     data: str = option(help="Held-out preference data (any format precompute reads).")
-    run: str | None = option(None, _RUN.format(" and logs/"))
+    run: str | None = option(None, _RUN.format(" and logs/"), default_text="the checkpoints' run")
     model: str | None = option(None, "Base model (HF folder, .gguf or Hub id).", default_text="the run's")
     base: bool = option(False, "Also score the base model (checkpoint 'base'; rewards ~0 if it made the cache).")
     beta: float | None = option(None, "Reward scale.", range=POSITIVE, default_text="the run's beta, else 0.1")
