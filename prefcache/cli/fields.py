@@ -89,10 +89,11 @@ def _param(field: dataclasses.Field, hint) -> typing.Callable:
     return click.option(*decls, field.name, cls=FieldOption, field=field, default=default, **kwargs)
 
 
-def options_from(cls, *, skip: tuple[str, ...] = ()) -> typing.Callable:
-    """A decorator adding one click parameter per field of ``cls`` (own fields first, then its groups')."""
+def options_from(cls, *, only: tuple[str, ...] | None = None) -> typing.Callable:
+    """A decorator adding one click parameter per field of ``cls`` (own fields first, then its groups'), or
+    per field named in ``only`` (a command that shares a few options of a config, e.g. verify's --split)."""
     hints = typing.get_type_hints(cls)
-    fields = [f for f in ordered_fields(cls) if f.name not in skip and f.metadata.get("cli", True)]
+    fields = [f for f in ordered_fields(cls) if (only is None or f.name in only) and f.metadata.get("cli", True)]
 
     def decorate(f):
         for field in reversed(fields):  # click lists the parameter applied last first

@@ -9,6 +9,7 @@ import click
 from prefcache.cli import preflight
 from prefcache.cli.fields import options_from
 from prefcache.cli.options import config_option
+from prefcache.data.options import DataOptions
 from prefcache.reference.config import PrecomputeConfig
 
 
@@ -60,7 +61,7 @@ def precompute_cmd(**options):
 @click.command("inspect")
 @config_option
 @click.argument("cache")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json/--no-json", "as_json", help="Print the summary as JSON.")
 def inspect_cmd(cache, as_json):
     """Show a cache's metadata, row count and summary statistics.
 
@@ -96,8 +97,7 @@ def _pct(v):
 @config_option
 @click.argument("cache")
 @click.option("--data", default=None, help="The data the cache should cover (checks every id is present once).")
-@click.option("--split", default=None, help="Split of --data when it is a Hub dataset or a DatasetDict.")
-@click.option("--data-config", default=None, help="Subset (configuration) of a Hub dataset.")
+@options_from(DataOptions, only=("split", "data_config"))
 def verify_cmd(cache, data, split, data_config):
     """Check a cache: shard integrity, consistent metadata, no duplicate ids, no NaN/inf, coverage of --data.
 
