@@ -252,3 +252,28 @@ def test_none_is_spelled_as_the_command_line_spells_it(tmp_path):
     assert yaml.safe_load(path.read_text())["max_grad_norm"] is None
     assert _cli_params("train", ["--config", str(path)])["max_grad_norm"] is None
     assert _cli_params("train", ARGS["train"])["max_grad_norm"] == TrainConfig.__dataclass_fields__["max_grad_norm"].default
+
+
+def test_train_config_is_its_groups_each_validating_its_own_fields():
+    from prefcache.training.config import (
+        EvalOptions,
+        LossOptions,
+        OptimizerOptions,
+        PolicyOptions,
+        RunOptions,
+    )
+
+    groups = (LossOptions, PolicyOptions, OptimizerOptions, EvalOptions, RunOptions)
+    assert all(issubclass(TrainConfig, g) for g in groups)
+    names = [f.name for g in groups for f in dataclasses.fields(g)]
+    assert len(names) == len(set(names))  # each option in one group
+    cfg = TrainConfig(data="d", out="o", cache="c", beta=0.2, lora_r=4, lr=1e-4, eval_every=5, seed=1)
+    assert (cfg.beta, cfg.lora_r, cfg.lr, cfg.eval_every, cfg.seed) == (0.2, 4, 1e-4, 5, 1)  # flat access
+    assert LossOptions(loss="ipo, sft").loss == ("ipo", "sft") and PolicyOptions(lora_r=8).lora_alpha == 16
+    for group, options, message in ((LossOptions, {"loss": "kto", "use_weighting": True}, "cannot weight kto"),
+                                    (PolicyOptions, {"lora_dropout": 1.0}, "lora_dropout must be"),
+                                    (OptimizerOptions, {"lr": math.nan}, "lr must be positive and finite"),
+                                    (EvalOptions, {"eval_cache": "c"}, "eval_cache needs eval_data"),
+                                    (RunOptions, {"device": "tpu9"}, "device must be")):
+        with pytest.raises(ValueError, match=message):
+            group(**options)
