@@ -277,3 +277,43 @@ def test_train_config_is_its_groups_each_validating_its_own_fields():
                                     (RunOptions, {"device": "tpu9"}, "device must be")):
         with pytest.raises(ValueError, match=message):
             group(**options)
+
+
+def _readme_default(text: str):
+    """A README table cell's default -> a Python value, or ... when it is prose ("the cache's", "2×r")."""
+    text = text.strip()
+    words = {"on": True, "off": False, "none": None}
+    if text in words:
+        return words[text]
+    if text.startswith("`") and text.endswith("`") and not text.startswith("`--"):  # `--cache`: another option's
+        return text.strip("`")
+    try:
+        return float(text)
+    except ValueError:
+        return ...
+
+
+def test_the_readme_options_table_says_the_declared_defaults():
+    """The README's `prefcache train` table restates defaults: it must say the ones the fields declare."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("`prefcache train` / `prefcache.TrainConfig`:", 1)[1].split("\n\n", 2)[1]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    checked = 0
+    for row in table.splitlines()[2:]:
+        cells = row.split(" | ")
+        options = [o.strip("`| ").split("/")[0].removeprefix("--").replace("-", "_") for o in cells[0].split(", ")]
+        values = cells[1].replace(" / ", ", ").split(", ")
+        if len(values) != len(options):
+            continue
+        for option, text in zip(options, values, strict=True):
+            said = _readme_default(text)
+            if said is ... or option not in defaults:
+                continue
+            declared = defaults[option]
+            if isinstance(declared, tuple):  # ("sigmoid",) is `sigmoid`; () is `none`
+                declared = ",".join(declared) or "none"
+            assert said == declared, f"README: --{option} {text}, the field: {declared}"
+            checked += 1
+    assert checked >= 20
