@@ -63,10 +63,10 @@ def score_cmd(**options):
       prefcache precompute --data heldout.jsonl --out heldout-cache
       prefcache score run1 --cache heldout-cache --data heldout.jsonl
     """
-    run_api(preflight.score, options)  # refusals that need no model, before torch loads
+    config = run_api(ScoreConfig, **options)  # every option's rule, before torch loads
+    run_api(preflight.score, options)  # the paths: refusals that need no model, still before torch
     from prefcache.evaluation.evaluation import run_dir_of, score  # polars, pyarrow, then torch
 
-    config = run_api(ScoreConfig, **options)
     df = run_api(score, config)
     _show(df, run_dir_of(config))
 

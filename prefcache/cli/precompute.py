@@ -39,8 +39,8 @@ def precompute_cmd(**options):
     Data-parallel (one shard set per rank):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
-    run_api(preflight.precompute, options)  # refusals that need no model, before torch loads
-    config = run_api(PrecomputeConfig, **options)  # every option's rule, still before torch
+    config = run_api(PrecomputeConfig, **options)  # every option's rule, before torch loads
+    run_api(preflight.precompute, options)  # the paths: refusals that need no model, still before torch
     from prefcache.reference.shards import precompute  # the API: data, models and (when scoring) torch
 
     result = run_api(precompute, config)

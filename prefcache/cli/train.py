@@ -34,8 +34,8 @@ def train_cmd(**options):
     Reference-free, no cache:  prefcache train --data prefs.jsonl --out run2 --loss simpo --beta 2
     Data-parallel:             torchrun --nproc-per-node 2 -m prefcache train --data ... --cache ... --out run3
     """
-    run_api(preflight.train, options)  # refusals that need no model, before torch loads
-    config = run_api(TrainConfig, **options)  # every option's rule, still before torch
+    config = run_api(TrainConfig, **options)  # every option's rule, before torch loads
+    run_api(preflight.train, options)  # the paths: refusals that need no model, still before torch
     from prefcache.training.loop import train  # torch
 
     result = run_api(train, config)
