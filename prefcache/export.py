@@ -120,8 +120,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
            model: str | None = None) -> dict:
     """Export ``checkpoint`` to ``out`` (created; refused when it exists and is not empty).
 
-    merge: fold the LoRA adapter into the base (full precision, then ``dtype``); ignored for full
-    fine-tuning checkpoints, which are whole models already (cast to ``dtype`` when given).
+    merge: fold the LoRA adapter into the base (full precision, then ``dtype``); refused for full
+    fine-tuning checkpoints, which are whole models already with nothing to merge (``dtype`` casts them).
     dtype: bf16, fp16 or fp32 of the written weights; None = the base model's own dtype.
     model: the base model folder, when the path the run recorded has moved.
     Returns a summary: out, merged, dtype, files.
@@ -130,6 +130,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ckpt, out = Path(checkpoint), Path(out)
     info, run = checkpoint_info(ckpt)
+    if merge and info.get("finetune") == "full":  # said, not ignored: the user expected an adapter to fold in
+        raise ValueError(f"{ckpt} is a full fine-tune, a whole model with no adapter to merge: drop --merge "
+                         "(--dtype casts its weights)")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new --out")
     source = resolve_model(model if model is not None else info.get("model"))

@@ -71,5 +71,5 @@ def test_every_option_of_a_config_class_is_a_command_line_option():
     for name, cls in (("precompute", PrecomputeConfig), ("train", TrainConfig), ("eval", EvalConfig),
                       ("score", ScoreConfig)):
         params = {p.name for p in main.get_command(None, name).params}
-        missing = [f.name for f in fields(cls) if f.name not in params and not (f.name == "progress" and "no_progress" in params)]
+        missing = [f.name for f in fields(cls) if f.name not in params]
         assert not missing, f"{name}: {missing}"

@@ -1,7 +1,8 @@
 """Refusals that need no model, made before torch, transformers or bitsandbytes load (a second, not 45).
 
-Each command's CLI calls its check first with the raw options; the API functions make the same checks
-again later (under the directory lock), so these are only the fast path of a refusal.
+Each command's CLI builds its options dataclass first (every option's own rule, :mod:`prefcache.core.options`),
+then calls its check here with the options: paths only. The API functions make the same checks again later
+(under the directory lock), so these are only the fast path of a refusal.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefcache.core.hub import looks_like_id
-from prefcache.core.options import check_device
 from prefcache.model.load import resolve_model  # a local folder or .gguf is checked without loading anything
 from prefcache.training.rundir import check_run_dir
 
@@ -45,7 +45,6 @@ def _cache(option: str, value) -> None:
 
 def precompute(options: dict) -> None:
     _exists("--data", options.get("data"), hub_ok=True)
-    check_device(options.get("device", "auto"))
     out = options.get("out")
     if out is not None and Path(out).is_file():
         raise ValueError(f"--out {out} is a file, not a cache folder")
@@ -53,7 +52,6 @@ def precompute(options: dict) -> None:
 
 
 def train(options: dict) -> None:
-    check_device(options.get("device", "auto"))
     check_run_dir(options["out"], bool(options.get("resume")))
     _exists("--data", options.get("data"), hub_ok=True)
     _exists("--eval-data", options.get("eval_data"), hub_ok=True)
@@ -64,7 +62,6 @@ def train(options: dict) -> None:
 
 
 def score(options: dict) -> None:
-    check_device(options.get("device", "auto"))
     _cache("--cache", options.get("cache"))
     _exists("--data", options.get("data"), hub_ok=True)
     _model(options.get("model"))

@@ -1,17 +1,20 @@
 """A run's options as YAML: written next to what a run makes (``RUN/config.yaml``, ``CACHE/config.yaml``)
 and read back by ``--config`` on any command, so ``prefcache train --config RUN/config.yaml`` runs it again.
 
-Keys are the option names (``max_length`` or ``max-length``); values as YAML types, templates with real
-newlines. Only PyYAML's safe loader and dumper are used.
+Keys are the option names (``max_length`` or ``max-length``); values as YAML types. Templates are stored as
+the command line meant them (real newlines; a literal backslash stays one): a config file's strings are never
+unescaped again, so a replay gives byte-identical templates (write a newline in YAML as ``"\\n"`` in double
+quotes). One-off actions (``resume``) are not saved. Only PyYAML's safe loader and dumper are used.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, is_dataclass
+from dataclasses import is_dataclass
 from pathlib import Path
 
 from prefcache.core.atomic import write_text_atomic
+from prefcache.core.options import replayed
 
 
 class ConfigFileError(ValueError):
@@ -19,9 +22,11 @@ class ConfigFileError(ValueError):
 
 
 def to_yaml(config) -> str:
+    """The options as YAML, one-off actions (``resume``) left out: what replays the run. Strings are written
+    as they are (a template's real newlines and literal backslashes), and YAML reads them back byte for byte."""
     import yaml
 
-    data = asdict(config) if is_dataclass(config) else dict(config)
+    data = replayed(config) if is_dataclass(config) else dict(config)
     data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
 

@@ -1,12 +1,25 @@
-"""prefcache.evaluation.config."""
+"""prefcache.evaluation.config: what ``prefcache eval`` and ``prefcache score`` do, each option declared once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefcache.core.options import _choice, _positive, _str_names, check_device
+from prefcache.core.options import (
+    POSITIVE,
+    Range,
+    _str_names,
+    check_device,
+    check_options,
+    check_revision,
+    option,
+)
 from prefcache.data.options import BAD_ROW_POLICIES, DataOptions
 from prefcache.model.load import QUANTIZATIONS
+
+_CHECKPOINTS = ("Checkpoint folders, names of checkpoints of --run, run folders (all their checkpoints), plain model "
+                "folders or Hub ids (with --out), or `base`.")
+_RUN = "Run folder: reads run.json, writes evals/{}."
+_OUT = "Folder for results when there is no run (plain models, Hub ids): OUT/evals/{} (created)."
 
 
 @dataclass(frozen=True)
@@ -29,19 +42,21 @@ class EvalConfig:
         folders, Hub ids): ``OUT/evals/`` (created).
     """
 
-    checkpoints: tuple[str, ...]
-    tasks: tuple[str, ...]
-    run: str | None = None
-    model: str | None = None
-    base: bool = True
-    include_path: tuple[str, ...] = ()
-    limit: int | None = None
-    num_fewshot: int | None = None
-    batch_size: int = 8
-    quantize: str | None = None
-    device: str = "auto"
-    revision: str | None = None
-    out: str | None = None
+    checkpoints: tuple[str, ...] = option(help=_CHECKPOINTS, argument=True)
+    tasks: tuple[str, ...] = option(help="lm-eval task names, comma-separated (globs allowed).")
+    run: str | None = option(None, _RUN.format(""), default_text="the checkpoints' run")
+    model: str | None = option(None, "Base model (HF folder, .gguf or Hub id).", default_text="the run's")
+    base: bool = option(True, "Also evaluate the base model (checkpoint 'base').")
+    include_path: tuple[str, ...] = option((), "Folder of task YAMLs (repeatable); relative data_files are read "
+                                           "relative to each YAML.", multiple=True)
+    limit: int | None = option(None, "Documents per task (quick checks).", range=POSITIVE, default_text="all")
+    num_fewshot: int | None = option(None, "Few-shot examples.", range=Range(0), default_text="the task's")
+    batch_size: int = option(8, "Documents per forward pass.", range=POSITIVE)
+    quantize: str | None = option(None, "Precision of the weights.", choices=QUANTIZATIONS, default_text="the run's")
+    device: str = option("auto", "cpu, cuda, cuda:1, or auto.")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) when --model is a Hub id; or write "
+                                        "ID@REV.")
+    out: str | None = option(None, _OUT.format(""))
 
     def __post_init__(self):
         for name in ("checkpoints", "tasks", "include_path"):
@@ -50,13 +65,11 @@ class EvalConfig:
             raise ValueError("no tasks given: pass lm-eval task names, e.g. tasks='hellaswag,arc_easy'")
         if not self.checkpoints and not self.base:
             raise ValueError("nothing to evaluate: give checkpoints, or base=True")
-        for name in ("limit", "batch_size"):
-            _positive(name, getattr(self, name))
-        check_device(self.device)
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
-        if self.quantize is not None:
-            _choice("quantize", self.quantize, QUANTIZATIONS)
+        check_options(self)
+        check_device(self.device)
+        check_revision(self.model, self.revision)
 
 
 @dataclass(frozen=True)
@@ -74,28 +87,24 @@ class ScoreConfig(DataOptions):
         :class:`PrecomputeConfig` (they must be the ones the cache was made with).
     """
 
-    checkpoints: tuple[str, ...]
-    cache: str
-    data: str
-    run: str | None = None
-    model: str | None = None
-    base: bool = False
-    beta: float | None = None
-    batch_size: int = 8
-    on_bad_row: str = "fail"
-    quantize: str | None = None
-    device: str = "auto"
-    chunk_size: int = 512
-    out: str | None = None
+    checkpoints: tuple[str, ...] = option(help=_CHECKPOINTS, argument=True)
+    cache: str = option(help="Reference cache holding the held-out pairs (the reference is never loaded).")
+    data: str = option(help="Held-out preference data (any format precompute reads).")
+    run: str | None = option(None, _RUN.format(" and logs/"), default_text="the checkpoints' run")
+    model: str | None = option(None, "Base model (HF folder, .gguf or Hub id).", default_text="the run's")
+    base: bool = option(False, "Also score the base model (checkpoint 'base'; rewards ~0 if it made the cache).")
+    beta: float | None = option(None, "Reward scale.", range=POSITIVE, default_text="the run's beta, else 0.1")
+    batch_size: int = option(8, "Pairs per forward pass.", range=POSITIVE)
+    on_bad_row: str = option("fail", "fail: stop and list bad rows; skip: score the rest.", choices=BAD_ROW_POLICIES)
+    quantize: str | None = option(None, "Precision of the weights.", choices=QUANTIZATIONS, default_text="the run's")
+    device: str = option("auto", "cpu, cuda, cuda:1, or auto.")
+    chunk_size: int = option(512, "Completion positions per output-head chunk.", range=POSITIVE)
+    out: str | None = option(None, _OUT.format(", OUT/logs/"))
 
     def __post_init__(self):
         super().__post_init__()  # the data options
         object.__setattr__(self, "checkpoints", _str_names(self.checkpoints))
         if not self.checkpoints and not self.base:
             raise ValueError("nothing to score: give checkpoints, or base=True")
-        for name in ("beta", "batch_size", "chunk_size"):
-            _positive(name, getattr(self, name))
+        check_options(self, ScoreConfig)
         check_device(self.device)
-        _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
-        if self.quantize is not None:
-            _choice("quantize", self.quantize, QUANTIZATIONS)

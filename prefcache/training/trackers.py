@@ -11,6 +11,7 @@ imported only when asked for. Offline use: TensorBoard writes event files to ``R
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 TRACKERS = ("none", "tensorboard", "wandb", "trackio")
@@ -32,6 +33,20 @@ def parse_report_to(value) -> tuple[str, ...]:
     if "none" in names and len(names) > 1:
         raise ValueError(f"report_to: 'none' cannot be combined with other trackers, got {list(names)}")
     return tuple(n for n in names if n != "none")
+
+
+def check_installed(names) -> None:
+    """Refuse a tracker whose package is missing now, with the other options, not after the model loaded."""
+    import importlib.util
+
+    for name in names:
+        module = EXTRAS[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a module in sys.modules without a spec (a test's stand-in) is there
+            found = module in sys.modules
+        if not found:
+            raise ValueError(f"--report-to {name} needs the {module} package: pip install 'prefcache[{name}]'")
 
 
 def trl_metrics(row: dict, split: str) -> dict[str, float]:
