@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import preference_rows, write_jsonl
+from conftest import preference_rows, read_line, write_jsonl
 
 from prefcache.cache.store import existing_ids, read_cache, verify
 from prefcache.core.locking import PAUSE_ENV, LockedError, directory_lock, lock_path
@@ -51,7 +51,7 @@ def hold_in_child(directory: Path, tmp_path: Path) -> subprocess.Popen:
                              stderr=subprocess.PIPE, text=True, env={**ENV, PAUSE_ENV: str(gate)})
     wait_for(gate.with_name(gate.name + ".taken"), child)
     gate.touch()  # let it go on to print and sleep
-    assert child.stdout.readline().strip() == "held"
+    assert read_line(child, TIMEOUT).strip() == "held"
     return child
 
 
@@ -143,7 +143,7 @@ def test_contending_writers_exclude_each_other_and_every_refusal_names_the_holde
     go = tmp_path.parent / f"{tmp_path.name}-go"
     procs = [subprocess.Popen([sys.executable, "-c", CONTEND, str(tmp_path), "300", str(go)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(4)]
-    assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 4
+    assert [read_line(p, TIMEOUT).strip() for p in procs] == ["ready"] * 4
     go.touch()
     counts = []
     for p in procs:
