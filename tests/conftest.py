@@ -79,6 +79,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def finish(proc: subprocess.Popen, timeout: float) -> tuple:
+    """``proc.communicate(timeout=...)`` (never ``wait()`` then read: a full pipe deadlocks that), and a
+    child still running at the timeout is killed before the error is raised, not left running."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=timeout)
+        raise
+
+
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
     """The next line a child writes to its stdout pipe, or a failed test after ``timeout`` seconds (with
     the child killed): a child that hangs before its readiness line must not hang the suite. (``select``

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import read_line
+from conftest import finish, read_line
 
 from prefcache.analysis.views import AnalysisError, connect
 
@@ -24,16 +24,6 @@ def prefcache(*args, **kwargs):
                             stderr=subprocess.PIPE, text=True, env=ENV, **kwargs)
 
 
-def finish(p: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    """``p.communicate``; past the timeout the child is killed (a runaway query would go on for hours)."""
-    try:
-        return p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate(timeout=timeout)
-        raise
-
-
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a process has used so far, all its threads together."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -44,7 +34,7 @@ def test_max_rows_fetches_only_what_is_shown():
     with connect() as a:
         assert a.sql(HUGE, fetch_rows=6).height == 6
     p = prefcache("sql", HUGE, "--max-rows", "5")
-    out, err = finish(p, timeout=120)  # materialising 1e16 rows would never end
+    out, err = finish(p, timeout=120)  # materialising 1e16 rows would never end: killed then
     assert p.returncode == 0, err
     assert "(5 rows shown, more not fetched" in out
 

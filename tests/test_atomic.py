@@ -102,12 +102,12 @@ def test_a_pass_that_cannot_write_a_shard_stops_with_one_line_and_a_rerun_comple
     cmd = [sys.executable, "-m", "prefcache", "precompute", "--data", str(data), "--out", str(tmp_path / "cache"),
            "--model", str(tiny_model), "--max-length", "64", "--shard-size", "4", "--no-progress"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV,
-                       preexec_fn=_limit_file_size((manifest + smallest) // 2))
+                       preexec_fn=_limit_file_size((manifest + smallest) // 2), timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "cannot write" in r.stderr and "part-r000-000000-" in r.stderr and "bytes written" in r.stderr
     assert "rerun the same command" in r.stderr
     assert not shard_paths(tmp_path / "cache") and not list((tmp_path / "cache").glob(".tmp-*"))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert verify(tmp_path / "cache") == []
     assert sorted(read_cache(tmp_path / "cache").column("id").to_pylist()) == \

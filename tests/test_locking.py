@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import preference_rows, read_line, write_jsonl
+from conftest import finish, preference_rows, read_line, write_jsonl
 
 from prefcache.cache.store import existing_ids, read_cache, verify
 from prefcache.core.locking import PAUSE_ENV, LockedError, directory_lock, lock_path
@@ -33,15 +33,17 @@ def wait_for(path: Path, child: subprocess.Popen) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not path.exists():
         if child.poll() is not None:
-            out, err = child.communicate(timeout=TIMEOUT)
+            _, err = finish(child, TIMEOUT)
             pytest.fail(f"the child exited ({child.returncode}) before {path.name} appeared:\n{err[-3000:]}")
-        assert time.monotonic() < deadline, f"{path.name} did not appear within {TIMEOUT} s"
+        if time.monotonic() > deadline:
+            stop(child)
+            pytest.fail(f"{path.name} did not appear within {TIMEOUT} s")
         time.sleep(0.02)
 
 
 def stop(child: subprocess.Popen) -> None:
     child.send_signal(signal.SIGKILL)
-    child.communicate(timeout=TIMEOUT)
+    finish(child, TIMEOUT)
 
 
 def hold_in_child(directory: Path, tmp_path: Path) -> subprocess.Popen:
@@ -147,7 +149,7 @@ def test_contending_writers_exclude_each_other_and_every_refusal_names_the_holde
     go.touch()
     counts = []
     for p in procs:
-        out, err = p.communicate(timeout=TIMEOUT)
+        out, err = finish(p, TIMEOUT)
         assert p.returncode == 0, err[-3000:]
         counts.append([int(n) for n in out.split()])
     assert all(taken > 0 for taken, _ in counts) and sum(taken + named for taken, named in counts) == 4 * 300
@@ -192,7 +194,7 @@ def test_two_concurrent_precompute_processes_lose_no_rows(tmp_path, tiny_model):
         second = subprocess.run(command(b), capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
     finally:
         gate.touch()
-        _, err = first.communicate(timeout=TIMEOUT)
+        _, err = finish(first, TIMEOUT)
     assert first.returncode == 0, err
     assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
     assert f"being written by prefcache precompute (pid {first.pid} on " in second.stderr, second.stderr
