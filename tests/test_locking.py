@@ -104,6 +104,21 @@ def test_temporaries_of_killed_acquirers_are_removed_and_live_ones_kept(tmp_path
         os.close(fd)
 
 
+def test_without_hard_links_the_lock_file_is_locked_in_place(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(src, dst, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")  # what FAT or some FUSE mounts answer
+
+    monkeypatch.setattr(os, "link", no_links)
+    with directory_lock(tmp_path, "first"):
+        assert [p.name for p in tmp_path.iterdir()] == [".prefcache-lock"]
+        with pytest.raises(LockedError, match=rf"being written by first \(pid {os.getpid()} on "):
+            with directory_lock(tmp_path, "second"):
+                pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_lock_that_created_its_directory_removes_it_when_nothing_was_written(tmp_path):
     with pytest.raises(ValueError, match="boom"):
         with directory_lock(tmp_path / "new", "x"):

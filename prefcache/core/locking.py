@@ -10,7 +10,8 @@ details are written to a private temporary file, which is locked and then linked
 over a file nobody holds). A refused writer therefore always reads a whole file and names the holder.
 The file at the path changes only by ``link`` when nothing is there, or at the hands of whoever holds
 the lock on the file that is there (rename over a dead holder's file; unlink on release), so an acquirer
-that locked a file no longer at the path just tries again.
+that locked a file no longer at the path just tries again. Where the file system has no hard links, the
+file at the path is locked, then written (a writer refused in between says "another process").
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def holder(path: Path) -> str:
         return _describe(path.read_bytes())
     except OSError:
         return "another process"
+
+
+def _refusal(path: Path, who: str) -> LockedError:
+    return LockedError(f"{path.parent} is being written by {who}; wait for it to finish "
+                       "(a second writer would lose or duplicate work)")
 
 
 def _describe(details: bytes) -> str:
@@ -92,30 +98,48 @@ def _acquire(path: Path, command: str) -> int:
     while True:
         fd, tmp = _details_file(path, command)
         try:
-            try:
-                os.link(tmp, path)  # nothing there: ours appears whole and already locked
-                taken = True
-            except FileExistsError:
-                taken = _replace_if_unheld(path, tmp)
-            if taken:
+            outcome = _place(tmp, path)
+            if outcome == "taken":
                 _unlink(tmp)  # the second name of the linked file (a renamed one has none)
                 _remove_dead_temporaries(path)
                 _pause_for_tests()
                 return fd
-        except FileNotFoundError:
-            pass  # our temporary was swept as dead, or the lock file left as we looked: try again
         except BaseException:
             os.close(fd)
             _unlink(tmp)
             raise
         os.close(fd)
         _unlink(tmp)
+        if outcome == "no hard links":
+            return _acquire_in_place(path, command)
+
+
+def _place(tmp: Path, path: Path) -> str:
+    """Put our locked details file ``tmp`` at ``path``: "taken", "again" (something moved: retry), or
+    "no hard links" (a file system without them), or raise :class:`LockedError`."""
+    try:
+        os.link(tmp, path)  # nothing there: ours appears whole and already locked
+        return "taken"
+    except FileExistsError:
+        try:
+            return "taken" if _replace_if_unheld(path, tmp) else "again"
+        except FileNotFoundError:
+            return "again"  # the lock file left as we looked
+    except FileNotFoundError:
+        return "again"  # our temporary was swept as dead (created, not yet locked): a new one
+    except OSError as e:
+        if e.errno in _NO_HARD_LINKS:
+            return "no hard links"
+        raise
+
+
+def _details(command: str) -> bytes:
+    return json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                       "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}).encode()
 
 
 def _details_file(path: Path, command: str) -> tuple[int, Path]:
     """A new file next to ``path``, locked by us, holding who we are."""
-    info = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
-            "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
@@ -123,7 +147,7 @@ def _details_file(path: Path, command: str) -> tuple[int, Path]:
         raise OSError(e.errno, f"cannot write to {path.parent}: {e.strerror}") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # at once, or after a sweeper that took it for dead: see _acquire
-        os.write(fd, json.dumps(info).encode())
+        os.write(fd, _details(command))
     except OSError:
         os.close(fd)
         _unlink(tmp)
@@ -143,14 +167,45 @@ def _replace_if_unheld(path: Path, tmp: Path) -> bool:
                 raise
             # Read through our descriptor: the holder's file even if it is released meanwhile.
             who = _describe(os.pread(theirs, 1 << 16, 0))
-            raise LockedError(f"{path.parent} is being written by {who}; wait for it to finish "
-                              "(a second writer would lose or duplicate work)") from None
+            raise _refusal(path, who) from None
         if os.fstat(theirs).st_ino != os.stat(path).st_ino:
             return False  # released and taken again while we opened it
         os.rename(tmp, path)
         return True
     finally:
         os.close(theirs)
+
+
+# What link(2) fails with where the file system has no hard links (FAT, some network and FUSE mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def _acquire_in_place(path: Path, command: str) -> int:
+    """Without hard links: lock the file at ``path`` itself, then write the details into it. A writer
+    refused between the two says "another process"; nothing is lost, only the holder's name."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write to {path.parent}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise _refusal(path, holder(path)) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # we locked a file its holder had just removed: try again on the current one
+    os.ftruncate(fd, 0)
+    os.write(fd, _details(command))
+    _pause_for_tests()
+    return fd
 
 
 def _remove_dead_temporaries(path: Path) -> None:
