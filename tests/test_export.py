@@ -14,10 +14,11 @@ from prefcache.export import export
 from prefcache.reference.shards import precompute
 from prefcache.training.loop import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # restored after the module, unlike a bare set_num_threads
+
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_model):
-    torch.set_num_threads(1)
+def run_dir(tmp_path_factory, tiny_model, one_thread):
     root = tmp_path_factory.mktemp("export")
     data = write_jsonl(root / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(root / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",

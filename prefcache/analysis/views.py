@@ -284,7 +284,7 @@ def default_memory_limit() -> str:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return "2GB"
-    return f"{max(256, total // 4 // 2**20)}MB"
+    return f"{max(256, total // 4 // 2**20)}MiB"  # MiB: DuckDB's "MB" is 10**6 bytes
 
 
 def connect(caches=(), runs=(), *, threads: int | None = None, memory_limit: str | None = None) -> Analysis:
