@@ -120,17 +120,17 @@ def unpaired_logps(model, items, kl_seqs=None, *, pad_id: int, device="cpu", chu
                                                              chunk_size=chunk_size)
             n_tokens, n_positions = n_tokens + kl_tokens, n_positions + kl_positions
         return UnpairedLogps(own, kl, n_tokens, n_positions)
-    rows, apart = [], []  # apart: (example, row) of KL completions whose prompt differs
+    rows, apart, apart_rows = [], [], []  # apart: (example, row) of KL completions whose prompt differs
     for k, item in enumerate(items):
         kl_prompt, kl_completion = kl_seqs[k] if kl_seqs is not None else (item.prompt_ids, None)
         if kl_completion is not None and list(kl_prompt) == list(item.prompt_ids):
             rows.append((item.prompt_ids, [item.completion_ids, kl_completion]))
         else:
             rows.append((item.prompt_ids, [item.completion_ids]))
-            if kl_completion is not None:
-                apart.append((k, len(items) + len(apart)))
-                rows.append((kl_prompt, [kl_completion]))
-    packed = pack(rows, pad_id).to(device)
+            if kl_completion is not None:  # its own row, after the examples' rows
+                apart.append((k, len(items) + len(apart_rows)))
+                apart_rows.append((kl_prompt, [kl_completion]))
+    packed = pack(rows + apart_rows, pad_id).to(device)
     token = packed_token_logprobs(lm, packed, chunk_size=chunk_size, module=module)  # [N, T]
     b = len(items)
     own = (token[:b] * (packed.segments[:b] == 1)).sum(-1)
