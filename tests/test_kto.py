@@ -223,6 +223,7 @@ def test_kto_resolves_the_model_at_its_revision(unpaired, tmp_path, monkeypatch)
     assert asked == [("org/policy", "v2")]
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # building the CUDA context on a CPU machine says so
 def test_autocast_is_bf16_on_cuda_only_when_asked():
     from contextlib import nullcontext
 
@@ -386,3 +387,14 @@ def test_kto_with_prefix_sharing_starts_at_its_invariant(unpaired, tmp_path, cap
     assert at_start.select("split", "step").rows() == [("eval", 0), ("train", 1)]
     for row in at_start.iter_rows(named=True):
         assert row["loss"] == pytest.approx(0.5, abs=1e-5) and row["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_kto_trains_with_finite_numbers(unpaired, tmp_path):
+    """The autocast path itself (bf16 on CUDA), packed and not: finite losses, KL and weights."""
+    for sharing in (False, True):
+        out = tmp_path / f"run-{sharing}"
+        result = run(unpaired, out, device="cuda", bf16=True, max_steps=3, prefix_sharing=sharing)
+        s = steps(out).filter(pl.col("split") == "train")
+        assert s.height == 3 and all(math.isfinite(v) for v in s["loss"]) and all(math.isfinite(v) for v in s["kl"])
+        assert all(torch.isfinite(v).all() for v in adapter(result["final_checkpoint"]).values())

@@ -23,6 +23,7 @@ from prefcache.losses.combine import Objective
 from prefcache.model.pairs import PairLogps, pair_logps
 from prefcache.training.log import write_pairs
 from prefcache.training.scoring import aggregate, score_pairs
+from prefcache.training.state import held_out_ids
 from prefcache.training.task import Forward, PolicyModel, Totals
 
 
@@ -68,8 +69,6 @@ class PairTask:
     @classmethod
     def load(cls, cfg, tokenizer) -> PairTask:
         """Training and held-out pairs, each cached (by id) with this run's token counts and finite values."""
-        from prefcache.training.state import held_out_ids
-
         objective = bind_objective(cfg)  # before any data is read: a bad option costs nothing
         mapping = RowMapping.of(cfg)
         reference, max_length, truncation = open_reference(cfg, tokenizer, mapping)
