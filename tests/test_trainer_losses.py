@@ -16,11 +16,11 @@ from prefcache.training.config import TrainConfig
 from prefcache.training.loop import train
 
 LN2 = math.log(2)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("variants")
     data = write_jsonl(root / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(root / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
@@ -63,7 +63,7 @@ def test_f_divergence_starts_at_ln2(setup, tmp_path, kind):
 
 def test_logged_rewards_under_ld_alpha_are_ld_weighted(setup, tmp_path):
     from prefcache.losses import LossInputs, combined_loss
-    from prefcache.training.loop import example_cols
+    from prefcache.training.pairs import example_cols
 
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     # one pair, chosen 4 tokens, rejected 2: prefixes over the first 2 tokens of each

@@ -13,6 +13,7 @@ every example's kto loss is 0.5 at unit weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -51,6 +52,29 @@ def apo_zero_unpaired(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, k
     return UnpairedOutput(torch.where(labels, desirable, undesirable), (beta * delta).detach())
 
 
-
 # name -> (function, takes the KL estimate), as the registry declares them
 UNPAIRED = {name: (globals()[name], info.kl) for name, info in UNPAIRED_LOSSES.items()}
+
+
+@dataclass(frozen=True)
+class UnpairedObjective:
+    """An unpaired loss bound once per run to its options (checked then), called per micro-batch."""
+
+    name: str
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.name not in UNPAIRED:
+            raise ValueError(f"unknown unpaired loss {self.name!r}; choose from {', '.join(UNPAIRED)}")
+
+    @property
+    def needs_kl(self) -> bool:
+        """Whether the loss takes KTO's batch KL estimate z (so each example needs its KL completion)."""
+        return UNPAIRED[self.name][1]
+
+    def __call__(self, policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: Tensor) -> UnpairedOutput:
+        return UNPAIRED[self.name][0](policy_logps, ref_logps, labels, kl, beta=self.beta,
+                                      desirable_weight=self.desirable_weight,
+                                      undesirable_weight=self.undesirable_weight)

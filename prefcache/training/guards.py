@@ -35,20 +35,17 @@ def resolve_finetune(requested: str, cache_meta: dict | None, device: str = "cpu
                        f"(--finetune auto = {made_by} starts the policy as the cache's reference)")
 
 
-
-
-
-
-def check_step(step: int, ids: list[str], losses, grad_norm: float | None = None) -> None:
-    """Stop at the first non-finite per-pair loss ([B] tensor) or gradient norm, naming the step and pairs."""
+def check_step(step: int, ids: list[str], losses, grad_norm: float | None = None, unit: str = "pair") -> None:
+    """Stop at the first non-finite per-example loss ([B] tensor) or gradient norm, naming the step and the
+    examples (``unit``: what an example is called, pair or example)."""
     import torch
 
     finite = torch.isfinite(losses.detach())
     if not bool(finite.all()):
         which = [ids[i] for i in range(len(ids)) if not bool(finite[i])]
-        raise NonFiniteError(f"step {step}: non-finite loss on pair(s) {', '.join(which[:5])}; stopped before "
+        raise NonFiniteError(f"step {step}: non-finite loss on {unit}(s) {', '.join(which[:5])}; stopped before "
                              "the update, the last checkpoint is the last good one")
     if grad_norm is not None and not math.isfinite(grad_norm):
-        raise NonFiniteError(f"step {step}: non-finite gradient (norm {grad_norm}) from pairs "
+        raise NonFiniteError(f"step {step}: non-finite gradient (norm {grad_norm}) from {unit}s "
                              f"{', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}; stopped before the update, "
                              "the last checkpoint is the last good one")

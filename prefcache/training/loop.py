@@ -1,16 +1,17 @@
-"""The training loop: preference optimisation against a precomputed reference cache.
+"""The training loop: preference optimisation against a precomputed reference cache, one loop for every
+kind of example.
 
-Only the policy is loaded. The reference model's summed log-probs come from the cache, joined to each
-batch by example id (never by row order), after checking that the cache was made with the tokenisation
-training is about to use. Policy log-probs come from the kernel that made the cache
-(``prefcache.model.kernel`` through ``scoring.pair_logps``), so a fresh LoRA policy on the reference model
-starts with rewards of 0 and a sigmoid loss of ln 2 (to 1e-5, at the precision the cache was made in;
-QLoRA on a 4-bit cache included).
+Only the policy is loaded. A kind of example is a task (:mod:`prefcache.training.task`): preference pairs
+(:class:`~prefcache.training.pairs.PairTask`) or unpaired KTO-style examples
+(:class:`~prefcache.training.unpaired.UnpairedTask`). The task loads and checks its examples and reference
+values before a model loads and runs the forward of a micro-batch; everything else is written here once,
+so every kind gets every guard.
 
-The loop reads top to bottom: seeded epoch-wise data order -> micro-batches with gradient accumulation
--> loss -> clip -> optimizer and LR schedule -> log / eval / checkpoint. Under ``torchrun`` each rank
-takes every world_size-th pair of the epoch's permutation (DistributedSampler's split) and DDP averages
-the gradients; rank 0 writes the logs with metrics gathered from all ranks.
+The loop reads top to bottom: seeded epoch-wise data order (length-grouped) -> micro-batches with gradient
+accumulation -> loss -> the NaN/inf guard -> clip -> optimizer and LR schedule -> log / eval / checkpoint.
+Under ``torchrun`` each rank takes every world_size-th example of the epoch's permutation
+(DistributedSampler's split) and DDP averages the gradients; rank 0 writes the logs with metrics gathered
+from all ranks.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,39 +28,33 @@ import torch
 from tqdm.auto import tqdm
 
 from prefcache import __version__
-from prefcache.cache.compat import check_cache_mapping, check_cache_matches
-from prefcache.cache.lookup import ReferenceTable, check_joined, check_reference_values
-from prefcache.core.distributed import all_reduce_sum, barrier, dist_info, gather, setup
+from prefcache.core.distributed import barrier, dist_info, gather, setup
 from prefcache.core.locking import directory_lock
 from prefcache.core.runconfig import write_config
-from prefcache.core.schemas import EXAMPLE_COLUMNS, example_columns
-from prefcache.data.columns import RowMapping
-from prefcache.data.pairs import load_dataset_pairs, write_bad_rows
-from prefcache.losses import LossInputs, combined_loss, ld_logps
+from prefcache.data.pairs import write_bad_rows
 from prefcache.losses.registry import UNPAIRED_LOSSES
 from prefcache.model.kernel import LogProbModule, router_aux_coef
 from prefcache.model.load import load_tokenizer, resolve_device, resolve_model
 from prefcache.model.packing import training_sharing
-from prefcache.model.pairs import PairLogps, pair_logps
 from prefcache.training.checkpoint import checkpoint_dir
 from prefcache.training.config import TrainConfig
 from prefcache.training.guards import STEP0_MARGIN_TOLERANCE, check_step, resolve_finetune
-from prefcache.training.log import peak_mem_mb, write_pairs
+from prefcache.training.log import peak_mem_mb
+from prefcache.training.pairs import PairTask, example_cols  # noqa: F401 - example_cols: a public name here
 from prefcache.training.rundir import check_run_dir, write_run_info
-from prefcache.training.scoring import aggregate, score_pairs
-from prefcache.training.state import (
+from prefcache.training.state import (  # noqa: F401 - epoch_order: a public name here
     RunState,
     after_step,
     epoch_order,
     finish,
-    held_out_ids,
     load_run_policy,
     make_optimization,
     open_run,
     step_counts,
 )
+from prefcache.training.task import PolicyModel, Totals
 from prefcache.training.trackers import Trackers
-from prefcache.training.unpaired import train_unpaired
+from prefcache.training.unpaired import UnpairedTask
 
 
 def train(config: TrainConfig | None = None, **options) -> dict:
@@ -73,345 +68,188 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     check_run_dir(cfg.out, cfg.resume)  # before the lock, so a refusal leaves nothing behind
     # One writer per run directory; ranks > 0 write nothing there.
     with directory_lock(cfg.out, "prefcache train", enabled=dist_info()[0] == 0):
-        if cfg.loss[0] in UNPAIRED_LOSSES:  # KTO-style losses on unpaired data: their own loop
-            return train_unpaired(cfg)
-        return _train(cfg)
+        kind = UnpairedTask if cfg.loss[0] in UNPAIRED_LOSSES else PairTask
+        kind.refuse(cfg)
+        run, task, model, run_info = start(cfg, kind)
+        return _train(run, task, model, run_info)
 
 
-@dataclass
-class PairData:
-    """The pairs of a run and their reference values, checked before a model loads."""
-
-    pairs: list  # TokenizedPair, training
-    eval_pairs: list
-    reference: ReferenceTable | None  # None: reference-free losses
-    eval_reference: ReferenceTable | None
-    examples: list  # the rendered texts of both splits, for pairs.parquet
-    bad_rows: list
-    max_length: int
-    truncation: str
-
-    @property
-    def cache_meta(self) -> dict | None:
-        return self.reference.metadata if self.reference else None
+def seed_rank(seed: int, rank: int) -> None:
+    """Each rank's own seed: dropout differs per rank, as in any data-parallel run."""
+    torch.manual_seed(seed + rank)
 
 
-@dataclass
-class PairModel:
-    """The policy as the pair loop drives it."""
-
-    module: torch.nn.Module  # LogProbModule, DDP-wrapped under torchrun
-    params: list
-    sharing: bool  # packed [prompt | chosen | rejected] rows
-    aux_coef: float | None  # MoE: the model's own weight of its router load-balancing loss
-    autocast: object
-    pad_id: int
-    loss_options: dict
-
-
-def open_reference(cfg: TrainConfig, tokenizer, mapping: RowMapping):
-    """(reference table or None, max_length, truncation): the cache's, checked against this tokenisation."""
-    reference = ReferenceTable.from_cache(cfg.cache) if cfg.cache else None
-    max_length = cfg.max_length or (reference.metadata["max_length"] if reference else 1024)
-    truncation = cfg.truncation or (reference.metadata["truncation"] if reference else "keep_start")
-    if reference:
-        check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
-        check_cache_mapping(reference.metadata, mapping, cfg.cache)
-    return reference, max_length, truncation
-
-
-def load_pairs(cfg: TrainConfig, tokenizer, mapping: RowMapping, reference, max_length: int, truncation: str) -> PairData:
-    """Training and held-out pairs, each cached (by id) with this run's token counts and finite values."""
-    data_options = {"data_config": cfg.data_config, "mapping": mapping}
-    pairs, bad_rows, examples = load_dataset_pairs(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row,
-                                                   split=cfg.split, **data_options)
-    eval_pairs, eval_reference, eval_examples = [], reference, []
-    if cfg.eval_data:
-        eval_reference = ReferenceTable.from_cache(cfg.eval_cache) if cfg.eval_cache else reference
-        if eval_reference is not reference:
-            check_cache_matches(eval_reference.metadata, tokenizer, max_length, truncation)
-            check_cache_mapping(eval_reference.metadata, mapping, cfg.eval_cache)
-        eval_pairs, _, eval_examples = load_dataset_pairs(cfg.eval_data, tokenizer, max_length, truncation,
-                                                          cfg.on_bad_row, split=cfg.eval_split, **data_options)
-    elif cfg.eval_fraction:
-        held = held_out_ids([p.id for p in pairs], cfg.eval_fraction)
-        eval_pairs = [p for p in pairs if p.id in held]
-        pairs = [p for p in pairs if p.id not in held]
-    if reference:
-        check_joined(reference, pairs, "training")
-        check_reference_values(reference, pairs, "training")
-    if eval_reference and eval_pairs:
-        check_joined(eval_reference, eval_pairs, "eval")
-        check_reference_values(eval_reference, eval_pairs, "eval")
-    if not pairs:
-        raise ValueError(f"no training pairs in {cfg.data}")
-    return PairData(pairs, eval_pairs, reference, eval_reference, examples + eval_examples, bad_rows, max_length,
-                    truncation)
-
-
-def build_model(run: RunState, data: PairData, cfg: TrainConfig) -> PairModel:
-    """The kernel's module over the policy (DDP-wrapped under torchrun), and what every step passes it."""
-    sharing = training_sharing(cfg.prefix_sharing, data.cache_meta, run.policy)
-    module = LogProbModule(run.policy, chunk_size=cfg.chunk_size, router_aux=True)
-    if run.world > 1:
+def build_model(cfg: TrainConfig, policy, task, tokenizer, device: str, world: int) -> PolicyModel:
+    """The kernel's module over the policy (DDP-wrapped under torchrun), and what every step passes it.
+    Prefix sharing follows the cache's ``prefix_sharing`` metadata unless asked otherwise (no key: off)."""
+    plain = module = LogProbModule(policy, chunk_size=cfg.chunk_size, router_aux=True)
+    if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        module = DistributedDataParallel(module, device_ids=[run.device] if run.device.startswith("cuda") else None)
-    loss_options = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma,
-                    "discopop_tau": cfg.discopop_tau, "ld_alpha": cfg.ld_alpha, "f_divergence": cfg.f_divergence,
-                    "f_alpha": cfg.f_alpha, "use_weighting": cfg.use_weighting}
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and run.device.startswith("cuda")
-                else nullcontext())
-    return PairModel(module, [p for p in run.policy.parameters() if p.requires_grad], sharing,
-                     router_aux_coef(run.policy), autocast, run.tokenizer.pad_token_id, loss_options)
+        module = DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
+    return PolicyModel(module, plain, policy, [p for p in policy.parameters() if p.requires_grad],
+                       training_sharing(cfg.prefix_sharing, task.cache_meta, policy), router_aux_coef(policy),
+                       tokenizer.pad_token_id, device, cfg.chunk_size, cfg.bf16)
 
 
-def _train(cfg: TrainConfig) -> dict:
+def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
+    """Everything before the first step: data and cache checked, run directory, policy, optimizer, run.json."""
     rank, world, device = setup(resolve_device(cfg.device))
-    main = rank == 0
-    out = Path(cfg.out)
-
+    main, out = rank == 0, Path(cfg.out)
     # 1. Tokenizer, reference cache and data: everything is checked before a model is loaded.
     source = resolve_model(cfg.model, cfg.revision)
-    mapping = RowMapping.of(cfg)
     tokenizer = load_tokenizer(source)
-    reference, max_length, truncation = open_reference(cfg, tokenizer, mapping)
-    finetune, mismatch = resolve_finetune(cfg.finetune, reference.metadata if reference else None, device)
-    if finetune != cfg.finetune:  # run.json and checkpoints record the policy actually trained
-        cfg = replace(cfg, finetune=finetune)
+    task = kind.load(cfg, tokenizer)
+    finetune, mismatch = resolve_finetune(cfg.finetune, task.cache_meta, device)
+    cfg = replace(cfg, finetune=finetune)  # run.json and checkpoints record the policy actually trained
     if mismatch and main:
         print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
-    data = load_pairs(cfg, tokenizer, mapping, reference, max_length, truncation)
-    steps_per_epoch, total_steps = step_counts(cfg, len(data.pairs), world)
+    n_train = len(task.train_set)
+    steps_per_epoch, total_steps = step_counts(cfg, n_train, world)
 
     # 2. The run directory: a fresh one, or a resume from its latest checkpoint.
     if (notice := check_run_dir(out, cfg.resume)) and main:
         print(f"prefcache train: {notice}", file=sys.stderr)
-    ckpt, state, log = open_run(cfg, world=world, main=main, n_train=len(data.pairs))
-    run = RunState(cfg, out, rank, world, device, steps_per_epoch, total_steps, len(data.pairs), max_length,
-                   truncation, log, group_by_length=cfg.group_by_length, tokenizer=tokenizer)
+    ckpt, state, log, grouped = open_run(cfg, world=world, main=main, n_train=n_train, unpaired=kind is UnpairedTask)
     if main:
-        write_pairs(out / "pairs.parquet", data.examples)
-        if data.bad_rows:
-            write_bad_rows(out / "bad_rows.jsonl", data.bad_rows)
+        task.write_texts(out / "pairs.parquet")
+        if task.bad_rows:
+            write_bad_rows(out / "bad_rows.jsonl", task.bad_rows)
 
     # 3. The policy (only it), its optimizer and schedule; DDP wraps the module whose forward runs.
-    run.policy, run.policy_info = load_run_policy(cfg, source, ckpt, device)
-    model = build_model(run, data, cfg)
-    run.optimizer, run.scheduler, warmup = make_optimization(cfg, model.params, total_steps=total_steps, state=state)
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as in any data-parallel run
-    run.restore(state)
+    policy, policy_info = load_run_policy(cfg, source, ckpt, device)
+    model = build_model(cfg, policy, task, tokenizer, device, world)
+    optimizer, scheduler, warmup = make_optimization(cfg, model.params, total_steps=total_steps, state=state)
+    seed_rank(cfg.seed, rank)
     run_info = {"config": asdict(cfg), "prefcache_version": __version__, "world_size": world,
-                "max_length": max_length, "truncation": truncation, "policy": run.policy_info,
-                "cache": data.cache_meta,
-                "eval_cache": data.eval_reference.metadata if data.eval_pairs and data.eval_reference else None,
-                "train_pairs": len(data.pairs), "eval_pairs": len(data.eval_pairs), "bad_rows": len(data.bad_rows),
-                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
-                "pairs_per_step": cfg.batch_size * cfg.grad_accum * world, "prefix_sharing": model.sharing,
+                "max_length": task.max_length, "truncation": task.truncation, "policy": policy_info, **task.info(),
+                "bad_rows": len(task.bad_rows), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                "warmup_steps": warmup, "pairs_per_step": cfg.batch_size * cfg.grad_accum * world,
+                "prefix_sharing": model.sharing, "group_by_length": grouped,
                 "resumed_from": str(ckpt) if ckpt else None,
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if main:
         write_run_info(out, run_info)
         write_config(cfg, out / "config.yaml")  # `prefcache train --config RUN/config.yaml` runs it again
-    run.trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
-    run.start_clock()
+    trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
+    run = RunState(cfg=cfg, out=out, rank=rank, world=world, device=device, steps_per_epoch=steps_per_epoch,
+                   total_steps=total_steps, n_train=n_train, max_length=task.max_length, truncation=task.truncation,
+                   group_by_length=grouped, log=log, policy=policy, policy_info=policy_info, tokenizer=tokenizer,
+                   optimizer=optimizer, scheduler=scheduler, trackers=trackers)
+    run.restore(state)
+    return run, task, model, run_info
 
-    # 4. The loop: seeded epoch order -> a step of micro-batches -> log / eval / checkpoint.
-    evaluate = (lambda at_step: run_eval(run, data, model, at_step)) if data.eval_pairs else None
+
+def _train(run: RunState, task, model: PolicyModel, run_info: dict) -> dict:
+    """The loop: seeded epoch order -> a step of micro-batches -> log / eval / checkpoint; then the summary."""
+    cfg = run.cfg
+    run.start_clock()
+    evaluate = (lambda at_step: run_eval(run, task, model, at_step)) if task.eval_set else None
     if evaluate and run.step == 0:
         evaluate(0)  # the baseline: at step 0 a fresh LoRA policy is the reference
-    bar = tqdm(total=total_steps, initial=run.step, desc="train", unit="step", disable=not (main and cfg.progress),
-               dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc=f"train {'+'.join(cfg.loss)}", unit="step",
+               disable=not (run.main and cfg.progress), dynamic_ncols=True)
     order, order_epoch = None, None
-    while run.step < total_steps:
-        if order_epoch != (epoch := run.step // steps_per_epoch):  # a fresh seeded permutation each epoch
-            lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in data.pairs] \
-                if cfg.group_by_length else None
-            order = epoch_order(len(data.pairs), cfg.seed, epoch, rank, world, lengths, cfg.batch_size * cfg.grad_accum)
+    while run.step < run.total_steps:
+        if order_epoch != (epoch := run.step // run.steps_per_epoch):  # a fresh seeded permutation each epoch
+            lengths = task.lengths() if run.group_by_length else None
+            order = epoch_order(len(task.train_set), cfg.seed, epoch, run.rank, run.world, lengths,
+                                cfg.batch_size * cfg.grad_accum)
             order_epoch = epoch
-        loss, local = train_step(run, data, model, order)
+        loss = train_step(run, task, model, order)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{local['rewards_accuracies']:.2f}",
-                        margin=f"{local['rewards_margins']:.3f}", refresh=False)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         after_step(run, evaluate)
     bar.close()
     finish(run, evaluate)
 
-    summary = {"run": str(out), "steps": run.step, "final_checkpoint": str(checkpoint_dir(out, run.step)),
+    ckpt = run_info["resumed_from"]
+    summary = {"run": str(run.out), "steps": run.step, "final_checkpoint": str(checkpoint_dir(run.out, run.step)),
                "train": {k: v for k, v in run.last_train.items() if k != "n"}, "eval": run.last_eval,
-               "seconds": run.elapsed(), "resumed_from": str(ckpt) if ckpt else None,
-               "step0_margin": run.step0_margin}
-    if main:
-        write_run_info(out, run_info | {"result": summary})
-    barrier(world)
+               "seconds": run.elapsed(), "resumed_from": ckpt, "step0_margin": run.step0_margin}
+    if run.main:
+        write_run_info(run.out, run_info | {"result": summary})
+    barrier(run.world)
     return summary
 
 
-def micro_step(run: RunState, data: PairData, model: PairModel, batch: list, share: float):
-    """Forward and backward of one micro-batch; returns (loss result, loss inputs, policy values, aux loss).
-    ``share``: the micro-batch's share of the step's pairs."""
+def train_step(run: RunState, task, model: PolicyModel, order: list[int]) -> float:
+    """One optimizer step over this rank's share of the step's examples; returns its mean loss."""
     cfg = run.cfg
-    ids = [p.id for p in batch]
-    with model.autocast:
-        pol = pair_logps(model.module, batch, pad_id=model.pad_id, device=run.device, chunk_size=cfg.chunk_size,
-                         prefix_sharing=model.sharing, wpo=cfg.use_weighting)
-    ref = {c: v.to(run.device) for c, v in data.reference.lookup(ids).items()} if data.reference else None
-    inputs = loss_inputs(pol, ref)
-    bco = {}
-    if "bco_pair" in cfg.loss:  # bco_pair's reward shift: the running mean of all rewards seen so far
-        rewards = cfg.beta * torch.cat([inputs.policy_chosen_logps - inputs.ref_chosen_logps,
-                                        inputs.policy_rejected_logps - inputs.ref_rejected_logps])
-        seen = torch.tensor([rewards.detach().sum().item(), rewards.numel()], dtype=torch.float64)
-        if run.world > 1:
-            seen = all_reduce_sum(seen.to(run.device), run.world)
-        bco = {"bco_delta": run.bco.update(seen[0].item(), int(seen[1].item()))}
-    result = combined_loss(cfg.loss, cfg.loss_weights, inputs, **model.loss_options, **bco)
-    check_step(run.step + 1, ids, result.losses)  # before backward: NaN never reaches the weights
-    # Each micro-batch's mean, weighted by its share of the step: the step's gradient is that of the mean
-    # over all its pairs, whatever the split into micro-batches.
-    loss = result.loss
-    if (aux := getattr(model.module, "module", model.module).aux_loss) is not None:
-        loss = loss + model.aux_coef * aux  # a mixture of experts also learns to balance its router
-    (loss * share).backward()
-    return result, inputs, pol, aux
-
-
-def train_step(run: RunState, data: PairData, model: PairModel, order: list[int]) -> tuple[float, dict]:
-    """One optimizer step over this rank's share of the step's pairs; returns (mean loss, local metrics)."""
-    cfg, world = run.cfg, run.world
     span = cfg.batch_size * cfg.grad_accum
     position = run.step % run.steps_per_epoch
     step_idx = order[position * span : (position + 1) * span]
     micro = [step_idx[i : i + cfg.batch_size] for i in range(0, len(step_idx), cfg.batch_size)]
     t0 = time.perf_counter()
-    loss_sum, tokens, positions, cols, aux_sum = 0.0, 0, 0, [], None
+    totals = Totals()
     for k, idx in enumerate(micro):
-        batch = [data.pairs[i] for i in idx]
+        batch = [task.train_set[i] for i in idx]
         # DDP all-reduces gradients on the last micro-batch of the step only.
-        with model.module.no_sync() if world > 1 and k < len(micro) - 1 else nullcontext():
-            result, inputs, pol, aux = micro_step(run, data, model, batch, len(batch) / len(step_idx))
-        if aux is not None:
-            aux_sum = (aux_sum or 0.0) + aux.item() * len(batch)
-        loss_sum += result.loss.item() * len(batch)
-        tokens += pol.n_tokens
-        positions += pol.n_positions
-        cols.append(example_cols(batch, inputs, result, cfg.beta, cfg.ld_alpha))
+        with model.module.no_sync() if run.world > 1 and k < len(micro) - 1 else nullcontext():
+            out = task.forward(model, batch, run)
+            check_step(run.step + 1, [e.id for e in batch], out.losses, unit=task.unit)  # NaN never reaches weights
+            loss, aux = out.loss, model.aux_loss
+            if aux is not None:
+                loss = loss + model.aux_coef * aux  # a mixture of experts also learns to balance its router
+            # Each micro-batch's mean, weighted by its share of the step: the step's gradient is that of the
+            # mean over all its examples, whatever the split into micro-batches.
+            (loss * (len(batch) / len(step_idx))).backward()
+        totals.add(out, len(batch), aux)
 
     grad_norm = torch.nn.utils.clip_grad_norm_(model.params, cfg.max_grad_norm or math.inf).item()
-    check_step(run.step + 1, [data.pairs[i].id for i in step_idx], torch.zeros(0), grad_norm)
+    check_step(run.step + 1, [task.train_set[i].id for i in step_idx], torch.zeros(0), grad_norm, unit=task.unit)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     step_time = time.perf_counter() - t0
-
-    cols = {k: [v for c in cols for v in c[k]] for k in cols[0]}
-    local = aggregate(cols)
-    if run.step == 1 and data.reference is not None and run.main:  # step 1's numbers are the step-0 policy's
-        run.step0_margin = local["rewards_margins"]
-        print(f"prefcache train: step 0 margin {run.step0_margin:.4g}, loss {loss_sum / len(step_idx):.4f} "
-              f"(0 and ln 2 = 0.6931 when the policy starts as the cache's reference)"
-              + ("; the policy is NOT the cache's reference" if abs(run.step0_margin) > STEP0_MARGIN_TOLERANCE
-                 else ""), file=sys.stderr)
+    if run.step == 1 and run.main:  # step 1's numbers are the step-0 policy's
+        report_step0(run, task.step0_margin(task.metrics(totals.columns)), totals.loss_sum / totals.n)
     if run.due(cfg.log_every):
-        parts = gather((cols, loss_sum, tokens, peak_mem_mb(run.device), positions, aux_sum), world)
-        if run.main:
-            cols = {k: [v for c, *_ in parts for v in c[k]] for k in cols}
-            run.last_train = aggregate(cols) | {"loss": sum(p[1] for p in parts) / len(cols["id"])}
-            run.log.add_examples(cols, step=run.step, split="train")
-            run.log.add_step(row := {**run.last_train, "step": run.step, "epoch": run.epoch(run.step),
-                                     "split": "train", "lr": lr, "grad_norm": grad_norm,
-                                     "tokens_per_s": sum(p[2] for p in parts) / step_time,
-                                     "peak_mem_mb": max(p[3] for p in parts), "time_s": run.elapsed(),
-                                     # the share of the computed token positions that were padding
-                                     "padding_share": 1 - sum(p[2] for p in parts) / max(sum(p[4] for p in parts), 1),
-                                     "aux_loss": None if aux_sum is None else sum(p[5] for p in parts) / len(cols["id"])})
-            run.trackers.log(row, step=run.step, split="train")
-    return loss_sum / len(step_idx), local
+        totals.peak_mem_mb = peak_mem_mb(run.device)
+        log_train(run, task, gather(totals, run.world), lr=lr, grad_norm=grad_norm, step_time=step_time)
+    return totals.loss_sum / totals.n
 
 
-def run_eval(run: RunState, data: PairData, model: PairModel, at_step: int) -> None:
-    """Score the held-out pairs (each rank its share), logged by rank 0 as the eval split of ``at_step``."""
-    cfg = run.cfg
-    bco = {"bco_delta": run.bco.value} if "bco_pair" in cfg.loss else {}
-    cols, losses = evaluate_split(run.policy, data.eval_pairs[run.rank :: run.world], data.eval_reference, cfg,
-                                  pad_id=model.pad_id, device=run.device, loss_options={**model.loss_options, **bco},
-                                  prefix_sharing=model.sharing)
-    parts = gather((cols, losses), run.world)
+def report_step0(run: RunState, margin: float | None, loss: float) -> None:
+    """Say whether the policy starts as the cache's reference (pairs: margin 0, sigmoid loss ln 2)."""
+    if margin is None:
+        return
+    run.step0_margin = margin
+    print(f"prefcache train: step 0 margin {margin:.4g}, loss {loss:.4f} "
+          f"(0 and ln 2 = 0.6931 when the policy starts as the cache's reference)"
+          + ("; the policy is NOT the cache's reference" if abs(margin) > STEP0_MARGIN_TOLERANCE else ""),
+          file=sys.stderr)
+
+
+def log_row(run: RunState, task, parts: list[Totals], split: str, at_step: int, extra=lambda t: {}) -> dict:
+    """Rank 0: log a step's (or an eval's) examples and metrics, gathered from every rank; returns the
+    summary entry (the task's metrics, the mean loss and, where there is one, the mean KL estimate)."""
+    t = Totals.merge(parts)
+    result = task.metrics(t.columns) | {"loss": t.loss_sum / t.n}
+    if t.kl_sum is not None:
+        result["kl"] = t.mean(t.kl_sum)
+    run.log.add_examples(t.columns, step=at_step, split=split)
+    run.log.add_step(row := {**result, "step": at_step, "epoch": run.epoch(at_step), "split": split,
+                             "peak_mem_mb": t.peak_mem_mb, "time_s": run.elapsed(), **extra(t)})
+    run.trackers.log(row, step=at_step, split=split)
+    return result
+
+
+def log_train(run: RunState, task, parts: list[Totals], *, lr: float, grad_norm: float, step_time: float) -> None:
     if run.main:
-        cols = {k: [v for c, _ in parts for v in c[k]] for k in cols}
-        run.last_eval = aggregate(cols) | {"loss": sum(s for _, s in parts) / len(cols["id"])}
-        run.log.add_examples(cols, step=at_step, split="eval")
-        run.log.add_step(row := {**run.last_eval, "step": at_step, "epoch": run.epoch(at_step), "split": "eval",
-                                 "time_s": run.elapsed(), "peak_mem_mb": peak_mem_mb(run.device)})
-        run.trackers.log(row, step=at_step, split="eval")
+        run.last_train = log_row(run, task, parts, "train", run.step, extra=lambda t: {
+            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": t.tokens / step_time,
+            "padding_share": 1 - t.tokens / max(t.positions, 1),  # the share of computed positions that were padding
+            "aux_loss": t.mean(t.aux_sum)})
+
+
+def run_eval(run: RunState, task, model: PolicyModel, at_step: int) -> None:
+    """Score the held-out examples (each rank its share), logged by rank 0 as the eval split of ``at_step``."""
+    totals = task.evaluate(model, task.eval_share(run.rank, run.world), run)
+    totals.peak_mem_mb = peak_mem_mb(run.device)
+    parts = gather(totals, run.world)
+    if run.main:
+        run.last_eval = log_row(run, task, parts, "eval", at_step)
     run.last_eval_step = at_step
-
-
-def loss_inputs(pol: PairLogps, ref: dict | None) -> LossInputs:
-    """Policy values (fp32 from the kernel) and cached ones (float64), as float64 [B] loss inputs."""
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    r = ref or {}
-    return LossInputs(d(pol.chosen), d(pol.rejected), d(r.get("chosen_logps")), d(r.get("rejected_logps")),
-                      d(pol.chosen_tokens), d(pol.rejected_tokens), d(pol.chosen_prefix), d(pol.rejected_prefix),
-                      d(r.get("chosen_logps_prefix")), d(r.get("rejected_logps_prefix")), d(pol.chosen_wpo),
-                      d(pol.rejected_wpo))
-
-
-def example_cols(batch, inputs: LossInputs, result, beta: float, ld_alpha: float | None = None) -> dict[str, list]:
-    """Per-example log columns. With a reference, reward = beta * (policy - ref) on summed log-probs (as
-    ``prefcache score``), on the LD-weighted log-probs under ld_alpha (what TRL logs; the logps columns
-    stay the plain sums); reference-free, the loss's own rewards (e.g. simpo: beta * mean log-prob)."""
-    pc, pr = inputs.policy_chosen_logps.detach().cpu(), inputs.policy_rejected_logps.detach().cpu()
-    if inputs.ref_chosen_logps is not None:
-        rc, rr = inputs.ref_chosen_logps.cpu(), inputs.ref_rejected_logps.cpu()
-        wc, wr = beta * (pc - rc), beta * (pr - rr)
-        if ld_alpha is not None:
-            ld = lambda f: ld_logps(getattr(inputs, f), getattr(inputs, f + "_prefix"), ld_alpha).detach().cpu()  # noqa: E731
-            wc = beta * (ld("policy_chosen_logps") - ld("ref_chosen_logps"))
-            wr = beta * (ld("policy_rejected_logps") - ld("ref_rejected_logps"))
-    else:
-        rc = rr = None
-        wc, wr = result.chosen_rewards.detach().cpu().double(), result.rejected_rewards.detach().cpu().double()
-    return example_columns(batch, pc, pr, rc, rr, wc, wr)
-
-
-def evaluate_split(policy, pairs, reference, cfg: TrainConfig, *, pad_id, device, loss_options,
-                   prefix_sharing: bool = False) -> tuple[dict, float]:
-    """Per-example columns and the summed loss of held-out pairs, no gradients.
-
-    With a reference the columns come from ``scoring.score_pairs``, the code path of ``prefcache score``,
-    so its numbers for a checkpoint are the run's eval numbers. The loss needs a policy pass of its own
-    only when score's columns cannot give it (reference-free, or ld_alpha's prefix sums).
-    """
-    if not pairs:  # a rank whose share of a tiny eval set is empty
-        return {c: [] for c in EXAMPLE_COLUMNS}, 0.0
-    batch_size = cfg.eval_batch_size or cfg.batch_size
-    cols = None
-    if reference is not None:
-        cols, _ = score_pairs(policy, pairs, reference, beta=cfg.beta, batch_size=batch_size, pad_id=pad_id,
-                              device=device, chunk_size=cfg.chunk_size, prefix_sharing=prefix_sharing)
-    if cols is not None and cfg.ld_alpha is None and not cfg.use_weighting:
-        t = {k: torch.tensor(cols[k], dtype=torch.float64) for k in cols if k != "id"}
-        inputs = LossInputs(t["policy_chosen_logps"], t["policy_rejected_logps"], t["ref_chosen_logps"],
-                            t["ref_rejected_logps"], t["chosen_tokens"], t["rejected_tokens"])
-    else:
-        was_training = policy.training
-        policy.eval()
-        with torch.no_grad():
-            parts = [pair_logps(policy, pairs[s : s + batch_size], pad_id=pad_id, device=device,
-                                chunk_size=cfg.chunk_size, prefix_sharing=prefix_sharing, wpo=cfg.use_weighting)
-                     for s in range(0, len(pairs), batch_size)]
-        policy.train(was_training)
-        pol = PairLogps(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in
-                          ("chosen", "rejected", "chosen_prefix", "rejected_prefix", "chosen_tokens",
-                           "rejected_tokens")), sum(p.n_tokens for p in parts),
-                        **({f: torch.cat([getattr(p, f) for p in parts]).cpu() for f in ("chosen_wpo", "rejected_wpo")}
-                           if cfg.use_weighting else {}))
-        inputs = loss_inputs(pol, reference.lookup([p.id for p in pairs]) if reference else None)
-    result = combined_loss(cfg.loss, cfg.loss_weights, inputs, **loss_options)
-    if cols is None:
-        cols = example_cols(pairs, inputs, result, cfg.beta, cfg.ld_alpha)
-    return cols, float(result.losses.sum())
-

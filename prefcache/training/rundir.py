@@ -1,6 +1,7 @@
-"""What a run directory holds and where: ``run.json`` (the run's settings and result), ``checkpoints/step-NNNNNN/``
-with their ``prefcache.json``, and how a checkpoint argument (a folder, a name, a run, a Hub id, ``base``)
-resolves to checkpoints. Decided without loading torch: a refusal that needs no model is instant.
+"""A run directory as a whole: ``run.json`` (the run's settings and result), whether ``--out`` may start or
+resume a run there, and how a checkpoint argument (a folder, a name, a run, a Hub id, ``base``) resolves to
+checkpoints. One checkpoint's folder is :mod:`prefcache.training.checkpoint`'s. Decided without loading
+torch: a refusal that needs no model is instant.
 """
 
 from __future__ import annotations
@@ -13,34 +14,19 @@ from pathlib import Path
 
 from prefcache.core.atomic import write_json_atomic
 from prefcache.core.hub import looks_like_id, snapshot, split_revision
+from prefcache.training.checkpoint import (  # noqa: F401 - CHECKPOINT_JSON, read_checkpoint_info: export's names
+    CHECKPOINT_JSON,
+    list_checkpoints,
+    read_checkpoint_info,
+    write_checkpoint_info,
+)
 
 RUN_JSON = "run.json"
-CHECKPOINT_JSON = "prefcache.json"  # in each checkpoint: step, base model, settings (for humans and score)
 BASE = "base"  # the checkpoint name of a run's base model
-_NAME = re.compile(r"^step-(\d{6,})$")
 
 
 class RunDirError(ValueError):
     """A run or checkpoint that is not where, or not what, it was said to be; the message says what to do."""
-
-
-def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, (step, path), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.exists():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))
-             and (p / "trainer_state.pt").exists()]
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
 
 
 def write_run_info(run_dir: str | os.PathLike, info: dict) -> Path:
@@ -51,16 +37,6 @@ def read_run_info(run_dir: str | os.PathLike | None) -> dict:
     """A run's run.json, or {} (no run, or none written yet)."""
     path = Path(run_dir) / RUN_JSON if run_dir else None
     return json.loads(path.read_text()) if path and path.exists() else {}
-
-
-def write_checkpoint_info(checkpoint: str | os.PathLike, info: dict) -> Path:
-    return write_json_atomic(info, Path(checkpoint) / CHECKPOINT_JSON)
-
-
-def read_checkpoint_info(checkpoint: str | os.PathLike) -> dict | None:
-    """A checkpoint's prefcache.json, or None (not a prefcache checkpoint)."""
-    path = Path(checkpoint) / CHECKPOINT_JSON
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def holds_run(out: str | os.PathLike) -> bool:

@@ -1,7 +1,7 @@
-"""A training run's machinery, shared by the pair loop (:mod:`prefcache.training.loop`) and the unpaired one
-(:mod:`prefcache.training.unpaired`): the run directory opened or resumed, the policy and its optimizer built (or
-restored from a checkpoint), the seeded data order, and :class:`RunState`, what a loop carries from step
-to step and writes into its checkpoints.
+"""A training run's machinery, used by the one loop (:mod:`prefcache.training.loop`) for every kind of
+example: the run directory opened or resumed, the policy and its optimizer built (or restored from a
+checkpoint), the seeded data order, and :class:`RunState`, what the loop carries from step to step and
+writes into its checkpoints (:func:`prefcache.training.checkpoint.save`).
 """
 
 from __future__ import annotations
@@ -14,32 +14,30 @@ from pathlib import Path
 
 import torch
 
-from prefcache import __version__
-from prefcache.core.distributed import barrier, gather
+from prefcache.core.distributed import barrier
 from prefcache.losses import RunningMean
 from prefcache.model.load import resolve_model
 from prefcache.model.policy import load_policy
 from prefcache.training.checkpoint import (
+    check_resumable,
     clean_temporaries,
     latest_checkpoint,
     load_trainer_state,
-    rng_state,
-    save_checkpoint,
+    resumed_grouping,
+    save,
     set_rng_state,
 )
 from prefcache.training.log import RunLog
 from prefcache.training.schedule import make_scheduler
 from prefcache.training.trackers import Trackers
 
-STATE_VERSION = 1
 
-
-@dataclass
+@dataclass(kw_only=True)
 class RunState:
-    """One training run: what is fixed when it starts, and how far it has got.
+    """One training run: what is fixed when it starts (everything it is built with), and how far it has got.
 
-    The loop advances ``step``; :func:`save` and the eval functions read the rest. ``bco`` is bco_pair's
-    running reward mean (unused by other losses, saved all the same).
+    The loop advances ``step``; :func:`~prefcache.training.checkpoint.save` and the evals read the rest.
+    ``bco`` is bco_pair's running reward mean (unused by other losses, saved all the same).
     """
 
     cfg: object  # TrainConfig
@@ -52,14 +50,14 @@ class RunState:
     n_train: int
     max_length: int
     truncation: str
+    group_by_length: bool
     log: RunLog
-    group_by_length: bool = False
-    policy: object = None
-    policy_info: dict = field(default_factory=dict)
-    tokenizer: object = None
-    optimizer: object = None
-    scheduler: object = None
-    trackers: Trackers | None = None
+    policy: object
+    policy_info: dict
+    tokenizer: object
+    optimizer: object
+    scheduler: object
+    trackers: Trackers
     step: int = 0
     last_eval_step: int | None = None
     last_saved: int | None = None
@@ -68,7 +66,7 @@ class RunState:
     last_train: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
     bco: RunningMean = field(default_factory=RunningMean)
-    step0_margin: float | None = None  # the pair loop's first step, measured on the starting policy
+    step0_margin: float | None = None  # the first step's margin (pairs), measured on the starting policy
 
     @property
     def main(self) -> bool:
@@ -111,16 +109,6 @@ def held_out_ids(ids: list[str], fraction: float) -> set[str]:
     return set(sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:k])
 
 
-def check_resumable(state: dict, *, world: int, n_train: int, cfg) -> None:
-    """The data order is a function of these: resuming with others would not continue the same run."""
-    now = {"world_size": world, "n_train": n_train, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-           "seed": cfg.seed, "group_by_length": cfg.group_by_length}
-    had = {"group_by_length": False}  # checkpoints from before length grouping: random batches
-    if diff := [f"{k}: checkpoint has {state.get(k, had.get(k))!r}, now {v!r}" for k, v in now.items()
-                if state.get(k, had.get(k)) != v]:
-        raise ValueError("cannot resume with other settings:\n  " + "\n  ".join(diff))
-
-
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, lengths: list[int] | None = None,
                 span: int = 1) -> list[int]:
     """This rank's pair indices for an epoch: a permutation seeded by (seed + epoch), padded to a multiple
@@ -155,23 +143,27 @@ def make_optimizer(cfg, params):
     return cls(groups, lr=cfg.lr)
 
 
-def open_run(cfg, *, world: int, main: bool, n_train: int) -> tuple[Path | None, dict | None, RunLog]:
-    """(checkpoint resumed from, its trainer state, the run's log) for a fresh run or a ``--resume``.
+def open_run(cfg, *, world: int, main: bool, n_train: int, unpaired: bool = False):
+    """(checkpoint resumed from, its trainer state, the run's log, whether batches are length-grouped) for a
+    fresh run or a ``--resume``.
 
-    Refuses a resume with another data order (:func:`check_resumable`); then, on rank 0, removes what a
-    killed run left half-written and drops the rows logged after the checkpoint (they are logged again).
+    Refuses a resume with another data order (:func:`~prefcache.training.checkpoint.check_resumable`; an
+    unpaired run of the loop of before keeps its random batches, see ``resumed_grouping``); then, on rank 0,
+    removes what a killed run left half-written and drops the rows logged after the checkpoint (they are
+    logged again).
     """
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out) if cfg.resume else None
     state = load_trainer_state(ckpt) if ckpt else None
+    group = resumed_grouping(state, cfg.group_by_length, unpaired)
     if state:
-        check_resumable(state, world=world, n_train=n_train, cfg=cfg)
+        check_resumable(state, world=world, n_train=n_train, cfg=cfg, group_by_length=group)
     barrier(world)  # every rank has looked at the run dir before rank 0 starts writing to it
     log = RunLog(out, enabled=main)
     if main:
         clean_temporaries(out)
         log.truncate(state["step"] if state else -1)
-    return ckpt, state, log
+    return ckpt, state, log, group
 
 
 def load_run_policy(cfg, source, ckpt: Path | None, device: str):
@@ -197,27 +189,6 @@ def make_optimization(cfg, params, *, total_steps: int, state: dict | None):
         scheduler = make_scheduler(optimizer, cfg.scheduler, warmup=warmup, total=total_steps, peak_lr=cfg.lr,
                                    done=state["step"])
     return optimizer, scheduler, warmup
-
-
-def save(run: RunState, at_step: int) -> None:
-    """Checkpoint ``at_step``: the policy and tokenizer, what ``--resume`` needs, and every rank's RNGs."""
-    rngs = gather(rng_state(), run.world)
-    if run.main:
-        run.log.flush()  # the logs up to this step are on disk before the checkpoint that vouches for them
-        cfg = run.cfg
-        trainer_state = {"version": STATE_VERSION, "step": at_step, "epoch": run.epoch(at_step),
-                         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                         "rng": rngs, "bco": run.bco.state_dict(), "elapsed_s": run.elapsed(),
-                         "world_size": run.world, "n_train": run.n_train, "batch_size": cfg.batch_size,
-                         "grad_accum": cfg.grad_accum, "seed": cfg.seed, "last_eval_step": run.last_eval_step,
-                         "group_by_length": run.group_by_length}
-        info = {"step": at_step, "epoch": run.epoch(at_step), "base_model": run.policy_info["model_name"],
-                "model": cfg.model, "finetune": cfg.finetune, "max_length": run.max_length,
-                "truncation": run.truncation, "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache,
-                "prefcache_version": __version__}
-        save_checkpoint(run.out, at_step, run.policy, run.tokenizer, trainer_state, info)
-    barrier(run.world)
-    run.last_saved = at_step
 
 
 def after_step(run: RunState, evaluate=None) -> None:
