@@ -16,7 +16,6 @@ from prefcache.data.pairs import (
     BadRow,
     DataFormatError,
     Example,
-    _truncate,
     example_id,
     extract_prompt,
     load_dataset_pairs,
@@ -25,6 +24,7 @@ from prefcache.data.pairs import (
     tokenize_examples,
     write_bad_rows,
 )
+from prefcache.data.tokens import _truncate
 
 EOS = "<|im_end|>"  # SmolLM2's EOS token (also its chat turn end)
 USER = [{"role": "user", "content": "What color is the sky?"}]
