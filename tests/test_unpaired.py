@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -70,13 +72,12 @@ def test_kl_sequence_truncates_keep_start(tokenizer, tmp_path):
     assert completion == items[1].completion_ids[:2]
 
 
-def test_unpaired_cache_holds_each_completion_and_its_kl_completion(tmp_path, tiny_model, tokenizer):
+def test_unpaired_cache_holds_each_completion_and_its_kl_completion(tmp_path, tiny_model, tokenizer, one_thread):
     from transformers import AutoModelForCausalLM
 
     from prefcache.reference.shards import precompute
     from prefcache.training.loop import train
 
-    torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(6))
     result = precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48,
                         quantize="fp32", unpaired=True, kl_group_size=3, progress=False)
@@ -120,13 +121,12 @@ def test_unpaired_cache_holds_each_completion_and_its_kl_completion(tmp_path, ti
               loss="kto", max_steps=1, progress=False)
 
 
-def test_inspect_and_verify_read_an_unpaired_cache(tmp_path, tiny_model):
+def test_inspect_and_verify_read_an_unpaired_cache(tmp_path, tiny_model, one_thread):
     from click.testing import CliRunner
 
     from prefcache.cli import main
     from prefcache.reference.shards import precompute
 
-    torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(6))
     precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
                unpaired=True, progress=False)
@@ -150,7 +150,7 @@ def test_column_mappings_are_refused_for_unpaired_data(tmp_path, tiny_model):
                    columns="prompt=question", progress=False)
 
 
-def test_two_process_unpaired_precompute_equals_one_process(tmp_path, tiny_model):
+def test_two_process_unpaired_precompute_equals_one_process(tmp_path, tiny_model, one_thread):
     import os
     import subprocess
     import sys
@@ -159,7 +159,6 @@ def test_two_process_unpaired_precompute_equals_one_process(tmp_path, tiny_model
 
     from prefcache.reference.shards import precompute
 
-    torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(10))
     common = ["--data", str(data), "--model", str(tiny_model), "--max-length", "48", "--quantize", "fp32",
               "--unpaired", "--kl-group-size", "4", "--no-progress"]
@@ -343,3 +342,19 @@ def test_an_old_unpaired_cache_without_prefix_sharing_still_extends(tmp_path, ti
 
     assert {shard_metadata(p)["prefix_sharing"] for p in shard_paths(tmp_path / "c")} == {False}
     assert verify(tmp_path / "c") == []
+
+
+def test_unpaired_data_of_bad_rows_only_is_refused_and_the_rows_listed(tmp_path, tiny_model):
+    """The pair pass's refusals hold for unpaired examples: no rows, and only bad rows (listed with their lines)."""
+    from prefcache.data.formats import DataFormatError
+
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataFormatError, match="holds no preference rows"):
+        unpaired_cache(tmp_path, "c0", empty, tiny_model)
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": " b", "label": "yes"},
+                                                {"prompt": "c", "completion": None, "label": True}])
+    with pytest.raises(ValueError, match=r"all 2 rows of .* are bad rows \(listed in .*bad_rows.jsonl\): nothing"):
+        unpaired_cache(tmp_path, "c", data, tiny_model, on_bad_row="skip")
+    report = [json.loads(line) for line in (tmp_path / "c" / "bad_rows.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["line"]) for r in report] == [(0, 1), (1, 2)]
+    assert not list((tmp_path / "c").glob("part-*.parquet"))

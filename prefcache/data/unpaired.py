@@ -14,6 +14,9 @@ one's: (x1, yn), (x2, y1), ..., (xn, yn-1). The cache stores, per example id, th
 its own completion (``logps``), the id of the example whose completion is its KL completion (``kl_id``)
 and the reference log-prob of that mismatched sequence (``kl_logps``). The trainer rebuilds the same KL
 sequences from ``kl_id``, so nothing depends on row order at training time.
+
+Read whole (:func:`load_unpaired`, the trainer) or in blocks (:func:`iter_unpaired_blocks`, the reference pass):
+both give the same items in the same order and so the same KL partners.
 """
 
 from __future__ import annotations
