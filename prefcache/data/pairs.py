@@ -95,12 +95,19 @@ class SeenIds:
         return kept, bad
 
 
+def _pair_content(ex: Example) -> str:
+    """What a pair's content hash is made of: its rendered texts."""
+    return "\0".join((ex.prompt, ex.chosen, ex.rejected))
+
+
 def iter_example_blocks(path: str | os.PathLike, tokenizer, *, split: str | None = None,
-                        data_config: str | None = None, mapping=None, block_rows: int = BLOCK_ROWS, prepare=None):
+                        data_config: str | None = None, mapping=None, block_rows: int = BLOCK_ROWS, prepare=None,
+                        content=_pair_content):
     """Validated, rendered examples in blocks of ``block_rows`` rows: yields (examples, bad rows, lines) with
     row numbers counted from the start of the data, exact duplicates of earlier blocks dropped (:class:`SeenIds`);
     ``lines`` maps a row number to its 1-based line (JSONL / CSV), else None. ``prepare(rows)`` -> (examples,
-    bad rows) validates one block (default: :func:`prepare_examples`, pairs)."""
+    bad rows) validates one block and ``content(example)`` is the text its content hash is made of (defaults: pairs,
+    :func:`prepare_examples`)."""
     prepare = prepare or (lambda rows: prepare_examples(rows, tokenizer, "skip"))
     seen = SeenIds()
     for start, rows in iter_row_blocks(path, split, data_config, block_rows):
@@ -111,7 +118,7 @@ def iter_example_blocks(path: str | os.PathLike, tokenizer, *, split: str | None
             rows = [mapping.apply(r) for r in rows]
         examples, bad = prepare(rows)
         examples = [replace(ex, row=ex.row + start) for ex in examples]
-        kept, reused = seen.new(examples, _content_text)
+        kept, reused = seen.new(examples, content)
         bad = [replace(b, row=b.row + start) for b in bad] + reused
         lines = {start + k: line for k, line in enumerate(block_lines)} if block_lines else None
         yield kept, bad, lines
@@ -138,11 +145,6 @@ def iter_pair_blocks(path: str | os.PathLike, tokenizer, max_length: int, trunca
 def with_lines(bad: list[BadRow], lines: dict[int, int] | None) -> list[BadRow]:
     """Bad rows with their 1-based line added, where the data is line-based."""
     return [replace(b, line=lines[b.row]) for b in bad] if lines else bad
-
-
-def _content_text(ex) -> str:
-    """What an example's content hash is made of: its rendered texts (any example kind)."""
-    return "\0".join(str(getattr(ex, name, "")) for name in ("prompt", "chosen", "rejected", "completion", "label"))
 
 
 def _hash64(text: str) -> int:

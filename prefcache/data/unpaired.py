@@ -186,6 +186,10 @@ def iter_unpaired_blocks(path: str | os.PathLike, tokenizer, max_length: int, tr
                 check_unpair(unpair)
         return prepare_unpaired_rows(rows, tokenizer) if unpaired_rows[0] else prepare_examples(rows, tokenizer, "skip")
 
+    def content(ex) -> str:  # the rendered texts: of an unpaired example, or of a pair still to unpair
+        return "\0".join((ex.prompt, ex.completion, str(ex.label)) if unpaired_rows[0] else
+                          (ex.prompt, ex.chosen, ex.rejected))
+
     waiting: list[tuple[Example, int | None]] = []  # valid pairs not yet unpaired, with their lines
     items: list[TokenizedCompletion] = []  # items not yet in a whole KL group
 
@@ -208,7 +212,7 @@ def iter_unpaired_blocks(path: str | os.PathLike, tokenizer, max_length: int, tr
         return out, kl_partners([i.id for i in out], kl_group_size), bad
 
     for examples, bad, lines in iter_example_blocks(path, tokenizer, split=split, data_config=data_config,
-                                                    block_rows=block_rows, prepare=prepare):
+                                                    block_rows=block_rows, prepare=prepare, content=content):
         bad = with_lines(bad, lines)
         if unpaired_rows[0]:
             bad += tokenized(examples, lines)
