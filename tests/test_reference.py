@@ -213,10 +213,10 @@ def test_help_is_fast_and_imports_no_torch():
 @pytest.mark.slow
 def test_two_process_data_parallel_precompute(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(20))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
            "-m", "prefcache", "precompute", "--data", str(data), "--out", str(tmp_path / "c"), "--model", str(tiny_model),
            "--max-length", "64", "--quantize", "fp32", "--no-progress"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     names = {p.name[:9] for p in shard_paths(tmp_path / "c")}
     assert names == {"part-r000", "part-r001"}

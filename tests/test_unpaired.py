@@ -163,9 +163,10 @@ def test_two_process_unpaired_precompute_equals_one_process(tmp_path, tiny_model
     common = ["--data", str(data), "--model", str(tiny_model), "--max-length", "48", "--quantize", "fp32",
               "--unpaired", "--kl-group-size", "4", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29549", "-m", "prefcache", "precompute", *common, "--out", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True)
+    # --standalone: a rendezvous on a free local port (a fixed port fails when another run holds it)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "prefcache", "precompute", *common, "--out", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     assert {p.name.split("-")[1] for p in (tmp_path / "ddp").glob("part-*.parquet")} == {"r000", "r001"}
     assert verify(tmp_path / "ddp") == []
