@@ -14,6 +14,9 @@ one's: (x1, yn), (x2, y1), ..., (xn, yn-1). The cache stores, per example id, th
 its own completion (``logps``), the id of the example whose completion is its KL completion (``kl_id``)
 and the reference log-prob of that mismatched sequence (``kl_logps``). The trainer rebuilds the same KL
 sequences from ``kl_id``, so nothing depends on row order at training time.
+
+Read whole (:func:`load_unpaired`, the trainer) or in blocks (:func:`iter_unpaired_blocks`, the reference pass):
+both give the same items in the same order and so the same KL partners.
 """
 
 from __future__ import annotations
@@ -23,19 +26,12 @@ import json
 import os
 from dataclasses import dataclass
 
+from prefcache.data.badrows import BadRow, _apply_policy, _Bad, _check_policy
 from prefcache.data.columns import RowMapping
 from prefcache.data.formats import DataFormatError, load_rows
-from prefcache.data.pairs import (
-    BadRow,
-    Example,
-    _apply_policy,
-    _Bad,
-    _canonical,
-    _render,
-    _truncate,
-    prepare_examples,
-    tokenize_examples,
-)
+from prefcache.data.pairs import BLOCK_ROWS, iter_example_blocks, with_lines
+from prefcache.data.tokens import _truncate, tokenize_examples
+from prefcache.data.validate import Example, _canonical, _render, prepare_examples
 
 UNPAIR_BLOCK = 1000  # datasets.map's default batch size: the block TRL's unpairing works in
 DEFAULT_KL_GROUP = 8  # TRL's default per_device_train_batch_size
@@ -84,17 +80,34 @@ def prepare_unpaired(rows: list[dict], tokenizer, on_bad_row: str = "fail",
     Ids: the ``id`` column (for paired data: the pair's id + ``-chosen`` / ``-rejected``), else a content hash.
     """
     if not is_unpaired(rows):
-        if not unpair:
-            raise DataFormatError("this is not unpaired data (prompt, completion, boolean label): pass unpair=True "
-                                  "(--unpair) to turn prompt/chosen/rejected pairs into unpaired examples")
+        check_unpair(unpair)
         pairs, bad = prepare_examples(rows, tokenizer, on_bad_row)
-        out = []
-        for start in range(0, len(pairs), UNPAIR_BLOCK):  # TRL: per map block, chosens then rejecteds
-            block = pairs[start : start + UNPAIR_BLOCK]
-            for label, side in ((True, "chosen"), (False, "rejected")):
-                out += [UnpairedExample(f"{p.id}-{side}", p.row, p.prompt, getattr(p, side), label, p.conversational)
-                        for p in block]
-        return out, bad
+        return unpair_examples(pairs), bad
+    examples, bad = prepare_unpaired_rows(rows, tokenizer)
+    _apply_policy(bad, on_bad_row)
+    return examples, bad
+
+
+def check_unpair(unpair: bool) -> None:
+    if not unpair:
+        raise DataFormatError("this is not unpaired data (prompt, completion, boolean label): pass unpair=True "
+                              "(--unpair) to turn prompt/chosen/rejected pairs into unpaired examples")
+
+
+def unpair_examples(pairs: list[Example]) -> list[UnpairedExample]:
+    """TRL's ``unpair_preference_dataset``: per block of :data:`UNPAIR_BLOCK` pairs (a ``datasets.map`` batch), the
+    chosen completions (label True), then the rejected ones (label False)."""
+    out = []
+    for start in range(0, len(pairs), UNPAIR_BLOCK):
+        block = pairs[start : start + UNPAIR_BLOCK]
+        for label, side in ((True, "chosen"), (False, "rejected")):
+            out += [UnpairedExample(f"{p.id}-{side}", p.row, p.prompt, getattr(p, side), label, p.conversational)
+                    for p in block]
+    return out
+
+
+def prepare_unpaired_rows(rows: list[dict], tokenizer) -> tuple[list[UnpairedExample], list[BadRow]]:
+    """Rows in the unpaired format -> (examples in row order, bad rows); exact duplicates yield one example."""
     has_id = any(isinstance(r, dict) and "id" in r for r in rows)
     examples, bad, seen = [], [], {}
     for i, row in enumerate(rows):
@@ -123,7 +136,6 @@ def prepare_unpaired(rows: list[dict], tokenizer, on_bad_row: str = "fail",
             examples.append(UnpairedExample(ex_id, i, prompt, completion, row["label"], chat))
         except _Bad as e:
             bad.append(BadRow(i, ex_id, str(e)))
-    _apply_policy(bad, on_bad_row)
     return examples, bad
 
 
@@ -150,6 +162,69 @@ def load_unpaired(path: str | os.PathLike, tokenizer, max_length: int, truncatio
     return items, bad, [e for e in examples if e.id in kept]
 
 
+def iter_unpaired_blocks(path: str | os.PathLike, tokenizer, max_length: int, truncation: str = "keep_start",
+                         on_bad_row: str = "fail", *, unpair: bool = False, split: str | None = None,
+                         data_config: str | None = None, kl_group_size: int = DEFAULT_KL_GROUP,
+                         block_rows: int = BLOCK_ROWS):
+    """:func:`load_unpaired` in blocks of about ``block_rows`` rows (bounded memory): yields (items, partners, bad
+    rows), ``items`` whole KL groups and ``partners`` their :func:`kl_partners`.
+
+    The ids, their order and so the KL partners are exactly those of one read: paired data is unpaired per
+    :data:`UNPAIR_BLOCK` valid pairs and the KL groups are ``kl_group_size`` consecutive items, both counted over
+    the whole data, so the pairs and items left over at a block's end wait for the next block (at most
+    ``UNPAIR_BLOCK - 1`` pairs and ``kl_group_size - 1`` items). The format is decided on the first block.
+    Bad rows carry their row and line numbers in the data; with ``on_bad_row='fail'`` the first block holding
+    one raises :class:`~prefcache.data.badrows.BadDataError`.
+    """
+    _check_policy(on_bad_row)
+    unpaired_rows: list[bool] = []  # [is the data in the unpaired format], once the first block is read
+
+    def prepare(rows):
+        if not unpaired_rows:
+            unpaired_rows.append(is_unpaired(rows))
+            if not unpaired_rows[0]:
+                check_unpair(unpair)
+        return prepare_unpaired_rows(rows, tokenizer) if unpaired_rows[0] else prepare_examples(rows, tokenizer, "skip")
+
+    def content(ex) -> str:  # the rendered texts: of an unpaired example, or of a pair still to unpair
+        return "\0".join((ex.prompt, ex.completion, str(ex.label)) if unpaired_rows[0] else
+                          (ex.prompt, ex.chosen, ex.rejected))
+
+    waiting: list[tuple[Example, int | None]] = []  # valid pairs not yet unpaired, with their lines
+    items: list[TokenizedCompletion] = []  # items not yet in a whole KL group
+
+    def tokenized(examples, lines) -> list[BadRow]:
+        new, bad = tokenize_unpaired(examples, tokenizer, max_length, truncation, "skip")
+        items.extend(new)
+        return with_lines(bad, lines)
+
+    def unpaired_waiting(n: int) -> list[BadRow]:  # unpair and tokenise the first n waiting pairs
+        chunk = waiting[:n]
+        del waiting[:n]
+        lines = {ex.row: line for ex, line in chunk} if chunk and chunk[0][1] else None
+        return tokenized(unpair_examples([ex for ex, _ in chunk]), lines)
+
+    def ready(bad: list[BadRow], n: int):
+        out = items[:n]
+        del items[:n]
+        bad = sorted(bad, key=lambda b: b.row)
+        _apply_policy(bad, on_bad_row, str(path))
+        return out, kl_partners([i.id for i in out], kl_group_size), bad
+
+    for examples, bad, lines in iter_example_blocks(path, tokenizer, split=split, data_config=data_config,
+                                                    block_rows=block_rows, prepare=prepare, content=content):
+        bad = with_lines(bad, lines)
+        if unpaired_rows[0]:
+            bad += tokenized(examples, lines)
+        else:
+            waiting.extend((ex, lines[ex.row] if lines else None) for ex in examples)
+            bad += unpaired_waiting(len(waiting) // UNPAIR_BLOCK * UNPAIR_BLOCK)
+        yield ready(bad, len(items) // kl_group_size * kl_group_size)
+    bad = unpaired_waiting(len(waiting))
+    if items or bad:
+        yield ready(bad, len(items))
+
+
 def kl_partners(ids: list[str], group_size: int) -> dict[str, str]:
     """id -> the id whose completion is its KL completion: TRL's rotation by one within each group of
     ``group_size`` consecutive examples, [y1..yn] -> [yn, y1, ..., yn-1]."""
@@ -174,9 +249,3 @@ def check_no_mapping(config) -> None:
     if RowMapping.of(config):
         raise ValueError("--columns and the --*-template options are not supported for unpaired data yet: give "
                          "the data prompt, completion and label columns")
-
-
-
-
-
-
