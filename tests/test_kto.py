@@ -171,7 +171,7 @@ def test_kto_training_run_from_paired_data(unpaired, tmp_path):
     assert last["loss"] != pytest.approx(0.5, abs=1e-6)  # it learned something
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["result"]["steps"] == 2 and info["train_examples"] == 12 and info["eval_examples"] == 4
-    assert info["prefix_sharing"] is False  # the cache was made without it (an unpaired cache of before: no key)
+    assert info["prefix_sharing"] is True  # as the cache was made (unpaired caches are packed by default)
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "adapter_model.safetensors").exists()
 
 
@@ -375,14 +375,14 @@ def test_shared_and_unshared_unpaired_logps_agree(unpaired, tokenizer, truncatio
 
 
 def test_kto_with_prefix_sharing_starts_at_its_invariant(unpaired, tmp_path, caplog):
-    """Forced on an unshared cache: warned, and step 0 (eval at 0, train step 1) still has loss 0.5 and kl 0, to
+    """Forced off on a packed cache: warned, and step 0 (eval at 0, train step 1) still has loss 0.5 and kl 0, to
     the ~1e-5 nats the two paths differ by, times beta."""
     import logging
 
     with caplog.at_level(logging.WARNING, logger="prefcache"):
-        run(unpaired, tmp_path / "run", prefix_sharing=True, max_steps=1, eval_fraction=0.25)
-    assert any("cache was made without prefix sharing, training runs with it" in r.message for r in caplog.records)
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["prefix_sharing"] is True
+        run(unpaired, tmp_path / "run", prefix_sharing=False, max_steps=1, eval_fraction=0.25)
+    assert any("cache was made with prefix sharing, training runs without it" in r.message for r in caplog.records)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["prefix_sharing"] is False
     at_start = steps(tmp_path / "run").filter(pl.col("step") == (pl.col("split") == "train").cast(pl.Int64))
     assert at_start.select("split", "step").rows() == [("eval", 0), ("train", 1)]
     for row in at_start.iter_rows(named=True):

@@ -232,9 +232,9 @@ def test_train_refuses_a_run_another_process_is_writing(tmp_path, tiny_model, mo
 
     def spy(name):
         real = getattr(loop, name)
-        return lambda cfg: entered.append(name) or real(cfg)
+        return lambda *args: entered.append(name) or real(*args)
 
-    for name in ("_train", "train_unpaired"):
+    for name in ("start", "_train"):
         monkeypatch.setattr(loop, name, spy(name))
     child = hold_in_child(tmp_path / "run", tmp_path)
     try:
