@@ -6,7 +6,7 @@ standard-format pairs tokenised with SmolLM2's tokenizer, in two ways:
 - ``whole``: ``load_dataset_pairs``, every row, example and token list in memory at once (what precompute did
   before, and what the trainer still does).
 No model is loaded: this is the cost of the data alone. The allocator is the one ``prefcache precompute``
-runs with (jemalloc when installed, see prefcache/allocator.py; ``--allocator system`` for glibc malloc).
+runs with (jemalloc when installed, see prefcache/core/allocator.py; ``--allocator system`` for glibc malloc).
 Usage:
   python benchmarks/bench_data_memory.py --pairs 10000 1000000 [--whole-up-to 100000] [--allocator system]
 """
@@ -46,8 +46,8 @@ def make_parquet(path: Path, n: int) -> None:
 
 
 def measure(path: str, mode: str) -> dict:
-    from prefcache.data import iter_pair_blocks, load_dataset_pairs
-    from prefcache.models import default_model, load_tokenizer
+    from prefcache.data.pairs import iter_pair_blocks, load_dataset_pairs
+    from prefcache.model.load import default_model, load_tokenizer
 
     tokenizer = load_tokenizer(default_model())
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -78,7 +78,7 @@ def main() -> None:
     if args._measure:
         print(json.dumps(measure(*args._measure)))
         return
-    from prefcache.allocator import find_jemalloc
+    from prefcache.core.allocator import find_jemalloc
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     lib = find_jemalloc() if args.allocator == "auto" else None

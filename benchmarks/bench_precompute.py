@@ -12,7 +12,7 @@ Every contender scores the same pairs (benchmarks/data.py, seeded) with the same
 SmolLM2-135M-Instruct), precision, batch size (pairs per forward, i.e. 2x sequences), max_length and
 torch thread count, each in its own process (so its peak memory is its own), under the same allocator:
 
-- prefcache: ``prefcache.precompute(...)`` (prefcache/reference.py) at its defaults (prefix sharing: each
+- prefcache: ``prefcache.precompute(...)`` (prefcache/reference/shards.py) at its defaults (prefix sharing: each
   prompt once, its completions packed after it), the real API path, writing a cache to a temp dir. Timed:
   its scoring (``score_shared`` / ``score_sequences``) plus its shard writing; not the model load or the
   tokenisation.
@@ -131,11 +131,11 @@ def _child(name: str, spec: dict) -> dict:
 
 
 def _prefcache_child(name: str, spec: dict, phase: Phase) -> dict:
-    from prefcache import cache as pcache
-    from prefcache import logprobs as plogprobs
-    from prefcache import models as pmodels
-    from prefcache import packing as ppacking
-    from prefcache import reference as pre
+    from prefcache.cache import store as pcache
+    from prefcache.model import kernel as plogprobs
+    from prefcache.model import load as pmodels
+    from prefcache.model import packing as ppacking
+    from prefcache.reference import shards as pre
 
     if name == "naive":  # score_sequences imports the kernel at call time: swap in the full-logits one
         naive = plogprobs.naive_token_logprobs
@@ -172,8 +172,8 @@ def _trl_child(spec: dict, phase: Phase) -> dict:
     import trl
     from trl import DPOConfig, DPOTrainer
 
-    from prefcache.data import load_rows
-    from prefcache.models import default_model, hf_folder, load_tokenizer
+    from prefcache.data.pairs import load_rows
+    from prefcache.model.load import default_model, hf_folder, load_tokenizer
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -264,7 +264,7 @@ def _schedules(pairs, batch_size: int) -> dict:
     real = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     completion = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     # prefcache with prefix sharing: a row per prompt and its unique completions, `batch_size` rows a pass
-    from prefcache.packing import group_by_prompt
+    from prefcache.model.packing import group_by_prompt
 
     rows = sorted((len(pr) + sum(map(len, cs)) for pr, cs in group_by_prompt(
         [(list(s), n) for s, n in seqs.items()], 2 * max(map(len, seqs), default=1))), reverse=True)
@@ -435,8 +435,8 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from data import SHAPES, warn_if_busy, write_jsonl
 
-    from prefcache.data import load_dataset_pairs
-    from prefcache.models import default_model, hf_folder, load_tokenizer
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.model.load import default_model, hf_folder, load_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
     source = default_model()

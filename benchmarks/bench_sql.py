@@ -28,7 +28,7 @@ BETA = 0.1
 
 
 def _ids(n: int) -> pa.Array:
-    # 32-hex ids like the content-hash ids of prefcache.data (hashing 1M strings takes ~1 s)
+    # 32-hex ids like the content-hash ids of prefcache.data.pairs (hashing 1M strings takes ~1 s)
     return pa.array([hashlib.md5(str(i).encode()).hexdigest() for i in range(n)], type=pa.string())
 
 
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
     ap.add_argument("--keep", type=Path, help="write the data here and keep it")
     args = ap.parse_args()
-    from prefcache.analysis import connect
+    from prefcache.analysis.views import connect
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_sql-"))
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ lr 1e-5, no weight decay, constant LR, no warm-up), gradient clipping at 1.0 and
 count / OMP_NUM_THREADS. Activation checkpointing is each tool's default (both: on, non-reentrant), or
 off for all with --no-checkpointing. The modes:
 
-- prefcache      : ``prefcache.train`` (prefcache/trainer.py) at its defaults (activation checkpointing,
+- prefcache      : ``prefcache.train`` (prefcache/training/loop.py) at its defaults (activation checkpointing,
                    prefix sharing, length-grouped batches): the policy only; the reference log-probs
                    come from a cache made beforehand by ``prefcache.precompute`` (a one-off pass, reported
                    on its own line);
@@ -82,7 +82,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 def run_precompute(spec: dict) -> dict:
-    from prefcache.reference import precompute
+    from prefcache.reference.shards import precompute
 
     t0 = time.perf_counter()
     precompute(data=spec["data"], out=spec["cache"], model=spec["model"], max_length=spec["max_length"],
@@ -94,8 +94,8 @@ def run_precompute(spec: dict) -> dict:
 def run_prefcache(spec: dict, mode: str = "prefcache") -> dict:
     import polars as pl
 
-    import prefcache.policy as ppolicy
-    from prefcache.trainer import train
+    import prefcache.model.policy as ppolicy
+    from prefcache.training.loop import train
 
     base: list[float] = []
     load_policy = ppolicy.load_policy  # train() imports it at call time: wrapped, the RSS before the weights
@@ -145,7 +145,7 @@ def run_trl(spec: dict, mode: str) -> dict:
     dtype = torch.bfloat16 if gpu else torch.float32
     tok = AutoTokenizer.from_pretrained(spec["model"])
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # as prefcache.models.load_tokenizer
+        tok.pad_token = tok.eos_token  # as prefcache.model.load.load_tokenizer
     base = rss_mb()  # before the weights, as for prefcache
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype)
     ref = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype) if mode == "trl_ref_model" else None
@@ -276,8 +276,8 @@ def report(results: dict, spec: dict, tokens: dict, mm: dict) -> str:
 def run_shape(shape: str, a, model: str, work: Path, env: dict, tokenizer) -> dict:
     from data import SHAPES, write_jsonl
 
-    from prefcache.data import load_dataset_pairs
-    from prefcache.trainer import epoch_order
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.training.loop import epoch_order
 
     total = a.warmup + a.steps
     rows = SHAPES[shape](total * a.batch_size, seed=a.seed, conversational=True)  # one epoch: every pair once
@@ -359,7 +359,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from data import warn_if_busy
 
-    from prefcache.models import default_model, hf_folder, load_tokenizer, resolve_model
+    from prefcache.model.load import default_model, hf_folder, load_tokenizer, resolve_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     if a.tiny:

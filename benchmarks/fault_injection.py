@@ -48,7 +48,7 @@ def tiny_model(path: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prefcache.models import default_model, hf_folder, load_tokenizer, resolve_model
+    from prefcache.model.load import default_model, hf_folder, load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(str(hf_folder(default_model()))))
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def precompute_cmd(data: Path, out: Path, model: Path) -> list[str]:
 
 def snapshot(cache: Path) -> dict:
     """id -> (chosen, rejected) reference values, and the duplicate count."""
-    from prefcache.cache import read_cache
+    from prefcache.cache.store import read_cache
 
     t = read_cache(cache, columns=["id", "chosen_logps", "rejected_logps"]).to_pydict()
     values = dict(zip(t["id"], zip(t["chosen_logps"], t["rejected_logps"], strict=True), strict=True))
@@ -78,7 +78,7 @@ def snapshot(cache: Path) -> dict:
 def check(cache: Path, reference: dict, want_ids: set[str] | None = None, tolerance: float = 0.0) -> str | None:
     """None when the cache is whole and equals the reference on ``want_ids`` (bit-equal, or within
     ``tolerance`` nats when the pairs were batched differently); else what is wrong."""
-    from prefcache.cache import verify
+    from prefcache.cache.store import verify
 
     if problems := verify(cache):
         return "verify: " + problems[0]
@@ -121,7 +121,7 @@ def kills(work: Path, data: Path, model: Path, reference: dict, n: int, rng: ran
 
 def concurrent(work: Path, all_rows: list[dict], model: Path, reference: dict, n: int, rng: random.Random) -> list[str]:
     """Two writers on one cache, with overlapping data (3/4 of each shared), started together."""
-    from prefcache.data import example_id
+    from prefcache.data.pairs import example_id
 
     failures = []
     for trial in range(n):

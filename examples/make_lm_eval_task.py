@@ -3,7 +3,7 @@
 Each pair becomes a two-way multiple-choice document scored by log-likelihood: the question is the prompt,
 the choices are the chosen and the rejected completion, in an order fixed by the pair's id (so about half
 the documents have the chosen answer second), and ``label`` is the index of the chosen one. The texts are
-rendered as training renders them (``prefcache.data``: chat template for conversational data, EOS for
+rendered as training renders them (``prefcache.data.pairs``: chat template for conversational data, EOS for
 standard data), with the tokenizer of ``--model``, and the choice follows the prompt with no delimiter, so
 lm-eval scores exactly the sequences DPO trained on. ``acc`` is then the share of pairs where the model
 gives the chosen answer the higher log-likelihood: a DPO checkpoint should beat its base on it.
@@ -60,8 +60,8 @@ def gold_index(example_id: str) -> int:
 def build_task(data: str | Path, out: str | Path, task: str = "prefcache_heldout", *, model: str | None = None,
                limit: int | None = None, absolute: bool = False) -> tuple[Path, Path]:
     """Write ``out/{task}.jsonl`` (id, prompt, choices, label) and ``out/{task}.yaml``; returns their paths."""
-    from prefcache.data import load_rows, prepare_examples
-    from prefcache.models import load_tokenizer, resolve_model
+    from prefcache.data.pairs import load_rows, prepare_examples
+    from prefcache.model.load import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(model))
     examples, _ = prepare_examples(load_rows(str(data))[:limit], tokenizer, on_bad_row="skip")

@@ -56,7 +56,7 @@ def main() -> None:
     if report["problems"]:
         sys.exit("\n".join(report["problems"]))
 
-    # The cache is plain Parquet: any reader works. Columns: prefcache/cache.py's schema().
+    # The cache is plain Parquet: any reader works. Columns: prefcache/cache/store.py's schema().
     table = prefcache.read_cache(cache, columns=["id", "chosen_logps", "rejected_logps", "chosen_tokens"])
     print(pl.from_arrow(table).head(3))
     print(f"\nnext: python examples/train_from_cache.py --data {data} --cache {cache}")

@@ -6,17 +6,17 @@ The heavy functions are imported on first use, so ``import prefcache`` (and ``pr
 __version__ = "0.1.0"
 
 _LAZY = {
-    "precompute": ("prefcache.reference", "precompute"),
-    "PrecomputeConfig": ("prefcache.config", "PrecomputeConfig"),
-    "inspect_cache": ("prefcache.cache", "summary"),
-    "verify_cache": ("prefcache.reference", "verify_cache"),
-    "read_cache": ("prefcache.cache", "read_cache"),
-    "token_logprobs": ("prefcache.logprobs", "token_logprobs"),
-    "train": ("prefcache.trainer", "train"),
-    "TrainConfig": ("prefcache.config", "TrainConfig"),
-    "connect": ("prefcache.analysis", "connect"),
-    "evaluate": ("prefcache.evaluation", "evaluate"),
-    "score": ("prefcache.evaluation", "score"),
+    "precompute": ("prefcache.reference.shards", "precompute"),
+    "PrecomputeConfig": ("prefcache.reference.config", "PrecomputeConfig"),
+    "inspect_cache": ("prefcache.cache.store", "summary"),
+    "verify_cache": ("prefcache.reference.shards", "verify_cache"),
+    "read_cache": ("prefcache.cache.store", "read_cache"),
+    "token_logprobs": ("prefcache.model.kernel", "token_logprobs"),
+    "train": ("prefcache.training.loop", "train"),
+    "TrainConfig": ("prefcache.training.config", "TrainConfig"),
+    "connect": ("prefcache.analysis.views", "connect"),
+    "evaluate": ("prefcache.evaluation.evaluation", "evaluate"),
+    "score": ("prefcache.evaluation.evaluation", "score"),
 }
 
 __all__ = ["__version__", *_LAZY]

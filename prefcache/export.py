@@ -15,10 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .atomic import make_temp_dir, publish_dir, write_text_atomic
-from .config import UNPAIRED_LOSSES
-from .models import file_fingerprint, hf_folder, resolve_model
-from .rundir import CHECKPOINT_JSON, read_checkpoint_info, read_run_info
+from prefcache.core.atomic import make_temp_dir, publish_dir, write_text_atomic
+from prefcache.losses.registry import UNPAIRED_LOSSES
+from prefcache.model.load import file_fingerprint, hf_folder, resolve_model
+from prefcache.training.rundir import CHECKPOINT_JSON, read_checkpoint_info, read_run_info
 
 DTYPES = ("bf16", "fp16", "fp32")
 _SKIP = {"trainer_state.pt", CHECKPOINT_JSON}  # resume state, not something a user loads
@@ -37,7 +37,9 @@ def cache_fingerprint(cache_dir: str | os.PathLike | None, metadata: dict | None
     the cache folder is gone, of its recorded metadata (``meta:`` prefix)."""
     import hashlib
 
-    from .cache import shard_paths  # pyarrow: the CLI imports this module for --help (DTYPES)
+    from prefcache.cache.store import (
+        shard_paths,  # pyarrow: the CLI imports this module for --help (DTYPES)
+    )
 
     if cache_dir and Path(cache_dir).is_dir() and (shards := shard_paths(cache_dir)):
         return file_fingerprint(shards)
@@ -118,8 +120,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
            model: str | None = None) -> dict:
     """Export ``checkpoint`` to ``out`` (created; refused when it exists and is not empty).
 
-    merge: fold the LoRA adapter into the base (full precision, then ``dtype``); ignored for full
-    fine-tuning checkpoints, which are whole models already (cast to ``dtype`` when given).
+    merge: fold the LoRA adapter into the base (full precision, then ``dtype``); refused for full
+    fine-tuning checkpoints, which are whole models already with nothing to merge (``dtype`` casts them).
     dtype: bf16, fp16 or fp32 of the written weights; None = the base model's own dtype.
     model: the base model folder, when the path the run recorded has moved.
     Returns a summary: out, merged, dtype, files.
@@ -128,6 +130,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ckpt, out = Path(checkpoint), Path(out)
     info, run = checkpoint_info(ckpt)
+    if merge and info.get("finetune") == "full":  # said, not ignored: the user expected an adapter to fold in
+        raise ValueError(f"{ckpt} is a full fine-tune, a whole model with no adapter to merge: drop --merge "
+                         "(--dtype casts its weights)")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new --out")
     source = resolve_model(model if model is not None else info.get("model"))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,14 +31,14 @@ def one_thread():
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a plain HF folder (de-quantised from GGUF once)."""
-    from prefcache.models import default_model, hf_folder
+    from prefcache.model.load import default_model, hf_folder
 
     return hf_folder(default_model())
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smol_dir):
-    from prefcache.models import load_tokenizer, resolve_model
+    from prefcache.model.load import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model(str(smol_dir)))
 
@@ -65,6 +68,38 @@ def tiny_model(tmp_path_factory, tokenizer) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def free_port() -> int:
+    """A TCP port free now, for a launcher's rendezvous (``torchrun --master-port``): a fixed port collides
+    with another test run on the same machine. The kernel picks it; it stays free unless someone takes it
+    in the moments before the launcher binds it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple:
+    """``proc.communicate(timeout=...)`` (never ``wait()`` then read: a full pipe deadlocks that), and a
+    child still running at the timeout is killed before the error is raised, not left running."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=timeout)
+        raise
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The next line a child writes to its stdout pipe, or a failed test after ``timeout`` seconds (with
+    the child killed): a child that hangs before its readiness line must not hang the suite. (``select``
+    sees the pipe, not Python's read buffer: for a line-at-a-time handshake, not after bulk reads.)"""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        proc.kill()
+        _, err = proc.communicate(timeout=timeout)
+        pytest.fail(f"no line from the child within {timeout} s; its stderr:\n{(err or '')[-3000:]}")
+    return proc.stdout.readline()
 
 
 def preference_rows(n: int, seed: int = 0) -> list[dict]:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from prefcache.allocator import find_jemalloc, started_as_prefcache
+from prefcache.core.allocator import find_jemalloc, started_as_prefcache
 
 
 def test_only_prefcache_command_lines_are_re_executed():

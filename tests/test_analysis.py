@@ -1,4 +1,4 @@
-"""prefcache.analysis and the `sql` / `query` commands, on tiny Parquet fixtures with hand-worked answers.
+"""prefcache.analysis.views and the `sql` / `query` commands, on tiny Parquet fixtures with hand-worked answers.
 
 Fixture (contract schemas), numbers chosen so every expected value below can be checked by hand:
 
@@ -27,8 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefcache import analysis
-from prefcache.analysis import AnalysisError, connect
+from prefcache.analysis import queries as named_queries
+from prefcache.analysis import views as analysis
+from prefcache.analysis.views import AnalysisError, connect
 
 CACHE_COLS = ["id", "chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix",
               "prompt_tokens", "chosen_tokens", "rejected_tokens", "chosen_truncated", "rejected_truncated"]
@@ -246,7 +247,7 @@ def test_relation_is_lazy_duckdb(db):
 # Named queries: files, headers, parameters.
 
 def test_every_query_file_declares_exactly_the_parameters_it_uses():
-    queries = analysis.list_queries()
+    queries = named_queries.list_queries()
     assert len(queries) >= 10
     for q in queries:
         assert q.path.stem == q.name and q.description
@@ -260,7 +261,7 @@ def test_header_parsing_types_defaults(tmp_path):
     f = tmp_path / "x.sql"
     f.write_text("-- name: x\n-- description: d\n-- param: a 3 an int\n-- param: b 0.5 a float\n"
                  "-- param: c 'two words' a str\n-- param: d required needed\n-- a comment\nSELECT $a, $b, $c, $d\n")
-    q = analysis.parse_query(f)
+    q = named_queries.parse_query(f)
     assert [(p.name, p.default, p.type) for p in q.params] == [("a", 3, int), ("b", 0.5, float), ("c", "two words", str),
                                                                ("d", None, str)]
     assert q.bind({"a": "7", "d": "x"}) == {"a": 7, "b": 0.5, "c": "two words", "d": "x"}
@@ -282,13 +283,13 @@ def test_queries_are_found_in_the_package_first(tmp_path):
     (pkg / "sql").mkdir(parents=True)
     (tmp_path / "sql").mkdir()
     (tmp_path / "sql" / "a.sql").write_text("-- name: a\nSELECT 1\n")
-    assert analysis.sql_dir(pkg) == tmp_path / "sql"  # an empty package folder does not count
+    assert named_queries.sql_dir(pkg) == tmp_path / "sql"  # an empty package folder does not count
     (pkg / "sql" / "a.sql").write_text("-- name: a\nSELECT 1\n")
-    assert analysis.sql_dir(pkg) == pkg / "sql"
+    assert named_queries.sql_dir(pkg) == pkg / "sql"
     (tmp_path / "sql" / "a.sql").unlink()
     (pkg / "sql" / "a.sql").unlink()
     with pytest.raises(AnalysisError, match="no named queries found"):
-        analysis.sql_dir(pkg)
+        named_queries.sql_dir(pkg)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -435,7 +436,7 @@ def test_quant_audit_pairs(db):
 
 
 def test_every_named_query_has_a_test():
-    missing = [q.name for q in analysis.list_queries() if f"test_{q.name}" not in globals()]
+    missing = [q.name for q in named_queries.list_queries() if f"test_{q.name}" not in globals()]
     assert not missing, f"write a test_<name> for each sql/*.sql: {missing}"
 
 
@@ -500,7 +501,7 @@ def test_cli_sql_errors_are_one_line(fx, args, message, tmp_path, monkeypatch):
 def test_cli_query_list_and_run(fx):
     r = invoke(query_cmd, "--list")
     assert r.exit_code == 0
-    for q in analysis.list_queries():
+    for q in named_queries.list_queries():
         assert q.name in r.output
     assert "--param cache_a=STR" in r.output and "(required)" in r.output
     r = invoke(query_cmd, "margin_histogram", "--run", fx["run1"], "--param", "bins=4", "-f", "csv")

@@ -11,7 +11,7 @@ import torch
 from conftest import preference_rows, write_jsonl
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from prefcache.logprobs import LogProbModule, naive_token_logprobs, router_aux_coef, token_logprobs
+from prefcache.model.kernel import LogProbModule, naive_token_logprobs, router_aux_coef, token_logprobs
 
 COMMON = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -145,8 +145,8 @@ def test_step0_invariant_through_precompute_and_train(arch, tmp_path, tokenizer)
     own coefficient."""
     import polars as pl
 
-    from prefcache.reference import precompute
-    from prefcache.trainer import train
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     folder = save_arch(tmp_path / arch, arch, tokenizer)
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8))

@@ -17,7 +17,8 @@ import pytest
 from conftest import preference_rows, write_jsonl
 
 import prefcache
-from prefcache.atomic import (
+from prefcache.cache.store import read_cache, shard_paths, verify
+from prefcache.core.atomic import (
     WriteError,
     make_temp_dir,
     publish_dir,
@@ -26,7 +27,6 @@ from prefcache.atomic import (
     write_table_atomic,
     write_text_atomic,
 )
-from prefcache.cache import read_cache, shard_paths, verify
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
        "PREFCACHE_ALLOCATOR": "system", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -65,8 +65,8 @@ def test_a_failed_write_keeps_the_old_file_and_says_how_much_was_written(tmp_pat
 
 
 def test_run_outputs_are_readable_by_others_under_umask_022(tmp_path, tiny_model, umask022):
-    from prefcache.reference import precompute
-    from prefcache.trainer import train
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8) + [{"prompt": "p", "chosen": "", "rejected": "r"}])
     precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=64, progress=False,
@@ -91,7 +91,7 @@ def _limit_file_size(limit: int):
 
 
 def test_a_pass_that_cannot_write_a_shard_stops_with_one_line_and_a_rerun_completes(tmp_path, tiny_model):
-    from prefcache.reference import precompute
+    from prefcache.reference.shards import precompute
 
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(tmp_path / "probe"), model=str(tiny_model), max_length=64, shard_size=4,
@@ -102,31 +102,73 @@ def test_a_pass_that_cannot_write_a_shard_stops_with_one_line_and_a_rerun_comple
     cmd = [sys.executable, "-m", "prefcache", "precompute", "--data", str(data), "--out", str(tmp_path / "cache"),
            "--model", str(tiny_model), "--max-length", "64", "--shard-size", "4", "--no-progress"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV,
-                       preexec_fn=_limit_file_size((manifest + smallest) // 2))
+                       preexec_fn=_limit_file_size((manifest + smallest) // 2), timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "cannot write" in r.stderr and "part-r000-000000-" in r.stderr and "bytes written" in r.stderr
     assert "rerun the same command" in r.stderr
     assert not shard_paths(tmp_path / "cache") and not list((tmp_path / "cache").glob(".tmp-*"))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert verify(tmp_path / "cache") == []
     assert sorted(read_cache(tmp_path / "cache").column("id").to_pylist()) == \
         sorted(read_cache(tmp_path / "probe").column("id").to_pylist())
 
 
+NOBODY = 65534
+
+
+def _as_nobody():
+    """In the child, before exec: become ``nobody``, keeping only the right to read and search any folder
+    (CAP_DAC_READ_SEARCH, as an ambient capability): the interpreter lives under /root, mode 0700. Root
+    writes into a read-only folder; ``nobody`` with that one capability cannot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_keepcaps, pr_cap_ambient, pr_cap_ambient_raise, cap_dac_read_search = 8, 47, 2, 2
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    def check(result):
+        if result != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+    check(libc.prctl(pr_set_keepcaps, 1, 0, 0, 0))
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    bit = 1 << cap_dac_read_search
+    check(libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)(Data(bit, bit, bit), Data(0, 0, 0))))
+    check(libc.prctl(pr_cap_ambient, pr_cap_ambient_raise, cap_dac_read_search, 0, 0))
+
+
 def test_a_read_only_cache_folder_is_one_line(tmp_path, tiny_model):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
+    """Run as a user the folder's mode refuses: ``nobody`` when the tests run as root (CI, this machine)."""
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(4))
+    home = tmp_path / "home"  # the child's own writable home (caches of the libraries it imports)
+    home.mkdir()
     (tmp_path / "ro").mkdir()
+    drop = None
+    if os.geteuid() == 0:
+        drop = _as_nobody
+        for folder in (home, tmp_path / "ro"):
+            os.chown(folder, NOBODY, NOBODY)  # its owner: the mode alone refuses the write
+        who = subprocess.run([sys.executable, "-c", "import os; print(os.geteuid())"], preexec_fn=drop,
+                             capture_output=True, text=True, timeout=60)
+        assert who.stdout.strip() == str(NOBODY), who.stderr
     os.chmod(tmp_path / "ro", 0o555)
     r = subprocess.run([sys.executable, "-m", "prefcache", "precompute", "--data", str(data), "--out",
                         str(tmp_path / "ro"), "--model", str(tiny_model), "--no-progress"],
-                       capture_output=True, text=True, env=ENV)
-    assert r.returncode == 1 and "cannot write to" in r.stderr and "Traceback" not in r.stderr
+                       capture_output=True, text=True, env={**ENV, "HOME": str(home)}, cwd=home, preexec_fn=drop,
+                       timeout=300)
+    assert r.returncode == 1 and "cannot write to" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert list((tmp_path / "ro").iterdir()) == []
 
 
-# Writing a file by any other route than prefcache.atomic: a rename, a temporary name, a direct write.
+# Writing a file by any other route than prefcache.core.atomic: a rename, a temporary name, a direct write.
 _OTHER_WRITERS = re.compile(r"os\.replace\(|os\.rename\(|\.rename\(|mkstemp\(|mkdtemp\(|\.write_text\(|\.write_bytes\(|"
                             r"open\([^)]*[\"'][wa]b?[\"']")
 # Files no user reads, each written once into a private temporary folder or as a lock.

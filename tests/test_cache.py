@@ -9,7 +9,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from prefcache.cache import (
+from prefcache.cache.store import (
     COMPAT_KEYS,
     CacheError,
     CacheWriter,
@@ -82,7 +82,7 @@ def test_shards_without_a_nonce_of_older_caches_are_read(tmp_path):
 
 
 def test_a_failed_shard_write_leaves_no_partial_file_and_names_it(tmp_path, monkeypatch):
-    from prefcache.atomic import WriteError
+    from prefcache.core.atomic import WriteError
 
     w = CacheWriter(tmp_path, META)
     w.write(rows(["a"]))
@@ -158,7 +158,7 @@ def test_not_a_cache(tmp_path):
 def test_shards_and_manifest_are_readable_by_others(tmp_path):
     import stat
 
-    from prefcache.cache import CacheWriter
+    from prefcache.cache.store import CacheWriter
 
     writer = CacheWriter(tmp_path / "c", {"per_token": False})
     shard = writer.write({"id": ["a"], "chosen_logps": [-1.0], "rejected_logps": [-2.0], "chosen_logps_prefix": [-1.0],
@@ -171,7 +171,7 @@ def test_shards_and_manifest_are_readable_by_others(tmp_path):
 
 
 def test_temporaries_of_a_killed_pass_are_removed_by_the_next_one_of_their_rank(tmp_path):
-    from prefcache.cache import remove_temporaries
+    from prefcache.cache.store import remove_temporaries
 
     names = [".tmp-r000-a.part", ".tmp-manifest-b.part", ".tmp-config-c.part", ".tmp-bad_rows-d.part",
              ".tmp-r001-e.part"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from prefcache.checkpoint import (
+from prefcache.training.checkpoint import (
     checkpoint_dir,
     clean_temporaries,
     latest_checkpoint,

@@ -1,4 +1,4 @@
-"""prefcache.columns: other people's column names and prompt templates, recorded in the cache and checked."""
+"""prefcache.data.columns: other people's column names and prompt templates, recorded in the cache and checked."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_jsonl
 
-from prefcache.columns import RowMapping, check_cache_mapping, parse_columns, unescape
+from prefcache.cache.compat import check_cache_mapping
+from prefcache.data.columns import RowMapping, parse_columns, unescape
 
 STACK = [  # the stack-exchange paired data of the DPO / Llama-2 walk-through
     {"qid": 7, "question": "How do I sort a list?", "response_j": "Use sorted().", "response_k": "You can't."},
@@ -17,7 +18,7 @@ SE_TEMPLATE = "Question: {prompt}\n\nAnswer: "
 
 
 def test_stack_exchange_rows_are_mapped_and_rendered(tmp_path, tokenizer):
-    from prefcache.data import example_id, load_dataset_pairs
+    from prefcache.data.pairs import example_id, load_dataset_pairs
 
     data = write_jsonl(tmp_path / "se.jsonl", STACK)
     mapping = RowMapping(SE_COLUMNS, prompt_template=SE_TEMPLATE)
@@ -36,9 +37,9 @@ def test_stack_exchange_rows_are_mapped_and_rendered(tmp_path, tokenizer):
 
 
 def test_bad_mappings_are_one_clear_line(tmp_path, tokenizer):
-    from prefcache.config import PrecomputeConfig
-    from prefcache.data import load_dataset_pairs
-    from prefcache.formats import DataFormatError
+    from prefcache.data.formats import DataFormatError
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.reference.config import PrecomputeConfig
 
     with pytest.raises(ValueError, match="--columns: unknown column 'question'; map id, prompt, chosen, rejected"):
         parse_columns("question=prompt")
@@ -74,7 +75,7 @@ def test_unescape_and_records():
     assert RowMapping("prompt=question", prompt_template="Q: {prompt}").record() == {
         "columns": {"prompt": "question"}, "prompt_template": "Q: {prompt}", "chosen_template": None,
         "rejected_template": None}
-    from prefcache.cache import CacheError
+    from prefcache.cache.store import CacheError
 
     check_cache_mapping({}, RowMapping())  # a cache made before mappings existed: no mapping
     with pytest.raises(CacheError, match="data mapping None"):
@@ -82,9 +83,9 @@ def test_unescape_and_records():
 
 
 def test_cache_records_the_mapping_and_the_trainer_refuses_another(tmp_path, tiny_model):
-    from prefcache.cache import CacheError, read_metadata
+    from prefcache.cache.store import CacheError, read_metadata
     from prefcache.cli import main
-    from prefcache.trainer import train
+    from prefcache.training.loop import train
 
     data = write_jsonl(tmp_path / "se.jsonl", STACK * 2)
     cache = tmp_path / "cache"
@@ -104,7 +105,7 @@ def test_cache_records_the_mapping_and_the_trainer_refuses_another(tmp_path, tin
 def test_a_text_prompt_beside_full_conversations_is_implicit_as_in_trl(tokenizer):
     """HuggingFaceH4/ultrafeedback_binarized: a text `prompt` and chosen/rejected conversations that repeat it
     as their first message. TRL's maybe_extract_prompt takes the conversations' common prefix; so does prefcache."""
-    from prefcache.data import prepare_examples
+    from prefcache.data.pairs import prepare_examples
 
     user = {"role": "user", "content": "What colour is the sky?"}
     row = {"prompt": user["content"], "chosen": [user, {"role": "assistant", "content": "Blue."}],

@@ -6,7 +6,10 @@ import dataclasses
 
 import pytest
 
-from prefcache.config import EvalConfig, PrecomputeConfig, ScoreConfig, TrainConfig, check_device
+from prefcache.core.options import check_device
+from prefcache.evaluation.config import EvalConfig, ScoreConfig
+from prefcache.reference.config import PrecomputeConfig
+from prefcache.training.config import TrainConfig
 
 
 def _train(**kw):
@@ -45,11 +48,11 @@ def test_columns_are_stored_as_text():
     ({"lr": float("inf")}, "lr must be positive and finite"),
     ({"label_smoothing": 0.6}, r"label_smoothing must be a finite number in \[0.0, 0.5\]"),
     ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0.0"),
-    ({"warmup_ratio": 1.0}, r"warmup_ratio must be in \[0, 1\)"),
+    ({"warmup_ratio": 1.0}, r"warmup_ratio must be a finite number in \[0, 1\)"),
     ({"eval_fraction": 0.1, "eval_data": "e"}, "eval_data or eval_fraction, not both"),
     ({"eval_cache": "ec"}, "eval_cache needs eval_data"),
-    ({"ld_alpha": 2.0}, r"ld_alpha must be in \[0, 1\]"),
-    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+    ({"ld_alpha": 2.0}, r"ld_alpha must be a finite number in \[0, 1\]"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be a finite number in \[0, 1\)"),
     ({"max_length": 1}, "max_length must be at least 2"),
     ({"truncation": "middle"}, "truncation must be one of keep_start, keep_end, got 'middle'"),
     ({"on_bad_row": "ignore"}, "on_bad_row must be one of fail, skip"),

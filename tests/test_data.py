@@ -1,4 +1,4 @@
-"""prefcache.data: file formats, TRL's formats and tokenisation, truncation, ids, bad rows."""
+"""prefcache.data.pairs: file formats, TRL's formats and tokenisation, truncation, ids, bad rows."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from prefcache.data import (
+from prefcache.data.pairs import (
     BadDataError,
     BadRow,
     DataFormatError,
     Example,
-    _truncate,
     example_id,
     extract_prompt,
     load_dataset_pairs,
@@ -25,6 +24,7 @@ from prefcache.data import (
     tokenize_examples,
     write_bad_rows,
 )
+from prefcache.data.tokens import _truncate
 
 EOS = "<|im_end|>"  # SmolLM2's EOS token (also its chat turn end)
 USER = [{"role": "user", "content": "What color is the sky?"}]
@@ -421,21 +421,31 @@ def test_load_dataset_pairs(tmp_path, tok):
     assert picked == [pairs[3]]
 
 
-def test_tokenising_ten_thousand_rows_takes_seconds(tok):
-    import time
-
+def test_tokenising_ten_thousand_rows_is_one_batched_call(tok):
+    """What makes 10,000 rows take seconds: one batched tokenizer call (the fast tokenizer encodes the batch in
+    Rust), not a call per row. Counted, not timed, so a loaded machine cannot fail it."""
     rows = std_rows(10_000, seed=2)
-    start = time.perf_counter()
-    examples, _ = prepare_examples(rows, tok)
-    pairs, _ = tokenize_examples(examples, tok, 64)
-    assert len(pairs) == len({ex.id for ex in examples}) and time.perf_counter() - start < 30
+    calls = []
+
+    class Counting:  # the tokenizer, with its calls and their batch sizes counted
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, texts, **kw):
+            calls.append(len(texts))
+            return tok(texts, **kw)
+
+    examples, _ = prepare_examples(rows, Counting())
+    pairs, _ = tokenize_examples(examples, Counting(), 64)
+    assert len(pairs) == len({ex.id for ex in examples}) > 9_000
+    assert calls == [3 * len(examples)]  # prompt, prompt + chosen, prompt + rejected of every row at once
 
 
 def test_pair_blocks_equal_the_whole_data_read_at_once(tmp_path, tokenizer):
     """Read in blocks (bounded memory), the pairs, ids, bad rows and row numbers are those of one read."""
     from conftest import preference_rows
 
-    from prefcache.data import iter_pair_blocks, load_dataset_pairs
+    from prefcache.data.pairs import iter_pair_blocks, load_dataset_pairs
 
     rows = preference_rows(23)
     rows[15] = dict(rows[2])  # an exact duplicate in a later block: dropped

@@ -1,4 +1,4 @@
-"""prefcache.evaluation: lm-eval on checkpoints (`eval`) and cached implicit rewards (`score`), on a tiny model.
+"""prefcache.evaluation.evaluation: lm-eval on checkpoints (`eval`) and cached implicit rewards (`score`), on a tiny model.
 
 One small LoRA run (4 steps, checkpoints at 2 and 4, eval split) is trained once for the module; the
 lm-eval task is built from its held-out pairs by examples/make_lm_eval_task.py.
@@ -44,7 +44,8 @@ def _script(name: str):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model):
     """Train and held-out data, one cache holding both, a 4-step LoRA run, and the lm-eval task."""
-    from prefcache.reference import precompute
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train as train_policy
 
     root = tmp_path_factory.mktemp("evaluate")
     train = write_jsonl(root / "train.jsonl", preference_rows(16, seed=0))
@@ -54,10 +55,9 @@ def setup(tmp_path_factory, tiny_model):
         precompute(data=str(data), out=str(cache), model=str(tiny_model), quantize="fp32", max_length=64,
                    device="cpu", progress=False)
     run = root / "run"
-    train_mod = pytest.importorskip("prefcache.trainer")
-    train_mod.train(data=str(train), cache=str(cache), out=str(run), model=str(tiny_model), max_steps=4,
-                    save_every=2, batch_size=4, lr=1e-2, beta=BETA, eval_data=str(heldout), device="cpu",
-                    lora_r=4, progress=False)
+    train_policy(data=str(train), cache=str(cache), out=str(run), model=str(tiny_model), max_steps=4,
+                 save_every=2, batch_size=4, lr=1e-2, beta=BETA, eval_data=str(heldout), device="cpu",
+                 lora_r=4, progress=False)
     task_dir = root / "task"
     _script("make_lm_eval_task").build_task(heldout, task_dir, TASK, model=str(tiny_model))
     return {"root": root, "train": train, "heldout": heldout, "cache": cache, "run": run, "task": task_dir,
@@ -71,7 +71,7 @@ def _read(folder: Path, pattern: str) -> list[pa.Table]:
 # ----------------------------------------------------------------------------- configs and the task builder
 
 def test_configs_validate():
-    from prefcache.config import EvalConfig, ScoreConfig
+    from prefcache.evaluation.config import EvalConfig, ScoreConfig
 
     assert EvalConfig(checkpoints="a, b", tasks="t1,t2").tasks == ("t1", "t2")
     with pytest.raises(ValueError, match="no tasks"):
@@ -85,7 +85,7 @@ def test_configs_validate():
 
 
 def test_make_lm_eval_task(tmp_path, tiny_model, tokenizer):
-    from prefcache.data import prepare_examples
+    from prefcache.data.pairs import prepare_examples
 
     module = _script("make_lm_eval_task")
     rows = preference_rows(10, seed=3)
@@ -109,7 +109,7 @@ def test_include_paths_made_absolute(tmp_path):
     """Relative data_files are resolved against their YAML; !function tags and other files survive."""
     import yaml
 
-    from prefcache.evaluation import localise_include_paths
+    from prefcache.evaluation.evaluation import localise_include_paths
 
     src = tmp_path / "tasks"
     (src / "sub").mkdir(parents=True)
@@ -138,8 +138,8 @@ def test_include_paths_made_absolute(tmp_path):
 # ----------------------------------------------------------------------------- eval
 
 def test_eval_writes_contract_rows(setup, tmp_path, monkeypatch):
-    from prefcache.analysis import connect
-    from prefcache.evaluation import evaluate
+    from prefcache.analysis.views import connect
+    from prefcache.evaluation.evaluation import evaluate
 
     run = setup["run"]
     monkeypatch.chdir(tmp_path)  # the task's relative data_files must not depend on the working directory
@@ -197,10 +197,10 @@ def _hand_scores(model_dir: Path, adapter: Path | None, setup) -> dict[str, tupl
     """Per id: beta * (policy - cached reference) for chosen and rejected, one unpadded pair at a time."""
     import torch
 
-    from prefcache.cache import read_cache
-    from prefcache.data import load_dataset_pairs
-    from prefcache.logprobs import collate, token_logprobs
-    from prefcache.models import load_model, load_tokenizer, resolve_model
+    from prefcache.cache.store import read_cache
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.model.kernel import collate, token_logprobs
+    from prefcache.model.load import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(str(model_dir))
     model, _ = load_model(source, quantize="fp32", device="cpu", adapter=adapter)
@@ -219,7 +219,7 @@ def _hand_scores(model_dir: Path, adapter: Path | None, setup) -> dict[str, tupl
 
 
 def test_score_checkpoint_equals_hand_computation(setup):
-    from prefcache.evaluation import score
+    from prefcache.evaluation.evaluation import score
 
     run = setup["run"]
     ckpt = run / "checkpoints" / "step-000004"
@@ -250,7 +250,7 @@ def test_score_checkpoint_equals_hand_computation(setup):
 
 def test_score_policy_equal_to_reference_gives_zero_rewards(setup, tmp_path):
     """The base model (it made the cache) and a full-weights copy of it: rewards 0 to 1e-5."""
-    from prefcache.evaluation import score
+    from prefcache.evaluation.evaluation import score
 
     full = tmp_path / "copy" / "step-000007"
     shutil.copytree(setup["model"], full)
@@ -267,7 +267,6 @@ def test_score_policy_equal_to_reference_gives_zero_rewards(setup, tmp_path):
 
 
 def test_score_agrees_with_the_trainers_eval_log(setup):
-    pytest.importorskip("prefcache.trainer")
     from prefcache.cli import main
 
     run = setup["run"]
@@ -308,7 +307,7 @@ def test_score_refuses_a_cache_of_another_tokenisation(setup, tmp_path):
 def test_a_qlora_run_is_scored_on_a_4bit_base(setup, tmp_path):
     """run.json decides the precision: a QLoRA run's base loads in 4-bit, so against the fp32 cache its
     rewards are no longer 0; --quantize fp32 gives them back."""
-    from prefcache.evaluation import run_settings, score
+    from prefcache.evaluation.evaluation import run_settings, score
 
     run = tmp_path / "qlora-run"
     run.mkdir()
@@ -338,3 +337,74 @@ def test_eval_a_plain_model_folder_without_a_run(setup, tmp_path, monkeypatch):
     by = {(r["checkpoint"], r["metric"]): r["value"] for r in rows}
     assert {c for c, _ in by} == {setup["model"].name, "base"} and all(r["step"] is None for r in rows)
     assert by[(setup["model"].name, "acc")] == by[("base", "acc")]
+
+
+# ----------------------------------------------------------------------------- lm-eval's numbers, by hand
+
+HAND_DOCS = [  # 4 documents, 3 choices of varied lengths each: acc (summed) and acc_norm (per character) differ
+    ("Question: what colour is the sky?", [" blue", " it is a bright and clear blue today", " red sky"]),
+    ("Question 2: the cat sat on", [" the mat under the tree by the river", " a dog", " the house"]),
+    ("Tell me: which is quick?", [" the quick red fox", " slow", " a river that runs under the blue sky"]),
+    ("Question 4: where did the dog run", [" home", " to the house on the hill", " under"]),
+]
+
+
+def _choice_logliks(model_dir: Path) -> list[list[float]]:
+    """Per document, per choice: log p(choice | prompt), summed over the choice's tokens, in nats. The
+    choice follows the prompt with no delimiter, as in the task; the prompt's tokens are its own."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for prompt, choices in HAND_DOCS:
+            context = tok(prompt, add_special_tokens=False)["input_ids"]
+            lls = []
+            for choice in choices:
+                whole = tok(prompt + choice, add_special_tokens=False)["input_ids"]
+                assert whole[:len(context)] == context  # the choice starts at a token boundary
+                logps = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+                lls.append(sum(logps[t - 1, whole[t]].item() for t in range(len(context), len(whole))))
+            out.append(lls)
+    return out
+
+
+def test_eval_acc_equals_a_hand_computation_and_task_names_may_be_globs(tmp_path, tiny_model):
+    """Two local 4-document tasks whose labels make acc 3/4 and 1/4 by hand (the choice with the highest
+    summed log-likelihood is the model's answer; for acc_norm, per character of the choice), run through
+    the glob ``hand4_*``; a third task that the glob does not match is not run."""
+    import statistics
+
+    from prefcache.evaluation.evaluation import evaluate
+
+    lls = _choice_logliks(tiny_model)
+    picks = [max(range(3), key=ll.__getitem__) for ll in lls]
+    norm_picks = [max(range(3), key=lambda i, d=d: lls[d][i] / len(HAND_DOCS[d][1][i])) for d in range(4)]
+    for d, ll in enumerate(lls):  # each answer is clear of float noise
+        assert sorted(ll)[-1] - sorted(ll)[-2] > 1e-3
+        norms = sorted(v / len(c) for v, c in zip(ll, HAND_DOCS[d][1], strict=True))
+        assert norms[-1] - norms[-2] > 1e-4
+    labels = {"hand4_a": [picks[0], picks[1], picks[2], (picks[3] + 1) % 3],  # acc 3/4
+              "hand4_b": [picks[0], (picks[1] + 1) % 3, (picks[2] + 1) % 3, (picks[3] + 1) % 3],  # acc 1/4
+              "other4": picks}
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for name, gold in labels.items():
+        docs = [{"prompt": p, "choices": c, "label": g} for (p, c), g in zip(HAND_DOCS, gold, strict=True)]
+        write_jsonl(folder / f"{name}.jsonl", docs)
+        (folder / f"{name}.yaml").write_text(_script("make_lm_eval_task").YAML.format(
+            source="hand", n=4, task=name, data_file=json.dumps(f"{name}.jsonl")))
+
+    df = evaluate(checkpoints=["base"], model=str(tiny_model), out=str(tmp_path / "out"), tasks="hand4_*",
+                  include_path=[str(folder)], device="cpu")
+    got = {(r["task"], r["metric"]): r for r in df.iter_rows(named=True)}
+    assert {task for task, _ in got} == {"hand4_a", "hand4_b"}
+    for task in ("hand4_a", "hand4_b"):
+        for metric, predicted in (("acc", picks), ("acc_norm", norm_picks)):
+            hits = [float(p == g) for p, g in zip(predicted, labels[task], strict=True)]
+            row = got[(task, metric)]
+            assert row["n"] == 4 and row["value"] == sum(hits) / 4, (task, metric, row)
+            assert row["stderr"] == pytest.approx(statistics.stdev(hits) / 2, abs=1e-12), (task, metric)
+    assert got[("hand4_a", "acc")]["value"] == 0.75 and got[("hand4_b", "acc")]["value"] == 0.25

@@ -11,13 +11,14 @@ from conftest import preference_rows, write_jsonl
 
 from prefcache.cli import main
 from prefcache.export import export
-from prefcache.reference import precompute
-from prefcache.trainer import train
+from prefcache.reference.shards import precompute
+from prefcache.training.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # restored after the module, unlike a bare set_num_threads
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_model):
-    torch.set_num_threads(1)
+def run_dir(tmp_path_factory, tiny_model, one_thread):
     root = tmp_path_factory.mktemp("export")
     data = write_jsonl(root / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(root / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
@@ -48,8 +49,8 @@ def test_merged_model_equals_adapter_on_base(run_dir, tmp_path, tokenizer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from prefcache.data import load_dataset_pairs
-    from prefcache.scoring import pair_logps
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.model.pairs import pair_logps
 
     out = tmp_path / "merged"
     result = CliRunner().invoke(main, ["export", str(run_dir["ckpt"]), "--out", str(out), "--merge", "--dtype", "fp32"])
@@ -89,8 +90,8 @@ def test_qlora_merges_into_the_dequantised_base_and_full_runs_export_as_models(r
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from prefcache.data import load_dataset_pairs
-    from prefcache.scoring import pair_logps
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.model.pairs import pair_logps
 
     common = {"data": str(run_dir["data"]), "cache": str(run_dir["root"] / "cache"), "model": str(run_dir["model"]),
               "max_steps": 1, "batch_size": 4, "warmup_steps": 0, "progress": False}

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefcache.formats import DataFormatError, Rows, iter_row_blocks, load_rows
+from prefcache.data.formats import DataFormatError, Rows, iter_row_blocks, load_rows
 
 ROWS = [{"prompt": f"q{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(7)]
 

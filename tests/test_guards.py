@@ -17,12 +17,12 @@ import torch
 from conftest import preference_rows, write_jsonl
 from safetensors.torch import load_file
 
-from prefcache.cache import CacheError, shard_paths
-from prefcache.config import TrainConfig
-from prefcache.guards import NonFiniteError, resolve_finetune
-from prefcache.reference import precompute
-from prefcache.schedule import lr_factor
-from prefcache.trainer import train
+from prefcache.cache.store import CacheError, shard_paths
+from prefcache.reference.shards import precompute
+from prefcache.training.config import TrainConfig
+from prefcache.training.guards import NonFiniteError, resolve_finetune
+from prefcache.training.loop import train
+from prefcache.training.schedule import lr_factor
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
@@ -113,20 +113,20 @@ def test_a_copied_shard_duplicate_ids_is_refused(setup, tmp_path):
 
 
 def test_a_non_finite_loss_stops_at_its_step_keeping_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
-    import prefcache.trainer as trainer_module
+    from prefcache.losses.combine import Objective
 
-    real = trainer_module.combined_loss
+    real = Objective.__call__
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        result = real(*args, **kwargs)
+    def poisoned(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 3:  # the first micro-batch of step 3
             result.losses[0] = math.nan
             return result._replace(loss=result.losses.mean())
         return result
 
-    monkeypatch.setattr(trainer_module, "combined_loss", poisoned)
+    monkeypatch.setattr(Objective, "__call__", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match="step 3: non-finite loss on pair"):
         run(setup, out, max_steps=4, save_every=1)
@@ -136,13 +136,38 @@ def test_a_non_finite_loss_stops_at_its_step_keeping_the_last_good_checkpoint(se
         assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoints" / name / "adapter_model.safetensors").values())
 
 
-def test_a_non_finite_gradient_stops_the_run(setup, tmp_path, monkeypatch):
-    import prefcache.trainer as trainer_module
+def poison_gradient(monkeypatch, at_backward: int = 1):
+    """From the ``at_backward``-th backward on, one LoRA parameter's gradient is NaN: a real non-finite
+    gradient (the loss stays finite), as an overflow in backward gives."""
+    import prefcache.training.loop as loop
 
-    monkeypatch.setattr(trainer_module.torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(math.inf))
-    with pytest.raises(NonFiniteError, match="step 1: non-finite gradient"):
-        run(setup, tmp_path / "run")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    real, seen = loop.load_run_policy, {"n": 0}
+
+    def poisoned_policy(*args, **kwargs):
+        policy, info = real(*args, **kwargs)
+        param = next(p for n, p in policy.named_parameters() if "lora_B" in n)
+
+        def hook(grad):
+            seen["n"] += 1
+            return torch.full_like(grad, math.nan) if seen["n"] >= at_backward else grad
+
+        param.register_hook(hook)
+        return policy, info
+
+    monkeypatch.setattr(loop, "load_run_policy", poisoned_policy)
+    return seen
+
+
+def test_a_non_finite_gradient_stops_the_run(setup, tmp_path, monkeypatch):
+    seen = poison_gradient(monkeypatch, at_backward=3)  # step 3 (one micro-batch a step)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="step 3: non-finite gradient"):
+        run(setup, out, max_steps=4, save_every=1)
+    assert seen["n"] == 3
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved == ["step-000001", "step-000002"]
+    for name in saved:
+        assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoints" / name / "adapter_model.safetensors").values())
 
 
 # -- the policy that made the cache -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""prefcache.hub and Hub ids everywhere: models, adapters and datasets resolved from a Hugging Face cache
+"""prefcache.core.hub and Hub ids everywhere: models, adapters and datasets resolved from a Hugging Face cache
 laid out as the Hub leaves it (``models--org--name/refs/main``, ``snapshots/<commit>/``), offline.
 
 Nothing is mocked: the real snapshot_download, from_pretrained and load_dataset read these folders.
@@ -49,7 +49,7 @@ def hub_cache(tmp_path, monkeypatch, tiny_model, tokenizer):
 
 
 def test_hub_id_resolves_to_its_cached_snapshot_and_commit(hub_cache, tiny_model):
-    from prefcache.models import load_model, load_tokenizer, model_fingerprint, resolve_model
+    from prefcache.model.load import load_model, load_tokenizer, model_fingerprint, resolve_model
 
     source = resolve_model("org/tiny")
     assert source.path == hub_cache / "models--org--tiny" / "snapshots" / COMMIT
@@ -65,8 +65,8 @@ def test_hub_id_resolves_to_its_cached_snapshot_and_commit(hub_cache, tiny_model
 
 
 def test_precompute_records_the_hub_id_and_commit(hub_cache, tmp_path, prefs_file):
-    from prefcache.cache import read_metadata
-    from prefcache.reference import precompute
+    from prefcache.cache.store import read_metadata
+    from prefcache.reference.shards import precompute
 
     out = tmp_path / "cache"
     precompute(data=str(prefs_file), out=str(out), model="org/tiny", revision="v2", quantize="fp32",
@@ -84,8 +84,8 @@ def test_adapter_from_the_hub(hub_cache, tmp_path, tiny_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from prefcache.hub import resolve_adapter
-    from prefcache.models import load_model, resolve_model
+    from prefcache.core.hub import resolve_adapter
+    from prefcache.model.load import load_model, resolve_model
 
     torch.manual_seed(0)
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
@@ -99,8 +99,8 @@ def test_adapter_from_the_hub(hub_cache, tmp_path, tiny_model):
 
 def test_offline_and_not_cached_is_one_clear_line(hub_cache, tmp_path, prefs_file):
     from prefcache.cli import main
-    from prefcache.hub import HubError
-    from prefcache.models import ModelError, resolve_model
+    from prefcache.core.hub import HubError
+    from prefcache.model.load import ModelError, resolve_model
 
     with pytest.raises(HubError, match=r"org/absent is not a local path and not in the Hugging Face cache .*HF_HUB_OFFLINE"):
         resolve_model("org/absent")
@@ -132,7 +132,7 @@ def hub_dataset(hub_cache, tmp_path, monkeypatch):
 
 
 def test_hub_dataset_is_loaded_by_load_dataset_offline(hub_dataset):
-    from prefcache.formats import DataFormatError, iter_row_blocks, load_rows
+    from prefcache.data.formats import DataFormatError, iter_row_blocks, load_rows
 
     assert load_rows("org/prefs", split="train") == hub_dataset[:7]
     assert load_rows("org/prefs", split="test") == hub_dataset[7:]
@@ -149,7 +149,7 @@ def test_hub_dataset_is_loaded_by_load_dataset_offline(hub_dataset):
 
 
 def test_local_dataset_repository_folder(tmp_path):
-    from prefcache.formats import load_rows
+    from prefcache.data.formats import load_rows
 
     rows = preference_rows(5)
     (tmp_path / "repo" / "data").mkdir(parents=True)
@@ -158,9 +158,9 @@ def test_local_dataset_repository_folder(tmp_path):
 
 
 def test_precompute_and_train_on_a_hub_model_and_dataset(hub_dataset, tmp_path):
-    from prefcache.cache import read_metadata
-    from prefcache.reference import precompute
-    from prefcache.trainer import train
+    from prefcache.cache.store import read_metadata
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     cache = tmp_path / "cache"
     result = precompute(data="org/prefs", split="train", out=str(cache), model="org/tiny", quantize="fp32",
@@ -179,8 +179,8 @@ def test_precompute_and_train_on_a_hub_model_and_dataset(hub_dataset, tmp_path):
 
 def test_score_and_eval_take_hub_ids_and_plain_folders_with_out(hub_dataset, tmp_path, tiny_model):
     from prefcache.cli import main
-    from prefcache.evaluation import resolve_checkpoints
-    from prefcache.reference import precompute
+    from prefcache.evaluation.evaluation import resolve_checkpoints
+    from prefcache.reference.shards import precompute
 
     cache = tmp_path / "cache"
     precompute(data="org/prefs", split="test", out=str(cache), model="org/tiny", quantize="fp32", max_length=64,
@@ -200,7 +200,7 @@ def test_score_and_eval_take_hub_ids_and_plain_folders_with_out(hub_dataset, tmp
 def test_csv_and_jsonl_blocks_equal_whole_reads(tmp_path):
     import csv
 
-    from prefcache.formats import iter_row_blocks, load_rows
+    from prefcache.data.formats import iter_row_blocks, load_rows
 
     rows = preference_rows(7)
     with open(tmp_path / "d.csv", "w", newline="") as f:

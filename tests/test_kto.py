@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import socket
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,9 +16,14 @@ from click.testing import CliRunner
 from conftest import preference_rows, write_jsonl
 from torch.testing import assert_close
 
+from prefcache.cache.store import CacheError, shard_paths
 from prefcache.cli import main
-from prefcache.config import TrainConfig
-from prefcache.kto import apo_zero_unpaired, kl_estimate, kto
+from prefcache.losses.unpaired import apo_zero_unpaired, kl_estimate, kto
+from prefcache.training.config import TrainConfig
+from prefcache.training.guards import NonFiniteError
+from prefcache.training.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def t(values) -> torch.Tensor:
@@ -90,103 +99,302 @@ def test_config_accepts_unpaired_losses_alone():
         TrainConfig(data="d", out="o", cache="c", loss="kto", desirable_weight=0)
 
 
-def test_kto_training_run_from_paired_data(tmp_path, tiny_model):
-    """precompute --unpaired on pairs, then train --loss kto: step 1 (the step-0 policy) has kl 0, loss 0.5."""
-    torch.set_num_threads(1)
-    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8))
-    runner = CliRunner()
-    result = runner.invoke(main, ["precompute", "--data", str(data), "--out", str(tmp_path / "cache"), "--model",
-                                  str(tiny_model), "--max-length", "48", "--quantize", "fp32", "--unpaired",
-                                  "--kl-group-size", "4", "--no-progress"])
+# ---- training runs on an unpaired cache -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def unpaired(tmp_path_factory, tiny_model):
+    """8 pairs unpaired into 16 examples, and their fp32 unpaired cache (KL groups of 4) from the tiny model."""
+    root = tmp_path_factory.mktemp("kto")
+    data = write_jsonl(root / "d.jsonl", preference_rows(8))
+    result = CliRunner().invoke(main, ["precompute", "--data", str(data), "--out", str(root / "cache"), "--model",
+                                       str(tiny_model), "--max-length", "48", "--quantize", "fp32", "--unpaired",
+                                       "--kl-group-size", "4", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "16 examples scored" in result.output
-    result = runner.invoke(main, ["train", "--data", str(data), "--cache", str(tmp_path / "cache"), "--model",
-                                  str(tiny_model), "--out", str(tmp_path / "run"), "--loss", "kto", "--max-steps", "2",
-                                  "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "0", "--eval-fraction", "0.25",
-                                  "--undesirable-weight", "1.0", "--no-progress"])
+    return {"root": root, "data": data, "cache": root / "cache", "model": tiny_model}
+
+
+def run(unpaired, out, **kw) -> dict:
+    kw = {"data": str(unpaired["data"]), "cache": str(unpaired["cache"]), "model": str(unpaired["model"]),
+          "out": str(out), "loss": "kto", "max_steps": 2, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0,
+          "progress": False, **kw}
+    return train(**kw)
+
+
+def steps(out) -> pl.DataFrame:
+    return pl.read_parquet(f"{out}/logs/steps-*.parquet").sort("split", "step")
+
+
+def examples(out) -> pl.DataFrame:
+    return pl.read_parquet(f"{out}/logs/examples-*.parquet")
+
+
+def adapter(ckpt) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(f"{ckpt}/adapter_model.safetensors")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_kto_training_run_from_paired_data(unpaired, tmp_path):
+    """train --loss kto on the unpaired cache: step 1 (the step-0 policy, LoRA = reference) has kl 0, loss 0.5
+    and every example's reward 0, to float rounding."""
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--data", str(unpaired["data"]), "--cache", str(unpaired["cache"]),
+                                  "--model", str(unpaired["model"]), "--out", str(tmp_path / "run"), "--loss", "kto",
+                                  "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "0",
+                                  "--eval-fraction", "0.25", "--undesirable-weight", "1.0", "--no-progress"])
     assert result.exit_code == 0, result.output
-    steps = pl.read_parquet(f"{tmp_path}/run/logs/steps-*.parquet")
-    first = steps.filter((pl.col("split") == "train") & (pl.col("step") == 1)).row(0, named=True)
-    base = steps.filter((pl.col("split") == "eval") & (pl.col("step") == 0)).row(0, named=True)
-    for row in (first, base):
+    assert "kl" in result.output and "(4 examples)" in result.output
+    s, e = steps(tmp_path / "run"), examples(tmp_path / "run")
+    first = s.filter((pl.col("split") == "train") & (pl.col("step") == 1)).row(0, named=True)
+    base = s.filter((pl.col("split") == "eval") & (pl.col("step") == 0)).row(0, named=True)
+    for row, split, step in ((first, "train", 1), (base, "eval", 0)):
         assert row["loss"] == pytest.approx(0.5, abs=1e-6)
         assert row["kl"] == pytest.approx(0.0, abs=1e-6)
-        assert abs(row["rewards_chosen"] or 0) < 1e-6 and abs(row["rewards_rejected"] or 0) < 1e-6
-    last = steps.filter((pl.col("split") == "train") & (pl.col("step") == 2)).row(0, named=True)
+        rows = e.filter((pl.col("split") == split) & (pl.col("step") == step))
+        desirable = rows["reward_chosen"].is_not_null()
+        assert (desirable != rows["reward_rejected"].is_not_null()).all()  # each example on exactly one side
+        # a side's mean is null exactly when no example of that label is in the batch, else 0 (no `or 0`)
+        for side, present in (("rewards_chosen", desirable.any()), ("rewards_rejected", (~desirable).any())):
+            assert (row[side] is not None) == present, side
+            if present:
+                assert abs(row[side]) < 1e-6, side
+        rewards = pl.concat([rows["reward_chosen"].drop_nulls(), rows["reward_rejected"].drop_nulls()])
+        assert rewards.len() == rows.height and rewards.abs().max() < 1e-6
+    last = s.filter((pl.col("split") == "train") & (pl.col("step") == 2)).row(0, named=True)
     assert last["loss"] != pytest.approx(0.5, abs=1e-6)  # it learned something
-    examples = pl.read_parquet(f"{tmp_path}/run/logs/examples-*.parquet")
-    train2 = examples.filter((pl.col("split") == "train") & (pl.col("step") == 2))
-    # desirable examples fill the chosen columns, undesirable ones the rejected columns
-    assert (train2["reward_chosen"].is_null() != train2["reward_rejected"].is_null()).all()
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["result"]["steps"] == 2 and info["train_examples"] == 12 and info["eval_examples"] == 4
+    assert info["prefix_sharing"] is True  # as the cache was made (unpaired caches are packed by default)
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "adapter_model.safetensors").exists()
 
 
 def test_kto_refuses_a_micro_batch_of_one(tmp_path):
-    from prefcache.trainer import train
-
     with pytest.raises(ValueError, match="batch-size must be at least 2"):
         train(data="d.jsonl", cache=str(tmp_path), out=str(tmp_path / "run"), loss="kto", batch_size=1)
 
 
-def test_kto_resume_reaches_the_same_weights(tmp_path, tiny_model):
-    from safetensors.torch import load_file
+def _poison(cache, column: str, row: int = 1) -> str:
+    """Write NaN into one value of a cache's first shard; returns that row's id."""
+    shard = shard_paths(cache)[0]
+    table = pq.read_table(shard)
+    values = table.column(column).to_pylist()
+    values[row] = math.nan
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, [values]), shard)
+    return table.column("id")[row].as_py()
 
-    from prefcache.reference import precompute
-    from prefcache.trainer import train
 
-    torch.set_num_threads(1)
-    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8))
-    precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
-               unpaired=True, kl_group_size=4, progress=False)
-    common = {"data": str(data), "cache": str(tmp_path / "cache"), "model": str(tiny_model), "loss": "kto",
-              "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "save_every": 2, "lora_dropout": 0.1, "progress": False,
+@pytest.mark.parametrize("column", ["logps", "kl_logps"])
+def test_a_nan_reference_value_in_an_unpaired_cache_is_refused(unpaired, tmp_path, column):
+    """The loop of before trained NaN weights and exited 0 on this cache."""
+    cache = shutil.copytree(unpaired["cache"], tmp_path / "cache")
+    bad_id = _poison(cache, column)
+    with pytest.raises(CacheError, match=f"non-finite reference values for the training examples.*{bad_id}.*{column}"):
+        run(unpaired, tmp_path / "run", cache=str(cache))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_copied_shard_of_an_unpaired_cache_is_refused(unpaired, tmp_path):
+    cache = shutil.copytree(unpaired["cache"], tmp_path / "cache")
+    first = shard_paths(cache)[0]
+    shutil.copy(first, first.with_name("part-r000-000099.parquet"))
+    with pytest.raises(CacheError, match="duplicate rows"):
+        run(unpaired, tmp_path / "run", cache=str(cache))
+
+
+def test_kto_resolves_the_model_at_its_revision(unpaired, tmp_path, monkeypatch):
+    import prefcache.training.loop as loop
+
+    asked = []
+
+    def resolve(model, revision=None):
+        asked.append((model, revision))
+        raise RuntimeError("resolved")
+
+    monkeypatch.setattr(loop, "resolve_model", resolve)
+    with pytest.raises(RuntimeError, match="resolved"):
+        run(unpaired, tmp_path / "run", model="org/policy", revision="v2")
+    assert asked == [("org/policy", "v2")]
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # building the CUDA context on a CPU machine says so
+def test_autocast_is_bf16_on_cuda_only_when_asked():
+    from contextlib import nullcontext
+
+    from prefcache.training.task import autocast_for
+
+    cuda = autocast_for("cuda:0", True)
+    assert isinstance(cuda, torch.autocast) and cuda.device == "cuda" and cuda.fast_dtype == torch.bfloat16
+    assert isinstance(autocast_for("cuda", False), nullcontext)
+    assert isinstance(autocast_for("cpu", True), nullcontext)  # CPU runs fp32
+
+
+def test_kto_steps_are_length_grouped_reseeded_per_rank_and_autocast(unpaired, tmp_path, tokenizer, monkeypatch):
+    """The one loop's order, seed and autocast for unpaired examples (the loop of before had none of them)."""
+    import prefcache.training.loop as loop
+    import prefcache.training.task as task
+    from prefcache.data.unpaired import load_unpaired
+    from prefcache.training.checkpoint import load_trainer_state
+    from prefcache.training.state import epoch_order
+
+    seeds, casts = [], []
+    real_cast = task.autocast_for
+    monkeypatch.setattr(loop, "seed_rank", lambda seed, rank: seeds.append((seed, rank)) or torch.manual_seed(seed + rank))
+    monkeypatch.setattr(task, "autocast_for", lambda device, bf16: casts.append((device, bf16)) or real_cast(device, bf16))
+    result = run(unpaired, tmp_path / "run", batch_size=2, max_steps=2, seed=5)
+    assert seeds == [(5, 0)] and casts == [("cpu", True)] * 2  # one forward per step, under the autocast choice
+    items, _, _ = load_unpaired(unpaired["data"], tokenizer, 48, unpair=True)
+    lengths = [len(i.prompt_ids) + len(i.completion_ids) for i in items]
+    grouped, plain = epoch_order(16, 5, 0, 0, 1, lengths, 2), epoch_order(16, 5, 0, 0, 1)
+    logged = examples(tmp_path / "run").filter(pl.col("split") == "train").sort("step")
+    for step in (1, 2):
+        want = {items[i].id for i in grouped[2 * (step - 1) : 2 * step]}
+        assert set(logged.filter(pl.col("step") == step)["id"]) == want
+    # the check can tell the orders apart: random batches would have shown other examples at these steps
+    assert any(set(plain[2 * k : 2 * k + 2]) != set(grouped[2 * k : 2 * k + 2]) for k in (0, 1))
+    assert load_trainer_state(result["final_checkpoint"])["group_by_length"] is True
+
+
+def test_kto_stops_at_a_non_finite_gradient(unpaired, tmp_path, monkeypatch):
+    from test_guards import poison_gradient
+
+    poison_gradient(monkeypatch, at_backward=2)
+    with pytest.raises(NonFiniteError, match="step 2: non-finite gradient .* from examples"):
+        run(unpaired, tmp_path / "run", max_steps=3, save_every=1)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000001"]
+    assert all(torch.isfinite(v).all() for v in adapter(tmp_path / "run" / "checkpoints" / "step-000001").values())
+
+
+def test_kto_resume_reaches_the_same_weights(unpaired, tmp_path):
+    common = {"save_every": 2, "lora_dropout": 0.1,
               "scheduler": "constant"}  # a shorter first run must not change the schedule of its steps
-    train(out=str(tmp_path / "straight"), max_steps=4, **common)
-    train(out=str(tmp_path / "resumed"), max_steps=2, **common)
-    result = train(out=str(tmp_path / "resumed"), max_steps=4, resume=True, **common)
+    run(unpaired, tmp_path / "straight", max_steps=4, **common)
+    run(unpaired, tmp_path / "resumed", max_steps=2, **common)
+    result = run(unpaired, tmp_path / "resumed", max_steps=4, resume=True, **common)
     assert result["resumed_from"].endswith("step-000002") and result["steps"] == 4
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-000004" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000004" / "adapter_model.safetensors")
+    a = adapter(tmp_path / "straight" / "checkpoints" / "step-000004")
+    b = adapter(tmp_path / "resumed" / "checkpoints" / "step-000004")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [pl.read_parquet(f"{tmp_path}/{r}/logs/steps-*.parquet").sort("step") for r in ("straight", "resumed")]
-    assert steps[0]["step"].to_list() == steps[1]["step"].to_list() == [1, 2, 3, 4]  # no step logged twice
-    assert_close(t(steps[0]["loss"].to_list()), t(steps[1]["loss"].to_list()))
+    s = [steps(tmp_path / r) for r in ("straight", "resumed")]
+    assert s[0]["step"].to_list() == s[1]["step"].to_list() == [1, 2, 3, 4]  # no step logged twice
+    assert_close(t(s[0]["loss"].to_list()), t(s[1]["loss"].to_list()))
 
 
-def test_two_process_kto_equals_one_process(tmp_path, tiny_model):
+def test_an_unpaired_checkpoint_of_the_loop_of_before_resumes_with_its_random_batches(unpaired, tmp_path):
+    """State version 1 (the separate KTO loop) recorded group_by_length False: it resumes, not refused."""
+    from prefcache.training.checkpoint import checkpoint_dir, load_trainer_state
+
+    out = tmp_path / "run"
+    run(unpaired, out, max_steps=1)
+    path = checkpoint_dir(out, 1) / "trainer_state.pt"
+    state = load_trainer_state(path.parent)
+    torch.save({**state, "version": 1, "group_by_length": False}, path)
+    result = run(unpaired, out, max_steps=2, resume=True)
+    assert result["steps"] == 2 and json.loads((out / "run.json").read_text())["group_by_length"] is False
+    assert load_trainer_state(result["final_checkpoint"])["group_by_length"] is False
+    run(unpaired, tmp_path / "new", max_steps=1)
+    with pytest.raises(ValueError, match="group_by_length: checkpoint has True, now False"):  # new states: pairs' rule
+        run(unpaired, tmp_path / "new", max_steps=2, resume=True, group_by_length=False)
+
+
+def test_two_process_kto_equals_one_process(unpaired, tmp_path):
     """torchrun: each rank takes every other example; KL means are averaged over ranks before the clamp, so two
     ranks of 2 examples per step reach the weights of one process of 4."""
     import os
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
-    from prefcache.reference import precompute
-    from prefcache.trainer import train
-
-    torch.set_num_threads(1)
-    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8))
-    precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
-               unpaired=True, kl_group_size=4, progress=False)
-    args = ["--data", str(data), "--cache", str(tmp_path / "cache"), "--model", str(tiny_model), "--loss", "kto",
-            "--max-steps", "3", "--lr", "1e-2", "--warmup-steps", "0", "--eval-fraction", "0.25", "--no-progress"]
+    args = ["--data", str(unpaired["data"]), "--cache", str(unpaired["cache"]), "--model", str(unpaired["model"]),
+            "--loss", "kto", "--max-steps", "3", "--lr", "1e-2", "--warmup-steps", "0", "--eval-fraction", "0.25",
+            "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29547", "-m", "prefcache", "train", *args, "--out", str(tmp_path / "ddp"), "--batch-size", "2",
+                          str(free_port()), "-m", "prefcache", "train", *args, "--out", str(tmp_path / "ddp"),
+                          "--batch-size", "2",
                           "--eval-batch-size", "4"],  # rank 0 evaluates in the batches of the single process
-                         env=env, capture_output=True, text=True)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
-    train(data=str(data), cache=str(tmp_path / "cache"), model=str(tiny_model), loss="kto", max_steps=3, lr=1e-2,
-          warmup_steps=0, eval_fraction=0.25, progress=False, out=str(tmp_path / "single"), batch_size=4)
-    a = load_file(tmp_path / "ddp" / "checkpoints" / "step-000003" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "single" / "checkpoints" / "step-000003" / "adapter_model.safetensors")
+    run(unpaired, tmp_path / "single", max_steps=3, eval_fraction=0.25, batch_size=4)
+    a = adapter(tmp_path / "ddp" / "checkpoints" / "step-000003")
+    b = adapter(tmp_path / "single" / "checkpoints" / "step-000003")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    d, s = (pl.read_parquet(f"{tmp_path}/{r}/logs/steps-*.parquet").sort("split", "step") for r in ("ddp", "single"))
+    d, s = steps(tmp_path / "ddp"), steps(tmp_path / "single")
     assert d["step"].to_list() == s["step"].to_list()
     torch.testing.assert_close(d["loss"].to_torch(), s["loss"].to_torch(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d["kl"].to_torch(), s["kl"].to_torch(), rtol=1e-5, atol=1e-6)
     assert (d.filter(pl.col("split") == "train")["kl"] > 0).any()  # a KL that is not clamped to 0 was compared
+
+
+# ---- prefix sharing: [prompt | completion | KL completion] ----------------------------------------------
+
+def _shared_and_unshared(model, items, kl_seqs, pad_id):
+    """unpaired_logps both ways with gradients on; returns (results, gradients of Σ completion + Σ KL)."""
+    from prefcache.model.pairs import unpaired_logps
+
+    results, grads = [], []
+    for sharing in (True, False):
+        model.zero_grad()
+        pol = unpaired_logps(model, items, kl_seqs, pad_id=pad_id, prefix_sharing=sharing)
+        assert pol.completion.requires_grad and not pol.kl.requires_grad  # TRL: no gradient through the KL term
+        # were the KL values attached, the packed path would add their gradient here
+        (pol.completion.sum() + pol.kl.sum()).backward()
+        results.append(pol)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return results, grads
+
+
+@pytest.mark.parametrize("truncation, max_length", [("keep_start", 48), ("keep_end", 20)])
+def test_shared_and_unshared_unpaired_logps_agree(unpaired, tokenizer, truncation, max_length):
+    """<= 1e-4 nats per summed sequence, with the same gradients; under keep_end a KL prompt cut otherwise
+    than the example's gets a row of its own."""
+    from transformers import AutoModelForCausalLM
+
+    from prefcache.data.unpaired import kl_partners, kl_sequence, load_unpaired
+
+    model = AutoModelForCausalLM.from_pretrained(unpaired["model"], dtype=torch.float32, attn_implementation="sdpa")
+    items, _, _ = load_unpaired(unpaired["data"], tokenizer, max_length, truncation, "skip", unpair=True)
+    by_id, partners = {i.id: i for i in items}, kl_partners([i.id for i in items], 4)
+    kl_seqs = [kl_sequence(i, by_id[partners[i.id]], max_length, truncation) for i in items]
+    apart = sum(list(p) != list(i.prompt_ids) for (p, _), i in zip(kl_seqs, items, strict=True))
+    assert (apart > 0) == (truncation == "keep_end")  # the fallback is exercised where it exists
+    (shared, two), (g_shared, g_two) = _shared_and_unshared(model, items, kl_seqs, tokenizer.pad_token_id)
+    assert shared.n_positions < two.n_positions  # the packed path really ran
+    assert_close(shared.completion, two.completion, atol=1e-4, rtol=0)
+    assert_close(shared.kl, two.kl, atol=1e-4, rtol=0)
+    assert g_shared.keys() == g_two.keys()
+    for name in g_two:
+        scale = g_two[name].abs().max().item()
+        assert_close(g_shared[name], g_two[name], atol=1e-4 * max(scale, 1e-6), rtol=0, msg=name)
+
+
+def test_kto_with_prefix_sharing_starts_at_its_invariant(unpaired, tmp_path, caplog):
+    """Forced off on a packed cache: warned, and step 0 (eval at 0, train step 1) still has loss 0.5 and kl 0, to
+    the ~1e-5 nats the two paths differ by, times beta."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="prefcache"):
+        run(unpaired, tmp_path / "run", prefix_sharing=False, max_steps=1, eval_fraction=0.25)
+    assert any("cache was made with prefix sharing, training runs without it" in r.message for r in caplog.records)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["prefix_sharing"] is False
+    at_start = steps(tmp_path / "run").filter(pl.col("step") == (pl.col("split") == "train").cast(pl.Int64))
+    assert at_start.select("split", "step").rows() == [("eval", 0), ("train", 1)]
+    for row in at_start.iter_rows(named=True):
+        assert row["loss"] == pytest.approx(0.5, abs=1e-5) and row["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_kto_trains_with_finite_numbers(unpaired, tmp_path):
+    """The autocast path itself (bf16 on CUDA), packed and not: finite losses, KL and weights."""
+    for sharing in (False, True):
+        out = tmp_path / f"run-{sharing}"
+        result = run(unpaired, out, device="cuda", bf16=True, max_steps=3, prefix_sharing=sharing)
+        s = steps(out).filter(pl.col("split") == "train")
+        assert s.height == 3 and all(math.isfinite(v) for v in s["loss"]) and all(math.isfinite(v) for v in s["kl"])
+        assert all(torch.isfinite(v).all() for v in adapter(result["final_checkpoint"]).values())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prefcache.logprobs import LogProbModule, naive_token_logprobs, token_logprobs
+from prefcache.model.kernel import LogProbModule, naive_token_logprobs, token_logprobs
 
 
 def tiny_llama(vocab=301, seed=0):
@@ -147,7 +147,7 @@ def test_cuda_values_and_gradients_match_cpu():
 
 
 def test_pair_sums_by_hand():
-    from prefcache.logprobs import pair_sums
+    from prefcache.model.kernel import pair_sums
 
     # pair 0: chosen tokens at 1..3, rejected at 2..3; pair 1: chosen at 0, rejected at 0..2
     tok_c = torch.tensor([[9.0, -1.0, -2.0, -3.0], [-0.5, 9.0, 9.0, 9.0]], dtype=torch.float64)
@@ -164,7 +164,7 @@ def test_pair_sums_by_hand():
 def test_collate():
     import torch
 
-    from prefcache.logprobs import collate
+    from prefcache.model.kernel import collate
 
     input_ids, attention, completion = collate([[5, 6, 7, 8], [9, 10]], [2, 1], pad_id=0)
     assert torch.equal(input_ids, torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefcache.models import (
+from prefcache.model.load import (
     ModelError,
     chat_template_hash,
     default_model,
@@ -38,13 +38,19 @@ def test_clear_errors_for_bad_model_paths(tmp_path):
 
 
 def test_fingerprints_follow_content(tmp_path, tokenizer):
-    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    a.write_bytes(b"weights")
-    b.write_bytes(b"weights")
-    assert file_fingerprint([a]) == file_fingerprint([tmp_path / "a.bin"])
+    """A weight file's fingerprint is its name and content: a copy in another folder fingerprints the
+    same, another name or another content does not, and the order the files are given in is irrelevant."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    a, copy, renamed = tmp_path / "one" / "a.bin", tmp_path / "two" / "a.bin", tmp_path / "two" / "b.bin"
+    for f in (a, copy, renamed):
+        f.write_bytes(b"weights")
+    assert file_fingerprint([a]) == file_fingerprint([copy])
+    assert file_fingerprint([renamed]) != file_fingerprint([a])
+    assert file_fingerprint([a, renamed]) == file_fingerprint([renamed, a]) != file_fingerprint([a])
     before = file_fingerprint([a])
     a.write_bytes(b"other weights")
-    assert file_fingerprint([a]) != before
+    assert file_fingerprint([a]) != before and file_fingerprint([copy]) == before
     assert len(tokenizer_fingerprint(tokenizer)) == 32
     assert chat_template_hash(tokenizer) != "none"
 

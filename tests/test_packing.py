@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from prefcache.data import TokenizedPair
-from prefcache.packing import block_mask, group_by_prompt, pack, sharing_problem
-from prefcache.scoring import pair_logps
+from prefcache.data.pairs import TokenizedPair
+from prefcache.model.packing import block_mask, group_by_prompt, pack, sharing_problem
+from prefcache.model.pairs import pair_logps
 
 VOCAB = 301
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -75,7 +75,15 @@ def test_packed_gradients_equal_two_sequences(arch):
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_a_model_that_cannot_take_the_mask_falls_back_and_says_so_once(caplog):
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """The fallback is said once per process and reason: start this test with nothing said yet."""
+    import prefcache.model.packing as packing
+
+    monkeypatch.setattr(packing, "_warned", set())
+
+
+def test_a_model_that_cannot_take_the_mask_falls_back_and_says_so_once(caplog, fresh_warnings):
     model = tiny("qwen2", use_sliding_window=True, sliding_window=4).eval()
     assert "sliding-window" in sharing_problem(model)
     batch = pairs(3)
@@ -83,8 +91,8 @@ def test_a_model_that_cannot_take_the_mask_falls_back_and_says_so_once(caplog):
         shared = pair_logps(model, batch, pad_id=0, prefix_sharing=True)
         pair_logps(model, batch, pad_id=0, prefix_sharing=True)
         plain = pair_logps(model, batch, pad_id=0, prefix_sharing=False)
-    lines = [r.message for r in caplog.records if "prefix sharing off" in r.message]
-    assert len(lines) <= 1  # once per process and reason (an earlier test may have said it already)
+    lines = [r.getMessage() for r in caplog.records if "prefix sharing off" in r.getMessage()]
+    assert len(lines) == 1 and len(lines[0].splitlines()) == 1 and "sliding-window" in lines[0], lines
     torch.testing.assert_close(shared.chosen, plain.chosen, atol=0, rtol=0)
     assert shared.n_tokens == plain.n_tokens
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefcache.models import ModelError, resolve_model
-from prefcache.policy import load_policy
+from prefcache.model.load import ModelError, resolve_model
+from prefcache.model.policy import load_policy
 
 
 def logits(model, ids):
@@ -127,7 +127,7 @@ def test_bad_adapter_folder_is_refused(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_the_embedded_gguf_default_loads_as_a_lora_policy(smol_dir):
-    from prefcache.models import default_model
+    from prefcache.model.load import default_model
 
     model, info = load_policy(default_model(), device="cpu")
     assert info["model_name"].startswith("SmolLM2-135M-Instruct") and info["quantization"] == "fp32"

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import preference_rows, write_jsonl
 
-from prefcache.cache import CacheWriter, shard_paths
+from prefcache.cache.store import CacheWriter, shard_paths
 from prefcache.cli import main
-from prefcache.data import BadDataError, DataFormatError, load_dataset_pairs
+from prefcache.data.pairs import BadDataError, DataFormatError, load_dataset_pairs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 META = {"schema_version": 1, "model_fingerprint": "m", "adapter_fingerprint": None, "tokenizer_fingerprint": "t",
@@ -118,7 +118,7 @@ def test_bad_rows_are_numbered_by_line_in_jsonl_and_csv_and_from_1_elsewhere(tmp
 
 
 def test_an_empty_data_file_says_so(tmp_path, tiny_model):
-    from prefcache.reference import precompute
+    from prefcache.reference.shards import precompute
 
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataFormatError, match="empty.jsonl holds no preference rows"):

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from prefcache.quiet import BNB_LOGGER, git_commit_quietly, quiet_libraries
+from prefcache.core.quiet import BNB_LOGGER, git_commit_quietly, quiet_libraries
 
 IMPORT_PEFT = "import peft, bitsandbytes"
 
@@ -22,7 +22,7 @@ def test_bitsandbytes_kernel_notice_is_dropped_on_import():
     loud = _stderr(IMPORT_PEFT)
     if "gemm_4bit_forward" not in loud:
         pytest.skip("this bitsandbytes build prints no kernel notice")
-    assert "gemm_4bit_forward" not in _stderr(f"from prefcache.quiet import quiet_libraries; quiet_libraries(); {IMPORT_PEFT}")
+    assert "gemm_4bit_forward" not in _stderr(f"from prefcache.core.quiet import quiet_libraries; quiet_libraries(); {IMPORT_PEFT}")
 
 
 def test_only_the_kernel_notice_is_filtered(caplog):

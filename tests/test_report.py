@@ -1,4 +1,4 @@
-"""prefcache.report and `prefcache report`: the HTML is checked structurally (no browser needed)."""
+"""prefcache.analysis.report and `prefcache report`: the HTML is checked structurally (no browser needed)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 from test_analysis import examples_table, write_run  # the hand-worked fixture of the analysis tests
 
+from prefcache.analysis.charts import _nice_ticks, bar_chart, histogram_chart, line_chart
+from prefcache.analysis.report import build_report, write_report
 from prefcache.cli.sql import report_cmd
-from prefcache.report import _nice_ticks, bar_chart, build_report, histogram_chart, line_chart, write_report
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 

@@ -1,4 +1,4 @@
-"""prefcache.runconfig and --config: options from YAML files, flags winning, every run saving its own."""
+"""prefcache.core.runconfig and --config: options from YAML files, flags winning, every run saving its own."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ STACK = [{"question": f"What is {i}+{i}?", "response_j": f" {2 * i}", "response_
 
 
 def test_precompute_and_train_from_yaml_and_their_saved_configs_rerun(tmp_path, tiny_model):
-    from prefcache.cache import read_metadata
+    from prefcache.cache.store import read_metadata
     from prefcache.cli import main
 
     data = write_jsonl(tmp_path / "se.jsonl", STACK)
@@ -64,10 +64,12 @@ def test_every_option_of_a_config_class_is_a_command_line_option():
     from dataclasses import fields
 
     from prefcache.cli import main
-    from prefcache.config import EvalConfig, PrecomputeConfig, ScoreConfig, TrainConfig
+    from prefcache.evaluation.config import EvalConfig, ScoreConfig
+    from prefcache.reference.config import PrecomputeConfig
+    from prefcache.training.config import TrainConfig
 
     for name, cls in (("precompute", PrecomputeConfig), ("train", TrainConfig), ("eval", EvalConfig),
                       ("score", ScoreConfig)):
         params = {p.name for p in main.get_command(None, name).params}
-        missing = [f.name for f in fields(cls) if f.name not in params and not (f.name == "progress" and "no_progress" in params)]
+        missing = [f.name for f in fields(cls) if f.name not in params]
         assert not missing, f"{name}: {missing}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prefcache.rundir import (
+from prefcache.training.rundir import (
     BASE,
     RunDirError,
     read_checkpoint_info,

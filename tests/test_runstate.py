@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefcache.checkpoint import latest_checkpoint, load_trainer_state
-from prefcache.config import TrainConfig
-from prefcache.runstate import RunState, check_resumable, held_out_ids, make_optimization, save
-from prefcache.trainlog import RunLog
+from prefcache.training.checkpoint import check_resumable, latest_checkpoint, load_trainer_state, save
+from prefcache.training.config import TrainConfig
+from prefcache.training.log import RunLog
+from prefcache.training.state import RunState, held_out_ids, make_optimization
+from prefcache.training.trackers import Trackers
 
 
 class _Saves:
@@ -16,9 +17,14 @@ class _Saves:
         (folder / "weights").write_text("w")
 
 
-def _run(tmp_path, cfg, **kw) -> RunState:
-    return RunState(cfg, tmp_path, 0, 1, "cpu", steps_per_epoch=4, total_steps=10, n_train=16, max_length=64,
-                    truncation="keep_start", log=RunLog(tmp_path), **kw)
+def _run(tmp_path, cfg, state=None, group_by_length=False) -> RunState:
+    """A run built whole: its policy, optimizer, schedule and trackers are constructor arguments."""
+    optimizer, scheduler, _ = make_optimization(cfg, list(torch.nn.Linear(3, 2).parameters()), total_steps=10,
+                                                state=state)
+    return RunState(cfg=cfg, out=tmp_path, rank=0, world=1, device="cpu", steps_per_epoch=4, total_steps=10,
+                    n_train=16, max_length=64, truncation="keep_start", group_by_length=group_by_length,
+                    log=RunLog(tmp_path), policy=_Saves(), policy_info={"model_name": "m"}, tokenizer=_Saves(),
+                    optimizer=optimizer, scheduler=scheduler, trackers=Trackers((), tmp_path))
 
 
 def test_due_every_n_steps_and_at_the_last(tmp_path):
@@ -45,11 +51,10 @@ def test_a_resume_with_another_data_order_is_refused():
 
 def test_save_then_restore_continues_the_run(tmp_path):
     cfg = TrainConfig(data="d", out=str(tmp_path), cache="c", loss="bco_pair", warmup_steps=0, lr=1e-3)
-    layer = torch.nn.Linear(3, 2)
-    run = _run(tmp_path, cfg, policy=_Saves(), policy_info={"model_name": "m"}, tokenizer=_Saves(),
-               group_by_length=True)
-    run.optimizer, run.scheduler, _ = make_optimization(cfg, list(layer.parameters()), total_steps=10, state=None)
-    layer(torch.ones(1, 3)).sum().backward()
+    run = _run(tmp_path, cfg, group_by_length=True)
+    for group in run.optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
     run.optimizer.step()
     run.scheduler.step()
     run.step, run.last_eval_step = 3, 2
@@ -58,9 +63,7 @@ def test_save_then_restore_continues_the_run(tmp_path):
     after_save = torch.rand(4)
     state = load_trainer_state(latest_checkpoint(tmp_path))
     assert (state["step"], state["bco"], state["group_by_length"], state["last_eval_step"]) == (3, (1.5, 6), True, 2)
-    again = _run(tmp_path, cfg)
-    again.optimizer, again.scheduler, _ = make_optimization(cfg, list(torch.nn.Linear(3, 2).parameters()),
-                                                            total_steps=10, state=state)
+    again = _run(tmp_path, cfg, state=state)
     again.restore(state)
     assert (again.step, again.last_saved, again.last_eval_step, again.bco.value) == (3, 3, 2, 0.25)
     assert again.elapsed_before == state["elapsed_s"] and torch.equal(torch.rand(4), after_save)  # RNGs restored

@@ -12,15 +12,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from prefcache import schemas
-from prefcache.analysis import SOURCE_COLUMN, VIEWS, connect
-from prefcache.cache import CacheWriter, read_cache
-from prefcache.data import Example, TokenizedPair
-from prefcache.evaluation import _evals_frame, _write_parquet
-from prefcache.reference import shard_columns
-from prefcache.schemas import duckdb_type, example_columns, view_columns
-from prefcache.scoring import ReferenceTable
-from prefcache.trainlog import RunLog, write_pairs
+from prefcache.analysis.views import SOURCE_COLUMN, VIEWS, connect
+from prefcache.cache.lookup import ReferenceTable
+from prefcache.cache.store import CacheWriter, read_cache
+from prefcache.core import schemas
+from prefcache.core.schemas import duckdb_type, example_columns, view_columns
+from prefcache.data.pairs import Example, TokenizedPair
+from prefcache.evaluation.evaluation import _evals_frame, _write_parquet
+from prefcache.reference.shards import shard_columns
+from prefcache.training.log import RunLog, write_pairs
 
 PAIRS = [TokenizedPair("a", [1, 2], [3, 4, 5], [6], False, True), TokenizedPair("b", [1], [7], [8, 9], True, False)]
 

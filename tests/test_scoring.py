@@ -9,10 +9,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from prefcache.cache import CacheError
-from prefcache.data import TokenizedPair
-from prefcache.logprobs import token_logprobs
-from prefcache.scoring import ReferenceTable, aggregate, check_joined, pair_logps, pair_tensors, score_pairs
+from prefcache.cache.lookup import ReferenceTable, check_joined
+from prefcache.cache.store import CacheError
+from prefcache.data.pairs import TokenizedPair
+from prefcache.model.kernel import token_logprobs
+from prefcache.model.pairs import pair_logps, pair_tensors
+from prefcache.training.scoring import aggregate, score_pairs
 
 
 def _pair(i, prompt, chosen, rejected):

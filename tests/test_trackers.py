@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import preference_rows, write_jsonl
 
-from prefcache.config import TrainConfig
-from prefcache.trackers import parse_report_to, trl_metrics
+from prefcache.training.config import TrainConfig
+from prefcache.training.trackers import parse_report_to, trl_metrics
 
 
 def test_report_to_is_validated():
@@ -36,8 +36,8 @@ def test_tensorboard_events_hold_the_parquet_metrics(tmp_path, tiny_model):
     import polars as pl
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from prefcache.reference import precompute
-    from prefcache.trainer import train
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
 
     torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))

@@ -11,16 +11,16 @@ from click.testing import CliRunner
 from conftest import preference_rows, write_jsonl
 
 from prefcache.cli import main
-from prefcache.config import TrainConfig
-from prefcache.reference import precompute
-from prefcache.trainer import train
+from prefcache.reference.shards import precompute
+from prefcache.training.config import TrainConfig
+from prefcache.training.loop import train
 
 LN2 = math.log(2)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("variants")
     data = write_jsonl(root / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(root / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
@@ -39,8 +39,8 @@ def run(setup, out, **kw):
 def test_wpo_step_zero_loss_is_ln2_times_the_mean_pair_weight(setup, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from prefcache.data import load_dataset_pairs
-    from prefcache.scoring import pair_logps
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.model.pairs import pair_logps
 
     steps, _ = run(setup, tmp_path / "wpo", use_weighting=True)
     model = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).eval()
@@ -63,7 +63,7 @@ def test_f_divergence_starts_at_ln2(setup, tmp_path, kind):
 
 def test_logged_rewards_under_ld_alpha_are_ld_weighted(setup, tmp_path):
     from prefcache.losses import LossInputs, combined_loss
-    from prefcache.trainer import example_cols
+    from prefcache.training.pairs import example_cols
 
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     # one pair, chosen 4 tokens, rejected 2: prefixes over the first 2 tokens of each
@@ -103,8 +103,8 @@ def test_cli_has_every_loss_option():
 def test_wpo_values_are_the_same_with_prefix_sharing(setup, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from prefcache.data import load_dataset_pairs
-    from prefcache.scoring import pair_logps
+    from prefcache.data.pairs import load_dataset_pairs
+    from prefcache.model.pairs import pair_logps
 
     model = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
     pairs, _, _ = load_dataset_pairs(str(setup["data"]), tokenizer, 48, "keep_start")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from prefcache.trainlog import EXAMPLE_SCHEMA, STEP_SCHEMA, RunLog, write_pairs
+from prefcache.training.log import EXAMPLE_SCHEMA, STEP_SCHEMA, RunLog, write_pairs
 
 
 def _examples(n: int, offset: int = 0) -> dict[str, list]:

@@ -12,8 +12,8 @@ import sys
 import click
 
 from prefcache import __version__
-from prefcache.allocator import current, maybe_reexec
-from prefcache.quiet import quiet_libraries
+from prefcache.core.allocator import current, maybe_reexec
+from prefcache.core.quiet import quiet_libraries
 
 # command name -> (module, attribute); imported when the command is used or listed.
 COMMANDS = {
@@ -41,7 +41,7 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
 
-# Commands that run models: they get jemalloc on CPU (see prefcache/allocator.py).
+# Commands that run models: they get jemalloc on CPU (see prefcache/core/allocator.py).
 HEAVY = {"precompute", "train", "eval", "score", "env"}
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from prefcache import preflight
-from prefcache.cli.options import config_option, data_options, revision_option
+from prefcache.cli import preflight
+from prefcache.cli.fields import options_from
+from prefcache.cli.options import config_option
 from prefcache.cli.precompute import run_api
-from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS, EvalConfig, ScoreConfig
+from prefcache.evaluation.config import EvalConfig, ScoreConfig
 
 
 def _show(df, run_dir) -> None:
@@ -19,19 +20,7 @@ def _show(df, run_dir) -> None:
 
 @click.command("eval")
 @config_option
-@click.argument("checkpoints", nargs=-1, required=True)
-@click.option("--tasks", required=True, help="lm-eval task names, comma-separated (globs allowed).")
-@click.option("--include-path", multiple=True, help="Folder of task YAMLs (repeatable); relative data_files are read relative to each YAML.")
-@click.option("--limit", type=int, default=None, help="Documents per task (quick checks) [default: all].")
-@click.option("--run", default=None, help="Run folder: reads run.json, writes evals/ [default: the checkpoints' run].")
-@click.option("--out", default=None, help="Folder for results when there is no run (plain models, Hub ids): OUT/evals/ (created).")
-@click.option("--model", default=None, help="Base model (HF folder, .gguf or Hub id) [default: the run's].")
-@revision_option
-@click.option("--base/--no-base", default=True, show_default=True, help="Also evaluate the base model (checkpoint 'base').")
-@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples [default: the task's].")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None, help="Precision of the weights [default: the run's].")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
+@options_from(EvalConfig)
 def eval_cmd(**options):
     """Run lm-eval tasks on checkpoints of a run, and on its base model for comparison.
 
@@ -47,7 +36,10 @@ def eval_cmd(**options):
       prefcache eval run1/checkpoints/step-000200 --tasks arc_easy,hellaswag --limit 200
       prefcache eval Qwen/Qwen2.5-0.5B-Instruct --tasks arc_easy --limit 200 --out qwen-evals
     """
-    from prefcache.evaluation import evaluate, run_dir_of  # polars, pyarrow, then lm-eval and torch
+    from prefcache.evaluation.evaluation import (  # polars, pyarrow, then lm-eval and torch
+        evaluate,
+        run_dir_of,
+    )
 
     config = run_api(EvalConfig, **options)
     df = run_api(evaluate, config)
@@ -56,21 +48,7 @@ def eval_cmd(**options):
 
 @click.command("score")
 @config_option
-@click.argument("checkpoints", nargs=-1, required=True)
-@click.option("--cache", required=True, help="Reference cache holding the held-out pairs (the reference is never loaded).")
-@click.option("--data", required=True, help="Held-out preference data (any format precompute reads).")
-@data_options()
-@click.option("--beta", type=float, default=None, help="Reward scale [default: the run's beta, else 0.1].")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per forward pass.")
-@click.option("--chunk-size", type=int, default=512, show_default=True, help="Completion positions per output-head chunk.")
-@click.option("--run", default=None, help="Run folder: reads run.json, writes evals/ and logs/ [default: the checkpoints' run].")
-@click.option("--out", default=None, help="Folder for results when there is no run (plain models, Hub ids): OUT/evals/, OUT/logs/.")
-@click.option("--model", default=None, help="Base model (HF folder, .gguf or Hub id) [default: the run's].")
-@revision_option
-@click.option("--base", is_flag=True, help="Also score the base model (checkpoint 'base'; rewards ~0 if it made the cache).")
-@click.option("--on-bad-row", type=click.Choice(BAD_ROW_POLICIES), default="fail", show_default=True)
-@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None, help="Precision of the weights [default: the run's].")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
+@options_from(ScoreConfig)
 def score_cmd(**options):
     """Implicit rewards, margins and preference accuracy of checkpoints on held-out pairs.
 
@@ -85,10 +63,10 @@ def score_cmd(**options):
       prefcache precompute --data heldout.jsonl --out heldout-cache
       prefcache score run1 --cache heldout-cache --data heldout.jsonl
     """
-    run_api(preflight.score, options)  # refusals that need no model, before torch loads
-    from prefcache.evaluation import run_dir_of, score  # polars, pyarrow, then torch
+    config = run_api(ScoreConfig, **options)  # every option's rule, before torch loads
+    run_api(preflight.score, options)  # the paths: refusals that need no model, still before torch
+    from prefcache.evaluation.evaluation import run_dir_of, score  # polars, pyarrow, then torch
 
-    config = run_api(ScoreConfig, **options)
     df = run_api(score, config)
     _show(df, run_dir_of(config))
 

@@ -11,9 +11,10 @@ from prefcache.export import DTYPES  # the module imports torch only inside its 
 @click.command("export")
 @click.argument("checkpoint")
 @click.option("--out", required=True, help="Folder to write (must not exist, or be empty).")
-@click.option("--merge", is_flag=True,
+@click.option("--merge/--no-merge",
               help="Merge the LoRA adapter into the base: one plain transformers model folder. A QLoRA base is "
-                   "de-quantised (loaded in full precision) first, never merged in 4-bit.")
+                   "de-quantised (loaded in full precision) first, never merged in 4-bit. Refused on a full "
+                   "fine-tune (nothing to merge: --dtype casts it).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Weights' dtype [default: the base model's own].")
 @click.option("--model", default=None, help="The base model folder, if it moved since training [default: the run's].")
 def export_cmd(checkpoint, out, merge, dtype, model):

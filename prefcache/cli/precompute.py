@@ -6,9 +6,11 @@ import json
 
 import click
 
-from prefcache import preflight
-from prefcache.cli.options import config_option, data_options, revision_option
-from prefcache.config import BAD_ROW_POLICIES, QUANTIZATIONS, TRUNCATIONS, PrecomputeConfig
+from prefcache.cli import preflight
+from prefcache.cli.fields import options_from
+from prefcache.cli.options import config_option
+from prefcache.data.options import DataOptions
+from prefcache.reference.config import PrecomputeConfig
 
 
 def run_api(fn, *args, **kwargs):
@@ -21,34 +23,8 @@ def run_api(fn, *args, **kwargs):
 
 @click.command("precompute")
 @config_option
-@click.option("--data", required=True, help="Preference data: .jsonl/.json/.parquet/.csv, a datasets folder, or a Hub dataset id.")
-@data_options()
-@click.option("--out", required=True, help="Cache directory to create or extend.")
-@click.option("--model", default=None, help="HF model folder, .gguf file or Hub id [default: embedded SmolLM2-135M-Instruct].")
-@revision_option
-@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="auto", show_default=True,
-              help="Reference precision; auto = bf16 on GPU, fp32 on CPU. 4bit = bitsandbytes NF4 + double quant.")
-@click.option("--adapter", default=None, help="PEFT adapter folder or Hub id applied on the model (e.g. your SFT LoRA).")
-@click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens kept per prompt+completion.")
-@click.option("--truncation", type=click.Choice(TRUNCATIONS), default="keep_start", show_default=True,
-              help="keep_start drops the completion's tail (TRL's default); keep_end drops the prompt's head.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per forward pass.")
-@click.option("--per-token", is_flag=True, help="Also store per-token log-probs (list columns).")
-@click.option("--on-bad-row", type=click.Choice(BAD_ROW_POLICIES), default="fail", show_default=True,
-              help="fail: stop and list bad rows; skip: score the rest and write bad_rows.jsonl in the cache.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
-@click.option("--shard-size", type=int, default=1024, show_default=True, help="Pairs per Parquet shard.")
-@click.option("--chunk-size", type=int, default=512, show_default=True, help="Completion positions per output-head chunk (memory vs speed).")
-@click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
-              help="Compute each prompt once, its completions packed after it under a block attention mask "
-                   "(same values to float rounding; faster the longer the prompts). Off: two sequences per pair.")
-@click.option("--unpaired", is_flag=True,
-              help="KTO cache: unpaired data (prompt/completion/label; pairs are unpaired), each completion's and "
-                   "its KL completion's reference log-probs.")
-@click.option("--kl-group-size", type=int, default=8, show_default=True,
-              help="--unpaired: KL completions rotate within groups of this many examples (TRL's per-device batch).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def precompute_cmd(no_progress, **options):
+@options_from(PrecomputeConfig)
+def precompute_cmd(**options):
     """Score every pair once with the frozen reference model and cache the log-probs.
 
     A rerun of the same command resumes: only ids not yet cached are scored, and adding rows
@@ -63,10 +39,10 @@ def precompute_cmd(no_progress, **options):
     Data-parallel (one shard set per rank):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     """
-    run_api(preflight.precompute, options)  # refusals that need no model, before torch loads
-    from prefcache.reference import precompute  # the API: data, models and (when scoring) torch
+    config = run_api(PrecomputeConfig, **options)  # every option's rule, before torch loads
+    run_api(preflight.precompute, options)  # the paths: refusals that need no model, still before torch
+    from prefcache.reference.shards import precompute  # the API: data, models and (when scoring) torch
 
-    config = run_api(PrecomputeConfig, progress=not no_progress, **options)
     result = run_api(precompute, config)
     if result["rank"] != 0:
         return
@@ -85,7 +61,7 @@ def precompute_cmd(no_progress, **options):
 @click.command("inspect")
 @config_option
 @click.argument("cache")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json/--no-json", "as_json", help="Print the summary as JSON.")
 def inspect_cmd(cache, as_json):
     """Show a cache's metadata, row count and summary statistics.
 
@@ -93,7 +69,7 @@ def inspect_cmd(cache, as_json):
     Example:
       prefcache inspect ref-cache
     """
-    from prefcache.cache import summary
+    from prefcache.cache.store import summary
 
     info = run_api(summary, cache)
     if as_json:
@@ -121,8 +97,7 @@ def _pct(v):
 @config_option
 @click.argument("cache")
 @click.option("--data", default=None, help="The data the cache should cover (checks every id is present once).")
-@click.option("--split", default=None, help="Split of --data when it is a Hub dataset or a DatasetDict.")
-@click.option("--data-config", default=None, help="Subset (configuration) of a Hub dataset.")
+@options_from(DataOptions, only=("split", "data_config"))
 def verify_cmd(cache, data, split, data_config):
     """Check a cache: shard integrity, consistent metadata, no duplicate ids, no NaN/inf, coverage of --data.
 
@@ -132,7 +107,7 @@ def verify_cmd(cache, data, split, data_config):
     Example:
       prefcache verify ref-cache --data prefs.jsonl
     """
-    from prefcache.reference import verify_cache
+    from prefcache.reference.shards import verify_cache
 
     report = run_api(verify_cache, cache, data, split=split, data_config=data_config)
     click.echo(report["summary"])

@@ -1,4 +1,4 @@
-"""`prefcache sql`, `prefcache query` and `prefcache report`: thin click commands over prefcache.analysis.
+"""`prefcache sql`, `prefcache query` and `prefcache report`: thin click commands over prefcache.analysis.views.
 
 Only click is imported at module level; DuckDB and polars load when a command runs.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import click
 
-from prefcache.atomic import write_atomic, write_text_atomic
 from prefcache.cli.options import config_option
+from prefcache.core.atomic import write_atomic, write_text_atomic
 
 FORMATS = ("table", "csv", "json", "parquet")
 
@@ -97,7 +97,7 @@ def _run(caches, runs, work):
     """Open the analysis session and run `work(session)`, turning every expected failure into one line."""
     import duckdb
 
-    from prefcache.analysis import AnalysisError, connect
+    from prefcache.analysis.views import AnalysisError, connect
 
     try:
         with connect(caches=caches, runs=runs) as session:
@@ -145,7 +145,7 @@ def query_cmd(name, list_, show_sql, caches, runs, params, fmt, output, max_rows
       prefcache query margin_histogram --run run1 --param bins=30 --param step=first
       prefcache query quant_audit --cache ref-fp --cache ref-4bit -p cache_a=ref-fp -p cache_b=ref-4bit
     """
-    from prefcache.analysis import AnalysisError, get_query, list_queries
+    from prefcache.analysis.queries import AnalysisError, get_query, list_queries
 
     try:
         if list_:
@@ -181,8 +181,8 @@ def report_cmd(run_dir, out):
     """
     import duckdb
 
-    from prefcache.analysis import AnalysisError
-    from prefcache.report import write_report
+    from prefcache.analysis.report import write_report
+    from prefcache.analysis.views import AnalysisError
 
     try:
         path = write_report(run_dir, out)

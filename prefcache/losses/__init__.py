@@ -1,4 +1,4 @@
-"""Preference losses: one small pure function per method, chosen by name from ``LOSSES``.
+"""Preference losses: one small pure function per method, chosen by name.
 
 Conventions shared by every function here:
 - Log-probs are per-example **summed** completion log-probs in nats, shape [B]: policy_chosen_logps,
@@ -12,19 +12,26 @@ Conventions shared by every function here:
 
 The formulas follow TRL's ``DPOTrainer`` loss types (trl 1.x ``_compute_loss``), ``CPOTrainer``
 (simpo) and ``ORPOTrainer`` (orpo). Where a function differs, its docstring says "Deviation from TRL".
+
+Modules: ``registry`` (every loss's name and options, torch-free: the CLI and the option checks read it),
+``pairs`` (the pair losses), ``transforms`` (f-DPO, LD-DPO, WPO), ``unpaired`` (kto, apo_zero_unpaired), ``combine`` (the objective of a step:
+weighted losses, LD-DPO, WPO, bco_pair's running mean). The torch names below load on first use.
 """
 
-from ..config import F_DIVERGENCES
-from .combine import (
-           LOSSES,
-           CombinedLoss,
-           LossInputs,
-           LossSpec,
-           RunningMean,
-           check_loss_options,
-           combined_loss,
-)
-from .pairs import LossOutput, f_scores, ld_logps, wpo_weights
+from prefcache.losses.registry import F_DIVERGENCES, PAIR_LOSSES, UNPAIRED_LOSSES, check_loss_options
 
-__all__ = ["F_DIVERGENCES", "LOSSES", "CombinedLoss", "LossInputs", "LossOutput", "LossSpec", "RunningMean",
-           "check_loss_options", "combined_loss", "f_scores", "ld_logps", "wpo_weights"]
+_LAZY = {
+    "LOSSES": "combine", "CombinedLoss": "combine", "LossInputs": "combine", "LossSpec": "combine",
+    "RunningMean": "combine", "combined_loss": "combine",
+    "LossOutput": "pairs", "f_scores": "transforms", "ld_logps": "transforms", "wpo_weights": "transforms",
+}
+
+__all__ = ["F_DIVERGENCES", "PAIR_LOSSES", "UNPAIRED_LOSSES", "check_loss_options", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"prefcache.losses.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'prefcache.losses' has no attribute {name!r}")

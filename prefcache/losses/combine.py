@@ -1,86 +1,38 @@
 """The objective a step optimises: named losses from the registry, weighted and summed (TRL's
 ``loss_type=[...]`` with ``loss_weights``), with LD-DPO's length weighting and WPO's pair weights applied,
 and bco_pair's running reward mean carried across steps.
+
+A run binds its :class:`Objective` once, from its options (names, weights and options checked then), and
+calls it per micro-batch; :func:`combined_loss` binds and calls in one go, for tests and one-off use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from torch import Tensor
 
-from ..config import F_DIVERGENCES
-from .pairs import (
-    LossOutput,
-    aot,
-    aot_unpaired,
-    apo_down,
-    apo_zero,
-    bco_pair,
-    discopop,
-    exo_pair,
-    hinge,
-    ipo,
-    ld_logps,
-    nca_pair,
-    orpo,
-    robust,
-    sft,
-    sigmoid,
-    sigmoid_norm,
-    simpo,
-    sppo_hard,
-    wpo_weights,
-)
+from prefcache.losses import pairs as pair_losses
+from prefcache.losses.pairs import LossOutput, sft
+from prefcache.losses.registry import PAIR_LOSSES, PAIR_OPTIONS, check_loss_options
+from prefcache.losses.transforms import ld_logps, wpo_weights
 
 
 class LossSpec(NamedTuple):
+    """A pair loss: its function and what :mod:`prefcache.losses.registry` declares about it."""
+
     fn: Callable[..., LossOutput]
     needs_ref: bool
-    inputs: tuple[str, ...] = ()  # LossInputs fields passed as keywords (token counts)
-    options: tuple[str, ...] = ()  # keyword options besides beta
-    uses_ld: bool = True  # ld_alpha transforms its log-probs (sft: an NLL of the actual text, no)
+    inputs: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    uses_ld: bool = True
 
 
-_TOKENS = ("chosen_tokens", "rejected_tokens")
-_F = ("f_divergence", "f_alpha")  # the losses that take f-DPO's scores (TRL 1.16's list, plus sft, unaffected)
-LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(sigmoid, True, options=("label_smoothing", *_F)),
-    "hinge": LossSpec(hinge, True, options=_F),
-    "ipo": LossSpec(ipo, True, _TOKENS, _F),
-    "robust": LossSpec(robust, True, options=("label_smoothing", *_F)),
-    "exo_pair": LossSpec(exo_pair, True, options=("label_smoothing", *_F)),
-    "nca_pair": LossSpec(nca_pair, True),
-    "bco_pair": LossSpec(bco_pair, True, options=("bco_delta",)),
-    "sppo_hard": LossSpec(sppo_hard, True),
-    "aot": LossSpec(aot, True, options=("label_smoothing",)),
-    "aot_unpaired": LossSpec(aot_unpaired, True, options=("label_smoothing",)),
-    "apo_zero": LossSpec(apo_zero, True),
-    "apo_down": LossSpec(apo_down, True),
-    "discopop": LossSpec(discopop, True, options=("discopop_tau", *_F)),
-    "sigmoid_norm": LossSpec(sigmoid_norm, True, _TOKENS, _F),
-    "sft": LossSpec(sft, False, ("chosen_tokens",), uses_ld=False),
-    "orpo": LossSpec(orpo, False, _TOKENS),
-    "simpo": LossSpec(simpo, False, _TOKENS, ("simpo_gamma", "label_smoothing")),
-}
-_OPTIONS = {"beta", "ld_alpha", "use_weighting"} | {option for spec in LOSSES.values() for option in spec.options}
-_SORTING = ("aot", "aot_unpaired")  # losses[i] is a batch quantile, not pair i: a per-pair weight cannot apply
-
-
-def check_loss_options(names: Sequence[str], *, f_divergence: str = "reverse_kl", use_weighting: bool = False,
-                       label_smoothing: float = 0.0) -> None:
-    """Refuse option combinations TRL 1.16 refuses (before any model is loaded)."""
-    if f_divergence not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence!r}")
-    if f_divergence != "reverse_kl" and (bad := [n for n in names if n != "sft" and "f_divergence" not in LOSSES[n].options]):
-        ok = [n for n, s in LOSSES.items() if "f_divergence" in s.options] + ["sft"]
-        raise ValueError(f"f_divergence {f_divergence!r} is defined for the losses {', '.join(ok)}, not {', '.join(bad)}")
-    if use_weighting and (bad := [n for n in names if n in _SORTING]):
-        raise ValueError(f"use_weighting (WPO) cannot weight {', '.join(bad)}: those losses sort the batch, so "
-                         "losses[i] is not pair i")
-    if "exo_pair" in names and not 0 < label_smoothing < 1:
-        raise ValueError(f"exo_pair needs label_smoothing in (0, 1) (the EXO paper uses 1e-3), got {label_smoothing}")
+LOSSES: dict[str, LossSpec] = {name: LossSpec(getattr(pair_losses, name), info.needs_ref, info.inputs, info.options,
+                                              info.uses_ld) for name, info in PAIR_LOSSES.items()}
+_OPTIONS = PAIR_OPTIONS
 
 
 class LossInputs(NamedTuple):
@@ -110,14 +62,87 @@ class CombinedLoss(NamedTuple):
 
 def _apply_ld(inputs: LossInputs, alpha: float) -> LossInputs:
     updates = {}
-    for field in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
-        value, prefix = getattr(inputs, field), getattr(inputs, field + "_prefix")
+    for name in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
+        value, prefix = getattr(inputs, name), getattr(inputs, name + "_prefix")
         if value is None:
             continue
         if prefix is None:
-            raise ValueError(f"ld_alpha needs inputs.{field}_prefix")
-        updates[field] = ld_logps(value, prefix, alpha)
+            raise ValueError(f"ld_alpha needs inputs.{name}_prefix")
+        updates[name] = ld_logps(value, prefix, alpha)
     return inputs._replace(**updates)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A step's objective, its names, weights and options checked once (:meth:`bind`), then called per
+    micro-batch. Only ``bco_delta`` (bco_pair's running reward mean) changes from call to call."""
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def bind(cls, names: str | Sequence[str], weights: Sequence[float] | None = None, **options) -> Objective:
+        """Check ``names`` (known, each once), ``weights`` (one per name, None = 1.0 each) and ``options``
+        (known, in combinations TRL accepts); see :func:`combined_loss` for their meaning."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        unknown = [name for name in names if name not in LOSSES]
+        if unknown or not names:
+            raise ValueError(f"unknown loss name(s) {unknown}; valid names: {', '.join(LOSSES)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"loss names repeat: {list(names)}")
+        weights = (1.0,) * len(names) if weights is None else tuple(float(w) for w in weights)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} loss names but {len(weights)} weights")
+        if bad := sorted(set(options) - _OPTIONS):
+            raise ValueError(f"unknown loss option(s) {bad}; valid options: {', '.join(sorted(_OPTIONS))}")
+        check_loss_options(names, f_divergence=options.get("f_divergence", "reverse_kl"),
+                           use_weighting=bool(options.get("use_weighting")),
+                           label_smoothing=options.get("label_smoothing", 0.0))
+        return cls(names, weights, dict(options))
+
+    def __call__(self, inputs: LossInputs, **changing) -> CombinedLoss:
+        """The combined loss of one micro-batch; ``changing``: ``bco_delta`` only."""
+        if bad := sorted(set(changing) - {"bco_delta"}):
+            raise ValueError(f"only bco_delta changes per call, got {bad}")
+        options = {**self.options, **changing}
+        beta = options.get("beta", 0.1)
+        ld_alpha = options.get("ld_alpha")
+        ld_inputs = inputs if ld_alpha is None else _apply_ld(inputs, ld_alpha)
+        weights_wpo = None
+        if options.get("use_weighting"):
+            if inputs.policy_chosen_wpo is None or inputs.policy_rejected_wpo is None:
+                raise ValueError("use_weighting needs inputs.policy_chosen_wpo / policy_rejected_wpo "
+                                 "(scoring.pair_logps(..., wpo=True))")
+            weights_wpo = wpo_weights(inputs.policy_chosen_wpo, inputs.policy_rejected_wpo)
+        total, components, outputs = None, {}, []
+        for name, weight in zip(self.names, self.weights, strict=True):
+            out = _one_loss(name, ld_inputs if LOSSES[name].uses_ld else inputs, beta, options)
+            if weights_wpo is not None:
+                # sft's values are shares of one batch mean, which TRL weights as a whole: times the mean weight.
+                out = out._replace(losses=out.losses * (weights_wpo.mean() if name == "sft" else weights_wpo))
+            total = weight * out.losses if total is None else total + weight * out.losses
+            components[name] = out.losses.mean()
+            outputs.append((name, out))
+        rewards = next((out for name, out in outputs if name != "sft"), None)
+        if rewards is None:  # sft alone: TRL still logs β × the (LD-weighted) log-ratios when there is a reference
+            src = ld_inputs if ld_inputs.ref_chosen_logps is not None else inputs
+            rewards = sft(src.policy_chosen_logps, src.policy_rejected_logps, src.ref_chosen_logps,
+                          src.ref_rejected_logps, beta=beta, chosen_tokens=src.chosen_tokens)
+        return CombinedLoss(total.mean(), total, rewards.chosen_rewards, rewards.rejected_rewards, components)
+
+
+def _one_loss(name: str, src: LossInputs, beta: float, options: dict) -> LossOutput:
+    spec = LOSSES[name]
+    if spec.needs_ref and (src.ref_chosen_logps is None or src.ref_rejected_logps is None):
+        free = [n for n, s in LOSSES.items() if not s.needs_ref]
+        raise ValueError(f"loss {name!r} needs reference log-probs; reference-free losses: {free}")
+    extra = {f: getattr(src, f) for f in spec.inputs}
+    if missing := [f for f, value in extra.items() if value is None]:
+        raise ValueError(f"loss {name!r} needs inputs {missing}")
+    extra.update({key: options[key] for key in spec.options if key in options})
+    return spec.fn(src.policy_chosen_logps, src.policy_rejected_logps, src.ref_chosen_logps, src.ref_rejected_logps,
+                   beta=beta, **extra)
 
 
 def combined_loss(
@@ -132,64 +157,10 @@ def combined_loss(
     simpo_gamma, f_divergence, f_alpha), each passed only to the losses that take it. Rewards come from
     the first loss other than sft: β (π - ref) for reference-based losses, on the LD-weighted log-probs
     under ld_alpha (what TRL logs); sft alone gives β (π - ref) too when ref is given.
-    """
-    names = [names] if isinstance(names, str) else list(names)
-    unknown = [name for name in names if name not in LOSSES]
-    if unknown or not names:
-        raise ValueError(f"unknown loss name(s) {unknown}; valid names: {', '.join(LOSSES)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"loss names repeat: {names}")
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(names):
-        raise ValueError(f"{len(names)} loss names but {len(weights)} weights")
-    bad = sorted(set(options) - _OPTIONS)
-    if bad:
-        raise ValueError(f"unknown loss option(s) {bad}; valid options: {', '.join(sorted(_OPTIONS))}")
-    check_loss_options(names, f_divergence=options.get("f_divergence", "reverse_kl"),
-                       use_weighting=bool(options.get("use_weighting")),
-                       label_smoothing=options.get("label_smoothing", 0.0))
-    beta = options.get("beta", 0.1)
-    ld_alpha = options.get("ld_alpha")
-    ld_inputs = inputs if ld_alpha is None else _apply_ld(inputs, ld_alpha)
-    weights_wpo = None
-    if options.get("use_weighting"):
-        if inputs.policy_chosen_wpo is None or inputs.policy_rejected_wpo is None:
-            raise ValueError("use_weighting needs inputs.policy_chosen_wpo / policy_rejected_wpo "
-                             "(scoring.pair_logps(..., wpo=True))")
-        weights_wpo = wpo_weights(inputs.policy_chosen_wpo, inputs.policy_rejected_wpo)
 
-    total, components, outputs = None, {}, []
-    for name, weight in zip(names, weights, strict=True):
-        spec = LOSSES[name]
-        src = ld_inputs if spec.uses_ld else inputs
-        if spec.needs_ref and (src.ref_chosen_logps is None or src.ref_rejected_logps is None):
-            free = [n for n, s in LOSSES.items() if not s.needs_ref]
-            raise ValueError(f"loss {name!r} needs reference log-probs; reference-free losses: {free}")
-        extra = {field: getattr(src, field) for field in spec.inputs}
-        missing = [field for field, value in extra.items() if value is None]
-        if missing:
-            raise ValueError(f"loss {name!r} needs inputs {missing}")
-        extra.update({key: options[key] for key in spec.options if key in options})
-        out = spec.fn(
-            src.policy_chosen_logps,
-            src.policy_rejected_logps,
-            src.ref_chosen_logps,
-            src.ref_rejected_logps,
-            beta=beta,
-            **extra,
-        )
-        if weights_wpo is not None:
-            # sft's values are shares of one batch mean, which TRL weights as a whole: times the mean weight.
-            out = out._replace(losses=out.losses * (weights_wpo.mean() if name == "sft" else weights_wpo))
-        total = weight * out.losses if total is None else total + weight * out.losses
-        components[name] = out.losses.mean()
-        outputs.append((name, out))
-    rewards = next((out for name, out in outputs if name != "sft"), None)
-    if rewards is None:  # sft alone: TRL still logs β × the (LD-weighted) log-ratios when there is a reference
-        src = ld_inputs if ld_inputs.ref_chosen_logps is not None else inputs
-        rewards = sft(src.policy_chosen_logps, src.policy_rejected_logps, src.ref_chosen_logps,
-                      src.ref_rejected_logps, beta=beta, chosen_tokens=src.chosen_tokens)
-    return CombinedLoss(total.mean(), total, rewards.chosen_rewards, rewards.rejected_rewards, components)
+    One call binds and checks everything again; a training run binds an :class:`Objective` once instead.
+    """
+    return Objective.bind(names, weights, **options)(inputs)
 
 
 class RunningMean:

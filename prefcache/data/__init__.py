@@ -1,0 +1,6 @@
+"""Preference data in: read files, ``datasets`` folders and Hub ids (``formats``) → map columns and render
+templates (``columns``) → validate, give each example a stable id and render its texts (``validate``) →
+tokenise and truncate as TRL does (``tokens``); bad rows and their policy in ``badrows``. ``pairs`` reads pairs
+whole or in blocks (and is where other stages import them from), ``unpaired`` KTO-style examples and their KL
+partners. ``options`` holds the data options every command shares.
+"""

@@ -1,0 +1,158 @@
+"""Checkpoints of a run, in one module (as nanochat's ``checkpoint_manager``): where they live, what each
+holds, saving, finding the latest, loading, and whether a resume may continue from one.
+
+``RUN/checkpoints/step-{N:06d}/`` holds what a user loads (a PEFT adapter via ``save_pretrained``, or for full
+fine-tuning the whole model in HF format, plus the tokenizer), ``prefcache.json`` (step, base model, settings,
+for humans and ``prefcache score``/``export``) and ``trainer_state.pt`` (optimizer, scheduler, RNG states of every
+rank, step, epoch, the bco_pair running reward mean, the data-order settings): everything ``--resume`` needs
+to reach the same weights as a run that was never stopped. A checkpoint is written under a ``.tmp-`` name and
+renamed when complete, so a killed run never leaves a half checkpoint behind; a folder without
+``trainer_state.pt`` is not a checkpoint. Listing needs no torch (``prefcache eval`` and the CLI's refusals
+use it); saving and loading import it when called.
+
+Run knowledge lives in three modules: this one (a checkpoint), :mod:`prefcache.training.rundir` (the run
+directory: run.json, fresh or resume, checkpoint arguments) and :mod:`prefcache.training.log` (its Parquet logs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+from prefcache import __version__
+from prefcache.core.atomic import make_temp_dir, publish_dir, write_json_atomic
+from prefcache.core.distributed import barrier, gather
+
+CHECKPOINT_JSON = "prefcache.json"  # in each checkpoint: step, base model, settings (for humans and score)
+# 1: the pair and unpaired loops of before; 2: the one loop (an unpaired run's batches length-grouped)
+STATE_VERSION = 2
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, (step, path), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))
+             and (p / "trainer_state.pt").exists()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def write_checkpoint_info(checkpoint: str | os.PathLike, info: dict) -> Path:
+    return write_json_atomic(info, Path(checkpoint) / CHECKPOINT_JSON)
+
+
+def read_checkpoint_info(checkpoint: str | os.PathLike) -> dict | None:
+    """A checkpoint's prefcache.json, or None (not a prefcache checkpoint)."""
+    path = Path(checkpoint) / CHECKPOINT_JSON
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, trainer_state: dict, info: dict) -> Path:
+    """Write ``step-{step:06d}`` atomically; replaces an existing checkpoint of the same step."""
+    import torch
+
+    final = checkpoint_dir(run_dir, step)
+    tmp = make_temp_dir(final)  # 0777 & ~umask, as mkdir: colleagues can read a shared run
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_checkpoint_info(tmp, info)
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only whole checkpoints remain
+        raise
+    return publish_dir(tmp, final)
+
+
+def save(run, at_step: int) -> None:
+    """Checkpoint a :class:`~prefcache.training.state.RunState` at ``at_step``: the policy and tokenizer, what
+    ``--resume`` needs, and every rank's RNGs (gathered: every rank calls this)."""
+    rngs = gather(rng_state(), run.world)
+    if run.main:
+        run.log.flush()  # the logs up to this step are on disk before the checkpoint that vouches for them
+        cfg = run.cfg
+        trainer_state = {"version": STATE_VERSION, "step": at_step, "epoch": run.epoch(at_step),
+                         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                         "rng": rngs, "bco": run.bco.state_dict(), "elapsed_s": run.elapsed(),
+                         "world_size": run.world, "n_train": run.n_train, "batch_size": cfg.batch_size,
+                         "grad_accum": cfg.grad_accum, "seed": cfg.seed, "last_eval_step": run.last_eval_step,
+                         "group_by_length": run.group_by_length}
+        info = {"step": at_step, "epoch": run.epoch(at_step), "base_model": run.policy_info["model_name"],
+                "model": cfg.model, "finetune": cfg.finetune, "max_length": run.max_length,
+                "truncation": run.truncation, "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache,
+                "prefcache_version": __version__}
+        save_checkpoint(run.out, at_step, run.policy, run.tokenizer, trainer_state, info)
+    barrier(run.world)
+    run.last_saved = at_step
+
+
+def load_trainer_state(path: str | os.PathLike) -> dict:
+    import torch
+
+    # Our own file (optimizer/scheduler/RNG state holds Python objects), so the full unpickler.
+    return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def resumed_grouping(state: dict | None, group_by_length: bool, unpaired: bool) -> bool:
+    """Whether a run's batches are length-grouped: as asked, except that an unpaired run checkpointed by the
+    loop of before (state version 1, random batches) continues with the order it began with."""
+    if state and unpaired and state.get("version", 1) < 2:
+        return bool(state.get("group_by_length", False))
+    return group_by_length
+
+
+def check_resumable(state: dict, *, world: int, n_train: int, cfg, group_by_length: bool | None = None) -> None:
+    """The data order is a function of these: resuming with others would not continue the same run."""
+    now = {"world_size": world, "n_train": n_train, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+           "seed": cfg.seed,
+           "group_by_length": cfg.group_by_length if group_by_length is None else group_by_length}
+    had = {"group_by_length": False}  # checkpoints from before length grouping: random batches
+    if diff := [f"{k}: checkpoint has {state.get(k, had.get(k))!r}, now {v!r}" for k, v in now.items()
+                if state.get(k, had.get(k)) != v]:
+        raise ValueError("cannot resume with other settings:\n  " + "\n  ".join(diff))
+
+
+def clean_temporaries(run_dir: str | os.PathLike) -> None:
+    """Remove half-written checkpoints left by a killed run."""
+    root = Path(run_dir) / "checkpoints"
+    if root.exists():
+        for p in root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob(".old-*"):
+            shutil.rmtree(p, ignore_errors=True)
