@@ -8,8 +8,12 @@ import select
 import socket
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import polars as pl
 
 # De-quantised GGUF copies live here between test sessions, not in the user's own cache.
 os.environ.setdefault("PREFCACHE_HOME", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "prefcache_home"))
@@ -68,6 +72,27 @@ def tiny_model(tmp_path_factory, tokenizer) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def steps(out) -> pl.DataFrame:
+    """A run's step log (every split), in (split, step) order."""
+    import polars as pl
+
+    return pl.read_parquet(f"{out}/logs/steps-*.parquet").sort("split", "step")
+
+
+def examples(out) -> pl.DataFrame:
+    """A run's per-example log."""
+    import polars as pl
+
+    return pl.read_parquet(f"{out}/logs/examples-*.parquet")
+
+
+def adapter(ckpt) -> dict:
+    """A checkpoint's LoRA weights by name."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(ckpt) / "adapter_model.safetensors")
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import preference_rows, write_jsonl
+from conftest import adapter, examples, preference_rows, steps, write_jsonl
 from torch.testing import assert_close
 
 from prefcache.cache.store import CacheError, shard_paths
@@ -119,20 +119,6 @@ def run(unpaired, out, **kw) -> dict:
           "out": str(out), "loss": "kto", "max_steps": 2, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0,
           "progress": False, **kw}
     return train(**kw)
-
-
-def steps(out) -> pl.DataFrame:
-    return pl.read_parquet(f"{out}/logs/steps-*.parquet").sort("split", "step")
-
-
-def examples(out) -> pl.DataFrame:
-    return pl.read_parquet(f"{out}/logs/examples-*.parquet")
-
-
-def adapter(ckpt) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(f"{ckpt}/adapter_model.safetensors")
 
 
 def free_port() -> int:

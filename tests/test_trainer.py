@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model, preference_rows, write_jsonl
-from safetensors.torch import load_file
+from conftest import adapter, examples, make_tiny_model, preference_rows, steps, write_jsonl
 
 from prefcache.cache.store import CacheError
 from prefcache.cli import main
@@ -48,18 +47,6 @@ def run(setup, out, **kw):
     kw = {"data": str(setup["data"]), "cache": str(setup["cache"]), "model": str(setup["model"]), "out": str(out),
           "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "progress": False, **kw}
     return train(**kw)
-
-
-def steps(out) -> pl.DataFrame:
-    return pl.read_parquet(f"{out}/logs/steps-*.parquet").sort("split", "step")
-
-
-def examples(out) -> pl.DataFrame:
-    return pl.read_parquet(f"{out}/logs/examples-*.parquet")
-
-
-def adapter(ckpt) -> dict:
-    return load_file(Path(ckpt) / "adapter_model.safetensors")
 
 
 def test_policy_equal_to_reference_starts_at_zero_rewards_and_ln2(setup, tmp_path):
