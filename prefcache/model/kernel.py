@@ -126,6 +126,21 @@ def token_logprobs(
     h = hidden[rows, cols - 1 if source is None else source[rows, cols]]  # [n, H]
     targets = input_ids[rows, cols]  # [n]
 
+    flat, sq_flat = _chunked_head(h, targets, head, softcap, scale, chunk_size=chunk_size, checkpoint=checkpoint,
+                                  with_sq=with_sq)
+
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    # index_put keeps the graph: out[want] = flat, written so autograd sees it.
+    out = out.index_put((rows, cols), flat)
+    if not with_sq:
+        return out
+    return out, torch.zeros_like(out).index_put((rows, cols), sq_flat)
+
+
+def _chunked_head(h, targets, head, softcap, scale, *, chunk_size: int, checkpoint: bool, with_sq: bool):
+    """([n] fp32 log-probs of ``targets`` from hidden states ``h`` [n, H], [n] log Σ p² detached or None), the
+    output head applied ``chunk_size`` positions at a time; with ``checkpoint`` each chunk's logits are
+    recomputed in backward instead of kept."""
     pieces, sq_pieces = [], []
     for start in range(0, h.shape[0], chunk_size):
         hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
@@ -137,15 +152,9 @@ def token_logprobs(
             piece, sq = piece
             sq_pieces.append(sq.detach())
         pieces.append(piece)
-    flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
-
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    # index_put keeps the graph: out[want] = flat, written so autograd sees it.
-    out = out.index_put((rows, cols), flat)
-    if not with_sq:
-        return out
-    sq_flat = torch.cat(sq_pieces) if sq_pieces else h.new_zeros(0, dtype=torch.float32)
-    return out, torch.zeros_like(out).index_put((rows, cols), sq_flat)
+    empty = h.new_zeros(0, dtype=torch.float32)
+    flat = torch.cat(pieces) if pieces else empty
+    return flat, (torch.cat(sq_pieces) if sq_pieces else empty) if with_sq else None
 
 
 def collate(seqs: list[list[int]], completion_starts: list[int], pad_id: int):
