@@ -15,8 +15,8 @@ _LAZY = {
     "train": ("prefcache.training.loop", "train"),
     "TrainConfig": ("prefcache.training.config", "TrainConfig"),
     "connect": ("prefcache.analysis.views", "connect"),
-    "evaluate": ("prefcache.evaluation.evaluation", "evaluate"),
-    "score": ("prefcache.evaluation.evaluation", "score"),
+    "evaluate": ("prefcache.evaluation.lmeval", "evaluate"),
+    "score": ("prefcache.evaluation.rewards", "score"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,4 +1,4 @@
-"""prefcache.evaluation.evaluation: lm-eval on checkpoints (`eval`) and cached implicit rewards (`score`), on a tiny model.
+"""prefcache.evaluation (lmeval, rewards): lm-eval on checkpoints (`eval`) and cached implicit rewards (`score`), on a tiny model.
 
 One small LoRA run (4 steps, checkpoints at 2 and 4, eval split) is trained once for the module; the
 lm-eval task is built from its held-out pairs by examples/make_lm_eval_task.py.
@@ -109,7 +109,7 @@ def test_include_paths_made_absolute(tmp_path):
     """Relative data_files are resolved against their YAML; !function tags and other files survive."""
     import yaml
 
-    from prefcache.evaluation.evaluation import localise_include_paths
+    from prefcache.evaluation.lmeval_tasks import localise_include_paths
 
     src = tmp_path / "tasks"
     (src / "sub").mkdir(parents=True)
@@ -139,7 +139,7 @@ def test_include_paths_made_absolute(tmp_path):
 
 def test_eval_writes_contract_rows(setup, tmp_path, monkeypatch):
     from prefcache.analysis.views import connect
-    from prefcache.evaluation.evaluation import evaluate
+    from prefcache.evaluation.lmeval import evaluate
 
     run = setup["run"]
     monkeypatch.chdir(tmp_path)  # the task's relative data_files must not depend on the working directory
@@ -219,7 +219,7 @@ def _hand_scores(model_dir: Path, adapter: Path | None, setup) -> dict[str, tupl
 
 
 def test_score_checkpoint_equals_hand_computation(setup):
-    from prefcache.evaluation.evaluation import score
+    from prefcache.evaluation.rewards import score
 
     run = setup["run"]
     ckpt = run / "checkpoints" / "step-000004"
@@ -250,7 +250,7 @@ def test_score_checkpoint_equals_hand_computation(setup):
 
 def test_score_policy_equal_to_reference_gives_zero_rewards(setup, tmp_path):
     """The base model (it made the cache) and a full-weights copy of it: rewards 0 to 1e-5."""
-    from prefcache.evaluation.evaluation import score
+    from prefcache.evaluation.rewards import score
 
     full = tmp_path / "copy" / "step-000007"
     shutil.copytree(setup["model"], full)
@@ -307,7 +307,8 @@ def test_score_refuses_a_cache_of_another_tokenisation(setup, tmp_path):
 def test_a_qlora_run_is_scored_on_a_4bit_base(setup, tmp_path):
     """run.json decides the precision: a QLoRA run's base loads in 4-bit, so against the fp32 cache its
     rewards are no longer 0; --quantize fp32 gives them back."""
-    from prefcache.evaluation.evaluation import run_settings, score
+    from prefcache.evaluation.rewards import score
+    from prefcache.training.rundir import run_settings
 
     run = tmp_path / "qlora-run"
     run.mkdir()
@@ -377,7 +378,7 @@ def test_eval_acc_equals_a_hand_computation_and_task_names_may_be_globs(tmp_path
     the glob ``hand4_*``; a third task that the glob does not match is not run."""
     import statistics
 
-    from prefcache.evaluation.evaluation import evaluate
+    from prefcache.evaluation.lmeval import evaluate
 
     lls = _choice_logliks(tiny_model)
     picks = [max(range(3), key=ll.__getitem__) for ll in lls]

@@ -179,8 +179,8 @@ def test_precompute_and_train_on_a_hub_model_and_dataset(hub_dataset, tmp_path):
 
 def test_score_and_eval_take_hub_ids_and_plain_folders_with_out(hub_dataset, tmp_path, tiny_model):
     from prefcache.cli import main
-    from prefcache.evaluation.evaluation import resolve_checkpoints
     from prefcache.reference.shards import precompute
+    from prefcache.training.rundir import resolve_checkpoints
 
     cache = tmp_path / "cache"
     precompute(data="org/prefs", split="test", out=str(cache), model="org/tiny", quantize="fp32", max_length=64,

@@ -18,7 +18,7 @@ from prefcache.cache.store import CacheWriter, read_cache
 from prefcache.core import schemas
 from prefcache.core.schemas import duckdb_type, example_columns, view_columns
 from prefcache.data.pairs import Example, TokenizedPair
-from prefcache.evaluation.evaluation import _evals_frame, _write_parquet
+from prefcache.evaluation.checkpoints import evals_frame, write_parquet
 from prefcache.reference.shards import shard_columns
 from prefcache.training.log import RunLog, write_pairs
 
@@ -65,9 +65,9 @@ def written(tmp_path):
     log.add_examples(example_columns(PAIRS, [-1.0, -2.0], [-3.0, -4.0], [-1.0, -2.0], [-3.0, -4.0], [0.0, 0.1],
                                      [0.0, 0.2]), step=1, split="train", checkpoint="step-000001")
     log.flush()
-    frame = _evals_frame([{"checkpoint": "step-000001", "step": 1, "task": "preference", "metric": "acc",
+    frame = evals_frame([{"checkpoint": "step-000001", "step": 1, "task": "preference", "metric": "acc",
                            "value": 0.5, "stderr": 0.1, "n": 2, "time": datetime.now(timezone.utc), "source": "score"}])
-    _write_parquet(frame, schemas.EVALS, run / "evals", "score", "step-000001")
+    write_parquet(frame, schemas.EVALS, run / "evals", "score", "step-000001")
     write_pairs(run / "pairs.parquet", [Example(p.id, i, "p", "c", "r") for i, p in enumerate(PAIRS)])
     return cache, run
 

@@ -36,10 +36,8 @@ def eval_cmd(**options):
       prefcache eval run1/checkpoints/step-000200 --tasks arc_easy,hellaswag --limit 200
       prefcache eval Qwen/Qwen2.5-0.5B-Instruct --tasks arc_easy --limit 200 --out qwen-evals
     """
-    from prefcache.evaluation.evaluation import (  # polars, pyarrow, then lm-eval and torch
-        evaluate,
-        run_dir_of,
-    )
+    from prefcache.evaluation.checkpoints import run_dir_of
+    from prefcache.evaluation.lmeval import evaluate  # polars, pyarrow, then lm-eval and torch
 
     config = run_api(EvalConfig, **options)
     df = run_api(evaluate, config)
@@ -65,7 +63,8 @@ def score_cmd(**options):
     """
     config = run_api(ScoreConfig, **options)  # every option's rule, before torch loads
     run_api(preflight.score, options)  # the paths: refusals that need no model, still before torch
-    from prefcache.evaluation.evaluation import run_dir_of, score  # polars, pyarrow, then torch
+    from prefcache.evaluation.checkpoints import run_dir_of
+    from prefcache.evaluation.rewards import score  # polars, pyarrow, then torch
 
     df = run_api(score, config)
     _show(df, run_dir_of(config))

@@ -111,15 +111,7 @@ def token_logprobs(
     if checkpoint is None:
         checkpoint = torch.is_grad_enabled()
 
-    moe = aux is not None and router_aux_coef(lm) is not None
-    extra = {} if position_ids is None else {"position_ids": position_ids}
-    if moe:
-        extra["output_router_logits"] = True
-    # Through the wrapper when there is one, so PEFT / DDP forward hooks still run.
-    output = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-    hidden = output[0]  # [N, T, H]
-    if moe:
-        aux.append(_load_balancing_loss(lm, output.router_logits, attention_mask))
+    hidden = _hidden_states(backbone, lm, input_ids, attention_mask, position_ids, aux)  # [N, T, H]
     want = _wanted(attention_mask, completion_mask)  # [N, T]
     rows, cols = want.nonzero(as_tuple=True)
     # The hidden state at source[t] (t - 1 unless packed) predicts token t.
@@ -135,6 +127,20 @@ def token_logprobs(
     if not with_sq:
         return out
     return out, torch.zeros_like(out).index_put((rows, cols), sq_flat)
+
+
+def _hidden_states(backbone, lm, input_ids, attention_mask, position_ids, aux: list | None) -> torch.Tensor:
+    """[N, T, H] last hidden states; for a mixture-of-experts model with ``aux`` given, its router
+    load-balancing loss is appended to ``aux``."""
+    moe = aux is not None and router_aux_coef(lm) is not None
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    if moe:
+        extra["output_router_logits"] = True
+    # Through the wrapper when there is one, so PEFT / DDP forward hooks still run.
+    output = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    if moe:
+        aux.append(_load_balancing_loss(lm, output.router_logits, attention_mask))
+    return output[0]
 
 
 def _chunked_head(h, targets, head, softcap, scale, *, chunk_size: int, checkpoint: bool, with_sq: bool):

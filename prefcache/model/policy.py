@@ -74,7 +74,24 @@ def load_policy(
         raise ModelError(f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json)")
     precision = base_precision(finetune, device)
     model, info = load_model(source, quantize=precision, device=device)
+    new_lora = lora_config(lora_r, lora_alpha, lora_dropout, lora_target) if finetune != "full" and adapter is None else None
+    model = _make_trainable(model, finetune, adapter, gradient_checkpointing, new_lora)
+    model.config.use_cache = False
+    model.train()  # also what makes transformers' gradient checkpointing take effect
 
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    info.update(finetune=finetune, adapter=str(adapter) if adapter else None, trainable_params=trainable,
+                total_params=total, gradient_checkpointing=gradient_checkpointing)
+    if new_lora is not None:
+        info["lora"] = {"r": lora_r, "alpha": lora_alpha_of(lora_r, lora_alpha),
+                        "dropout": lora_dropout, "target": lora_target}
+    return model, info
+
+
+def _make_trainable(model, finetune: str, adapter, gradient_checkpointing: bool, new_lora):
+    """The loaded base model made trainable: every weight ("full", after merging ``adapter``), or a LoRA
+    adapter on the frozen base (``adapter`` resumed, else a new one from the LoraConfig ``new_lora``), with checkpointing as asked."""
     if finetune == "full":
         if adapter is not None:
             from peft import PeftModel
@@ -95,18 +112,8 @@ def load_policy(
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         else:
-            model = get_peft_model(model, lora_config(lora_r, lora_alpha, lora_dropout, lora_target))
-    model.config.use_cache = False
-    model.train()  # also what makes transformers' gradient checkpointing take effect
-
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    info.update(finetune=finetune, adapter=str(adapter) if adapter else None, trainable_params=trainable,
-                total_params=total, gradient_checkpointing=gradient_checkpointing)
-    if finetune != "full" and adapter is None:
-        info["lora"] = {"r": lora_r, "alpha": lora_alpha_of(lora_r, lora_alpha),
-                        "dropout": lora_dropout, "target": lora_target}
-    return model, info
+            model = get_peft_model(model, new_lora)
+    return model
 
 
 def enable_checkpointing(model) -> None:

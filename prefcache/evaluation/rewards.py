@@ -1,0 +1,101 @@
+"""``prefcache score``: implicit rewards, margins and preference accuracy of checkpoints on held-out pairs.
+
+The reference model is never loaded: its values come from the cache, joined by example id, through
+:func:`prefcache.training.scoring.score_pairs`, the function the trainer logs its eval split with, so the two
+agree. Per-pair rewards go to ``RUN/logs/examples-score-*.parquet``, the means to ``RUN/evals/score-*.parquet``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from datetime import datetime, timezone
+
+import polars as pl
+
+from prefcache.cache.compat import check_cache_mapping
+from prefcache.cache.store import CacheError
+from prefcache.core import schemas
+from prefcache.data.columns import RowMapping
+from prefcache.data.pairs import load_dataset_pairs
+from prefcache.evaluation.checkpoints import (
+    EVALS_SCHEMA,
+    EvalError,
+    checkpoint_tokenizer,
+    evals_frame,
+    load_checkpoint,
+    prepare,
+    release_memory,
+    write_parquet,
+)
+from prefcache.evaluation.config import ScoreConfig
+from prefcache.model.load import tokenizer_fingerprint
+
+SCORE_METRICS = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected")
+DEFAULT_BETA = 0.1
+
+
+def _stderr(values: list[float]) -> float | None:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
+def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
+    """Implicit rewards, margins and preference accuracy of checkpoints on held-out pairs, against the cache.
+
+    ``score(checkpoints=["run1/checkpoints/step-000100"], cache="heldout-cache", data="heldout.jsonl")``
+    is the same as the CLI. Per pair: reward = beta * (policy_logps - cached ref_logps) per side (summed
+    log-probs, nats), margin = reward_chosen - reward_rejected. Writes the pairs to
+    ``RUN/logs/examples-score-*.parquet`` (split 'score') and the means to ``RUN/evals/score-*.parquet``
+    (task 'preference'); returns the evals rows written.
+    """
+    config = config or ScoreConfig(**options)
+    from prefcache.cache.compat import check_cache_matches
+    from prefcache.cache.lookup import ReferenceTable, check_joined  # torch
+    from prefcache.training.scoring import score_pairs
+
+    run_dir, checkpoints, settings, source, device = prepare(config)
+    beta = config.beta if config.beta is not None else float(settings.get("beta", DEFAULT_BETA))
+    reference = ReferenceTable.from_cache(config.cache)
+    meta = reference.metadata
+    mapping = RowMapping.of(config)
+    check_cache_mapping(meta, mapping, config.cache)
+
+    # Every checkpoint's tokenisation is checked, and its pairs looked up, before any model loads.
+    tokenized: dict[str, list] = {}
+    plan = []
+    for ckpt in checkpoints:
+        tokenizer = checkpoint_tokenizer(ckpt, source)
+        try:
+            check_cache_matches(meta, tokenizer, meta["max_length"], meta["truncation"])
+        except CacheError as e:
+            raise CacheError(f"checkpoint {ckpt.name}: {e}") from e
+        key = tokenizer_fingerprint(tokenizer)
+        if key not in tokenized:
+            pairs, _, _ = load_dataset_pairs(config.data, tokenizer, meta["max_length"], meta["truncation"],
+                                             config.on_bad_row, split=config.split, data_config=config.data_config,
+                                             mapping=mapping)
+            if not pairs:
+                raise EvalError(f"{config.data}: no pairs to score")
+            check_joined(reference, pairs, "held-out")  # the trainer's check: every id cached, same token counts
+            tokenized[key] = pairs
+        plan.append((ckpt, tokenized[key]))
+
+    frames = []
+    for ckpt, pairs in plan:
+        model, tokenizer = load_checkpoint(ckpt, source, settings, quantize=config.quantize, device=device)
+        cols, agg = score_pairs(model, pairs, reference, beta=beta, batch_size=config.batch_size,
+                                pad_id=tokenizer.pad_token_id, device=device, chunk_size=config.chunk_size)
+        del model
+        release_memory()
+        n = len(cols["id"])
+        examples = pl.DataFrame({**cols, "step": [ckpt.step] * n, "split": ["score"] * n, "checkpoint": [ckpt.name] * n})
+        write_parquet(examples, schemas.EXAMPLES, run_dir / "logs", "examples-score", ckpt.name)
+        per_pair = {"rewards_accuracies": [float(m > 0) for m in cols["margin"]], "rewards_margins": cols["margin"],
+                    "rewards_chosen": cols["reward_chosen"], "rewards_rejected": cols["reward_rejected"]}
+        now = datetime.now(timezone.utc)
+        frame = evals_frame([{"checkpoint": ckpt.name, "step": ckpt.step, "task": "preference", "metric": m,
+                               "value": agg[m], "stderr": _stderr(per_pair[m]), "n": n, "time": now,
+                               "source": "score"} for m in SCORE_METRICS])
+        write_parquet(frame, EVALS_SCHEMA, run_dir / "evals", "score", ckpt.name)
+        frames.append(frame)
+    return pl.concat(frames)
