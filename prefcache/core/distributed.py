@@ -7,6 +7,7 @@ use it before torch loads; everything else imports torch when called.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 
@@ -23,6 +24,16 @@ def init_distributed(device: str) -> None:
     if not tdist.is_initialized():
         cuda = device != "cpu" and torch.cuda.is_available()
         tdist.init_process_group("nccl" if cuda else "gloo")
+        # Left to interpreter shutdown, gloo's worker threads are torn down in static destructors and the
+        # process can abort ("terminate called without an active exception") after the job succeeded.
+        atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def setup(device: str) -> tuple[int, int, str]:
