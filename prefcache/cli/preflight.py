@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefcache.core.hub import looks_like_id
+from prefcache.reference.config import check_cache_out
 from prefcache.model.load import resolve_model  # a local folder or .gguf is checked without loading anything
 from prefcache.training.rundir import check_run_dir
 
@@ -48,6 +49,8 @@ def precompute(options: dict) -> None:
     out = options.get("out")
     if out is not None and Path(out).is_file():
         raise ValueError(f"--out {out} is a file, not a cache folder")
+    if out is not None:
+        check_cache_out(out)
     _model(options.get("model"))
 
 
