@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefcache.core.hub import looks_like_id
+from prefcache.evaluation.config import check_pairs_cache
 from prefcache.reference.config import check_cache_out
 from prefcache.model.load import resolve_model  # a local folder or .gguf is checked without loading anything
 from prefcache.training.rundir import check_run_dir
@@ -66,5 +67,6 @@ def train(options: dict) -> None:
 
 def score(options: dict) -> None:
     _cache("--cache", options.get("cache"))
+    check_pairs_cache(options.get("cache"))
     _exists("--data", options.get("data"), hub_ok=True)
     _model(options.get("model"))
