@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from prefcache.data.formats import DataFormatError
 
 TARGETS = ("id", "prompt", "chosen", "rejected")
+UNPAIRED_TARGETS = ("completion", "label")  # TRL's unpaired format: not mapped yet
+UNPAIRED_NOT_YET = ("column mappings and templates (--columns, --*-template) are not supported for unpaired data yet: "
+                    "give the data prompt, completion and label columns")
 TEMPLATES = ("prompt_template", "chosen_template", "rejected_template")
 
 
@@ -38,7 +41,9 @@ def parse_columns(value) -> tuple[tuple[str, str], ...]:
         items = [(str(k), str(v)) for k, v in value.items()]
     else:
         items = [(str(k), str(v)) for k, v in value]
-    for target, _ in items:
+    for target, source in items:
+        if target in UNPAIRED_TARGETS:
+            raise ValueError(f"--columns {target}={source}: {UNPAIRED_NOT_YET}")
         if target not in TARGETS:
             raise ValueError(f"--columns: unknown column {target!r}; map {', '.join(TARGETS)} (e.g. prompt=question)")
     if len({t for t, _ in items}) != len(items):
