@@ -51,6 +51,12 @@ def parse_columns(value) -> tuple[tuple[str, str], ...]:
     return tuple(items)
 
 
+def no_completion_columns(names, hint: str = "") -> DataFormatError:
+    """The error for data with neither a chosen nor a rejected column; ``names``: the columns the data has."""
+    return DataFormatError("no 'chosen' or 'rejected' column: preference data needs prompt/chosen/rejected "
+                           f"(TRL's standard or conversational format); found columns {sorted(names)}{hint}")
+
+
 def unescape(text: str | None) -> str | None:
     r"""A template typed on the command line: ``\n`` is a newline, ``\t`` a tab, ``\\`` a backslash."""
     if text is None:
@@ -119,6 +125,9 @@ class RowMapping:
                 raise DataFormatError(f"--columns maps {target} to {column!r}, which is not a column of {source} "
                                       f"(it has {', '.join(names)})")
         mapped = have | {t for t, _ in self.columns}
+        if not mapped & {"chosen", "rejected"}:  # said here, where the data's own names are known (not the mapped rows')
+            e = no_completion_columns(names, "; map them with --columns chosen=COLUMN,rejected=COLUMN")
+            raise DataFormatError(f"{source}: {e}")
         for name in TEMPLATES:
             template = getattr(self, name)
             if template is None:
