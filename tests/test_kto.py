@@ -191,6 +191,25 @@ def test_score_says_unpaired_runs_are_not_supported_yet_before_torch(unpaired, t
     assert "not supported yet" in out and "torch loaded: False" in out, out
 
 
+@pytest.mark.parametrize("label", [True, False])
+def test_kto_on_one_side_only_warns_that_the_other_is_empty(tmp_path, tiny_model, label):
+    rows = [{"prompt": f"Question {i}:", "completion": f" answer number {i}", "label": label} for i in range(4)]
+    data = write_jsonl(tmp_path / "u.jsonl", rows)
+    common = ["--data", str(data), "--model", str(tiny_model), "--max-length", "48", "--no-progress"]
+    runner = CliRunner()
+    assert runner.invoke(main, ["precompute", *common, "--out", str(tmp_path / "cache"), "--unpaired",
+                                "--quantize", "fp32"]).exit_code == 0
+    result = runner.invoke(main, ["train", *common[:4], "--no-progress", "--cache", str(tmp_path / "cache"),
+                                  "--out", str(tmp_path / "run"), "--loss", "kto", "--max-steps", "1",
+                                  "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    has, lacks, empty = ("desirable", "undesirable", "rejected") if label else ("undesirable", "desirable", "chosen")
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, result.stderr
+    assert f"all {has} (no {lacks} ones)" in warnings[0] and f"rewards_{empty} and rewards_margins" in warnings[0]
+    assert steps(tmp_path / "run")[f"rewards_{empty}"].is_null().all()  # what the warning is about
+
+
 def test_kto_refuses_a_micro_batch_of_one(tmp_path):
     with pytest.raises(ValueError, match="batch-size must be at least 2"):
         train(data="d.jsonl", cache=str(tmp_path), out=str(tmp_path / "run"), loss="kto", batch_size=1)
