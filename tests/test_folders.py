@@ -94,3 +94,14 @@ def test_the_cache_config_still_reruns_precompute(folders):
                                        "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "0 pairs scored, 4 already cached" in result.output
+
+
+def test_score_results_never_go_into_a_cache(folders):
+    """``score MODEL --out DIR`` writes DIR/evals/ and DIR/logs/: a cache is refused as DIR, untouched."""
+    before = contents(folders["cache"])
+    result = CliRunner().invoke(main, ["score", str(folders["model"]), "--out", str(folders["cache"]), "--cache",
+                                       str(folders["cache"]), "--data", str(folders["data"])])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "is a reference cache (it has manifest.json)" in lines[0] and "choose another --out" in lines[0]
+    assert contents(folders["cache"]) == before

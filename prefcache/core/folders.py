@@ -46,10 +46,12 @@ def folder_kind(path: str | os.PathLike) -> tuple[str, str] | None:
     return None
 
 
-def check_folder_kind(path: str | os.PathLike, wants: str, hint: str, option: str = "--out") -> None:
-    """Refuse ``path`` when it is a folder of another kind than ``wants``, in one line ending with ``hint``."""
+def check_folder_kind(path: str | os.PathLike, wants: str, hint: str, option: str = "--out",
+                      also: tuple[str, ...] = ()) -> None:
+    """Refuse ``path`` when it is a folder of another kind than ``wants`` (or ``also``), in one line ending with
+    ``hint``."""
     found = folder_kind(path)
-    if found and found[0] != wants:
+    if found and found[0] != wants and found[0] not in also:
         kind, evidence = found
         raise FolderKindError(f"{option} {path} is {KINDS[kind]} (it has {evidence}), not {KINDS[wants]}; "
                               f"it is left as it is: {hint}")

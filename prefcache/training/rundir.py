@@ -151,7 +151,9 @@ def resolve_checkpoints(names, run: str | None, base: bool, out: str | None = No
             runs.add(path.resolve().parent.parent)
         found.append(ckpt)
     if run_dir is None and not runs and out:
-        run_dir = Path(out).expanduser().resolve()  # plain models and Hub ids: results go to OUT/evals/
+        # plain models and Hub ids: results go to OUT/evals/ (a run's or a model's folder, never a cache's)
+        check_folder_kind(out, "run", "choose another --out for the results (written to OUT/evals/)", also=("model",))
+        run_dir = Path(out).expanduser().resolve()
     if run_dir is None:
         if len(runs) != 1:
             raise RunDirError("checkpoints from several runs: evaluate one run at a time, or pass --run" if runs else
