@@ -11,8 +11,8 @@ from pathlib import Path
 
 from prefcache.core.hub import looks_like_id
 from prefcache.evaluation.config import check_pairs_cache
-from prefcache.reference.config import check_cache_out
 from prefcache.model.load import resolve_model  # a local folder or .gguf is checked without loading anything
+from prefcache.reference.config import check_cache_out
 from prefcache.training.rundir import check_run_dir
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from prefcache.data.badrows import BadRow, _apply_policy, _Bad, _check_policy
 from prefcache.data.columns import no_completion_columns
-from prefcache.data.formats import DataFormatError
 
 
 @dataclass(frozen=True)
