@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from prefcache.core.atomic import make_temp_dir, publish_dir, write_text_atomic
+from prefcache.core.folders import check_folder_kind
 from prefcache.losses.registry import UNPAIRED_LOSSES
 from prefcache.model.load import file_fingerprint, hf_folder, resolve_model
 from prefcache.training.rundir import CHECKPOINT_JSON, read_checkpoint_info, read_run_info
@@ -129,6 +130,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge: bool
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ckpt, out = Path(checkpoint), Path(out)
+    check_folder_kind(out, "model", "choose a new, empty --out for the exported model")
     info, run = checkpoint_info(ckpt)
     if merge and info.get("finetune") == "full":  # said, not ignored: the user expected an adapter to fold in
         raise ValueError(f"{ckpt} is a full fine-tune, a whole model with no adapter to merge: drop --merge "

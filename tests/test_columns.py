@@ -69,6 +69,19 @@ def test_bad_mappings_on_the_command_line_are_one_line(tmp_path, tiny_model):
         assert len(res.output.strip().splitlines()) == 1, res.output
 
 
+def test_missing_completions_list_only_the_columns_the_data_has(tmp_path, tiny_model):
+    """The mapped names (prompt, id) are not columns of the data: the list shows the data's own."""
+    from prefcache.cli import main
+
+    data = write_jsonl(tmp_path / "se.jsonl", STACK)
+    res = CliRunner().invoke(main, ["precompute", "--data", str(data), "--out", str(tmp_path / "c"), "--model",
+                                    str(tiny_model), "--no-progress", "--columns", "id=qid,prompt=question"])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert "no 'chosen' or 'rejected' column" in lines[0]
+    assert "found columns ['qid', 'question', 'response_j', 'response_k']; map them with --columns" in lines[0]
+
+
 def test_unescape_and_records():
     assert unescape(r"Question: {prompt}\n\nAnswer:\t\\n") == "Question: {prompt}\n\nAnswer:\t\\n"
     assert RowMapping().record() is None and not RowMapping()

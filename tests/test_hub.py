@@ -111,6 +111,11 @@ def test_offline_and_not_cached_is_one_clear_line(hub_cache, tmp_path, prefs_fil
     assert res.exit_code == 1
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "org/absent" in lines[0] and "hf download org/absent" in lines[0], res.output
+    res = CliRunner().invoke(main, ["precompute", "--data", str(prefs_file), "--out", str(tmp_path / "c"),
+                                    "--model", "org/absent@v2", "--no-progress"])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert "org/absent (revision v2)" in lines[0] and "`hf download org/absent --revision v2`" in lines[0], res.output
     with pytest.raises(ModelError, match="model not found"):
         resolve_model(str(tmp_path / "no" / "such" / "folder"))
 

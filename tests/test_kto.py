@@ -161,6 +161,55 @@ def test_kto_training_run_from_paired_data(unpaired, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "adapter_model.safetensors").exists()
 
 
+SCORE_BEFORE_TORCH = """
+import sys
+from prefcache.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except Exception as e:
+    print("refused:", e)
+print("torch loaded:", "torch" in sys.modules)
+"""
+
+
+def test_score_says_unpaired_runs_are_not_supported_yet_before_torch(unpaired, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run(unpaired, tmp_path / "run")
+    argv = ["score", str(tmp_path / "run"), "--cache", str(unpaired["cache"]), "--data", str(unpaired["data"])]
+    result = CliRunner().invoke(main, argv)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "unpaired (KTO) cache: scoring unpaired runs and examples is not supported yet" in lines[0]
+    assert "need a cache of pairs" not in lines[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", SCORE_BEFORE_TORCH, *argv], capture_output=True, text=True,
+                         env=env).stdout
+    assert "not supported yet" in out and "torch loaded: False" in out, out
+
+
+@pytest.mark.parametrize("label", [True, False])
+def test_kto_on_one_side_only_warns_that_the_other_is_empty(tmp_path, tiny_model, label):
+    rows = [{"prompt": f"Question {i}:", "completion": f" answer number {i}", "label": label} for i in range(4)]
+    data = write_jsonl(tmp_path / "u.jsonl", rows)
+    common = ["--data", str(data), "--model", str(tiny_model), "--max-length", "48", "--no-progress"]
+    runner = CliRunner()
+    assert runner.invoke(main, ["precompute", *common, "--out", str(tmp_path / "cache"), "--unpaired",
+                                "--quantize", "fp32"]).exit_code == 0
+    result = runner.invoke(main, ["train", *common[:4], "--no-progress", "--cache", str(tmp_path / "cache"),
+                                  "--out", str(tmp_path / "run"), "--loss", "kto", "--max-steps", "1",
+                                  "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    has, lacks, empty = ("desirable", "undesirable", "rejected") if label else ("undesirable", "desirable", "chosen")
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, result.stderr
+    assert f"all {has} (no {lacks} ones)" in warnings[0] and f"rewards_{empty} and rewards_margins" in warnings[0]
+    assert steps(tmp_path / "run")[f"rewards_{empty}"].is_null().all()  # what the warning is about
+
+
 def test_kto_refuses_a_micro_batch_of_one(tmp_path):
     with pytest.raises(ValueError, match="batch-size must be at least 2"):
         train(data="d.jsonl", cache=str(tmp_path), out=str(tmp_path / "run"), loss="kto", batch_size=1)

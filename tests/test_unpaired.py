@@ -7,6 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import preference_rows, write_jsonl
 
 from prefcache.cache.lookup import UnpairedReference
@@ -148,6 +149,23 @@ def test_column_mappings_are_refused_for_unpaired_data(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="not supported for unpaired data"):
         precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), unpaired=True,
                    columns="prompt=question", progress=False)
+
+
+def test_an_unpaired_column_mapping_says_it_is_not_supported_yet(tmp_path, tiny_model):
+    from prefcache.cli import main
+
+    rows = [{"question": r["prompt"], "answer": r["completion"], "good": r["label"]} for r in unpaired_rows(4)]
+    data = write_jsonl(tmp_path / "u.jsonl", rows)
+    common = ["--data", str(data), "--model", str(tiny_model), "--no-progress", "--columns",
+              "prompt=question,completion=answer,label=good"]
+    for argv in (["precompute", *common, "--out", str(tmp_path / "cache"), "--unpaired"],
+                 ["train", *common, "--out", str(tmp_path / "run"), "--loss", "kto", "--cache", str(tmp_path)]):
+        res = CliRunner().invoke(main, argv)
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 1 and len(lines) == 1, res.output
+        assert "--columns completion=answer: column mappings and templates (--columns, --*-template) are not " \
+               "supported for unpaired data yet" in lines[0] and "unknown column" not in lines[0], res.output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
 def test_two_process_unpaired_precompute_equals_one_process(tmp_path, tiny_model, one_thread):

@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefcache.core.atomic import write_table_atomic, write_text_atomic
+from prefcache.core.folders import CACHE_MANIFEST, SHARD_GLOB
 from prefcache.core.schemas import cache_schema
 
 SCHEMA_VERSION = 1
 META_KEY = b"prefcache"
-SHARD_GLOB = "part-r*.parquet"
 _SHARD_RE = re.compile(r"part-r(\d{3})-(\d{6})(?:-[0-9a-f]{8})?\.parquet$")  # no nonce: older caches
 
 # What must agree for a cache to be extended, or trusted by a trainer; the rest is provenance.
@@ -49,7 +49,7 @@ def read_metadata(cache_dir: str | os.PathLike) -> dict:
     """The metadata of a cache (from its first shard; :func:`verify` checks all shards agree)."""
     shards = shard_paths(cache_dir)
     if not shards:
-        manifest = Path(cache_dir) / "manifest.json"
+        manifest = Path(cache_dir) / CACHE_MANIFEST
         if manifest.exists():
             return json.loads(manifest.read_text())["metadata"]
         raise CacheError(f"{cache_dir} is not a prefcache cache (no part-r*.parquet shards)")
@@ -125,7 +125,7 @@ class CacheWriter:
     def write_manifest(self) -> None:
         manifest = {"metadata": self.metadata, "columns": self.schema.names,
                     "note": "mirror for humans; the Parquet metadata is authoritative"}
-        write_text_atomic(self.dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True),
+        write_text_atomic(self.dir / CACHE_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True),
                           prefix=".tmp-manifest-")
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefcache.core.hub import looks_like_id
+from prefcache.evaluation.config import check_pairs_cache
 from prefcache.model.load import resolve_model  # a local folder or .gguf is checked without loading anything
+from prefcache.reference.config import check_cache_out
 from prefcache.training.rundir import check_run_dir
 
 
@@ -48,6 +50,8 @@ def precompute(options: dict) -> None:
     out = options.get("out")
     if out is not None and Path(out).is_file():
         raise ValueError(f"--out {out} is a file, not a cache folder")
+    if out is not None:
+        check_cache_out(out)
     _model(options.get("model"))
 
 
@@ -63,5 +67,6 @@ def train(options: dict) -> None:
 
 def score(options: dict) -> None:
     _cache("--cache", options.get("cache"))
+    check_pairs_cache(options.get("cache"))
     _exists("--data", options.get("data"), hub_ok=True)
     _model(options.get("model"))

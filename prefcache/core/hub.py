@@ -87,8 +87,9 @@ def snapshot(repo_id: str, revision: str | None = None, *, what: str = "model") 
     except LocalEntryNotFoundError as e:
         why = ("HF_HUB_OFFLINE is set, so it cannot be downloaded" if offline()
                else "and the Hub could not be reached to download it")
+        download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
         raise HubError(f"{what} not found: {label} is not a local path and not in the Hugging Face cache "
-                       f"({cache_dir()}); {why}. Download it once online (`hf download {repo_id}`), "
+                       f"({cache_dir()}); {why}. Download it once online (`{download}`), "
                        "or give a local folder") from e
     return folder
 

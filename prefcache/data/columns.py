@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from prefcache.data.formats import DataFormatError
 
 TARGETS = ("id", "prompt", "chosen", "rejected")
+UNPAIRED_TARGETS = ("completion", "label")  # TRL's unpaired format: not mapped yet
+UNPAIRED_NOT_YET = ("column mappings and templates (--columns, --*-template) are not supported for unpaired data yet: "
+                    "give the data prompt, completion and label columns")
 TEMPLATES = ("prompt_template", "chosen_template", "rejected_template")
 
 
@@ -38,12 +41,20 @@ def parse_columns(value) -> tuple[tuple[str, str], ...]:
         items = [(str(k), str(v)) for k, v in value.items()]
     else:
         items = [(str(k), str(v)) for k, v in value]
-    for target, _ in items:
+    for target, source in items:
+        if target in UNPAIRED_TARGETS:
+            raise ValueError(f"--columns {target}={source}: {UNPAIRED_NOT_YET}")
         if target not in TARGETS:
             raise ValueError(f"--columns: unknown column {target!r}; map {', '.join(TARGETS)} (e.g. prompt=question)")
     if len({t for t, _ in items}) != len(items):
         raise ValueError(f"--columns maps a column twice: {value!r}")
     return tuple(items)
+
+
+def no_completion_columns(names, hint: str = "") -> DataFormatError:
+    """The error for data with neither a chosen nor a rejected column; ``names``: the columns the data has."""
+    return DataFormatError("no 'chosen' or 'rejected' column: preference data needs prompt/chosen/rejected "
+                           f"(TRL's standard or conversational format); found columns {sorted(names)}{hint}")
 
 
 def unescape(text: str | None) -> str | None:
@@ -114,6 +125,9 @@ class RowMapping:
                 raise DataFormatError(f"--columns maps {target} to {column!r}, which is not a column of {source} "
                                       f"(it has {', '.join(names)})")
         mapped = have | {t for t, _ in self.columns}
+        if not mapped & {"chosen", "rejected"}:  # said here, where the data's own names are known (not the mapped rows')
+            e = no_completion_columns(names, "; map them with --columns chosen=COLUMN,rejected=COLUMN")
+            raise DataFormatError(f"{source}: {e}")
         for name in TEMPLATES:
             template = getattr(self, name)
             if template is None:

@@ -34,7 +34,8 @@ class DataOptions:
     split: str | None = option(None, "Split of --data when it is a Hub dataset id or a DatasetDict (e.g. train_prefs).")
     data_config: str | None = option(None, "Subset (configuration) of a Hub dataset.")
     columns: str | None = option(None, "The data's own column names, e.g. "
-                                       "id=qid,prompt=question,chosen=response_j,rejected=response_k.",
+                                       "id=qid,prompt=question,chosen=response_j,rejected=response_k (pairs only: "
+                                       "unpaired data is not mapped yet).",
                                  metavar="TARGET=COLUMN,...")
     prompt_template: str | None = option(None, "Format string for the prompt, e.g. 'Question: {prompt}\\n\\nAnswer: ' "
                                                "(\\n = newline, \\t = tab, \\\\ = backslash; other {column}s of the "

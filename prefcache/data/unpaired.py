@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 
 from prefcache.data.badrows import BadRow, _apply_policy, _Bad, _check_policy
-from prefcache.data.columns import RowMapping
+from prefcache.data.columns import UNPAIRED_NOT_YET, RowMapping
 from prefcache.data.formats import DataFormatError, load_rows
 from prefcache.data.pairs import BLOCK_ROWS, iter_example_blocks, with_lines
 from prefcache.data.tokens import _truncate, tokenize_examples
@@ -247,5 +247,4 @@ def kl_sequence(item: TokenizedCompletion, partner: TokenizedCompletion, max_len
 def check_no_mapping(config) -> None:
     """Column mappings and templates (``--columns``, ``--*-template``) are for pairs; refuse them here."""
     if RowMapping.of(config):
-        raise ValueError("--columns and the --*-template options are not supported for unpaired data yet: give "
-                         "the data prompt, completion and label columns")
+        raise ValueError(UNPAIRED_NOT_YET[0].upper() + UNPAIRED_NOT_YET[1:])

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 
 from prefcache.data.badrows import BadRow, _apply_policy, _Bad, _check_policy
-from prefcache.data.formats import DataFormatError
+from prefcache.data.columns import no_completion_columns
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,7 @@ def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> t
     _check_policy(on_bad_row)
     dicts = [r for r in rows if isinstance(r, dict)]
     if dicts and not any("chosen" in r or "rejected" in r for r in dicts):
-        raise DataFormatError("no 'chosen' or 'rejected' column: preference data needs prompt/chosen/rejected "
-                              f"(TRL's standard or conversational format); found columns {sorted(dicts[0])}")
+        raise no_completion_columns(dicts[0])
     implicit = not any("prompt" in r for r in dicts)
     has_id = any("id" in r for r in dicts)
     names = ("chosen", "rejected") if implicit else ("prompt", "chosen", "rejected")

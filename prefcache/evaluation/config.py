@@ -108,3 +108,13 @@ class ScoreConfig(DataOptions):
             raise ValueError("nothing to score: give checkpoints, or base=True")
         check_options(self, ScoreConfig)
         check_device(self.device)
+
+
+def check_pairs_cache(cache) -> None:
+    """``score`` measures pairs: refuse an unpaired (KTO) cache in words that say so, before any model loads."""
+    from prefcache.cache.store import CacheError, read_metadata  # pyarrow: not for --help
+
+    if cache is not None and read_metadata(cache).get("kind") == "unpaired":
+        raise CacheError(f"--cache {cache} is an unpaired (KTO) cache: scoring unpaired runs and examples is not "
+                         "supported yet (score measures pairs: held-out pairs and a cache of pairs, made by "
+                         "prefcache precompute without --unpaired)")

@@ -28,7 +28,7 @@ from prefcache.evaluation.checkpoints import (
     release_memory,
     write_parquet,
 )
-from prefcache.evaluation.config import ScoreConfig
+from prefcache.evaluation.config import ScoreConfig, check_pairs_cache
 from prefcache.model.load import tokenizer_fingerprint
 
 SCORE_METRICS = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected")
@@ -49,6 +49,7 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     (task 'preference'); returns the evals rows written.
     """
     config = config or ScoreConfig(**options)
+    check_pairs_cache(config.cache)
     from prefcache.cache.compat import check_cache_matches
     from prefcache.cache.lookup import ReferenceTable, check_joined  # torch
     from prefcache.training.scoring import score_pairs

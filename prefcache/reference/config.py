@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prefcache.core.folders import check_folder_kind
 from prefcache.core.options import POSITIVE, Range, check_device, check_options, given, option
 from prefcache.data.options import BAD_ROW_POLICIES, TRUNCATIONS, DataOptions
 from prefcache.model.load import QUANTIZATIONS
@@ -67,3 +68,7 @@ class PrecomputeConfig(DataOptions):
             raise ValueError(f"kl_group_size {self.kl_group_size} applies to unpaired caches only: add unpaired "
                              "(--unpaired), or drop it")
 
+
+def check_cache_out(out) -> None:
+    """Refuse a run or model folder as ``--out`` before anything is written there (config.yaml, the lock)."""
+    check_folder_kind(out, "cache", "choose a new --out for the cache")

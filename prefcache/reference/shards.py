@@ -42,7 +42,7 @@ from prefcache.model.load import (
     resolve_quantization,
     tokenizer_fingerprint,
 )
-from prefcache.reference.config import PrecomputeConfig
+from prefcache.reference.config import PrecomputeConfig, check_cache_out
 from prefcache.reference.kinds import data_ids, kind_of, shard_columns
 from prefcache.reference.metadata import cache_metadata
 
@@ -93,6 +93,7 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
     config = config or PrecomputeConfig(**options)
     kind = kind_of(config)
     kind.check()
+    check_cache_out(config.out)
     # One writer per cache (per rank under torchrun): a second pass is refused, naming the holder.
     with directory_lock(config.out, "prefcache precompute", rank=dist_info()[0]):
         return _precompute(config, kind)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefcache.core.atomic import write_json_atomic
+from prefcache.core.folders import RUN_JSON, check_folder_kind
 from prefcache.core.hub import looks_like_id, snapshot, split_revision
 from prefcache.training.checkpoint import (  # noqa: F401 - CHECKPOINT_JSON, read_checkpoint_info: export's names
     CHECKPOINT_JSON,
@@ -21,7 +22,6 @@ from prefcache.training.checkpoint import (  # noqa: F401 - CHECKPOINT_JSON, rea
     write_checkpoint_info,
 )
 
-RUN_JSON = "run.json"
 BASE = "base"  # the checkpoint name of a run's base model
 
 
@@ -51,11 +51,12 @@ def check_run_dir(out: str | os.PathLike, resume: bool) -> str | None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a run directory")
+    check_folder_kind(out, "run", "choose a new --out for the run (a reference cache is given as --cache)")
     if not resume:
         if holds_run(out):
             raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose a new --out")
         return None
-    if not holds_run(out) and not (out / "run.json").exists():
+    if not holds_run(out) and not (out / RUN_JSON).exists():
         what = "does not exist" if not out.exists() else "holds no run (no checkpoints, logs or run.json)"
         raise ValueError(f"--resume: {out} {what}; drop --resume to start a new run there")
     if not list_checkpoints(out):
@@ -150,7 +151,9 @@ def resolve_checkpoints(names, run: str | None, base: bool, out: str | None = No
             runs.add(path.resolve().parent.parent)
         found.append(ckpt)
     if run_dir is None and not runs and out:
-        run_dir = Path(out).expanduser().resolve()  # plain models and Hub ids: results go to OUT/evals/
+        # plain models and Hub ids: results go to OUT/evals/ (a run's or a model's folder, never a cache's)
+        check_folder_kind(out, "run", "choose another --out for the results (written to OUT/evals/)", also=("model",))
+        run_dir = Path(out).expanduser().resolve()
     if run_dir is None:
         if len(runs) != 1:
             raise RunDirError("checkpoints from several runs: evaluate one run at a time, or pass --run" if runs else

@@ -17,6 +17,7 @@ no accuracies. Column mappings and templates are refused (not supported for unpa
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -25,7 +26,7 @@ import torch
 from prefcache.cache.compat import check_cache_matches
 from prefcache.cache.lookup import UnpairedReference, check_joined, check_reference_values
 from prefcache.core.atomic import write_table_atomic
-from prefcache.core.distributed import all_reduce_sum
+from prefcache.core.distributed import all_reduce_sum, dist_info
 from prefcache.data.unpaired import check_no_mapping, kl_sequence, load_unpaired
 from prefcache.losses.unpaired import UnpairedObjective, kl_estimate
 from prefcache.model.pairs import unpaired_logps
@@ -85,6 +86,11 @@ class UnpairedTask:
             items = [i for i in items if i.id not in held]
         if not items:
             raise ValueError(f"no training examples in {cfg.data}")
+        if len({i.label for i in items}) == 1 and dist_info()[0] == 0:  # legal, but the logs would say nothing
+            has, lacks = ("desirable", "undesirable") if items[0].label else ("undesirable", "desirable")
+            print(f"prefcache train: warning: the training examples are all {has} (no {lacks} ones): that side "
+                  f"is empty, so rewards_{'rejected' if items[0].label else 'chosen'} and rewards_margins stay "
+                  f"null and {cfg.loss[0]} learns from one side only", file=sys.stderr)
         for ref, split, what in ((reference, items, "training"), (eval_reference, eval_items, "eval")):
             if split:
                 check_joined(ref, split, what)
