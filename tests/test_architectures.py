@@ -177,3 +177,26 @@ def test_router_aux_loss_is_the_models_own():
     with torch.no_grad():
         module(ids, attention, completion)
     assert module.aux_loss is None  # scoring and eval: no auxiliary loss
+
+
+def test_a_router_aux_coefficient_of_0_turns_the_router_loss_off(tmp_path, tokenizer):
+    """`router_aux_loss_coef: 0` in a mixture of experts' config: no router loss is computed, trained or logged
+    (the steps log's aux_loss is null, as for a dense model)."""
+    import polars as pl
+
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
+
+    model = build("qwen2_moe", router_aux_loss_coef=0.0)
+    assert router_aux_coef(model) is None
+    module = LogProbModule(model, router_aux=True)
+    module(*batch(512))
+    assert module.aux_loss is None
+    folder = save_arch(tmp_path / "moe", "qwen2_moe", tokenizer, router_aux_loss_coef=0.0)
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8))
+    precompute(data=str(data), out=str(tmp_path / "cache"), model=str(folder), quantize="fp32", max_length=48,
+               device="cpu", progress=False)
+    train(data=str(data), cache=str(tmp_path / "cache"), out=str(tmp_path / "run"), model=str(folder), max_steps=1,
+          batch_size=4, lora_r=4, device="cpu", progress=False)
+    steps = pl.read_parquet(tmp_path / "run" / "logs" / "steps-*.parquet")
+    assert steps["aux_loss"].to_list() == [None] and steps["loss"][0] == pytest.approx(math.log(2), abs=1e-5)

@@ -114,3 +114,19 @@ def test_group_by_prompt_splits_long_groups():
     seqs = [([1, 2, 3, 4], 2), ([1, 2, 5], 2), ([1, 2, 6, 6, 6], 2), ([9, 3], 1)]
     rows = group_by_prompt(seqs, max_row=6)
     assert rows == [([1, 2], [[3, 4], [5]]), ([1, 2], [[6, 6, 6]]), ([9], [[3]])]
+
+
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
+def test_flash_and_flex_attention_fall_back_to_two_sequences_with_one_line(caplog, fresh_warnings, impl):
+    """FlashAttention-2 and flex-attention do not apply the packed rows' dense block mask: prefix sharing is
+    turned off, said in one warning line naming the implementation, once however many batches ask."""
+    from prefcache.model.packing import resolve_sharing
+
+    model = tiny("llama")
+    model.config._attn_implementation = impl  # only the name is read: neither kernel needs to be installed
+    with caplog.at_level(logging.WARNING, logger="prefcache"):
+        assert [resolve_sharing(model, True) for _ in range(3)] == [False] * 3
+        assert resolve_sharing(tiny("llama"), True) is True  # sdpa packs, silently
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and len(lines[0].splitlines()) == 1, lines
+    assert lines[0].startswith("prefix sharing off, two sequences per pair instead") and repr(impl) in lines[0]

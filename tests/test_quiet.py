@@ -47,7 +47,6 @@ def test_only_the_checkpointing_deprecations_are_silenced():
 
 
 def test_lm_eval_git_lookup_outside_a_repository_is_silent(tmp_path, monkeypatch, capfd):
-    pytest.importorskip("lm_eval")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     git_commit_quietly()

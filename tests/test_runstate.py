@@ -68,3 +68,21 @@ def test_save_then_restore_continues_the_run(tmp_path):
     assert (again.step, again.last_saved, again.last_eval_step, again.bco.value) == (3, 3, 2, 0.25)
     assert again.elapsed_before == state["elapsed_s"] and torch.equal(torch.rand(4), after_save)  # RNGs restored
     assert again.scheduler.last_epoch == 3 and again.optimizer.state_dict()["state"]  # Adam's moments came back
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "paged_adamw8bit"])
+def test_weight_decay_shrinks_matrices_only(optimizer):
+    """With zero gradients an AdamW step is its decoupled weight decay alone, w <- w (1 - lr wd): the
+    matrices shrink by exactly that and the biases and norm weights (1-D) do not move."""
+    cfg = TrainConfig(data="d", out="o", cache="c", lr=0.5, weight_decay=0.1, optimizer=optimizer)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.LayerNorm(80), torch.nn.Linear(80, 64, bias=False))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer, _, _ = make_optimization(cfg, list(model.parameters()), total_steps=10, state=None)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = before[name] * (1 - 0.5 * 0.1) if p.ndim >= 2 else before[name]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0, msg=name)
+    assert {name for name, p in model.named_parameters() if p.ndim < 2} == {"0.bias", "1.weight", "1.bias"}

@@ -32,7 +32,6 @@ def test_metric_names_are_trls():
 
 
 def test_tensorboard_events_hold_the_parquet_metrics(tmp_path, tiny_model):
-    pytest.importorskip("tensorboard")
     import polars as pl
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -62,3 +61,44 @@ def test_tensorboard_events_hold_the_parquet_metrics(tmp_path, tiny_model):
         for step, value in parquet.items():
             assert logged[step] == pytest.approx(value, rel=1e-6, abs=1e-7), (tag, step)
     assert sorted(logged) == [0, 2]  # eval at step 0 (the baseline) and at the end
+
+
+def test_a_resumed_run_purges_the_tensorboard_events_logged_after_its_checkpoint(tmp_path, tiny_model):
+    """Killed after step 4 was logged but before its checkpoint: the resume from step 2 logs steps 3 and 4
+    again, and TensorBoard shows each step once, with the resumed values (another lr, so they differ). The
+    eval at step 2, logged before the checkpoint and not repeated, stays."""
+    import shutil
+
+    import polars as pl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from prefcache.reference.shards import precompute
+    from prefcache.training.loop import train
+
+    torch.set_num_threads(1)
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))
+    precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
+               progress=False)
+    out = tmp_path / "run"
+    common = {"data": str(data), "cache": str(tmp_path / "cache"), "model": str(tiny_model), "out": str(out),
+              "max_steps": 4, "save_every": 2, "eval_every": 2, "batch_size": 4, "warmup_steps": 0,
+              "eval_fraction": 0.25, "progress": False, "report_to": "tensorboard"}
+    train(**common, lr=1e-3)
+    first = EventAccumulator(str(out / "tensorboard"))
+    first.Reload()
+    before = {e.step: e.value for e in first.Scalars("train/loss")}
+    shutil.rmtree(out / "checkpoints" / "step-000004")  # as if killed after step 4 was logged
+    train(**common, lr=5e-2, resume=True)
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    steps = pl.read_parquet(f"{out}/logs/steps-*.parquet")
+    for split, tag in (("train", "train/loss"), ("eval", "eval/loss")):
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        parquet = steps.filter(pl.col("split") == split).sort("step").select("step", "loss").rows()
+        assert [s for s, _ in logged] == [s for s, _ in parquet], tag  # each step once
+        for (step, value), (_, expected) in zip(logged, parquet, strict=True):
+            assert value == pytest.approx(expected, rel=1e-6, abs=1e-7), (tag, step)
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4]
+    after = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert after[1] == before[1] and after[2] == before[2] and after[4] != before[4]  # step 4 is the resumed one

@@ -439,3 +439,119 @@ def test_cuda_bf16_autocast_trains_with_finite_numbers(setup, tmp_path):
     run(setup, out, device="cuda", bf16=True, max_steps=3)
     s = steps(out).filter(pl.col("split") == "train")
     assert s.height == 3 and all(math.isfinite(v) for v in s["loss"]) and s["peak_mem_mb"].min() > 0
+
+
+# ----------------------------------------------------------------------------- the README's training options
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    """Every file under a run directory, by relative path, with its bytes."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change, difference", [
+    ({"grad_accum": 2}, "grad_accum: checkpoint has 1, now 2"),
+    ({"seed": 7}, "seed: checkpoint has 42, now 7"),
+    ({"data": 20}, "n_train: checkpoint has 24, now 20"),
+    ({"world_size": 2}, "world_size: checkpoint has 1, now 2"),
+])
+def test_resume_with_another_data_order_is_refused_naming_it_and_writes_nothing(setup, tmp_path, monkeypatch,
+                                                                                change, difference):
+    """A resume with another world size, pair count, grad_accum or seed would not continue the same data order:
+    refused, naming only what differs (checkpoint's value, then this run's), and the run directory is untouched."""
+    import prefcache.training.loop as loop
+
+    out = tmp_path / "run"
+    run(setup, out, max_steps=2, save_every=1)
+    before = _files(out)
+    kw = dict(change)
+    if "data" in kw:  # the first 20 of the 24 pairs: all in the cache
+        kw["data"] = str(write_jsonl(tmp_path / "fewer.jsonl", preference_rows(24)[:20]))
+    if kw.pop("world_size", None):  # as torchrun with two processes would say (refused before any collective)
+        monkeypatch.setattr(loop, "setup", lambda device: (0, 2, "cpu"))
+    with pytest.raises(ValueError) as refused:
+        run(setup, out, max_steps=4, resume=True, **kw)
+    assert str(refused.value) == f"cannot resume with other settings:\n  {difference}"
+    assert _files(out) == before
+
+
+def test_seconds_add_up_over_resumed_sessions(setup, tmp_path):
+    """The first session's training time, as its checkpoint recorded it (set to 1000 s here), is where the
+    resumed session's clock starts: the summary, run.json, the resumed steps' time_s and the next checkpoint
+    all count both sessions."""
+    out = tmp_path / "run"
+    run(setup, out, max_steps=2, save_every=1)
+    first_rows = steps(out)
+    state_file = out / "checkpoints" / "step-000002" / "trainer_state.pt"
+    state = load_trainer_state(state_file.parent)
+    assert 0 < state["elapsed_s"] < 1000
+    torch.save({**state, "elapsed_s": 1000.0}, state_file)
+    result = run(setup, out, max_steps=4, save_every=1, resume=True)
+    assert result["seconds"] > 1000
+    assert json.loads((out / "run.json").read_text())["result"]["seconds"] == result["seconds"]
+    s = steps(out)
+    assert s.filter(pl.col("step") <= 2).equals(first_rows)  # the first session's rows as they were
+    assert s.filter(pl.col("step") > 2)["time_s"].min() > 1000
+    assert 1000 < load_trainer_state(out / "checkpoints" / "step-000004")["elapsed_s"] <= result["seconds"]
+
+
+def test_max_grad_norm_0_turns_clipping_off(setup, tmp_path):
+    """`--max-grad-norm 0` trains exactly as a bound no gradient reaches (1e9), and a bound that does bind
+    (1e-4, far under this run's gradient norms) changes the weights: so 0 is "no clipping", not "clip to 0"."""
+    args = ["train", "--data", str(setup["data"]), "--cache", str(setup["cache"]), "--model", str(setup["model"]),
+            "--out", str(tmp_path / "off"), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3",
+            "--warmup-steps", "0", "--no-progress", "--max-grad-norm", "0"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    huge = run(setup, tmp_path / "huge", max_steps=2, max_grad_norm=1e9)
+    tight = run(setup, tmp_path / "tight", max_steps=2, max_grad_norm=1e-4)
+    assert steps(tmp_path / "off")["grad_norm"].min() > 1e-2  # the tight bound binds
+    off = tmp_path / "off" / "checkpoints" / "step-000002"
+    a, b, c = adapter(off), adapter(huge["final_checkpoint"]), adapter(tight["final_checkpoint"])
+    assert any(v.abs().max() > 1e-4 for k, v in a.items() if "lora_B" in k)  # it trained
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.allclose(a[k], c[k], rtol=1e-3, atol=1e-6) for k in a if "lora_B" in k)
+
+
+def test_eval_every_evaluates_at_0_every_n_steps_and_at_the_end(setup, tmp_path):
+    run(setup, tmp_path / "every2", max_steps=5, eval_every=2, eval_fraction=0.25)
+    run(setup, tmp_path / "default", max_steps=5, eval_fraction=0.25)
+    for name, expected in (("every2", [0, 2, 4, 5]), ("default", [0, 5])):
+        assert steps(tmp_path / name).filter(pl.col("split") == "eval")["step"].to_list() == expected, name
+    held = examples(tmp_path / "every2").filter(pl.col("split") == "eval")
+    assert held.group_by("step").len()["len"].to_list() == [6] * 4  # every eval scores all 6 held-out pairs
+
+
+def test_epochs_pass_over_every_pair_once_each_and_max_steps_wins(setup, tmp_path):
+    """24 pairs, 4 a step: an epoch is 6 steps. `--epochs 2` is 12 steps in which each pair trains once per
+    epoch; with `--max-steps 3` as well, 3 steps."""
+    result = run(setup, tmp_path / "two", max_steps=None, epochs=2)
+    assert result["steps"] == 12
+    train_rows = examples(tmp_path / "two").filter(pl.col("split") == "train")
+    for epoch, (lo, hi) in enumerate(((1, 6), (7, 12))):
+        ids = train_rows.filter(pl.col("step").is_between(lo, hi))["id"]
+        assert ids.len() == 24 and ids.n_unique() == 24, epoch
+    assert steps(tmp_path / "two")["epoch"].to_list() == [s / 6 for s in range(1, 13)]
+    assert run(setup, tmp_path / "capped", max_steps=3, epochs=2)["steps"] == 3
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit"])
+def test_8bit_optimizers_train_keep_8bit_state_and_resume(setup, tmp_path, optimizer):
+    """bitsandbytes' 8-bit AdamW (paged: the same on CPU) trains on CPU: its moments are uint8 (LoRA r=64
+    makes 64x64 A matrices, the size bitsandbytes starts quantising at), and a resume from its checkpoint
+    reaches the weights of the run that never stopped."""
+    out = tmp_path / "run"
+    whole = run(setup, out, max_steps=2, save_every=1, lora_r=64, optimizer=optimizer)
+    final = adapter(whole["final_checkpoint"])
+    assert any(v.abs().max() > 1e-4 for k, v in final.items() if "lora_B" in k)
+    saved = load_trainer_state(whole["final_checkpoint"])["optimizer"]["state"].values()
+    moments = [s.get("__bnb_optimizer_quant_state__", s).get("state1") for s in saved]  # bitsandbytes' layout
+    assert any(m is not None and m.dtype == torch.uint8 for m in moments)
+    import shutil
+
+    shutil.rmtree(whole["final_checkpoint"])
+    resumed = run(setup, out, max_steps=2, save_every=1, lora_r=64, optimizer=optimizer, resume=True)
+    again = adapter(resumed["final_checkpoint"])
+    for k in final:
+        assert torch.equal(final[k], again[k]), k
