@@ -46,6 +46,7 @@ from prefcache.training.state import (  # noqa: F401 - epoch_order: a public nam
     RunState,
     after_step,
     epoch_order,
+    fingerprints,
     finish,
     load_run_policy,
     make_optimization,
@@ -110,7 +111,9 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
     # 2. The run directory: a fresh one, or a resume from its latest checkpoint.
     if (notice := check_run_dir(out, cfg.resume)) and main:
         print(f"prefcache train: {notice}", file=sys.stderr)
-    ckpt, state, log, grouped = open_run(cfg, world=world, main=main, n_train=n_train, unpaired=kind is UnpairedTask)
+    prints = fingerprints(task)
+    ckpt, state, log, grouped = open_run(cfg, world=world, main=main, n_train=n_train, unpaired=kind is UnpairedTask,
+                                         fingerprints=prints)
     if main:
         task.write_texts(out / "pairs.parquet")
         if task.bad_rows:
@@ -125,7 +128,7 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
                 "max_length": task.max_length, "truncation": task.truncation, "policy": policy_info, **task.info(),
                 "bad_rows": len(task.bad_rows), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                 "warmup_steps": warmup, "pairs_per_step": cfg.batch_size * cfg.grad_accum * world,
-                "prefix_sharing": model.sharing, "group_by_length": grouped,
+                "prefix_sharing": model.sharing, "group_by_length": grouped, "fingerprints": prints,
                 "resumed_from": str(ckpt) if ckpt else None,
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if main:
@@ -135,7 +138,7 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
     run = RunState(cfg=cfg, out=out, rank=rank, world=world, device=device, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, n_train=n_train, max_length=task.max_length, truncation=task.truncation,
                    group_by_length=grouped, log=log, policy=policy, policy_info=policy_info, tokenizer=tokenizer,
-                   optimizer=optimizer, scheduler=scheduler, trackers=trackers)
+                   optimizer=optimizer, scheduler=scheduler, trackers=trackers, fingerprints=prints)
     run.restore(state)
     return run, task, model, run_info
 
