@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from conftest import adapter, examples, make_tiny_model, preference_rows, run_files, steps, write_jsonl
 
@@ -444,6 +445,33 @@ def test_a_checkpoint_without_fingerprints_still_resumes(setup, tmp_path):
     (path / "prefcache.json").write_text(json.dumps({k: v for k, v in info.items() if k != "loss_settings"}))
     data2 = write_jsonl(tmp_path / "pairs2.jsonl", preference_rows(24)[::-1])  # another order: not checked
     assert run(setup, out, max_steps=2, resume=True, data=str(data2))["steps"] == 2
+
+
+def test_resume_continues_the_runs_loss_and_refuses_another(setup, tmp_path):
+    out = tmp_path / "rb"
+    r = _train_cli("--data", setup["data"], "--cache", setup["cache"], "--model", setup["model"], "--out", out,
+                   "--max-steps", 2, "--beta", 0.5, "--batch-size", 4, "--lr", 1e-3, "--warmup-steps", 0,
+                   "--no-progress")
+    assert r.exit_code == 0, r.output
+    before = run_files(out)
+    r = _train_cli("--out", out, "--resume", "--max-steps", 3, "--loss", "hinge", "--beta", 0.1,
+                   "--label-smoothing", 0.1)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert ("cannot resume with another loss" in r.output and "loss: checkpoint has ['sigmoid'], now ['hinge']"
+            in r.output and "beta: checkpoint has 0.5, now 0.1" in r.output
+            and "label_smoothing: checkpoint has 0.0, now 0.1" in r.output), r.output
+    assert run_files(out) == before  # refused before anything was read or written
+    # Options not given on the command line are the run's own: its data, cache, model, loss and beta.
+    r = _train_cli("--out", out, "--resume", "--max-steps", 3)
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["beta"] == 0.5 and saved["loss"] == ["sigmoid"] and saved["max_steps"] == 3
+    assert saved["data"] == str(setup["data"]) and saved["batch_size"] == 4 and saved["lr"] == 1e-3
+    assert json.loads((out / "checkpoints" / "step-000003" / "prefcache.json").read_text())["beta"] == 0.5
+    # The Python API takes the same rule: the keyword arguments given are the changes.
+    assert train(out=str(out), resume=True, max_steps=4)["steps"] == 4
+    with pytest.raises(ValueError, match=r"beta: checkpoint has 0.5, now 0.2"):
+        train(out=str(out), resume=True, max_steps=5, beta=0.2)
 
 
 def test_training_on_an_unshared_cache_follows_it_and_a_forced_path_warns(setup, tmp_path, caplog):

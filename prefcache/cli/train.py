@@ -36,6 +36,7 @@ def train_cmd(**options):
     """
     config = run_api(TrainConfig, **options)  # every option's rule, before torch loads
     run_api(preflight.train, options)  # the paths: refusals that need no model, still before torch
+    run_api(preflight.resume, config)  # a resume that would change the run's loss
     from prefcache.training.loop import train  # torch
 
     result = run_api(train, config)

@@ -26,6 +26,7 @@ from pathlib import Path
 from prefcache import __version__
 from prefcache.core.atomic import make_temp_dir, publish_dir, write_json_atomic
 from prefcache.core.distributed import barrier, gather
+from prefcache.training.config import loss_settings
 
 CHECKPOINT_JSON = "prefcache.json"  # in each checkpoint: step, base model, settings (for humans and score)
 # 1: the pair and unpaired loops of before; 2: the one loop (an unpaired run's batches length-grouped)
@@ -116,7 +117,7 @@ def save(run, at_step: int) -> None:
         info = {"step": at_step, "epoch": run.epoch(at_step), "base_model": run.policy_info["model_name"],
                 "model": cfg.model, "finetune": cfg.finetune, "max_length": run.max_length,
                 "truncation": run.truncation, "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache,
-                "prefcache_version": __version__}
+                "loss_settings": loss_settings(cfg), "prefcache_version": __version__}
         save_checkpoint(run.out, at_step, run.policy, run.tokenizer, trainer_state, info)
     barrier(run.world)
     run.last_saved = at_step
@@ -159,6 +160,22 @@ def check_resumable(state: dict, *, world: int, n_train: int, cfg, group_by_leng
              for k, v in (fingerprints or {}).items() if k in recorded and recorded[k] != v]
     if diff:
         raise ValueError("cannot resume with other settings:\n  " + "\n  ".join(diff))
+
+
+def check_same_objective(run_dir: str | os.PathLike, settings: dict) -> None:
+    """A resume continues the run's objective: refuse another loss, β or loss option, each difference on a line.
+
+    ``settings``: :func:`prefcache.training.config.loss_settings` of the resume. The latest checkpoint's
+    prefcache.json says what the run trained with (checkpoints before ``loss_settings``: the loss and β). No
+    torch and no data: it is checked before anything is read or written.
+    """
+    ckpt = latest_checkpoint(run_dir)
+    info = (read_checkpoint_info(ckpt) if ckpt else None) or {}
+    had = info.get("loss_settings") or {k: info[k] for k in ("loss", "beta") if k in info}
+    if diff := [f"{k}: checkpoint has {had[k]!r}, now {settings[k]!r}" for k in had
+                if k in settings and had[k] != settings[k]]:
+        raise ValueError(f"cannot resume with another loss ({ckpt.name} trained with the one below; a run keeps "
+                         "its objective: start a new --out to change it):\n  " + "\n  ".join(diff))
 
 
 def clean_temporaries(run_dir: str | os.PathLike) -> None:

@@ -36,8 +36,8 @@ from prefcache.losses.registry import UNPAIRED_LOSSES
 from prefcache.model.kernel import LogProbModule, router_aux_coef
 from prefcache.model.load import load_tokenizer, resolve_device, resolve_model
 from prefcache.model.packing import training_sharing
-from prefcache.training.checkpoint import checkpoint_dir
-from prefcache.training.config import TrainConfig
+from prefcache.training.checkpoint import check_same_objective, checkpoint_dir
+from prefcache.training.config import TrainConfig, loss_settings
 from prefcache.training.guards import STEP0_MARGIN_TOLERANCE, check_step, resolve_finetune
 from prefcache.training.log import peak_mem_mb
 from prefcache.training.pairs import PairTask, example_cols  # noqa: F401 - example_cols: a public name here
@@ -63,7 +63,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
 
     ``train(data="prefs.jsonl", cache="ref-cache", out="run1", max_steps=100)`` is the same as the CLI, and
     ``train(out="run1", resume=True, max_steps=200)`` continues run1 with the options it saved, the keyword
-    arguments given being the changes (a resume refuses other data or another cache).
+    arguments given being the changes (a resume refuses another loss, other data or another cache).
     Returns a summary: run dir, steps, final checkpoint path, the last logged train and eval metrics,
     seconds, and the checkpoint it resumed from (or None).
     """
@@ -71,6 +71,8 @@ def train(config: TrainConfig | None = None, **options) -> dict:
         options = {**resumed_options(options["out"]), **options}
     cfg = config or TrainConfig(**options)
     check_run_dir(cfg.out, cfg.resume)  # before the lock, so a refusal leaves nothing behind
+    if cfg.resume:
+        check_same_objective(cfg.out, loss_settings(cfg))  # before the data is read: a refusal costs nothing
     # One writer per run directory; ranks > 0 write nothing there.
     with directory_lock(cfg.out, "prefcache train", enabled=dist_info()[0] == 0):
         kind = UnpairedTask if cfg.loss[0] in UNPAIRED_LOSSES else PairTask
