@@ -95,6 +95,11 @@ def adapter(ckpt) -> dict:
     return load_file(Path(ckpt) / "adapter_model.safetensors")
 
 
+def run_files(out) -> dict:
+    """Every file of a run directory and its bytes: a refused resume must leave them all as they were."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(Path(out).rglob("*")) if p.is_file()}
+
+
 def free_port() -> int:
     """A TCP port free now, for a launcher's rendezvous (``torchrun --master-port``): a fixed port collides
     with another test run on the same machine. The kernel picks it; it stays free unless someone takes it

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import adapter, examples, preference_rows, steps, write_jsonl
+from conftest import adapter, examples, preference_rows, run_files, steps, write_jsonl
 from torch.testing import assert_close
 
 from prefcache.cache.store import CacheError, shard_paths
@@ -336,6 +336,24 @@ def test_an_unpaired_checkpoint_of_the_loop_of_before_resumes_with_its_random_ba
     run(unpaired, tmp_path / "new", max_steps=1)
     with pytest.raises(ValueError, match="group_by_length: checkpoint has True, now False"):  # new states: pairs' rule
         run(unpaired, tmp_path / "new", max_steps=2, resume=True, group_by_length=False)
+
+
+def test_kto_resume_refuses_another_loss_or_other_examples(unpaired, tmp_path):
+    out = tmp_path / "run"
+    run(unpaired, out, max_steps=1)
+    before = run_files(out)
+    with pytest.raises(ValueError, match=r"cannot resume with another loss.*\n  loss: checkpoint has \['kto'\], now "
+                                         r"\['apo_zero_unpaired'\]"):
+        run(unpaired, out, max_steps=2, resume=True, loss="apo_zero_unpaired")
+    data2 = write_jsonl(tmp_path / "d2.jsonl", preference_rows(8, seed=1))  # as many examples, other ones
+    made = CliRunner().invoke(main, ["precompute", "--data", str(data2), "--out", str(tmp_path / "cache2"), "--model",
+                                     str(unpaired["model"]), "--max-length", "48", "--quantize", "fp32", "--unpaired",
+                                     "--kl-group-size", "4", "--no-progress"])
+    assert made.exit_code == 0, made.output
+    with pytest.raises(ValueError, match=r"cannot resume with other settings:\n  data \(the training examples"):
+        run(unpaired, out, max_steps=2, resume=True, data=str(data2), cache=str(tmp_path / "cache2"))
+    assert run_files(out) == before
+    assert run(unpaired, out, max_steps=2, resume=True)["steps"] == 2  # the run's own loss and examples
 
 
 def test_two_process_kto_equals_one_process(unpaired, tmp_path):

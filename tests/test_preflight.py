@@ -72,6 +72,21 @@ def test_refusals_that_need_no_model_come_before_torch(tmp_path, case):
     assert "no such file" in out and "torch loaded: False" in out, out
 
 
+def test_a_resume_that_changes_the_loss_is_refused_before_torch(tmp_path):
+    """The checkpoint's prefcache.json says what it trained with: compared with no model and no torch."""
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(2))
+    CacheWriter(tmp_path / "cache", META).write(cache_rows(["a"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.pt").write_bytes(b"")
+    (ckpt / "prefcache.json").write_text(json.dumps({"step": 1, "loss": ["sigmoid"], "beta": 0.1}))  # an older one
+    argv = ["train", "--data", str(data), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+            "--resume", "--loss", "ipo", "--beta", "0.5"]
+    out = subprocess.run([sys.executable, "-c", REFUSE, *argv], capture_output=True, text=True, env=ENV).stdout
+    assert "cannot resume with another loss" in out and "torch loaded: False" in out, out
+    assert "loss: checkpoint has ['sigmoid'], now ['ipo']" in out and "beta: checkpoint has 0.1, now 0.5" in out, out
+
+
 # -- data files -----------------------------------------------------------------------------------------
 
 def test_deeply_nested_json_is_one_line(tmp_path, tokenizer):

@@ -49,6 +49,20 @@ def test_a_resume_with_another_data_order_is_refused():
     check_resumable({**state, "batch_size": 4, "group_by_length": True}, world=1, n_train=16, cfg=cfg)
 
 
+def test_a_resume_with_other_data_or_another_cache_is_refused_and_an_older_checkpoint_is_not():
+    cfg = TrainConfig(data="d", out="o", cache="c")
+    had = {"data": "aaaa", "eval_data": None, "cache": "cccc", "eval_cache": None}
+    state = {"world_size": 1, "n_train": 16, "batch_size": 4, "grad_accum": 1, "seed": 42, "group_by_length": True,
+             "fingerprints": had}
+    now = {**had, "data": "bbbb", "cache": "dddd"}
+    with pytest.raises(ValueError, match=r"other settings:\n  data \(the training examples, in order\): checkpoint has "
+                                         r"'aaaa', now 'bbbb'\n  cache \(.*\): checkpoint has 'cccc', now 'dddd'$"):
+        check_resumable(state, world=1, n_train=16, cfg=cfg, fingerprints=now)
+    check_resumable(state, world=1, n_train=16, cfg=cfg, fingerprints=had)
+    older = {k: v for k, v in state.items() if k != "fingerprints"}  # nothing recorded: nothing to compare
+    check_resumable(older, world=1, n_train=16, cfg=cfg, fingerprints=now)
+
+
 def test_save_then_restore_continues_the_run(tmp_path):
     cfg = TrainConfig(data="d", out=str(tmp_path), cache="c", loss="bco_pair", warmup_steps=0, lr=1e-3)
     run = _run(tmp_path, cfg, group_by_length=True)

@@ -102,3 +102,33 @@ def test_a_resumed_run_purges_the_tensorboard_events_logged_after_its_checkpoint
     assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4]
     after = {e.step: e.value for e in events.Scalars("train/loss")}
     assert after[1] == before[1] and after[2] == before[2] and after[4] != before[4]  # step 4 is the resumed one
+
+
+def test_a_resume_keeps_the_runs_trackers_unless_told_otherwise(tmp_path, tiny_model):
+    import yaml
+    from click.testing import CliRunner
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from prefcache.cli import main
+    from prefcache.reference.shards import precompute
+
+    torch.set_num_threads(1)
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))
+    precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
+               progress=False)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--cache", str(tmp_path / "cache"), "--model", str(tiny_model), "--out",
+            str(out), "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0", "--no-progress"]
+
+    def train_steps(*extra) -> list[int]:
+        result = CliRunner().invoke(main, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        return sorted(e.step for e in events.Scalars("train/loss"))
+
+    assert train_steps("--max-steps", "1", "--report-to", "tensorboard") == [1]
+    assert train_steps("--max-steps", "2", "--resume") == [1, 2]  # no --report-to: the run's trackers
+    assert yaml.safe_load((out / "config.yaml").read_text())["report_to"] == ["tensorboard"]
+    assert train_steps("--max-steps", "3", "--resume", "--report-to", "none") == [1, 2]  # said otherwise: off
+    assert yaml.safe_load((out / "config.yaml").read_text())["report_to"] == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,8 +15,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
-from conftest import adapter, examples, make_tiny_model, preference_rows, steps, write_jsonl
+from conftest import adapter, examples, make_tiny_model, preference_rows, run_files, steps, write_jsonl
 
 from prefcache.cache.store import CacheError
 from prefcache.cli import main
@@ -260,8 +262,6 @@ def test_resume_after_kill_reaches_the_uninterrupted_weights(setup, tmp_path):
 def test_resume_drops_rows_logged_after_the_checkpoint(setup, tmp_path):
     out = tmp_path / "run"
     run(setup, out, max_steps=4, save_every=2, flush_every=1, eval_fraction=0.25)
-    import shutil
-
     shutil.rmtree(out / "checkpoints" / "step-000004")  # as if killed after step 4 was logged, before its checkpoint
     assert steps(out).filter(pl.col("step") > 2).height == 3  # train 3, 4 and eval 4 are on disk
     result = run(setup, out, max_steps=4, save_every=2, flush_every=1, eval_fraction=0.25, resume=True)
@@ -400,6 +400,78 @@ def test_resume_refuses_another_batch_grouping(setup, tmp_path):
     run(setup, out, max_steps=2)
     with pytest.raises(ValueError, match="group_by_length: checkpoint has True, now False"):
         run(setup, out, max_steps=4, resume=True, group_by_length=False)
+
+
+def _train_cli(*args) -> object:
+    return CliRunner().invoke(main, ["train", *map(str, args)])
+
+
+def test_resume_refuses_other_data_or_another_cache_and_touches_nothing(setup, tmp_path, tokenizer):
+    """As many pairs is not the same pairs: a resume compares what the data and the cache hold, not their size."""
+    out = tmp_path / "rb"
+    run(setup, out, max_steps=2)
+    data2 = write_jsonl(tmp_path / "pairs2.jsonl", preference_rows(24, seed=1))  # 24 pairs, other ones
+    common = {"max_length": 64, "quantize": "fp32", "progress": False}
+    precompute(data=str(data2), out=str(tmp_path / "cache2"), model=str(setup["model"]), **common)
+    other = make_tiny_model(tmp_path / "other", tokenizer, seed=1)  # same tokenizer: the tokenisation checks pass
+    precompute(data=str(setup["data"]), out=str(tmp_path / "cache3"), model=str(other), **common)
+    before = run_files(out)
+    for data, cache, differs in ((data2, tmp_path / "cache2", "data (the training examples, in order): checkpoint has"),
+                                 (setup["data"], tmp_path / "cache3", "cache (what made its values: model, "
+                                  "tokenisation, precision): checkpoint has")):
+        r = _train_cli("--data", data, "--cache", cache, "--model", setup["model"], "--out", out, "--max-steps", 3,
+                       "--resume")
+        assert r.exit_code == 1 and "cannot resume with other settings:" in r.output and differs in r.output, r.output
+        assert "Traceback" not in r.output and run_files(out) == before
+    # The same content elsewhere resumes: what counts is what the files hold, not where they are.
+    shutil.copy(setup["data"], tmp_path / "copy.jsonl")
+    shutil.copytree(setup["cache"], tmp_path / "cache-copy")
+    r = _train_cli("--data", tmp_path / "copy.jsonl", "--cache", tmp_path / "cache-copy", "--model", setup["model"],
+                   "--out", out, "--max-steps", 3, "--resume")
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["data"] == str(tmp_path / "copy.jsonl") and info["result"]["steps"] == 3
+    assert info["config"]["cache"] == str(tmp_path / "cache-copy")
+
+
+def test_a_checkpoint_without_fingerprints_still_resumes(setup, tmp_path):
+    """Checkpoints written before the data and cache were fingerprinted have nothing to compare: not refused."""
+    out = tmp_path / "old"
+    run(setup, out, max_steps=1)
+    path = list_checkpoints(out)[-1][1]
+    state = load_trainer_state(path)
+    torch.save({k: v for k, v in state.items() if k != "fingerprints"}, path / "trainer_state.pt")
+    info = json.loads((path / "prefcache.json").read_text())
+    (path / "prefcache.json").write_text(json.dumps({k: v for k, v in info.items() if k != "loss_settings"}))
+    data2 = write_jsonl(tmp_path / "pairs2.jsonl", preference_rows(24)[::-1])  # another order: not checked
+    assert run(setup, out, max_steps=2, resume=True, data=str(data2))["steps"] == 2
+
+
+def test_resume_continues_the_runs_loss_and_refuses_another(setup, tmp_path):
+    out = tmp_path / "rb"
+    r = _train_cli("--data", setup["data"], "--cache", setup["cache"], "--model", setup["model"], "--out", out,
+                   "--max-steps", 2, "--beta", 0.5, "--batch-size", 4, "--lr", 1e-3, "--warmup-steps", 0,
+                   "--no-progress")
+    assert r.exit_code == 0, r.output
+    before = run_files(out)
+    r = _train_cli("--out", out, "--resume", "--max-steps", 3, "--loss", "hinge", "--beta", 0.1,
+                   "--label-smoothing", 0.1)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert ("cannot resume with another loss" in r.output and "loss: checkpoint has ['sigmoid'], now ['hinge']"
+            in r.output and "beta: checkpoint has 0.5, now 0.1" in r.output
+            and "label_smoothing: checkpoint has 0.0, now 0.1" in r.output), r.output
+    assert run_files(out) == before  # refused before anything was read or written
+    # Options not given on the command line are the run's own: its data, cache, model, loss and beta.
+    r = _train_cli("--out", out, "--resume", "--max-steps", 3)
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["beta"] == 0.5 and saved["loss"] == ["sigmoid"] and saved["max_steps"] == 3
+    assert saved["data"] == str(setup["data"]) and saved["batch_size"] == 4 and saved["lr"] == 1e-3
+    assert json.loads((out / "checkpoints" / "step-000003" / "prefcache.json").read_text())["beta"] == 0.5
+    # The Python API takes the same rule: the keyword arguments given are the changes.
+    assert train(out=str(out), resume=True, max_steps=4)["steps"] == 4
+    with pytest.raises(ValueError, match=r"beta: checkpoint has 0.5, now 0.2"):
+        train(out=str(out), resume=True, max_steps=5, beta=0.2)
 
 
 def test_training_on_an_unshared_cache_follows_it_and_a_forced_path_warns(setup, tmp_path, caplog):

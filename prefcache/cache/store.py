@@ -9,6 +9,7 @@ Parquet key-value metadata under the key ``prefcache``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -70,6 +71,13 @@ def shard_metadata(path: Path) -> dict:
 def differences(have: dict, want: dict, keys=COMPAT_KEYS) -> list[str]:
     """Human-readable lines for each key on which two metadata dicts disagree."""
     return [f"{k}: cache has {have.get(k)!r}, asked for {want.get(k)!r}" for k in keys if have.get(k) != want.get(k)]
+
+
+def identity(meta: dict) -> str:
+    """A short hash of what a cache's values are a function of (its :data:`COMPAT_KEYS`: model, tokenisation,
+    precision, ...). Two caches with one identity hold the same value for an id they both have, whatever
+    else they hold, so a resumed run may read either."""
+    return hashlib.sha256(json.dumps({k: meta.get(k) for k in COMPAT_KEYS}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def existing_ids(cache_dir: str | os.PathLike) -> set[str]:

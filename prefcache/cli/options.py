@@ -74,6 +74,25 @@ def _load_config(ctx: click.Context, param: click.Parameter, value):
     return value
 
 
+class ResumableCommand(click.Command):
+    """A command whose ``--resume`` continues a run with the options it saved: ``OUT/config.yaml`` gives the
+    defaults of every option not on the command line (a ``--config`` file wins over it, the command line over
+    both), so ``prefcache train --out run1 --resume --max-steps 400`` needs nothing else, and an option the
+    command line leaves out never changes the run behind its back (the trackers, the loss)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from prefcache.training.rundir import CONFIG_YAML, saved_options
+
+        try:  # a first look at --out and --resume only; the real parse below reports any mistake
+            given, _, _ = self.make_parser(ctx).parse_args(args=list(args))
+            out = given.get("out") or (read_config(given["config"]).get("out") if given.get("config") else None)
+        except (click.UsageError, ConfigFileError):
+            given, out = {}, None
+        if given.get("resume") and out and (saved := saved_options(out)):
+            ctx.default_map = {**_to_defaults(self, saved, f"{out}/{CONFIG_YAML}"), **(ctx.default_map or {})}
+        return super().parse_args(ctx, args)
+
+
 def config_option(f):
     return click.option("--config", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
                         callback=_load_config,

@@ -13,6 +13,8 @@ from prefcache.core.hub import looks_like_id
 from prefcache.evaluation.config import check_pairs_cache
 from prefcache.model.load import resolve_model  # a local folder or .gguf is checked without loading anything
 from prefcache.reference.config import check_cache_out
+from prefcache.training.checkpoint import check_same_objective
+from prefcache.training.config import loss_settings
 from prefcache.training.rundir import check_run_dir
 
 
@@ -63,6 +65,12 @@ def train(options: dict) -> None:
     _cache("--eval-cache", options.get("eval_cache"))
     _model(options.get("model"))
     _exists("--adapter", options.get("adapter"), hub_ok=True)
+
+
+def resume(config) -> None:
+    """A resume that would change the run's loss, β or a loss option (its checkpoint's prefcache.json)."""
+    if config.resume:
+        check_same_objective(config.out, loss_settings(config))
 
 
 def score(options: dict) -> None:

@@ -8,12 +8,12 @@ import click
 
 from prefcache.cli import preflight
 from prefcache.cli.fields import options_from
-from prefcache.cli.options import config_option
+from prefcache.cli.options import ResumableCommand, config_option
 from prefcache.cli.precompute import run_api
 from prefcache.training.config import TrainConfig
 
 
-@click.command("train")
+@click.command("train", cls=ResumableCommand)
 @config_option
 @options_from(TrainConfig)
 def train_cmd(**options):
@@ -28,7 +28,7 @@ def train_cmd(**options):
     Example:
       prefcache precompute --data prefs.jsonl --out ref-cache
       prefcache train --data prefs.jsonl --cache ref-cache --out run1 --max-steps 200 --save-every 50
-      prefcache train --data prefs.jsonl --cache ref-cache --out run1 --max-steps 200 --resume
+      prefcache train --out run1 --max-steps 400 --resume   (run1's saved options, --max-steps changed)
       prefcache train --config run1/config.yaml --out run1-again   (run1's options, one changed)
       prefcache train --config run1/config.yaml --out run1-nobar --no-progress --no-group-by-length
     Reference-free, no cache:  prefcache train --data prefs.jsonl --out run2 --loss simpo --beta 2
@@ -36,6 +36,7 @@ def train_cmd(**options):
     """
     config = run_api(TrainConfig, **options)  # every option's rule, before torch loads
     run_api(preflight.train, options)  # the paths: refusals that need no model, still before torch
+    run_api(preflight.resume, config)  # a resume that would change the run's loss
     from prefcache.training.loop import train  # torch
 
     result = run_api(train, config)

@@ -26,6 +26,7 @@ from pathlib import Path
 from prefcache import __version__
 from prefcache.core.atomic import make_temp_dir, publish_dir, write_json_atomic
 from prefcache.core.distributed import barrier, gather
+from prefcache.training.config import loss_settings
 
 CHECKPOINT_JSON = "prefcache.json"  # in each checkpoint: step, base model, settings (for humans and score)
 # 1: the pair and unpaired loops of before; 2: the one loop (an unpaired run's batches length-grouped)
@@ -112,11 +113,11 @@ def save(run, at_step: int) -> None:
                          "rng": rngs, "bco": run.bco.state_dict(), "elapsed_s": run.elapsed(),
                          "world_size": run.world, "n_train": run.n_train, "batch_size": cfg.batch_size,
                          "grad_accum": cfg.grad_accum, "seed": cfg.seed, "last_eval_step": run.last_eval_step,
-                         "group_by_length": run.group_by_length}
+                         "group_by_length": run.group_by_length, "fingerprints": run.fingerprints}
         info = {"step": at_step, "epoch": run.epoch(at_step), "base_model": run.policy_info["model_name"],
                 "model": cfg.model, "finetune": cfg.finetune, "max_length": run.max_length,
                 "truncation": run.truncation, "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache,
-                "prefcache_version": __version__}
+                "loss_settings": loss_settings(cfg), "prefcache_version": __version__}
         save_checkpoint(run.out, at_step, run.policy, run.tokenizer, trainer_state, info)
     barrier(run.world)
     run.last_saved = at_step
@@ -137,15 +138,44 @@ def resumed_grouping(state: dict | None, group_by_length: bool, unpaired: bool) 
     return group_by_length
 
 
-def check_resumable(state: dict, *, world: int, n_train: int, cfg, group_by_length: bool | None = None) -> None:
-    """The data order is a function of these: resuming with others would not continue the same run."""
+# What each fingerprint (``state.fingerprints``) stands for, in a refusal.
+FINGERPRINTS = {"data": "the training examples, in order", "eval_data": "the held-out examples",
+                "cache": "what made its values: model, tokenisation, precision",
+                "eval_cache": "what made its values: model, tokenisation, precision"}
+
+
+def check_resumable(state: dict, *, world: int, n_train: int, cfg, group_by_length: bool | None = None,
+                    fingerprints: dict | None = None) -> None:
+    """The data order is a function of these, and the examples and reference values of the run: resuming
+    with others would not continue the same run. ``fingerprints`` (:func:`prefcache.training.state.fingerprints`)
+    are compared where the checkpoint recorded them (older ones did not: nothing to compare)."""
     now = {"world_size": world, "n_train": n_train, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
            "seed": cfg.seed,
            "group_by_length": cfg.group_by_length if group_by_length is None else group_by_length}
     had = {"group_by_length": False}  # checkpoints from before length grouping: random batches
-    if diff := [f"{k}: checkpoint has {state.get(k, had.get(k))!r}, now {v!r}" for k, v in now.items()
-                if state.get(k, had.get(k)) != v]:
+    diff = [f"{k}: checkpoint has {state.get(k, had.get(k))!r}, now {v!r}" for k, v in now.items()
+            if state.get(k, had.get(k)) != v]
+    recorded = state.get("fingerprints") or {}
+    diff += [f"{k} ({FINGERPRINTS[k]}): checkpoint has {recorded[k]!r}, now {v!r}"
+             for k, v in (fingerprints or {}).items() if k in recorded and recorded[k] != v]
+    if diff:
         raise ValueError("cannot resume with other settings:\n  " + "\n  ".join(diff))
+
+
+def check_same_objective(run_dir: str | os.PathLike, settings: dict) -> None:
+    """A resume continues the run's objective: refuse another loss, β or loss option, each difference on a line.
+
+    ``settings``: :func:`prefcache.training.config.loss_settings` of the resume. The latest checkpoint's
+    prefcache.json says what the run trained with (checkpoints before ``loss_settings``: the loss and β). No
+    torch and no data: it is checked before anything is read or written.
+    """
+    ckpt = latest_checkpoint(run_dir)
+    info = (read_checkpoint_info(ckpt) if ckpt else None) or {}
+    had = info.get("loss_settings") or {k: info[k] for k in ("loss", "beta") if k in info}
+    if diff := [f"{k}: checkpoint has {had[k]!r}, now {settings[k]!r}" for k in had
+                if k in settings and had[k] != settings[k]]:
+        raise ValueError(f"cannot resume with another loss ({ckpt.name} trained with the one below; a run keeps "
+                         "its objective: start a new --out to change it):\n  " + "\n  ".join(diff))
 
 
 def clean_temporaries(run_dir: str | os.PathLike) -> None:

@@ -8,7 +8,7 @@ checks the rules that span groups. The CLI's ``prefcache train`` options are bui
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from prefcache.core.options import POSITIVE, Range, _names, check_device, check_options, given, option
 from prefcache.data.options import BAD_ROW_POLICIES, TRUNCATIONS, DataOptions
@@ -73,6 +73,12 @@ class LossOptions:
         check_loss_names(loss)
         check_loss_options(loss, f_divergence=self.f_divergence, use_weighting=self.use_weighting,
                            label_smoothing=self.label_smoothing, given=given(self, _LOSS_OPTIONS))
+
+
+def loss_settings(cfg) -> dict:
+    """What a run optimises: the loss, β and every loss option (:class:`LossOptions`' fields), as JSON values
+    (lists for tuples). Each checkpoint records them, and a resume that changes one is refused."""
+    return {f.name: list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v for f in fields(LossOptions)}
 
 
 @dataclass(frozen=True, kw_only=True)

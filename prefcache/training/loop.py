@@ -20,7 +20,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,16 +36,17 @@ from prefcache.losses.registry import UNPAIRED_LOSSES
 from prefcache.model.kernel import LogProbModule, router_aux_coef
 from prefcache.model.load import load_tokenizer, resolve_device, resolve_model
 from prefcache.model.packing import training_sharing
-from prefcache.training.checkpoint import checkpoint_dir
-from prefcache.training.config import TrainConfig
+from prefcache.training.checkpoint import check_same_objective, checkpoint_dir
+from prefcache.training.config import TrainConfig, loss_settings
 from prefcache.training.guards import STEP0_MARGIN_TOLERANCE, check_step, resolve_finetune
 from prefcache.training.log import peak_mem_mb
 from prefcache.training.pairs import PairTask, example_cols  # noqa: F401 - example_cols: a public name here
-from prefcache.training.rundir import check_run_dir, write_run_info
+from prefcache.training.rundir import CONFIG_YAML, check_run_dir, saved_options, write_run_info
 from prefcache.training.state import (  # noqa: F401 - epoch_order: a public name here
     RunState,
     after_step,
     epoch_order,
+    fingerprints,
     finish,
     load_run_policy,
     make_optimization,
@@ -60,18 +61,34 @@ from prefcache.training.unpaired import UnpairedTask
 def train(config: TrainConfig | None = None, **options) -> dict:
     """Train a policy on ``config.data`` against the reference cache ``config.cache``.
 
-    ``train(data="prefs.jsonl", cache="ref-cache", out="run1", max_steps=100)`` is the same as the CLI.
+    ``train(data="prefs.jsonl", cache="ref-cache", out="run1", max_steps=100)`` is the same as the CLI, and
+    ``train(out="run1", resume=True, max_steps=200)`` continues run1 with the options it saved, the keyword
+    arguments given being the changes (a resume refuses another loss, other data or another cache).
     Returns a summary: run dir, steps, final checkpoint path, the last logged train and eval metrics,
     seconds, and the checkpoint it resumed from (or None).
     """
+    if config is None and options.get("resume") and options.get("out"):
+        options = {**resumed_options(options["out"]), **options}
     cfg = config or TrainConfig(**options)
     check_run_dir(cfg.out, cfg.resume)  # before the lock, so a refusal leaves nothing behind
+    if cfg.resume:
+        check_same_objective(cfg.out, loss_settings(cfg))  # before the data is read: a refusal costs nothing
     # One writer per run directory; ranks > 0 write nothing there.
     with directory_lock(cfg.out, "prefcache train", enabled=dist_info()[0] == 0):
         kind = UnpairedTask if cfg.loss[0] in UNPAIRED_LOSSES else PairTask
         kind.refuse(cfg)
         run, task, model, run_info = start(cfg, kind)
         return _train(run, task, model, run_info)
+
+
+def resumed_options(out: str) -> dict:
+    """A resume continues the run: the keyword arguments not passed are the options it saved, as for the
+    CLI's ``--resume`` (a :class:`TrainConfig` passed whole is taken as it is)."""
+    saved = saved_options(out)
+    if unknown := sorted(saved.keys() - {f.name for f in fields(TrainConfig)}):
+        raise ValueError(f"{Path(out) / CONFIG_YAML}: unknown option(s) {', '.join(unknown)}; pass a TrainConfig "
+                         "with the run's options")
+    return saved
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -110,7 +127,9 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
     # 2. The run directory: a fresh one, or a resume from its latest checkpoint.
     if (notice := check_run_dir(out, cfg.resume)) and main:
         print(f"prefcache train: {notice}", file=sys.stderr)
-    ckpt, state, log, grouped = open_run(cfg, world=world, main=main, n_train=n_train, unpaired=kind is UnpairedTask)
+    prints = fingerprints(task)
+    ckpt, state, log, grouped = open_run(cfg, world=world, main=main, n_train=n_train, unpaired=kind is UnpairedTask,
+                                         fingerprints=prints)
     if main:
         task.write_texts(out / "pairs.parquet")
         if task.bad_rows:
@@ -125,17 +144,17 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
                 "max_length": task.max_length, "truncation": task.truncation, "policy": policy_info, **task.info(),
                 "bad_rows": len(task.bad_rows), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                 "warmup_steps": warmup, "pairs_per_step": cfg.batch_size * cfg.grad_accum * world,
-                "prefix_sharing": model.sharing, "group_by_length": grouped,
+                "prefix_sharing": model.sharing, "group_by_length": grouped, "fingerprints": prints,
                 "resumed_from": str(ckpt) if ckpt else None,
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if main:
         write_run_info(out, run_info)
-        write_config(cfg, out / "config.yaml")  # `prefcache train --config RUN/config.yaml` runs it again
+        write_config(cfg, out / CONFIG_YAML)  # `prefcache train --config RUN/config.yaml` runs it again
     trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
     run = RunState(cfg=cfg, out=out, rank=rank, world=world, device=device, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, n_train=n_train, max_length=task.max_length, truncation=task.truncation,
                    group_by_length=grouped, log=log, policy=policy, policy_info=policy_info, tokenizer=tokenizer,
-                   optimizer=optimizer, scheduler=scheduler, trackers=trackers)
+                   optimizer=optimizer, scheduler=scheduler, trackers=trackers, fingerprints=prints)
     run.restore(state)
     return run, task, model, run_info
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from prefcache.core.atomic import write_json_atomic
 from prefcache.core.folders import RUN_JSON, check_folder_kind
 from prefcache.core.hub import looks_like_id, snapshot, split_revision
+from prefcache.core.runconfig import read_config
 from prefcache.training.checkpoint import (  # noqa: F401 - CHECKPOINT_JSON, read_checkpoint_info: export's names
     CHECKPOINT_JSON,
     list_checkpoints,
@@ -22,6 +23,7 @@ from prefcache.training.checkpoint import (  # noqa: F401 - CHECKPOINT_JSON, rea
     write_checkpoint_info,
 )
 
+CONFIG_YAML = "config.yaml"  # the run's options: `train --config RUN/config.yaml` replays it, `--resume` continues it
 BASE = "base"  # the checkpoint name of a run's base model
 
 
@@ -37,6 +39,13 @@ def read_run_info(run_dir: str | os.PathLike | None) -> dict:
     """A run's run.json, or {} (no run, or none written yet)."""
     path = Path(run_dir) / RUN_JSON if run_dir else None
     return json.loads(path.read_text()) if path and path.exists() else {}
+
+
+def saved_options(run_dir: str | os.PathLike) -> dict:
+    """The options a run saved (RUN/config.yaml, keys as field names), or {} (none saved): what ``--resume``
+    continues with wherever it is not told otherwise. An older file's one-off ``resume`` is left out."""
+    path = Path(run_dir) / CONFIG_YAML
+    return {k: v for k, v in read_config(path).items() if k != "resume"} if path.is_file() else {}
 
 
 def holds_run(out: str | os.PathLike) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from prefcache.cache.store import identity
 from prefcache.core.distributed import barrier
 from prefcache.losses import RunningMean
 from prefcache.model.load import resolve_model
@@ -67,6 +68,7 @@ class RunState:
     last_eval: dict = field(default_factory=dict)
     bco: RunningMean = field(default_factory=RunningMean)
     step0_margin: float | None = None  # the first step's margin (pairs), measured on the starting policy
+    fingerprints: dict = field(default_factory=dict)  # what it trains on (see fingerprints), saved for a resume
 
     @property
     def main(self) -> bool:
@@ -109,6 +111,20 @@ def held_out_ids(ids: list[str], fraction: float) -> set[str]:
     return set(sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:k])
 
 
+def fingerprints(task) -> dict:
+    """What a resume must find again, as short hashes: the training examples' ids in their order (the data
+    order is a permutation of positions, so the same ids in another order would not continue the run), the
+    held-out ones (None: no eval), and each cache's :func:`~prefcache.cache.store.identity` (None: no cache)."""
+    def ids(examples):
+        return hashlib.sha256("\n".join(e.id for e in examples).encode()).hexdigest()[:16] if examples else None
+
+    def cache(reference):
+        return identity(reference.metadata) if reference is not None else None
+
+    return {"data": ids(task.train_set), "eval_data": ids(task.eval_set), "cache": cache(task.reference),
+            "eval_cache": cache(task.eval_reference) if task.eval_set else None}
+
+
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, lengths: list[int] | None = None,
                 span: int = 1) -> list[int]:
     """This rank's pair indices for an epoch: a permutation seeded by (seed + epoch), padded to a multiple
@@ -143,12 +159,14 @@ def make_optimizer(cfg, params):
     return cls(groups, lr=cfg.lr)
 
 
-def open_run(cfg, *, world: int, main: bool, n_train: int, unpaired: bool = False):
+def open_run(cfg, *, world: int, main: bool, n_train: int, unpaired: bool = False,
+             fingerprints: dict | None = None):
     """(checkpoint resumed from, its trainer state, the run's log, whether batches are length-grouped) for a
     fresh run or a ``--resume``.
 
-    Refuses a resume with another data order (:func:`~prefcache.training.checkpoint.check_resumable`; an
-    unpaired run of the loop of before keeps its random batches, see ``resumed_grouping``); then, on rank 0,
+    Refuses a resume with another data order, other examples or another cache (``fingerprints``: this run's
+    :func:`fingerprints`; :func:`~prefcache.training.checkpoint.check_resumable`; an unpaired run of the loop
+    of before keeps its random batches, see ``resumed_grouping``), before anything is written; then, on rank 0,
     removes what a killed run left half-written and drops the rows logged after the checkpoint (they are
     logged again).
     """
@@ -157,7 +175,8 @@ def open_run(cfg, *, world: int, main: bool, n_train: int, unpaired: bool = Fals
     state = load_trainer_state(ckpt) if ckpt else None
     group = resumed_grouping(state, cfg.group_by_length, unpaired)
     if state:
-        check_resumable(state, world=world, n_train=n_train, cfg=cfg, group_by_length=group)
+        check_resumable(state, world=world, n_train=n_train, cfg=cfg, group_by_length=group,
+                        fingerprints=fingerprints)
     barrier(world)  # every rank has looked at the run dir before rank 0 starts writing to it
     log = RunLog(out, enabled=main)
     if main:
