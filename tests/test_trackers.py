@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import preference_rows, write_jsonl
 
 from prefcache.training.config import TrainConfig
@@ -31,15 +30,13 @@ def test_metric_names_are_trls():
     assert trl_metrics({"loss": 0.7, "rewards_margins": 0.0}, "eval") == {"eval_loss": 0.7, "eval_rewards/margins": 0.0}
 
 
-def test_tensorboard_events_hold_the_parquet_metrics(tmp_path, tiny_model):
-    pytest.importorskip("tensorboard")
+def test_tensorboard_events_hold_the_parquet_metrics(tmp_path, tiny_model, one_thread):
     import polars as pl
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from prefcache.reference.shards import precompute
     from prefcache.training.loop import train
 
-    torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
                progress=False)
