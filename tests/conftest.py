@@ -47,18 +47,31 @@ def tokenizer(smol_dir):
     return load_tokenizer(resolve_model(str(smol_dir)))
 
 
-def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2) -> Path:
-    """A random Llama with SmolLM2's tokenizer: real tokenisation, millisecond forward passes.
-    (hidden 64: bitsandbytes' CPU 4-bit kernels reject narrower layers.)"""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 128}
 
+
+def tiny_lm(arch: str = "llama", vocab: int = 301, seed: int = 0, attn: str | None = "sdpa", **config):
+    """A random causal LM of TINY_SHAPE (``config`` overrides it), the same weights for the same seed; ``attn``
+    None keeps the config's own attention implementation."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cls, cfg = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = cls(cfg(vocab_size=vocab, **{**TINY_SHAPE, **config}))
+    if attn is not None:
+        model.set_attn_implementation(attn)
+    return model
+
+
+def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2) -> Path:
+    """A random Llama with SmolLM2's tokenizer, saved: real tokenisation, millisecond forward passes.
+    (hidden 64: bitsandbytes' CPU 4-bit kernels reject narrower layers.)"""
+    model = tiny_lm("llama", len(tokenizer), seed, attn=None, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=layers, max_position_embeddings=512, tie_word_embeddings=True,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -214,6 +227,17 @@ def poison_gradient(monkeypatch, at_backward: int = 1) -> dict:
 
     monkeypatch.setattr(loop, "load_run_policy", poisoned_policy)
     return seen
+
+
+def completion_logps(model, prompt: list[int], completion: list[int]):
+    """Per-token log-probs of ``completion`` after ``prompt``, by hand: one unpadded sequence through the model,
+    the textbook float64 log-softmax of its logits. [len(completion)], float64, nats."""
+    import torch
+
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    return logps[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt):]]
 
 
 class Saves:

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ENV, preference_rows, write_jsonl
+from conftest import ENV, completion_logps, preference_rows, write_jsonl
 
 from prefcache.cache.store import CacheError, read_cache, read_metadata, shard_metadata, shard_paths
 from prefcache.cli import main
@@ -33,7 +33,6 @@ def test_values_equal_a_naive_full_logits_computation(tmp_path, prefs_file, tiny
     from transformers import AutoModelForCausalLM
 
     from prefcache.data.pairs import load_dataset_pairs
-    from prefcache.model.kernel import naive_token_logprobs
 
     result = run(prefs_file, tmp_path / "c", tiny_model, batch_size=3, per_token=True)
     assert result["scored"] == 24 and result["problems"] == []
@@ -43,11 +42,7 @@ def test_values_equal_a_naive_full_logits_computation(tmp_path, prefs_file, tiny
     for p in pairs:
         for side in ("chosen", "rejected"):
             completion = getattr(p, f"{side}_ids")
-            ids = torch.tensor([p.prompt_ids + completion])
-            mask = torch.zeros_like(ids)
-            mask[0, len(p.prompt_ids):] = 1
-            with torch.no_grad():
-                naive = naive_token_logprobs(model, ids, torch.ones_like(ids), mask)[0, len(p.prompt_ids):]
+            naive = completion_logps(model, p.prompt_ids, completion).float()
             assert got[p.id][f"{side}_logps"] == pytest.approx(naive.sum().item(), abs=1e-4)
             assert got[p.id][f"{side}_tokens"] == len(completion)
             torch.testing.assert_close(torch.tensor(got[p.id][f"{side}_token_logps"]), naive, atol=1e-5, rtol=0)

@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ENV, preference_rows, write_jsonl
+from conftest import ENV, completion_logps, preference_rows, write_jsonl
 
 from prefcache.cache.lookup import UnpairedReference
 from prefcache.cache.store import CacheError, read_metadata, verify
@@ -91,11 +91,8 @@ def test_unpaired_cache_holds_each_completion_and_its_kl_completion(tmp_path, ti
     partners = kl_partners([i.id for i in items], 3)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
-    def summed(prompt, completion):  # the textbook computation, float64 log-softmax
-        ids = torch.tensor([prompt + completion])
-        with torch.no_grad():
-            logps = torch.log_softmax(model(ids).logits.double()[0, :-1], -1)
-        return float(logps[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt):]].sum())
+    def summed(prompt, completion):
+        return completion_logps(model, prompt, completion).sum().item()
 
     for row in table:
         item = by_id[row["id"]]
