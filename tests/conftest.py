@@ -47,18 +47,31 @@ def tokenizer(smol_dir):
     return load_tokenizer(resolve_model(str(smol_dir)))
 
 
-def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2) -> Path:
-    """A random Llama with SmolLM2's tokenizer: real tokenisation, millisecond forward passes.
-    (hidden 64: bitsandbytes' CPU 4-bit kernels reject narrower layers.)"""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 128}
 
+
+def tiny_lm(arch: str = "llama", vocab: int = 301, seed: int = 0, attn: str | None = "sdpa", **config):
+    """A random causal LM of TINY_SHAPE (``config`` overrides it), the same weights for the same seed; ``attn``
+    None keeps the config's own attention implementation."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cls, cfg = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = cls(cfg(vocab_size=vocab, **{**TINY_SHAPE, **config}))
+    if attn is not None:
+        model.set_attn_implementation(attn)
+    return model
+
+
+def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2) -> Path:
+    """A random Llama with SmolLM2's tokenizer, saved: real tokenisation, millisecond forward passes.
+    (hidden 64: bitsandbytes' CPU 4-bit kernels reject narrower layers.)"""
+    model = tiny_lm("llama", len(tokenizer), seed, attn=None, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=layers, max_position_embeddings=512, tie_word_embeddings=True,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -150,6 +163,138 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
 @pytest.fixture
 def prefs_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
+
+
+# -- helpers several test modules share, written once here ---------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+# A child process's environment: this checkout's prefcache on the path, and one thread (deterministic CPU sums,
+# no oversubscription of a small machine).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+# A pairs cache's metadata for shards written by hand (CacheWriter), with :func:`cache_rows`.
+CACHE_META = {"schema_version": 1, "model_fingerprint": "m", "adapter_fingerprint": None, "tokenizer_fingerprint": "t",
+              "chat_template_hash": "c", "max_length": 64, "truncation": "keep_start", "quantization": "fp32",
+              "dtype": "float32", "per_token": False}
+
+
+def cache_rows(ids, chosen: float = -1.0, rejected: float = -2.0, per_token: bool = False) -> dict[str, list]:
+    """The columns of a pairs cache shard for ``ids``, every row alike (3 prompt, 2 chosen, 4 rejected tokens;
+    the rejected side truncated)."""
+    n = len(ids)
+    cols = {"id": list(ids), "chosen_logps": [chosen] * n, "rejected_logps": [rejected] * n,
+            "chosen_logps_prefix": [chosen] * n, "rejected_logps_prefix": [rejected] * n,
+            "prompt_tokens": [3] * n, "chosen_tokens": [2] * n, "rejected_tokens": [4] * n,
+            "chosen_truncated": [False] * n, "rejected_truncated": [True] * n}
+    if per_token:
+        cols["chosen_token_logps"] = [[-0.5, -0.5]] * n
+        cols["rejected_token_logps"] = [[-0.5] * 4] * n
+    return cols
+
+
+def poison_value(cache, column: str, row: int = 1) -> str:
+    """Write NaN into one value of a cache's first shard; returns that row's id."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    from prefcache.cache.store import shard_paths
+
+    shard = shard_paths(cache)[0]
+    table = pq.read_table(shard)
+    values = table.column(column).to_pylist()
+    values[row] = math.nan
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, [values]), shard)
+    return table.column("id")[row].as_py()
+
+
+def poison_gradient(monkeypatch, at_backward: int = 1) -> dict:
+    """From the ``at_backward``-th backward on, one LoRA parameter's gradient is NaN: a real non-finite
+    gradient (the loss stays finite), as an overflow in backward gives. Returns the count of backwards seen."""
+    import math
+
+    import torch
+
+    import prefcache.training.loop as loop
+
+    real, seen = loop.load_run_policy, {"n": 0}
+
+    def poisoned_policy(*args, **kwargs):
+        policy, info = real(*args, **kwargs)
+        param = next(p for n, p in policy.named_parameters() if "lora_B" in n)
+
+        def hook(grad):
+            seen["n"] += 1
+            return torch.full_like(grad, math.nan) if seen["n"] >= at_backward else grad
+
+        param.register_hook(hook)
+        return policy, info
+
+    monkeypatch.setattr(loop, "load_run_policy", poisoned_policy)
+    return seen
+
+
+def completion_logps(model, prompt: list[int], completion: list[int]):
+    """Per-token log-probs of ``completion`` after ``prompt``, by hand: one unpadded sequence through the model,
+    the textbook float64 log-softmax of its logits. [len(completion)], float64, nats."""
+    import torch
+
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    return logps[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt):]]
+
+
+class Saves:
+    """Stands in for a model or tokenizer: ``save_pretrained`` writes one file (or fails, as a full disk does)."""
+
+    def __init__(self, name: str = "weights", fail: bool = False):
+        self.name, self.fail = name, fail
+
+    def save_pretrained(self, folder):
+        (Path(folder) / self.name).write_text("weights")
+        if self.fail:
+            raise OSError(28, "No space left on device")
+
+
+def pairs_run_setup(root: Path, model: Path, n: int, max_length: int = 64, **precompute_options) -> dict:
+    """A training test module's set-up: ``n`` pairs in ``root`` and their fp32 reference cache from ``model``
+    (which is also the policy, so step 0 starts at zero rewards)."""
+    from prefcache.reference.shards import precompute
+
+    data = write_jsonl(root / "d.jsonl", preference_rows(n))
+    precompute(data=str(data), out=str(root / "cache"), model=str(model), max_length=max_length, quantize="fp32",
+               progress=False, **precompute_options)
+    return {"root": root, "data": data, "cache": root / "cache", "model": model}
+
+
+def train_run(setup: dict, out, **options) -> dict:
+    """``train`` on a set-up's data, cache and model into ``out``: lr 1e-3 from the first step, no progress bar,
+    unless ``options`` say otherwise."""
+    from prefcache.training.loop import train
+
+    return train(**{"data": str(setup["data"]), "cache": str(setup["cache"]), "model": str(setup["model"]),
+                    "out": str(out), "lr": 1e-3, "warmup_steps": 0, "progress": False, **options})
+
+
+def adam_reorder_atol(lr: float, steps: int) -> float:
+    """The bound on a weight's difference between two runs that sum the same fp32 values in another order
+    (batch 4 against 2 x 2, one process against two ranks), from measured noise relative to the update size.
+
+    Adam moves a weight by about lr per step whatever its gradient's size, so a weight whose gradient is near
+    0 turns fp32 rounding of that gradient's sum into a visible share of its update: measured, the worst
+    weight of 512 (lora_B, index (4, 10), relative difference 3.8e-3) differed by 1.09e-6 after 3 steps at lr
+    1e-3 (3.6e-4 of lr x steps), the same on two machines; every other weight agreed to rtol 1e-4. The bound is
+    1e-3 of lr x steps: ~3x the worst measured, and 1000x below a step's size, so a lost or doubled
+    micro-batch (a whole update) still fails.
+    """
+    return 1e-3 * lr * steps
+
+
+# The logged losses of two such runs: measured 1.4e-7 (batch 4 against 2 x 2, 3 steps) and 2.6e-7 (one process
+# against two ranks, 4 steps) on losses near ln 2, i.e. 2-4 fp32 ulps of 0.69 (the ulp is 6e-8). The bound,
+# 7.9e-6 at ln 2, is 30x the worst measured and 250x below what one step of lr 1e-3 moves the loss here (2e-3).
+LOSS_REORDER_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def pytest_collection_modifyitems(config, items):

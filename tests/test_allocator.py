@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from prefcache.core.allocator import find_jemalloc, started_as_prefcache
 
 
@@ -26,12 +24,13 @@ def test_opt_out(monkeypatch):
 
 
 def allocator_of(env):
-    out = subprocess.run([sys.executable, "-m", "prefcache", "env"], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-m", "prefcache", "env"], capture_output=True, text=True, check=True, timeout=300,
                          env={k: v for k, v in env.items() if k not in ("LD_PRELOAD", "PREFCACHE_ALLOCATOR_SET")})
     return next(line for line in out.stdout.splitlines() if line.startswith("allocator")).split(None, 1)[1]
 
 
-@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is not installed")
-def test_heavy_commands_run_on_jemalloc_unless_opted_out():
-    assert allocator_of({**os.environ, "PREFCACHE_ALLOCATOR": "auto"}) == "jemalloc"
+def test_heavy_commands_run_on_jemalloc_where_installed_unless_opted_out(monkeypatch):
+    monkeypatch.setenv("PREFCACHE_ALLOCATOR", "auto")
+    installed = find_jemalloc() is not None  # libjemalloc2 is on this project's machines; elsewhere: glibc, as documented
+    assert allocator_of({**os.environ, "PREFCACHE_ALLOCATOR": "auto"}) == ("jemalloc" if installed else "system (glibc malloc)")
     assert allocator_of({**os.environ, "PREFCACHE_ALLOCATOR": "system"}).startswith("system")

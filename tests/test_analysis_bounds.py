@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import finish, read_line
+from conftest import ENV, finish, read_line
 
 from prefcache.analysis.views import AnalysisError, connect
 
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 HUGE = "SELECT a.range AS x FROM range(100000000) a, range(100000000) b"  # 1e16 rows
 
 

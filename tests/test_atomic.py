@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ENV as CHILD_ENV
 from conftest import preference_rows, write_jsonl
 
 import prefcache
@@ -28,8 +29,7 @@ from prefcache.core.atomic import (
     write_text_atomic,
 )
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-       "PREFCACHE_ALLOCATOR": "system", "PYTHONDONTWRITEBYTECODE": "1"}
+ENV = {**CHILD_ENV, "PREFCACHE_ALLOCATOR": "system", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import duckdb
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from conftest import CACHE_META, cache_rows
 
 from prefcache.cache.store import (
     COMPAT_KEYS,
@@ -22,27 +23,11 @@ from prefcache.cache.store import (
     verify,
 )
 
-META = {"schema_version": 1, "model_fingerprint": "m", "adapter_fingerprint": None, "tokenizer_fingerprint": "t",
-        "chat_template_hash": "c", "max_length": 64, "truncation": "keep_start", "quantization": "fp32",
-        "dtype": "float32", "per_token": False}
-
-
-def rows(ids, chosen=-1.0, rejected=-2.0, per_token=False):
-    n = len(ids)
-    cols = {"id": list(ids), "chosen_logps": [chosen] * n, "rejected_logps": [rejected] * n,
-            "chosen_logps_prefix": [chosen] * n, "rejected_logps_prefix": [rejected] * n,
-            "prompt_tokens": [3] * n, "chosen_tokens": [2] * n, "rejected_tokens": [4] * n,
-            "chosen_truncated": [False] * n, "rejected_truncated": [True] * n}
-    if per_token:
-        cols["chosen_token_logps"] = [[-0.5, -0.5]] * n
-        cols["rejected_token_logps"] = [[-0.5] * 4] * n
-    return cols
-
 
 def test_shards_are_atomic_numbered_and_readable_by_any_parquet_reader(tmp_path):
-    w = CacheWriter(tmp_path, META)
-    w.write(rows(["a", "b"]))
-    w.write(rows(["c"]))
+    w = CacheWriter(tmp_path, CACHE_META)
+    w.write(cache_rows(["a", "b"]))
+    w.write(cache_rows(["c"]))
     names = [p.name for p in shard_paths(tmp_path)]
     assert [n[:16] for n in names] == ["part-r000-000000", "part-r000-000001"]
     assert len({n[17:25] for n in names}) == 1  # one nonce per pass
@@ -58,34 +43,34 @@ def test_shards_are_atomic_numbered_and_readable_by_any_parquet_reader(tmp_path)
 
 
 def test_new_writer_continues_numbering_and_removes_stale_temp_files(tmp_path):
-    CacheWriter(tmp_path, META).write(rows(["a"]))
+    CacheWriter(tmp_path, CACHE_META).write(cache_rows(["a"]))
     (tmp_path / ".tmp-r000-crashed.parquet").write_bytes(b"half a file")
-    w = CacheWriter(tmp_path, META)
+    w = CacheWriter(tmp_path, CACHE_META)
     assert not list(tmp_path.glob(".tmp-*"))
-    assert w.write(rows(["b"])).name.startswith("part-r000-000001-")
-    assert CacheWriter(tmp_path, META, rank=1).write(rows(["c"])).name.startswith("part-r001-000000-")
+    assert w.write(cache_rows(["b"])).name.startswith("part-r000-000001-")
+    assert CacheWriter(tmp_path, CACHE_META, rank=1).write(cache_rows(["c"])).name.startswith("part-r001-000000-")
 
 
 def test_two_writers_never_collide_even_without_the_lock(tmp_path):
-    a, b = CacheWriter(tmp_path, META), CacheWriter(tmp_path, META)
-    a.write(rows(["a"]))
-    b.write(rows(["b"]))  # same rank, same sequence number: another nonce
+    a, b = CacheWriter(tmp_path, CACHE_META), CacheWriter(tmp_path, CACHE_META)
+    a.write(cache_rows(["a"]))
+    b.write(cache_rows(["b"]))  # same rank, same sequence number: another nonce
     assert existing_ids(tmp_path) == {"a", "b"} and len(shard_paths(tmp_path)) == 2
 
 
 def test_shards_without_a_nonce_of_older_caches_are_read(tmp_path):
-    CacheWriter(tmp_path, META).write(rows(["a"]))
+    CacheWriter(tmp_path, CACHE_META).write(cache_rows(["a"]))
     old = shard_paths(tmp_path)[0]
     old.rename(tmp_path / "part-r000-000000.parquet")
     assert existing_ids(tmp_path) == {"a"}
-    assert CacheWriter(tmp_path, META).write(rows(["b"])).name.startswith("part-r000-000001-")
+    assert CacheWriter(tmp_path, CACHE_META).write(cache_rows(["b"])).name.startswith("part-r000-000001-")
 
 
 def test_a_failed_shard_write_leaves_no_partial_file_and_names_it(tmp_path, monkeypatch):
     from prefcache.core.atomic import WriteError
 
-    w = CacheWriter(tmp_path, META)
-    w.write(rows(["a"]))
+    w = CacheWriter(tmp_path, CACHE_META)
+    w.write(cache_rows(["a"]))
 
     def full_disk(table, where, **kwargs):
         with open(where, "wb") as f:
@@ -95,26 +80,26 @@ def test_a_failed_shard_write_leaves_no_partial_file_and_names_it(tmp_path, monk
     monkeypatch.setattr(pq, "write_table", full_disk)
     with pytest.raises(WriteError, match=r"cannot write .*part-r000-000001-\w+\.parquet: no space left on device "
                                          r"\(1,000 bytes written"):
-        w.write(rows(["b"]))
+        w.write(cache_rows(["b"]))
     assert [p.name for p in tmp_path.iterdir()] == [shard_paths(tmp_path)[0].name]
 
 
 def test_per_token_columns_are_lists(tmp_path):
-    CacheWriter(tmp_path, {**META, "per_token": True}).write(rows(["a"], per_token=True))
+    CacheWriter(tmp_path, {**CACHE_META, "per_token": True}).write(cache_rows(["a"], per_token=True))
     t = read_cache(tmp_path)
     assert t.column("rejected_token_logps").to_pylist() == [[-0.5] * 4]
 
 
 def test_differences_name_each_key():
-    other = {**META, "max_length": 128, "quantization": "4bit"}
-    diff = differences(META, other)
+    other = {**CACHE_META, "max_length": 128, "quantization": "4bit"}
+    diff = differences(CACHE_META, other)
     assert diff == ["max_length: cache has 64, asked for 128", "quantization: cache has 'fp32', asked for '4bit'"]
     assert set(COMPAT_KEYS) >= {"model_fingerprint", "tokenizer_fingerprint", "chat_template_hash", "max_length",
                                 "truncation", "quantization", "schema_version"}
 
 
 def test_verify_healthy_cache_and_coverage(tmp_path):
-    CacheWriter(tmp_path, META).write(rows(["a", "b"]))
+    CacheWriter(tmp_path, CACHE_META).write(cache_rows(["a", "b"]))
     assert verify(tmp_path, expected_ids=["a", "b"]) == []
     problems = verify(tmp_path, expected_ids=["a", "b", "x", "y"])
     assert len(problems) == 1 and "2 of 4 ids" in problems[0] and "x" in problems[0]
@@ -122,10 +107,10 @@ def test_verify_healthy_cache_and_coverage(tmp_path):
 
 
 def test_verify_finds_duplicates_nan_and_damaged_shards(tmp_path):
-    w = CacheWriter(tmp_path, META)
-    w.write(rows(["a", "b"]))
-    w.write(rows(["b"]))
-    w.write(rows(["n"], chosen=float("nan")))
+    w = CacheWriter(tmp_path, CACHE_META)
+    w.write(cache_rows(["a", "b"]))
+    w.write(cache_rows(["b"]))
+    w.write(cache_rows(["n"], chosen=float("nan")))
     (tmp_path / "part-r000-000009.parquet").write_bytes(b"not parquet")
     text = "\n".join(verify(tmp_path))
     assert "1 duplicate ids" in text and "b (" in text
@@ -134,20 +119,20 @@ def test_verify_finds_duplicates_nan_and_damaged_shards(tmp_path):
 
 
 def test_verify_finds_shards_with_different_metadata(tmp_path):
-    CacheWriter(tmp_path, META).write(rows(["a"]))
-    CacheWriter(tmp_path, {**META, "max_length": 99}, rank=1).write(rows(["b"]))
+    CacheWriter(tmp_path, CACHE_META).write(cache_rows(["a"]))
+    CacheWriter(tmp_path, {**CACHE_META, "max_length": 99}, rank=1).write(cache_rows(["b"]))
     assert any("max_length: cache has 64, asked for 99" in p for p in verify(tmp_path))
 
 
 def test_summary_and_manifest(tmp_path):
-    w = CacheWriter(tmp_path, META)
-    w.write(rows(["a", "b", "c"], chosen=-1.0, rejected=-3.0))
+    w = CacheWriter(tmp_path, CACHE_META)
+    w.write(cache_rows(["a", "b", "c"], chosen=-1.0, rejected=-3.0))
     w.write_manifest()
     s = summary(tmp_path)
     assert s["rows"] == 3 and s["unique_ids"] == 3 and s["shards"] == 1
     assert s["columns"]["chosen_logps"]["mean"] == pytest.approx(-1.0)
     assert s["rejected_truncated_frac"] == 1.0 and s["ref_prefers_chosen_frac"] == 1.0
-    assert json.loads((tmp_path / "manifest.json").read_text())["metadata"] == META
+    assert json.loads((tmp_path / "manifest.json").read_text())["metadata"] == CACHE_META
 
 
 def test_not_a_cache(tmp_path):

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import Saves
 
 from prefcache.training.checkpoint import (
     checkpoint_dir,
@@ -21,22 +22,10 @@ from prefcache.training.checkpoint import (
 )
 
 
-class _Saves:
-    """Stands in for a model or tokenizer: ``save_pretrained`` writes one file (or fails)."""
-
-    def __init__(self, name: str, fail: bool = False):
-        self.name, self.fail = name, fail
-
-    def save_pretrained(self, folder):
-        (folder / self.name).write_text("weights")
-        if self.fail:
-            raise OSError(28, "No space left on device")
-
-
 def test_save_and_find_checkpoints(tmp_path):
     assert list_checkpoints(tmp_path) == [] and latest_checkpoint(tmp_path) is None
     for step in (10, 2, 100):
-        save_checkpoint(tmp_path, step, _Saves("model.safetensors"), _Saves("tokenizer.json"), {"step": step},
+        save_checkpoint(tmp_path, step, Saves("model.safetensors"), Saves("tokenizer.json"), {"step": step},
                         {"step": step, "loss": ["sigmoid"]})
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 10, 100]  # by step, not by name
     latest = latest_checkpoint(tmp_path)
@@ -49,11 +38,11 @@ def test_save_and_find_checkpoints(tmp_path):
 
 def test_a_failed_save_leaves_no_checkpoint_and_a_rerun_replaces(tmp_path):
     with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 5, _Saves("model.safetensors", fail=True), _Saves("t"), {}, {})
+        save_checkpoint(tmp_path, 5, Saves("model.safetensors", fail=True), Saves("t"), {}, {})
     assert list_checkpoints(tmp_path) == []
     assert list((tmp_path / "checkpoints").iterdir()) == []
-    save_checkpoint(tmp_path, 5, _Saves("a"), _Saves("t"), {"v": 1}, {})
-    save_checkpoint(tmp_path, 5, _Saves("b"), _Saves("t"), {"v": 2}, {})
+    save_checkpoint(tmp_path, 5, Saves("a"), Saves("t"), {"v": 1}, {})
+    save_checkpoint(tmp_path, 5, Saves("b"), Saves("t"), {"v": 2}, {})
     assert load_trainer_state(checkpoint_dir(tmp_path, 5)) == {"v": 2}
     assert not (checkpoint_dir(tmp_path, 5) / "a").exists()
 

@@ -106,5 +106,6 @@ def test_help_imports_no_heavy_library(args):
     heavy = ("torch", "transformers", "pyarrow", "duckdb", "polars", "numpy", "lm_eval", "peft", "bitsandbytes")
     code = (f"import sys; from prefcache.cli import main; main({args!r}, standalone_mode=False); "
             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
     assert out.strip().splitlines()[-1] == "[]"

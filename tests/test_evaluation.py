@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import preference_rows, write_jsonl
+from conftest import completion_logps, preference_rows, write_jsonl
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -195,11 +195,9 @@ def test_missing_checkpoint_is_a_clear_error(setup):
 
 def _hand_scores(model_dir: Path, adapter: Path | None, setup) -> dict[str, tuple[float, float]]:
     """Per id: beta * (policy - cached reference) for chosen and rejected, one unpadded pair at a time."""
-    import torch
 
     from prefcache.cache.store import read_cache
     from prefcache.data.pairs import load_dataset_pairs
-    from prefcache.model.kernel import collate, token_logprobs
     from prefcache.model.load import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(str(model_dir))
@@ -207,14 +205,12 @@ def _hand_scores(model_dir: Path, adapter: Path | None, setup) -> dict[str, tupl
     pairs, _, _ = load_dataset_pairs(setup["heldout"], load_tokenizer(source), 64, "keep_start")
     ref = {r["id"]: r for r in read_cache(setup["cache"]).to_pylist()}
     out = {}
-    with torch.no_grad():
-        for p in pairs:
-            sides = []
-            for completion, ref_value in ((p.chosen_ids, ref[p.id]["chosen_logps"]), (p.rejected_ids, ref[p.id]["rejected_logps"])):
-                ids, mask, comp = collate([p.prompt_ids + completion], [len(p.prompt_ids)], 0)
-                policy = token_logprobs(model, ids, mask, comp).double().sum().item()
-                sides.append(BETA * (policy - ref_value))
-            out[p.id] = tuple(sides)
+    for p in pairs:
+        sides = []
+        for completion, ref_value in ((p.chosen_ids, ref[p.id]["chosen_logps"]), (p.rejected_ids, ref[p.id]["rejected_logps"])):
+            policy = completion_logps(model, p.prompt_ids, completion).sum().item()
+            sides.append(BETA * (policy - ref_value))
+        out[p.id] = tuple(sides)
     return out
 
 
@@ -366,8 +362,7 @@ def _choice_logliks(model_dir: Path) -> list[list[float]]:
             for choice in choices:
                 whole = tok(prompt + choice, add_special_tokens=False)["input_ids"]
                 assert whole[:len(context)] == context  # the choice starts at a token boundary
-                logps = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
-                lls.append(sum(logps[t - 1, whole[t]].item() for t in range(len(context), len(whole))))
+                lls.append(completion_logps(model, context, whole[len(context):]).sum().item())
             out.append(lls)
     return out
 

@@ -4,49 +4,32 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import polars as pl
-import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import preference_rows, write_jsonl
+from conftest import ENV, pairs_run_setup, poison_gradient, poison_value, steps, train_run
 from safetensors.torch import load_file
 
 from prefcache.cache.store import CacheError, shard_paths
-from prefcache.reference.shards import precompute
 from prefcache.training.config import TrainConfig
 from prefcache.training.guards import NonFiniteError, resolve_finetune
-from prefcache.training.loop import train
 from prefcache.training.schedule import lr_factor
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("guards")
-    data = write_jsonl(root / "d.jsonl", preference_rows(16))
-    precompute(data=str(data), out=str(root / "cache"), model=str(tiny_model), max_length=64, quantize="fp32",
-               shard_size=8, progress=False)
-    return {"root": root, "data": data, "cache": root / "cache", "model": tiny_model}
+    return pairs_run_setup(tmp_path_factory.mktemp("guards"), tiny_model, 16, shard_size=8)
 
 
 def run(setup, out, **kw):
-    kw = {"data": str(setup["data"]), "cache": str(setup["cache"]), "model": str(setup["model"]), "out": str(out),
-          "max_steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "progress": False, **kw}
-    return train(**kw)
-
-
-def steps(out) -> pl.DataFrame:
-    return pl.read_parquet(f"{out}/logs/steps-*.parquet").filter(pl.col("split") == "train").sort("step")
+    return train_run(setup, out, **{"max_steps": 2, "batch_size": 4, **kw})
 
 
 def copy_cache(setup, dst: Path) -> Path:
@@ -71,10 +54,10 @@ def test_bad_option_writes_nothing_and_refusals_need_no_torch(setup, tmp_path):
     out = tmp_path / "run"
     base = [sys.executable, "-m", "prefcache", "train", "--data", str(setup["data"]), "--cache", str(setup["cache"]),
             "--out", str(out)]
-    r = subprocess.run(base + ["--lr", "nan"], capture_output=True, text=True, env=ENV)
+    r = subprocess.run(base + ["--lr", "nan"], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode != 0 and "lr must be positive and finite" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
-    r = subprocess.run(base + ["--resume"], capture_output=True, text=True, env=ENV)
+    r = subprocess.run(base + ["--resume"], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode != 0 and "--resume" in r.stderr and "does not exist" in r.stderr
     assert not out.exists()
 
@@ -92,13 +75,7 @@ def test_resume_of_an_empty_directory_is_refused(setup, tmp_path):
 
 def test_a_nan_reference_value_is_refused_naming_the_pair(setup, tmp_path):
     cache = copy_cache(setup, tmp_path / "cache")
-    shard = shard_paths(cache)[0]
-    table = pq.read_table(shard)
-    values = table.column("chosen_logps").to_pylist()
-    values[1] = math.nan
-    table = table.set_column(table.schema.get_field_index("chosen_logps"), "chosen_logps", [values])
-    pq.write_table(table, shard)
-    bad_id = table.column("id")[1].as_py()
+    bad_id = poison_value(cache, "chosen_logps")
     with pytest.raises(CacheError, match=f"non-finite reference values.*{bad_id}"):
         run(setup, tmp_path / "run", cache=str(cache))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -134,28 +111,6 @@ def test_a_non_finite_loss_stops_at_its_step_keeping_the_last_good_checkpoint(se
     assert saved == ["step-000001", "step-000002"]
     for name in saved:
         assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoints" / name / "adapter_model.safetensors").values())
-
-
-def poison_gradient(monkeypatch, at_backward: int = 1):
-    """From the ``at_backward``-th backward on, one LoRA parameter's gradient is NaN: a real non-finite
-    gradient (the loss stays finite), as an overflow in backward gives."""
-    import prefcache.training.loop as loop
-
-    real, seen = loop.load_run_policy, {"n": 0}
-
-    def poisoned_policy(*args, **kwargs):
-        policy, info = real(*args, **kwargs)
-        param = next(p for n, p in policy.named_parameters() if "lora_B" in n)
-
-        def hook(grad):
-            seen["n"] += 1
-            return torch.full_like(grad, math.nan) if seen["n"] >= at_backward else grad
-
-        param.register_hook(hook)
-        return policy, info
-
-    monkeypatch.setattr(loop, "load_run_policy", poisoned_policy)
-    return seen
 
 
 def test_a_non_finite_gradient_stops_the_run(setup, tmp_path, monkeypatch):
@@ -209,7 +164,7 @@ def test_warmup_starts_above_zero_and_the_last_step_learns():
 def test_one_step_with_the_default_warmup_learns(setup, tmp_path):
     out = tmp_path / "run"
     run(setup, out, max_steps=1, warmup_steps=None)
-    assert steps(out)["lr"].to_list() == [pytest.approx(1e-3)]
+    assert steps(out).filter(pl.col("split") == "train")["lr"].to_list() == [pytest.approx(1e-3)]
     weights = load_file(out / "checkpoints" / "step-000001" / "adapter_model.safetensors")
     assert any(bool(t.abs().sum() > 0) for k, t in weights.items() if "lora_B" in k)
 
@@ -218,7 +173,7 @@ def test_extending_a_finished_run_recomputes_the_schedule(setup, tmp_path):
     out = tmp_path / "run"
     run(setup, out, max_steps=4)
     run(setup, out, max_steps=5, resume=True)
-    lr = steps(out)["lr"].to_list()
+    lr = steps(out).filter(pl.col("split") == "train")["lr"].to_list()
     assert len(lr) == 5 and lr[4] > 0
     a = load_file(out / "checkpoints" / "step-000004" / "adapter_model.safetensors")
     b = load_file(out / "checkpoints" / "step-000005" / "adapter_model.safetensors")

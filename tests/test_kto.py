@@ -5,15 +5,25 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 
 import polars as pl
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import adapter, examples, preference_rows, run_files, steps, write_jsonl
+from conftest import (
+    ENV,
+    adapter,
+    examples,
+    free_port,
+    poison_gradient,
+    poison_value,
+    preference_rows,
+    run_files,
+    steps,
+    train_run,
+    write_jsonl,
+)
 from torch.testing import assert_close
 
 from prefcache.cache.store import CacheError, shard_paths
@@ -115,16 +125,7 @@ def unpaired(tmp_path_factory, tiny_model):
 
 
 def run(unpaired, out, **kw) -> dict:
-    kw = {"data": str(unpaired["data"]), "cache": str(unpaired["cache"]), "model": str(unpaired["model"]),
-          "out": str(out), "loss": "kto", "max_steps": 2, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0,
-          "progress": False, **kw}
-    return train(**kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return train_run(unpaired, out, **{"loss": "kto", "max_steps": 2, "batch_size": 4, "lr": 1e-2, **kw})
 
 
 def test_kto_training_run_from_paired_data(unpaired, tmp_path):
@@ -215,21 +216,11 @@ def test_kto_refuses_a_micro_batch_of_one(tmp_path):
         train(data="d.jsonl", cache=str(tmp_path), out=str(tmp_path / "run"), loss="kto", batch_size=1)
 
 
-def _poison(cache, column: str, row: int = 1) -> str:
-    """Write NaN into one value of a cache's first shard; returns that row's id."""
-    shard = shard_paths(cache)[0]
-    table = pq.read_table(shard)
-    values = table.column(column).to_pylist()
-    values[row] = math.nan
-    pq.write_table(table.set_column(table.schema.get_field_index(column), column, [values]), shard)
-    return table.column("id")[row].as_py()
-
-
 @pytest.mark.parametrize("column", ["logps", "kl_logps"])
 def test_a_nan_reference_value_in_an_unpaired_cache_is_refused(unpaired, tmp_path, column):
     """The loop of before trained NaN weights and exited 0 on this cache."""
     cache = shutil.copytree(unpaired["cache"], tmp_path / "cache")
-    bad_id = _poison(cache, column)
+    bad_id = poison_value(cache, column)
     with pytest.raises(CacheError, match=f"non-finite reference values for the training examples.*{bad_id}.*{column}"):
         run(unpaired, tmp_path / "run", cache=str(cache))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -297,7 +288,6 @@ def test_kto_steps_are_length_grouped_reseeded_per_rank_and_autocast(unpaired, t
 
 
 def test_kto_stops_at_a_non_finite_gradient(unpaired, tmp_path, monkeypatch):
-    from test_guards import poison_gradient
 
     poison_gradient(monkeypatch, at_backward=2)
     with pytest.raises(NonFiniteError, match="step 2: non-finite gradient .* from examples"):
@@ -359,19 +349,17 @@ def test_kto_resume_refuses_another_loss_or_other_examples(unpaired, tmp_path):
 def test_two_process_kto_equals_one_process(unpaired, tmp_path):
     """torchrun: each rank takes every other example; KL means are averaged over ranks before the clamp, so two
     ranks of 2 examples per step reach the weights of one process of 4."""
-    import os
     import subprocess
     import sys
 
     args = ["--data", str(unpaired["data"]), "--cache", str(unpaired["cache"]), "--model", str(unpaired["model"]),
             "--loss", "kto", "--max-steps", "3", "--lr", "1e-2", "--warmup-steps", "0", "--eval-fraction", "0.25",
             "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(free_port()), "-m", "prefcache", "train", *args, "--out", str(tmp_path / "ddp"),
                           "--batch-size", "2",
                           "--eval-batch-size", "4"],  # rank 0 evaluates in the batches of the single process
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     run(unpaired, tmp_path / "single", max_steps=3, eval_fraction=0.25, batch_size=4)
     a = adapter(tmp_path / "ddp" / "checkpoints" / "step-000003")

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ENV as CHILD_ENV
 from conftest import finish, preference_rows, read_line, write_jsonl
 
 from prefcache.cache.store import existing_ids, read_cache, verify
 from prefcache.core.locking import PAUSE_ENV, LockedError, directory_lock, lock_path
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-       "PREFCACHE_ALLOCATOR": "system"}
+ENV = {**CHILD_ENV, "PREFCACHE_ALLOCATOR": "system"}
 TIMEOUT = 300  # seconds for any one child: far above its work (a few seconds), so only a hang reaches it
 HOLD = """
 import sys, time

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_lm
 
 from prefcache.model.kernel import LogProbModule, naive_token_logprobs, token_logprobs
-
-
-def tiny_llama(vocab=301, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(cfg)
 
 
 def batch(vocab=301, seed=1):
@@ -38,7 +31,7 @@ def float64_reference(model, ids, attention, completion):
 
 @pytest.mark.parametrize("chunk", [1, 5, 64, 4096])
 def test_values_match_naive(chunk):
-    model = tiny_llama()
+    model = tiny_lm()
     ids, attention, completion = batch()
     with torch.no_grad():
         fast = token_logprobs(model, ids, attention, completion, chunk_size=chunk)
@@ -58,7 +51,7 @@ def test_gradients_match_naive():
     grads = []
     for fn in (lambda m: token_logprobs(m, ids, attention, completion, chunk_size=7),
                lambda m: naive_token_logprobs(m, ids, attention, completion)):
-        model = tiny_llama()
+        model = tiny_lm()
         weights = torch.linspace(-1, 1, ids.shape[0])  # a loss that weighs sequences differently
         (fn(model).sum(-1) * weights).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -70,7 +63,7 @@ def test_checkpointed_chunks_keep_gradients_exact():
     ids, attention, completion = batch()
     out = []
     for ckpt in (True, False):
-        model = tiny_llama()
+        model = tiny_lm()
         token_logprobs(model, ids, attention, completion, chunk_size=4, checkpoint=ckpt).sum().backward()
         out.append(model.lm_head.weight.grad.clone())
     torch.testing.assert_close(out[0], out[1])
@@ -79,7 +72,7 @@ def test_checkpointed_chunks_keep_gradients_exact():
 def test_peft_wrapped_model_uses_the_adapter():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(tiny_lm(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     ids, attention, completion = batch()
     with torch.no_grad():
         fast = token_logprobs(model, ids, attention, completion)
@@ -91,7 +84,7 @@ def test_peft_wrapped_model_uses_the_adapter():
 
 
 def test_module_wrapper_matches_function():
-    model = tiny_llama()
+    model = tiny_lm()
     ids, attention, completion = batch()
     with torch.no_grad():
         torch.testing.assert_close(LogProbModule(model)(ids, attention, completion),
@@ -99,7 +92,7 @@ def test_module_wrapper_matches_function():
 
 
 def test_no_completion_tokens_gives_zeros():
-    model = tiny_llama()
+    model = tiny_lm()
     ids, attention, _ = batch()
     with torch.no_grad():
         out = token_logprobs(model, ids, attention, torch.zeros_like(ids))
@@ -110,7 +103,7 @@ def test_no_completion_tokens_gives_zeros():
 def test_log_sum_sq_probs_for_wpo(chunk):
     """with_sq: log Σ_v p(v)² per completion position (float64 ground truth), no gradient, and the
     log-probs and their gradients unchanged."""
-    model = tiny_llama()
+    model = tiny_lm()
     ids, attention, completion = batch()
     logits = model(input_ids=ids, attention_mask=attention).logits.double()
     exact = torch.logsumexp(2 * torch.log_softmax(logits[:, :-1], -1), -1)
@@ -131,8 +124,8 @@ def test_log_sum_sq_probs_for_wpo(chunk):
 @pytest.mark.gpu
 def test_cuda_values_and_gradients_match_cpu():
     ids, attention, completion = batch()
-    cpu = token_logprobs(tiny_llama(), ids, attention, completion, chunk_size=5)
-    model = tiny_llama().cuda()  # the same seed: the same weights
+    cpu = token_logprobs(tiny_lm(), ids, attention, completion, chunk_size=5)
+    model = tiny_lm().cuda()  # the same seed: the same weights
     args = [t.cuda() for t in (ids, attention, completion)]
     gpu = token_logprobs(model, *args, chunk_size=5)
     torch.testing.assert_close(gpu.detach().cpu(), cpu.detach(), atol=1e-4, rtol=0)

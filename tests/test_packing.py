@@ -6,23 +6,17 @@ import logging
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from conftest import tiny_lm
 
 from prefcache.data.pairs import TokenizedPair
 from prefcache.model.packing import block_mask, group_by_prompt, pack, sharing_problem
 from prefcache.model.pairs import pair_logps
 
 VOCAB = 301
-SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128)
 
 
 def tiny(arch: str, attn: str = "sdpa", **extra):
-    torch.manual_seed(0)
-    cls, cfg = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
-    model = cls(cfg(**SHAPE, **extra))
-    model.set_attn_implementation(attn)
-    return model
+    return tiny_lm(arch, VOCAB, attn=attn, **extra)
 
 
 def pairs(n=5, seed=1, prompt=(1, 30), answer=(1, 12)):

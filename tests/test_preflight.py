@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,31 +10,25 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import preference_rows, write_jsonl
+from conftest import CACHE_META, ENV, cache_rows, preference_rows, write_jsonl
 
 from prefcache.cache.store import CacheWriter, shard_paths
 from prefcache.cli import main
 from prefcache.data.pairs import BadDataError, DataFormatError, load_dataset_pairs
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-META = {"schema_version": 1, "model_fingerprint": "m", "adapter_fingerprint": None, "tokenizer_fingerprint": "t",
-        "chat_template_hash": "c", "max_length": 64, "truncation": "keep_start", "quantization": "fp32",
-        "dtype": "float32", "per_token": False}
-
-
-def cache_rows(ids):
-    n = len(ids)
-    return {"id": list(ids), "chosen_logps": [-1.0] * n, "rejected_logps": [-2.0] * n,
-            "chosen_logps_prefix": [-1.0] * n, "rejected_logps_prefix": [-2.0] * n, "prompt_tokens": [3] * n,
-            "chosen_tokens": [2] * n, "rejected_tokens": [4] * n, "chosen_truncated": [False] * n,
-            "rejected_truncated": [False] * n}
+TIMEOUT = 300  # seconds for a refusing child: it imports no torch and exits in a second or two
 
 
 def one_line_error(result, *fragments):
+    """A refusal click reports cleanly (a non-zero exit, no exception escaping, no traceback) as one line,
+    ``Error: ...``, holding every fragment."""
     assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     for f in fragments:
-        assert f in result.output, result.output
+        assert f in lines[0], result.output
 
 
 # -- refusals before torch ------------------------------------------------------------------------------
@@ -51,10 +44,16 @@ print("torch loaded:", "torch" in sys.modules)
 """
 
 
+def refuse(*argv) -> str:
+    """What the command line ``argv`` prints run through REFUSE in a child: its refusal, and whether torch loaded."""
+    return subprocess.run([sys.executable, "-c", REFUSE, *argv], capture_output=True, text=True, env=ENV,
+                          timeout=TIMEOUT).stdout
+
+
 @pytest.mark.parametrize("case", ["existing run", "missing data", "missing cache", "bad device", "resume nothing"])
 def test_refusals_that_need_no_model_come_before_torch(tmp_path, case):
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(2))
-    CacheWriter(tmp_path / "cache", META).write(cache_rows(["a"]))
+    CacheWriter(tmp_path / "cache", CACHE_META).write(cache_rows(["a"]))
     (tmp_path / "run" / "logs").mkdir(parents=True)
     pq.write_table(pq.read_table(shard_paths(tmp_path / "cache")[0]), tmp_path / "run" / "logs" / "steps-000000.parquet")
     args = {"data": str(data), "cache": str(tmp_path / "cache"), "out": str(tmp_path / "new")}
@@ -65,17 +64,16 @@ def test_refusals_that_need_no_model_come_before_torch(tmp_path, case):
               "resume nothing": ({}, ["--resume"], "does not exist")}[case]
     args.update(expect[0])
     argv = ["train", *(x for k, v in args.items() for x in (f"--{k}", v)), *expect[1]]
-    out = subprocess.run([sys.executable, "-c", REFUSE, *argv], capture_output=True, text=True, env=ENV).stdout
+    out = refuse(*argv)
     assert expect[2] in out and "torch loaded: False" in out, out
-    out = subprocess.run([sys.executable, "-c", REFUSE, "precompute", "--data", str(tmp_path / "nope.jsonl"),
-                          "--out", str(tmp_path / "c2")], capture_output=True, text=True, env=ENV).stdout
+    out = refuse("precompute", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "c2"))
     assert "no such file" in out and "torch loaded: False" in out, out
 
 
 def test_a_resume_that_changes_the_loss_is_refused_before_torch(tmp_path):
     """The checkpoint's prefcache.json says what it trained with: compared with no model and no torch."""
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(2))
-    CacheWriter(tmp_path / "cache", META).write(cache_rows(["a"]))
+    CacheWriter(tmp_path / "cache", CACHE_META).write(cache_rows(["a"]))
     ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.pt").write_bytes(b"")
@@ -144,7 +142,7 @@ def test_an_empty_data_file_says_so(tmp_path, tiny_model):
 # -- damaged caches -------------------------------------------------------------------------------------
 
 def damaged_cache(tmp_path: Path, which: int) -> tuple[Path, Path]:
-    w = CacheWriter(tmp_path / "cache", META)
+    w = CacheWriter(tmp_path / "cache", CACHE_META)
     w.write(cache_rows(["a"]))
     w.write(cache_rows(["b"]))
     shard = shard_paths(tmp_path / "cache")[which]
@@ -158,15 +156,18 @@ def test_inspect_and_verify_name_a_damaged_shard(tmp_path, which):
     r = CliRunner().invoke(main, ["inspect", str(cache)])
     one_line_error(r, shard.name, "damaged shard")
     r = CliRunner().invoke(main, ["verify", str(cache)])
-    one_line_error(r, "NOT OK", f"{shard.name}: unreadable")
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit) and "Traceback" not in r.output, r.output
+    # verify's report: the verdict, then its problems, each on one line
+    lines = r.output.splitlines()
+    assert lines[:2] == [f"{cache}: NOT OK", "Error: 1 problem(s):"] and len(lines) == 3, r.output
+    assert lines[2].startswith(f"  {shard.name}: unreadable") and "damaged shard" in lines[2], r.output
 
 
 def test_score_refuses_a_missing_cache_or_data_before_torch(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(2))
-    CacheWriter(tmp_path / "cache", META).write(cache_rows(["a"]))
+    CacheWriter(tmp_path / "cache", CACHE_META).write(cache_rows(["a"]))
     for args, message in ((["--cache", str(tmp_path / "nocache"), "--data", str(data)], "no such file"),
                           (["--cache", str(tmp_path / "cache"), "--data", str(tmp_path / "no.jsonl")], "no such file"),
                           (["--cache", str(tmp_path), "--data", str(data)], "not a prefcache cache")):
-        out = subprocess.run([sys.executable, "-c", REFUSE, "score", "base", *args], capture_output=True, text=True,
-                             env=ENV).stdout
+        out = refuse("score", "base", *args)
         assert message in out and "torch loaded: False" in out, out

@@ -7,8 +7,6 @@ import subprocess
 import sys
 import warnings
 
-import pytest
-
 from prefcache.core.quiet import BNB_LOGGER, git_commit_quietly, quiet_libraries
 
 IMPORT_PEFT = "import peft, bitsandbytes"
@@ -19,10 +17,12 @@ def _stderr(code: str) -> str:
 
 
 def test_bitsandbytes_kernel_notice_is_dropped_on_import():
+    """The CPU kernel notice (printed where bitsandbytes has no CPU kernels, as on this project's CPU machines) is
+    gone, and every other line the imports print is still there."""
     loud = _stderr(IMPORT_PEFT)
-    if "gemm_4bit_forward" not in loud:
-        pytest.skip("this bitsandbytes build prints no kernel notice")
-    assert "gemm_4bit_forward" not in _stderr(f"from prefcache.core.quiet import quiet_libraries; quiet_libraries(); {IMPORT_PEFT}")
+    quiet = _stderr(f"from prefcache.core.quiet import quiet_libraries; quiet_libraries(); {IMPORT_PEFT}")
+    assert "gemm_4bit_forward" not in quiet
+    assert quiet.splitlines() == [line for line in loud.splitlines() if "gemm_4bit_forward" not in line]
 
 
 def test_only_the_kernel_notice_is_filtered(caplog):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import preference_rows, write_jsonl
+from conftest import ENV, completion_logps, preference_rows, write_jsonl
 
 from prefcache.cache.store import CacheError, read_cache, read_metadata, shard_metadata, shard_paths
 from prefcache.cli import main
@@ -34,7 +33,6 @@ def test_values_equal_a_naive_full_logits_computation(tmp_path, prefs_file, tiny
     from transformers import AutoModelForCausalLM
 
     from prefcache.data.pairs import load_dataset_pairs
-    from prefcache.model.kernel import naive_token_logprobs
 
     result = run(prefs_file, tmp_path / "c", tiny_model, batch_size=3, per_token=True)
     assert result["scored"] == 24 and result["problems"] == []
@@ -44,11 +42,7 @@ def test_values_equal_a_naive_full_logits_computation(tmp_path, prefs_file, tiny
     for p in pairs:
         for side in ("chosen", "rejected"):
             completion = getattr(p, f"{side}_ids")
-            ids = torch.tensor([p.prompt_ids + completion])
-            mask = torch.zeros_like(ids)
-            mask[0, len(p.prompt_ids):] = 1
-            with torch.no_grad():
-                naive = naive_token_logprobs(model, ids, torch.ones_like(ids), mask)[0, len(p.prompt_ids):]
+            naive = completion_logps(model, p.prompt_ids, completion).float()
             assert got[p.id][f"{side}_logps"] == pytest.approx(naive.sum().item(), abs=1e-4)
             assert got[p.id][f"{side}_tokens"] == len(completion)
             torch.testing.assert_close(torch.tensor(got[p.id][f"{side}_token_logps"]), naive, atol=1e-5, rtol=0)
@@ -169,7 +163,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, tiny_m
     one go, and the same kernels on the same thread count (one, in both processes) give the same bits."""
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(23))
     crashed = subprocess.run([sys.executable, "-c", CRASHER, str(data), str(tmp_path / "c"), str(tiny_model)],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+                             env=ENV, capture_output=True, text=True, timeout=600)
     assert crashed.returncode == 137, crashed.stderr
     assert len(shard_paths(tmp_path / "c")) == 2
     resumed = run(data, tmp_path / "c", tiny_model, shard_size=5)
@@ -203,11 +197,13 @@ def test_cli_precompute_inspect_verify(tmp_path, prefs_file, tiny_model):
 def test_help_is_fast_and_imports_no_torch():
     code = "import sys; from prefcache.cli import main; main(['--help'], standalone_mode=False); " \
            "print('torch' in sys.modules, 'transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
     assert out.strip().endswith("False False")
     for cmd in ("precompute", "inspect", "verify"):
         code = f"import sys; from prefcache.cli import main; main(['{cmd}', '--help'], standalone_mode=False); print('torch' in sys.modules)"
-        assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().endswith("False")
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=300).stdout.strip().endswith("False")
 
 
 @pytest.mark.slow
@@ -216,7 +212,7 @@ def test_two_process_data_parallel_precompute(tmp_path, tiny_model):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
            "-m", "prefcache", "precompute", "--data", str(data), "--out", str(tmp_path / "c"), "--model", str(tiny_model),
            "--max-length", "64", "--quantize", "fp32", "--no-progress"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     names = {p.name[:9] for p in shard_paths(tmp_path / "c")}
     assert names == {"part-r000", "part-r001"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Saves
 
 from prefcache.training.checkpoint import check_resumable, latest_checkpoint, load_trainer_state, save
 from prefcache.training.config import TrainConfig
@@ -12,18 +13,13 @@ from prefcache.training.state import RunState, held_out_ids, make_optimization
 from prefcache.training.trackers import Trackers
 
 
-class _Saves:
-    def save_pretrained(self, folder):
-        (folder / "weights").write_text("w")
-
-
 def _run(tmp_path, cfg, state=None, group_by_length=False) -> RunState:
     """A run built whole: its policy, optimizer, schedule and trackers are constructor arguments."""
     optimizer, scheduler, _ = make_optimization(cfg, list(torch.nn.Linear(3, 2).parameters()), total_steps=10,
                                                 state=state)
     return RunState(cfg=cfg, out=tmp_path, rank=0, world=1, device="cpu", steps_per_epoch=4, total_steps=10,
                     n_train=16, max_length=64, truncation="keep_start", group_by_length=group_by_length,
-                    log=RunLog(tmp_path), policy=_Saves(), policy_info={"model_name": "m"}, tokenizer=_Saves(),
+                    log=RunLog(tmp_path), policy=Saves(), policy_info={"model_name": "m"}, tokenizer=Saves(),
                     optimizer=optimizer, scheduler=scheduler, trackers=Trackers((), tmp_path))
 
 

@@ -8,11 +8,11 @@ import math
 import pyarrow as pa
 import pytest
 import torch
+from conftest import completion_logps
 
 from prefcache.cache.lookup import ReferenceTable, check_joined
 from prefcache.cache.store import CacheError
 from prefcache.data.pairs import TokenizedPair
-from prefcache.model.kernel import token_logprobs
 from prefcache.model.pairs import pair_logps, pair_tensors
 from prefcache.training.scoring import aggregate, score_pairs
 
@@ -34,15 +34,7 @@ def lm(tiny_model):
 
 def _by_hand(lm, pair):
     """Per-token log-probs of each completion, one sequence at a time (no padding)."""
-    out = []
-    for completion in (pair.chosen_ids, pair.rejected_ids):
-        ids = torch.tensor([pair.prompt_ids + completion])
-        mask = torch.zeros_like(ids)
-        mask[0, len(pair.prompt_ids):] = 1
-        with torch.no_grad():
-            tok = token_logprobs(lm, ids, torch.ones_like(ids), mask)
-        out.append(tok[0, len(pair.prompt_ids):].double())
-    return out
+    return [completion_logps(lm, pair.prompt_ids, completion) for completion in (pair.chosen_ids, pair.rejected_ids)]
 
 
 def test_aggregate_by_hand():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import preference_rows, write_jsonl
 
 from prefcache.training.config import TrainConfig
@@ -31,14 +30,13 @@ def test_metric_names_are_trls():
     assert trl_metrics({"loss": 0.7, "rewards_margins": 0.0}, "eval") == {"eval_loss": 0.7, "eval_rewards/margins": 0.0}
 
 
-def test_tensorboard_events_hold_the_parquet_metrics(tmp_path, tiny_model):
+def test_tensorboard_events_hold_the_parquet_metrics(tmp_path, tiny_model, one_thread):
     import polars as pl
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from prefcache.reference.shards import precompute
     from prefcache.training.loop import train
 
-    torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
                progress=False)
@@ -63,7 +61,7 @@ def test_tensorboard_events_hold_the_parquet_metrics(tmp_path, tiny_model):
     assert sorted(logged) == [0, 2]  # eval at step 0 (the baseline) and at the end
 
 
-def test_a_resumed_run_purges_the_tensorboard_events_logged_after_its_checkpoint(tmp_path, tiny_model):
+def test_a_resumed_run_purges_the_tensorboard_events_logged_after_its_checkpoint(tmp_path, tiny_model, one_thread):
     """Killed after step 4 was logged but before its checkpoint: the resume from step 2 logs steps 3 and 4
     again, and TensorBoard shows each step once, with the resumed values (another lr, so they differ). The
     eval at step 2, logged before the checkpoint and not repeated, stays."""
@@ -75,7 +73,6 @@ def test_a_resumed_run_purges_the_tensorboard_events_logged_after_its_checkpoint
     from prefcache.reference.shards import precompute
     from prefcache.training.loop import train
 
-    torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
                progress=False)
@@ -104,7 +101,7 @@ def test_a_resumed_run_purges_the_tensorboard_events_logged_after_its_checkpoint
     assert after[1] == before[1] and after[2] == before[2] and after[4] != before[4]  # step 4 is the resumed one
 
 
-def test_a_resume_keeps_the_runs_trackers_unless_told_otherwise(tmp_path, tiny_model):
+def test_a_resume_keeps_the_runs_trackers_unless_told_otherwise(tmp_path, tiny_model, one_thread):
     import yaml
     from click.testing import CliRunner
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -112,7 +109,6 @@ def test_a_resume_keeps_the_runs_trackers_unless_told_otherwise(tmp_path, tiny_m
     from prefcache.cli import main
     from prefcache.reference.shards import precompute
 
-    torch.set_num_threads(1)
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(12))
     precompute(data=str(data), out=str(tmp_path / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
                progress=False)

@@ -8,12 +8,10 @@ import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import preference_rows, write_jsonl
+from conftest import examples, pairs_run_setup, steps, train_run
 
 from prefcache.cli import main
-from prefcache.reference.shards import precompute
 from prefcache.training.config import TrainConfig
-from prefcache.training.loop import train
 
 LN2 = math.log(2)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,19 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("variants")
-    data = write_jsonl(root / "d.jsonl", preference_rows(12))
-    precompute(data=str(data), out=str(root / "cache"), model=str(tiny_model), max_length=48, quantize="fp32",
-               progress=False)
-    return {"root": root, "data": data, "cache": root / "cache", "model": tiny_model}
+    return pairs_run_setup(tmp_path_factory.mktemp("variants"), tiny_model, 12, max_length=48)
 
 
 def run(setup, out, **kw):
-    kw = {"data": str(setup["data"]), "cache": str(setup["cache"]), "model": str(setup["model"]), "out": str(out),
-          "max_steps": 1, "batch_size": 12, "lr": 1e-3, "warmup_steps": 0, "progress": False, **kw}
-    train(**kw)
-    steps = pl.read_parquet(f"{out}/logs/steps-*.parquet")
-    return steps, pl.read_parquet(f"{out}/logs/examples-*.parquet")
+    """One step on all 12 pairs unless ``kw`` says otherwise; the run's step and example logs."""
+    train_run(setup, out, **{"max_steps": 1, "batch_size": 12, **kw})
+    return steps(out), examples(out)
 
 
 def test_wpo_step_zero_loss_is_ln2_times_the_mean_pair_weight(setup, tmp_path, tokenizer):

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import preference_rows, write_jsonl
+from conftest import ENV, completion_logps, preference_rows, write_jsonl
 
 from prefcache.cache.lookup import UnpairedReference
 from prefcache.cache.store import CacheError, read_metadata, verify
@@ -92,11 +92,8 @@ def test_unpaired_cache_holds_each_completion_and_its_kl_completion(tmp_path, ti
     partners = kl_partners([i.id for i in items], 3)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
-    def summed(prompt, completion):  # the textbook computation, float64 log-softmax
-        ids = torch.tensor([prompt + completion])
-        with torch.no_grad():
-            logps = torch.log_softmax(model(ids).logits.double()[0, :-1], -1)
-        return float(logps[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt):]].sum())
+    def summed(prompt, completion):
+        return completion_logps(model, prompt, completion).sum().item()
 
     for row in table:
         item = by_id[row["id"]]
@@ -169,7 +166,6 @@ def test_an_unpaired_column_mapping_says_it_is_not_supported_yet(tmp_path, tiny_
 
 
 def test_two_process_unpaired_precompute_equals_one_process(tmp_path, tiny_model, one_thread):
-    import os
     import subprocess
     import sys
 
@@ -180,11 +176,10 @@ def test_two_process_unpaired_precompute_equals_one_process(tmp_path, tiny_model
     data = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(10))
     common = ["--data", str(data), "--model", str(tiny_model), "--max-length", "48", "--quantize", "fp32",
               "--unpaired", "--kl-group-size", "4", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     # --standalone: a rendezvous on a free local port (a fixed port fails when another run holds it)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "prefcache", "precompute", *common, "--out", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=900)
+                         env=ENV, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     assert {p.name.split("-")[1] for p in (tmp_path / "ddp").glob("part-*.parquet")} == {"r000", "r001"}
     assert verify(tmp_path / "ddp") == []
@@ -298,7 +293,6 @@ precompute(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], max_length=48, 
 
 def test_unpaired_cache_resumed_after_a_kill_equals_one_made_in_one_go(tmp_path, tiny_model, one_thread):
     """Same shards, same batches, one thread in both processes: the resumed cache is bit-equal."""
-    import os
     import subprocess
     import sys
 
@@ -306,7 +300,7 @@ def test_unpaired_cache_resumed_after_a_kill_equals_one_made_in_one_go(tmp_path,
 
     data = write_jsonl(tmp_path / "u.jsonl", varied_unpaired_rows(14))
     crashed = subprocess.run([sys.executable, "-c", UNPAIRED_CRASHER, str(data), str(tmp_path / "c"), str(tiny_model)],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+                             env=ENV, capture_output=True, text=True, timeout=600)
     assert crashed.returncode == 137, crashed.stderr
     assert len(shard_paths(tmp_path / "c")) == 2
     resumed = unpaired_cache(tmp_path, "c", data, tiny_model, shard_size=4)
