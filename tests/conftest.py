@@ -172,6 +172,27 @@ ROOT = Path(__file__).resolve().parent.parent
 # no oversubscription of a small machine).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
+
+# A command line run in a child: what it refuses (or "refused: ..."), and whether torch was imported by then.
+REFUSE_BEFORE_TORCH = """
+import sys
+from prefcache.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except Exception as e:
+    print("refused:", e)
+print("torch loaded:", "torch" in sys.modules)
+"""
+
+
+def refuse_before_torch(*argv) -> str:
+    """The child's output for ``prefcache ARGV``: its refusal, and ``torch loaded: True/False``. A refusal
+    needs no model, so the child exits in a second or two; 300 s is for a loaded machine."""
+    import sys
+
+    return subprocess.run([sys.executable, "-c", REFUSE_BEFORE_TORCH, *map(str, argv)], capture_output=True,
+                          text=True, env=ENV, timeout=300).stdout
+
 # A pairs cache's metadata for shards written by hand (CacheWriter), with :func:`cache_rows`.
 CACHE_META = {"schema_version": 1, "model_fingerprint": "m", "adapter_fingerprint": None, "tokenizer_fingerprint": "t",
               "chat_template_hash": "c", "max_length": 64, "truncation": "keep_start", "quantization": "fp32",

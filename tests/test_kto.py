@@ -19,6 +19,7 @@ from conftest import (
     poison_gradient,
     poison_value,
     preference_rows,
+    refuse_before_torch,
     run_files,
     steps,
     train_run,
@@ -162,23 +163,7 @@ def test_kto_training_run_from_paired_data(unpaired, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "adapter_model.safetensors").exists()
 
 
-SCORE_BEFORE_TORCH = """
-import sys
-from prefcache.cli import main
-try:
-    main(sys.argv[1:], standalone_mode=False)
-except Exception as e:
-    print("refused:", e)
-print("torch loaded:", "torch" in sys.modules)
-"""
-
-
 def test_score_says_unpaired_runs_are_not_supported_yet_before_torch(unpaired, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     run(unpaired, tmp_path / "run")
     argv = ["score", str(tmp_path / "run"), "--cache", str(unpaired["cache"]), "--data", str(unpaired["data"])]
     result = CliRunner().invoke(main, argv)
@@ -186,9 +171,7 @@ def test_score_says_unpaired_runs_are_not_supported_yet_before_torch(unpaired, t
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "unpaired (KTO) cache: scoring unpaired runs and examples is not supported yet" in lines[0]
     assert "need a cache of pairs" not in lines[0]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    out = subprocess.run([sys.executable, "-c", SCORE_BEFORE_TORCH, *argv], capture_output=True, text=True,
-                         env=env).stdout
+    out = refuse_before_torch(*argv)
     assert "not supported yet" in out and "torch loaded: False" in out, out
 
 

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import CACHE_META, ENV, cache_rows, preference_rows, write_jsonl
+from conftest import CACHE_META, cache_rows, preference_rows, refuse_before_torch, write_jsonl
 
 from prefcache.cache.store import CacheWriter, shard_paths
 from prefcache.cli import main
 from prefcache.data.pairs import BadDataError, DataFormatError, load_dataset_pairs
-
-TIMEOUT = 300  # seconds for a refusing child: it imports no torch and exits in a second or two
 
 
 def one_line_error(result, *fragments):
@@ -33,23 +29,6 @@ def one_line_error(result, *fragments):
 
 # -- refusals before torch ------------------------------------------------------------------------------
 
-REFUSE = """
-import sys
-from prefcache.cli import main
-try:
-    main(sys.argv[1:], standalone_mode=False)
-except Exception as e:
-    print("refused:", e)
-print("torch loaded:", "torch" in sys.modules)
-"""
-
-
-def refuse(*argv) -> str:
-    """What the command line ``argv`` prints run through REFUSE in a child: its refusal, and whether torch loaded."""
-    return subprocess.run([sys.executable, "-c", REFUSE, *argv], capture_output=True, text=True, env=ENV,
-                          timeout=TIMEOUT).stdout
-
-
 @pytest.mark.parametrize("case", ["existing run", "missing data", "missing cache", "bad device", "resume nothing"])
 def test_refusals_that_need_no_model_come_before_torch(tmp_path, case):
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(2))
@@ -64,9 +43,9 @@ def test_refusals_that_need_no_model_come_before_torch(tmp_path, case):
               "resume nothing": ({}, ["--resume"], "does not exist")}[case]
     args.update(expect[0])
     argv = ["train", *(x for k, v in args.items() for x in (f"--{k}", v)), *expect[1]]
-    out = refuse(*argv)
+    out = refuse_before_torch(*argv)
     assert expect[2] in out and "torch loaded: False" in out, out
-    out = refuse("precompute", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "c2"))
+    out = refuse_before_torch("precompute", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "c2"))
     assert "no such file" in out and "torch loaded: False" in out, out
 
 
@@ -80,7 +59,7 @@ def test_a_resume_that_changes_the_loss_is_refused_before_torch(tmp_path):
     (ckpt / "prefcache.json").write_text(json.dumps({"step": 1, "loss": ["sigmoid"], "beta": 0.1}))  # an older one
     argv = ["train", "--data", str(data), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
             "--resume", "--loss", "ipo", "--beta", "0.5"]
-    out = subprocess.run([sys.executable, "-c", REFUSE, *argv], capture_output=True, text=True, env=ENV).stdout
+    out = refuse_before_torch(*argv)
     assert "cannot resume with another loss" in out and "torch loaded: False" in out, out
     assert "loss: checkpoint has ['sigmoid'], now ['ipo']" in out and "beta: checkpoint has 0.1, now 0.5" in out, out
 
@@ -169,5 +148,5 @@ def test_score_refuses_a_missing_cache_or_data_before_torch(tmp_path):
     for args, message in ((["--cache", str(tmp_path / "nocache"), "--data", str(data)], "no such file"),
                           (["--cache", str(tmp_path / "cache"), "--data", str(tmp_path / "no.jsonl")], "no such file"),
                           (["--cache", str(tmp_path), "--data", str(data)], "not a prefcache cache")):
-        out = refuse("score", "base", *args)
+        out = refuse_before_torch("score", "base", *args)
         assert message in out and "torch loaded: False" in out, out
