@@ -1,14 +1,19 @@
-"""Peak memory of precompute's data side: reading, validating, id-ing and tokenising N pairs.
+"""Peak memory of the data side of precompute and of train / score: reading, validating, id-ing and tokenising N pairs.
 
 Each measurement runs in a fresh process (peak RSS = ``ru_maxrss``), on a Parquet file of N synthetic
-standard-format pairs tokenised with SmolLM2's tokenizer, in two ways:
+standard-format pairs tokenised with SmolLM2's tokenizer, in four ways:
 - ``blocks``: what precompute does, ``iter_pair_blocks`` (4,096 rows at a time), keeping only the ids;
 - ``whole``: ``load_dataset_pairs``, every row, example and token list in memory at once (what precompute did
-  before, and what the trainer still does).
+  before, and what train and score did before the data store);
+- ``store1``: train's data side on a first start: the data store written (read and tokenised in blocks), mapped,
+  its lengths column read, the epoch's length-grouped order made and one batch of 8 pairs built;
+- ``store2``: the same on a second start (a resume, another rank, another run on the same data): the store
+  exists, so it is only mapped.
 No model is loaded: this is the cost of the data alone. The allocator is the one ``prefcache precompute``
 runs with (jemalloc when installed, see prefcache/core/allocator.py; ``--allocator system`` for glibc malloc).
 Usage:
-  python benchmarks/bench_data_memory.py --pairs 10000 1000000 [--whole-up-to 100000] [--allocator system]
+  python benchmarks/bench_data_memory.py --pairs 10000 1000000 [--whole-up-to 100000] [--modes store1 store2]
+      [--allocator system]
 """
 
 from __future__ import annotations
@@ -59,12 +64,26 @@ def measure(path: str, mode: str) -> dict:
         for pairs, _ in iter_pair_blocks(path, tokenizer, 1024, on_bad_row="skip"):
             ids.append(pa.array([p.id for p in pairs], pa.string()))
         n = sum(len(a) for a in ids)
-    else:
+    elif mode == "whole":
         pairs, _, _ = load_dataset_pairs(path, tokenizer, 1024, on_bad_row="skip")
         n = len(pairs)
+    else:  # store1 / store2: what PairTask.load and the loop's first epoch do with the data
+        from prefcache.data.store import pair_rows
+        from prefcache.model.load import tokenizer_key
+        from prefcache.training.state import epoch_order
+
+        rows, _ = pair_rows(path, tokenizer, 1024, on_bad_row="skip", tokenizer_key=tokenizer_key(tokenizer),
+                            folder=Path(path).parent / "stores")
+        order = epoch_order(len(rows), 0, 0, 0, 1, rows.lengths(), 32)
+        batch = [rows[i] for i in order[:8]]
+        assert len(batch) == 8
+        n = len(rows)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "pairs": n, "seconds": time.perf_counter() - t0, "baseline_mb": base, "peak_mb": peak,
             "data_mb": peak - base}
+
+
+MODES = ("blocks", "whole", "store1", "store2")
 
 
 def main() -> None:
@@ -73,6 +92,7 @@ def main() -> None:
     parser.add_argument("--whole-up-to", type=int, default=100_000, help="measure the whole-read path only up to N")
     parser.add_argument("--allocator", choices=("auto", "system"), default="auto",
                         help="auto: jemalloc when installed, as the CLI; system: glibc malloc")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._measure:
@@ -87,10 +107,11 @@ def main() -> None:
     print(f"allocator: {'jemalloc (' + lib + ')' if lib else 'system (glibc malloc)'}")
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{'pairs':>10} {'mode':>7} {'data-side peak RSS':>19} {'process peak':>13} {'seconds':>8}")
+        # store2 maps the store store1 wrote (beside the data file, in the temporary folder)
         for n in args.pairs:
             path = Path(tmp) / f"pairs-{n}.parquet"
             make_parquet(path, n)
-            for mode in ("blocks", "whole"):
+            for mode in args.modes:
                 if mode == "whole" and n > args.whole_up_to:
                     continue
                 out = subprocess.run([sys.executable, __file__, "--_measure", str(path), mode], check=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -91,7 +92,7 @@ class UnpairedReference(_Table):
 
     def require(self, items, what: str) -> None:
         """Every id cached, with this run's token counts (else the content changed since precompute)."""
-        if missing := self.missing([i.id for i in items]):
+        if missing := self.missing(example_ids(items)):
             raise CacheError(f"{len(missing)} of {len(items)} {what} example ids are not in the cache {self.path}, "
                              f"e.g. {', '.join(missing[:5])}. Run `prefcache precompute --unpaired` on this data.")
         if wrong := _wrong_counts(self, items):
@@ -102,11 +103,24 @@ class UnpairedReference(_Table):
         return self.kl_id[self.index[ident]]
 
 
+def example_ids(examples) -> list[str]:
+    """The ids of tokenised examples: a list of them, or a data store's view (its id column, no example built)."""
+    return examples.ids() if hasattr(examples, "ids") else [e.id for e in examples]
+
+
+def _token_counts(examples, attr: str) -> np.ndarray:
+    if hasattr(examples, "counts"):  # a data store's view: the list offsets only
+        return examples.counts(attr)
+    return np.array([len(getattr(e, attr)) for e in examples], dtype=np.int64)
+
+
 def _wrong_counts(reference: _Table, items) -> list[str]:
-    ref = reference.lookup([i.id for i in items])
-    return [item.id for k, item in enumerate(items)
-            if tuple(len(getattr(item, a)) for a, _ in reference.TOKENS) != tuple(int(ref[c][k]) for _, c in
-                                                                                   reference.TOKENS)]
+    ids = example_ids(items)
+    ref = reference.lookup(ids)
+    wrong = np.zeros(len(ids), dtype=bool)
+    for attr, column in reference.TOKENS:
+        wrong |= _token_counts(items, attr) != ref[column].numpy()
+    return [ids[k] for k in np.flatnonzero(wrong)]
 
 
 def check_joined(reference, examples, what: str) -> None:
@@ -115,7 +129,7 @@ def check_joined(reference, examples, what: str) -> None:
     if isinstance(reference, UnpairedReference):
         reference.require(examples, what)
         return
-    reference.require([p.id for p in examples])  # CacheError: how many ids are missing, and which
+    reference.require(example_ids(examples))  # CacheError: how many ids are missing, and which
     if wrong := _wrong_counts(reference, examples):
         raise CacheError(f"{len(wrong)} of the {what} pairs have other token counts than the cache {reference.path} "
                          f"records, e.g. {', '.join(wrong[:5])}: their content changed since the cache was made. "
@@ -130,7 +144,7 @@ def check_reference_values(reference, examples, what: str) -> None:
         raise CacheError(f"the cache {reference.path} holds {reference.n_rows - len(reference.index)} duplicate rows "
                          f"(ids such as {', '.join(dupes[:3])}): a copied shard? `prefcache verify "
                          f"{reference.path}` lists them")
-    ids = [p.id for p in examples]
+    ids = example_ids(examples)
     values = reference.lookup(ids)
     bad = []
     for column in reference.VALUES:

@@ -11,6 +11,7 @@ its view with no column NULLed). Arrow types exactly: string, not polars' large_
     examples  one row per pair and logged step: policy and reference log-probs, rewards, margin
     evals     one row per checkpoint, task and metric (lm-eval and ``prefcache score``)
     pairs     the rendered texts of every example a run sees
+    tokens    a data store: each example's token ids, lengths and rendered texts (pairs / unpaired)
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ EXAMPLE_COLUMNS = ("id", *(n for n in EXAMPLES.names if n not in EXAMPLE_KEYS.na
 EVALS = pa.schema([("checkpoint", _STR), ("step", pa.int64()), ("task", _STR), ("metric", _STR), ("value", _F64),
                    ("stderr", _F64), ("n", pa.int64()), ("time", pa.timestamp("us", tz="UTC")), ("source", _STR)])
 PAIRS = pa.schema([(c, _STR) for c in ("id", "prompt", "chosen", "rejected")])
+# A data store (prefcache.data.store): the fields of TokenizedPair / TokenizedCompletion, each example's
+# tokens in all (the length grouping's key), its row in the data and its rendered texts (for pairs.parquet).
+# large_list / large_string: a million pairs of 600 tokens overflow 32-bit offsets in one column.
+_IDS, _TEXT = pa.large_list(pa.int32()), pa.large_string()
+_TEXTS = [("row", pa.int64()), ("tokens", _I32), ("prompt", _TEXT), ("conversational", _BOOL)]
+TOKEN_PAIRS = pa.schema([("id", _STR), ("prompt_ids", _IDS), ("chosen_ids", _IDS), ("rejected_ids", _IDS),
+                         ("chosen_truncated", _BOOL), ("rejected_truncated", _BOOL), *_TEXTS,
+                         ("chosen", _TEXT), ("rejected", _TEXT)])
+TOKEN_UNPAIRED = pa.schema([("id", _STR), ("label", _BOOL), ("prompt_ids", _IDS), ("completion_ids", _IDS),
+                            ("truncated", _BOOL), *_TEXTS, ("completion", _TEXT)])
 
 
 def cache_schema(per_token: bool = False, kind: str | None = None) -> pa.Schema:

@@ -20,7 +20,7 @@ from prefcache.data.validate import Example, example_id, extract_prompt, prepare
 
 __all__ = ["Example", "TokenizedPair", "BadRow", "BadDataError", "DataFormatError", "load_rows", "example_id",
            "extract_prompt", "prepare_examples", "tokenize_examples", "load_dataset_pairs", "write_bad_rows",
-           "iter_pair_blocks", "BLOCK_ROWS", "SeenIds"]
+           "iter_pair_blocks", "iter_tokenized_blocks", "BLOCK_ROWS", "SeenIds"]
 
 BLOCK_ROWS = 4096  # rows read, validated and tokenised at a time (the precompute stage reads it from here)
 
@@ -134,12 +134,23 @@ def iter_pair_blocks(path: str | os.PathLike, tokenizer, max_length: int, trunca
     With ``on_bad_row='fail'`` the first block holding a bad row raises :class:`BadDataError`.
     """
     _check_policy(on_bad_row)
+    for pairs, bad, _ in iter_tokenized_blocks(path, tokenizer, max_length, truncation, split=split,
+                                               data_config=data_config, mapping=mapping, block_rows=block_rows):
+        _apply_policy(bad, on_bad_row, str(path))
+        yield pairs, bad
+
+
+def iter_tokenized_blocks(path: str | os.PathLike, tokenizer, max_length: int, truncation: str = "keep_start", *,
+                          split: str | None = None, data_config: str | None = None, mapping=None,
+                          block_rows: int = BLOCK_ROWS):
+    """(pairs, bad rows, examples) per block of rows, pairs and examples aligned one to one as
+    :func:`load_dataset_pairs` returns them; bad rows are left to the caller's policy."""
     for examples, bad, lines in iter_example_blocks(path, tokenizer, split=split, data_config=data_config,
                                                     mapping=mapping, block_rows=block_rows):
         pairs, bad_tokens = tokenize_examples(examples, tokenizer, max_length, truncation, "skip")
-        bad = with_lines(sorted(bad + bad_tokens, key=lambda b: b.row), lines)
-        _apply_policy(bad, on_bad_row, str(path))
-        yield pairs, bad
+        dropped = {b.row for b in bad_tokens}
+        yield pairs, with_lines(sorted(bad + bad_tokens, key=lambda b: b.row), lines), \
+            [ex for ex in examples if ex.row not in dropped]
 
 
 def with_lines(bad: list[BadRow], lines: dict[int, int] | None) -> list[BadRow]:

@@ -17,7 +17,7 @@ from prefcache.cache.compat import check_cache_mapping
 from prefcache.cache.store import CacheError
 from prefcache.core import schemas
 from prefcache.data.columns import RowMapping
-from prefcache.data.pairs import load_dataset_pairs
+from prefcache.data.store import pair_rows, store_folder
 from prefcache.evaluation.checkpoints import (
     EVALS_SCHEMA,
     EvalError,
@@ -29,7 +29,7 @@ from prefcache.evaluation.checkpoints import (
     write_parquet,
 )
 from prefcache.evaluation.config import ScoreConfig, check_pairs_cache
-from prefcache.model.load import tokenizer_fingerprint
+from prefcache.model.load import tokenizer_fingerprint, tokenizer_key
 
 SCORE_METRICS = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected")
 DEFAULT_BETA = 0.1
@@ -72,9 +72,10 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
             raise CacheError(f"checkpoint {ckpt.name}: {e}") from e
         key = tokenizer_fingerprint(tokenizer)
         if key not in tokenized:
-            pairs, _, _ = load_dataset_pairs(config.data, tokenizer, meta["max_length"], meta["truncation"],
-                                             config.on_bad_row, split=config.split, data_config=config.data_config,
-                                             mapping=mapping)
+            # A view over the data's store (tokenised once, then memory-mapped by every later score)
+            pairs, _ = pair_rows(config.data, tokenizer, meta["max_length"], meta["truncation"], config.on_bad_row,
+                                 split=config.split, data_config=config.data_config, mapping=mapping,
+                                 tokenizer_key=tokenizer_key(tokenizer), folder=store_folder(run_dir))
             if not pairs:
                 raise EvalError(f"{config.data}: no pairs to score")
             check_joined(reference, pairs, "held-out")  # the trainer's check: every id cached, same token counts

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prefcache.core import schemas
-from prefcache.core.atomic import write_json_atomic, write_table_atomic  # noqa: F401 (write_json_atomic: trainer's)
+from prefcache.core.atomic import write_atomic, write_json_atomic, write_table_atomic  # noqa: F401 (write_json_atomic: trainer's)
 
 STEP_SCHEMA, EXAMPLE_SCHEMA, PAIRS_SCHEMA = schemas.STEPS, schemas.EXAMPLES, schemas.PAIRS
 _PART = re.compile(r"^(steps|examples)-(\d{6})\.parquet$")
@@ -32,6 +32,17 @@ def write_pairs(path: Path, examples) -> None:
             for c in cols:
                 cols[c].append(getattr(ex, c))
     write_table_atomic(pa.Table.from_pydict(cols, schema=PAIRS_SCHEMA), path)
+
+
+def write_pairs_batches(path: Path, batches) -> None:
+    """RUN/pairs.parquet from record batches of :data:`PAIRS_SCHEMA` (the texts of a data store, read a batch at a
+    time: see :func:`prefcache.data.store.text_batches`)."""
+    def write(tmp: str) -> None:
+        with pq.ParquetWriter(tmp, PAIRS_SCHEMA, compression="zstd") as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+
+    write_atomic(path, write)
 
 
 class RunLog:

@@ -17,13 +17,14 @@ from prefcache.cache.lookup import ReferenceTable, check_joined, check_reference
 from prefcache.core.distributed import all_reduce_sum
 from prefcache.core.schemas import EXAMPLE_COLUMNS, example_columns
 from prefcache.data.columns import RowMapping
-from prefcache.data.pairs import load_dataset_pairs
+from prefcache.data.rows import TokenRows
+from prefcache.data.store import pair_rows, text_batches
 from prefcache.losses import LossInputs, ld_logps
 from prefcache.losses.combine import Objective
 from prefcache.model.pairs import PairLogps, pair_logps
-from prefcache.training.log import write_pairs
+from prefcache.training.log import write_pairs_batches
 from prefcache.training.scoring import aggregate, score_pairs
-from prefcache.training.state import held_out_ids
+from prefcache.training.state import split_held_out, store_options
 from prefcache.training.task import Forward, PolicyModel, Totals
 
 
@@ -51,11 +52,11 @@ class PairTask:
     loads, and the objective bound to the run's options."""
 
     cfg: object  # TrainConfig
-    train_set: list  # TokenizedPair
-    eval_set: list
+    train_set: TokenRows  # TokenizedPair, read from the data store
+    eval_set: TokenRows | list
     reference: ReferenceTable | None
     eval_reference: ReferenceTable | None
-    texts: list  # the rendered examples of both splits, for pairs.parquet
+    texts: list  # the data stores of both splits (their rendered texts: pairs.parquet)
     bad_rows: list
     max_length: int
     truncation: str
@@ -72,29 +73,28 @@ class PairTask:
         objective = bind_objective(cfg)  # before any data is read: a bad option costs nothing
         mapping = RowMapping.of(cfg)
         reference, max_length, truncation = open_reference(cfg, tokenizer, mapping)
-        data = {"data_config": cfg.data_config, "mapping": mapping}
-        pairs, bad_rows, texts = load_dataset_pairs(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row,
-                                                    split=cfg.split, **data)
-        eval_pairs, eval_reference, eval_texts = [], reference, []
+        data = {"data_config": cfg.data_config, "mapping": mapping, **store_options(cfg, tokenizer)}
+        pairs, bad_rows = pair_rows(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row, split=cfg.split,
+                                    **data)
+        eval_pairs, eval_reference, texts = [], reference, [pairs]
         if cfg.eval_data:
             eval_reference = ReferenceTable.from_cache(cfg.eval_cache) if cfg.eval_cache else reference
             if eval_reference is not reference:
                 check_cache_matches(eval_reference.metadata, tokenizer, max_length, truncation)
                 check_cache_mapping(eval_reference.metadata, mapping, cfg.eval_cache)
-            eval_pairs, _, eval_texts = load_dataset_pairs(cfg.eval_data, tokenizer, max_length, truncation,
-                                                           cfg.on_bad_row, split=cfg.eval_split, **data)
+            eval_pairs, _ = pair_rows(cfg.eval_data, tokenizer, max_length, truncation, cfg.on_bad_row,
+                                      split=cfg.eval_split, **data)
+            texts.append(eval_pairs)
         elif cfg.eval_fraction:
-            held = held_out_ids([p.id for p in pairs], cfg.eval_fraction)
-            eval_pairs = [p for p in pairs if p.id in held]
-            pairs = [p for p in pairs if p.id not in held]
+            pairs, eval_pairs = split_held_out(pairs, cfg.eval_fraction)
         for ref, split, what in ((reference, pairs, "training"), (eval_reference, eval_pairs, "eval")):
             if ref and split:
                 check_joined(ref, split, what)
                 check_reference_values(ref, split, what)
         if not pairs:
             raise ValueError(f"no training pairs in {cfg.data}")
-        return cls(cfg, pairs, eval_pairs, reference, eval_reference, texts + eval_texts, bad_rows, max_length,
-                   truncation, objective)
+        return cls(cfg, pairs, eval_pairs, reference, eval_reference, texts, bad_rows, max_length, truncation,
+                   objective)
 
     @property
     def cache_meta(self) -> dict | None:
@@ -105,12 +105,12 @@ class PairTask:
         return {"cache": self.cache_meta, "train_pairs": len(self.train_set), "eval_pairs": len(self.eval_set),
                 "eval_cache": self.eval_reference.metadata if self.eval_set and self.eval_reference else None}
 
-    def lengths(self) -> list[int]:
-        """Tokens of each training pair, for length-grouped batches."""
-        return [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in self.train_set]
+    def lengths(self):
+        """Tokens of each training pair (prompt, chosen and rejected), for length-grouped batches."""
+        return self.train_set.lengths()
 
     def write_texts(self, path) -> None:
-        write_pairs(path, self.texts)
+        write_pairs_batches(path, text_batches(self.texts))
 
     def metrics(self, columns: dict[str, list]) -> dict:
         return aggregate(columns)
@@ -175,7 +175,7 @@ def _no_grad_logps(policy, pairs, model: PolicyModel, batch_size: int, wpo: bool
     was_training = policy.training
     policy.eval()
     with torch.no_grad():
-        parts = [pair_logps(policy, pairs[s : s + batch_size], pad_id=model.pad_id, device=model.device,
+        parts = [pair_logps(policy, list(pairs[s : s + batch_size]), pad_id=model.pad_id, device=model.device,
                             chunk_size=model.chunk_size, prefix_sharing=model.sharing, wpo=wpo)
                  for s in range(0, len(pairs), batch_size)]
     policy.train(was_training)

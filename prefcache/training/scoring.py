@@ -35,7 +35,7 @@ def score_pairs(model, pairs, reference: ReferenceTable, *, beta: float, batch_s
     model.eval()
     with torch.no_grad():
         for s in range(0, len(pairs), batch_size):
-            batch = pairs[s : s + batch_size]
+            batch = list(pairs[s : s + batch_size])  # a data store's view: the batch's pairs built once
             ids = [p.id for p in batch]
             ref = reference.lookup(ids)
             pol = pair_logps(model, batch, pad_id=pad_id, device=device, chunk_size=chunk_size,

@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from prefcache.cache.store import identity
-from prefcache.core.distributed import barrier
+from prefcache.core.distributed import barrier, dist_info
+from prefcache.data.store import store_folder
 from prefcache.losses import RunningMean
-from prefcache.model.load import resolve_model
+from prefcache.model.load import resolve_model, tokenizer_key
 from prefcache.model.policy import load_policy
 from prefcache.training.checkpoint import (
     check_resumable,
@@ -115,8 +117,11 @@ def fingerprints(task) -> dict:
     """What a resume must find again, as short hashes: the training examples' ids in their order (the data
     order is a permutation of positions, so the same ids in another order would not continue the run), the
     held-out ones (None: no eval), and each cache's :func:`~prefcache.cache.store.identity` (None: no cache)."""
-    def ids(examples):
-        return hashlib.sha256("\n".join(e.id for e in examples).encode()).hexdigest()[:16] if examples else None
+    def ids(examples):  # a data store's view: its id column, not one example object per row
+        if not len(examples):
+            return None
+        listed = examples.ids() if hasattr(examples, "ids") else [e.id for e in examples]
+        return hashlib.sha256("\n".join(listed).encode()).hexdigest()[:16]
 
     def cache(reference):
         return identity(reference.metadata) if reference is not None else None
@@ -125,25 +130,39 @@ def fingerprints(task) -> dict:
             "eval_cache": cache(task.eval_reference) if task.eval_set else None}
 
 
+def store_options(cfg, tokenizer) -> dict:
+    """Where a run's data stores are (:mod:`prefcache.data.store`) and the tokenizer's part of their key."""
+    return {"tokenizer_key": tokenizer_key(tokenizer), "folder": store_folder(cfg.out), "world": dist_info()[1]}
+
+
+def split_held_out(rows, fraction: float):
+    """(training rows, held-out rows): the held-out share of a data store's view, by :func:`held_out_ids`."""
+    held = rows.isin(held_out_ids(rows.ids(), fraction))
+    return rows.where(~held), rows.where(held)
+
+
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, lengths: list[int] | None = None,
                 span: int = 1) -> list[int]:
     """This rank's pair indices for an epoch: a permutation seeded by (seed + epoch), padded to a multiple
     of world_size by wrapping around, then every world_size-th index (as torch's DistributedSampler).
 
-    With ``lengths`` (tokens per pair), length-grouped as transformers' ``group_by_length``: the permutation
+    With ``lengths`` (tokens per pair, a data store's ``tokens`` column), length-grouped as transformers' ``group_by_length``: the permutation
     is cut into mega-batches of up to 50 steps' pairs (``span`` pairs per step per rank, times world_size;
     fewer on small data), each sorted longest first, so a micro-batch holds pairs of similar length. Still
     a function of (seed, epoch, rank, world, lengths, span) only: resume and data parallelism are unchanged,
     and a step sees the same pairs whatever its split into micro-batches or ranks.
     """
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
     if lengths is not None:
+        lengths = np.asarray(lengths, dtype=np.int64)
         step = span * world
         mega = step * max(1, min(n // (4 * step), 50))
-        perm = [i for s in range(0, n, mega) for i in sorted(perm[s : s + mega], key=lambda i: -lengths[i])]
+        for s in range(0, n, mega):  # a stable sort, longest first: ties keep their permuted order
+            chunk = perm[s : s + mega]
+            perm[s : s + mega] = chunk[np.argsort(-lengths[chunk], kind="stable")]
     per_rank = math.ceil(n / world)
-    perm += perm[: per_rank * world - n]
-    return perm[rank::world]
+    perm = np.concatenate([perm, perm[: per_rank * world - n]])
+    return perm[rank::world].tolist()
 
 
 def make_optimizer(cfg, params):

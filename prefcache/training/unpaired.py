@@ -20,18 +20,18 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-import pyarrow as pa
 import torch
 
 from prefcache.cache.compat import check_cache_matches
 from prefcache.cache.lookup import UnpairedReference, check_joined, check_reference_values
-from prefcache.core.atomic import write_table_atomic
 from prefcache.core.distributed import all_reduce_sum, dist_info
-from prefcache.data.unpaired import check_no_mapping, kl_sequence, load_unpaired
+from prefcache.data.rows import IdIndex, TokenRows
+from prefcache.data.store import text_batches, unpaired_rows
+from prefcache.data.unpaired import check_no_mapping, kl_sequence
 from prefcache.losses.unpaired import UnpairedObjective, kl_estimate
 from prefcache.model.pairs import unpaired_logps
-from prefcache.training.log import PAIRS_SCHEMA
-from prefcache.training.state import held_out_ids
+from prefcache.training.log import write_pairs_batches
+from prefcache.training.state import split_held_out, store_options
 from prefcache.training.task import Forward, PolicyModel, Totals
 
 
@@ -40,12 +40,12 @@ class UnpairedTask:
     """The examples of an unpaired run, checked against their caches before a model loads."""
 
     cfg: object  # TrainConfig
-    train_set: list  # TokenizedCompletion
-    eval_set: list
+    train_set: TokenRows  # TokenizedCompletion, read from the data store
+    eval_set: TokenRows | list
     reference: UnpairedReference
     eval_reference: UnpairedReference
-    by_id: dict  # id -> TokenizedCompletion of both splits: KL partners may sit in either
-    texts: list  # the rendered examples, for pairs.parquet
+    by_id: IdIndex  # id -> TokenizedCompletion of both splits: KL partners may sit in either
+    texts: list  # the data stores of both splits (their rendered texts: pairs.parquet)
     bad_rows: list
     max_length: int
     truncation: str
@@ -71,36 +71,37 @@ class UnpairedTask:
         truncation = cfg.truncation or reference.metadata["truncation"]
         check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
         common = (tokenizer, max_length, truncation, cfg.on_bad_row)
-        items, bad_rows, texts = load_unpaired(cfg.data, *common, unpair=True, split=cfg.split,
-                                               data_config=cfg.data_config)
-        eval_items, eval_reference, eval_texts = [], reference, []
+        store = {"data_config": cfg.data_config, **store_options(cfg, tokenizer)}
+        items, bad_rows = unpaired_rows(cfg.data, *common, split=cfg.split, **store)
+        eval_items, eval_reference, texts = [], reference, [items]
         if cfg.eval_data:
             eval_reference = UnpairedReference.from_cache(cfg.eval_cache) if cfg.eval_cache else reference
             if eval_reference is not reference:
                 check_cache_matches(eval_reference.metadata, tokenizer, max_length, truncation)
-            eval_items, _, eval_texts = load_unpaired(cfg.eval_data, *common, unpair=True, split=cfg.eval_split,
-                                                      data_config=cfg.data_config)
+            eval_items, _ = unpaired_rows(cfg.eval_data, *common, split=cfg.eval_split, **store)
+            texts.append(eval_items)
         elif cfg.eval_fraction:
-            held = held_out_ids([i.id for i in items], cfg.eval_fraction)
-            eval_items = [i for i in items if i.id in held]
-            items = [i for i in items if i.id not in held]
+            items, eval_items = split_held_out(items, cfg.eval_fraction)
         if not items:
             raise ValueError(f"no training examples in {cfg.data}")
-        if len({i.label for i in items}) == 1 and dist_info()[0] == 0:  # legal, but the logs would say nothing
-            has, lacks = ("desirable", "undesirable") if items[0].label else ("undesirable", "desirable")
+        labels = set(items.column("label").tolist())
+        if len(labels) == 1 and dist_info()[0] == 0:  # legal, but the logs would say nothing
+            desirable = labels.pop()
+            has, lacks = ("desirable", "undesirable") if desirable else ("undesirable", "desirable")
             print(f"prefcache train: warning: the training examples are all {has} (no {lacks} ones): that side "
-                  f"is empty, so rewards_{'rejected' if items[0].label else 'chosen'} and rewards_margins stay "
+                  f"is empty, so rewards_{'rejected' if desirable else 'chosen'} and rewards_margins stay "
                   f"null and {cfg.loss[0]} learns from one side only", file=sys.stderr)
         for ref, split, what in ((reference, items, "training"), (eval_reference, eval_items, "eval")):
             if split:
                 check_joined(ref, split, what)
                 check_reference_values(ref, split, what)  # a NaN reference value would train NaN weights
-        by_id = {i.id: i for i in items + eval_items}
-        if missing := sorted({r.partner(i.id) for r, its in ((reference, items), (eval_reference, eval_items))
-                              for i in its} - by_id.keys()):
+        by_id = IdIndex([items, *([eval_items] if eval_items else [])])
+        partners = [r.partner(i) for r, its in ((reference, items), (eval_reference, eval_items))
+                    for i in (its.ids() if its else [])]
+        if missing := sorted(set(by_id.missing(partners))):
             raise ValueError(f"{len(missing)} KL completions come from examples not in the data, e.g. {missing[:3]}")
-        return cls(cfg, items, eval_items, reference, eval_reference, by_id, texts + eval_texts, bad_rows,
-                   max_length, truncation, objective)
+        return cls(cfg, items, eval_items, reference, eval_reference, by_id, texts, bad_rows, max_length,
+                   truncation, objective)
 
     @property
     def cache_meta(self) -> dict:
@@ -110,18 +111,13 @@ class UnpairedTask:
         return {"cache": self.cache_meta, "train_pairs": len(self.train_set), "train_examples": len(self.train_set),
                 "eval_examples": len(self.eval_set)}
 
-    def lengths(self) -> list[int]:
+    def lengths(self):
         """Tokens of each training example (its prompt and completion), for length-grouped batches."""
-        return [len(i.prompt_ids) + len(i.completion_ids) for i in self.train_set]
+        return self.train_set.lengths()
 
     def write_texts(self, path) -> None:
         """RUN/pairs.parquet: a desirable completion as chosen, an undesirable one as rejected."""
-        texts = {c: [] for c in PAIRS_SCHEMA.names}
-        for e in self.texts:
-            for c, v in (("id", e.id), ("prompt", e.prompt), ("chosen", e.completion if e.label else None),
-                         ("rejected", None if e.label else e.completion)):
-                texts[c].append(v)
-        write_table_atomic(pa.Table.from_pydict(texts, schema=PAIRS_SCHEMA), path)
+        write_pairs_batches(path, text_batches(self.texts))
 
     def metrics(self, cols: dict[str, list]) -> dict:
         """Step metrics: desirable examples fill the chosen slots, undesirable ones the rejected slots."""
@@ -173,7 +169,7 @@ class UnpairedTask:
         model.policy.eval()
         with torch.no_grad():
             for s in range(0, len(items), batch_size):
-                chunk = items[s : s + batch_size]
+                chunk = list(items[s : s + batch_size])  # a data store's view: the batch built once
                 totals.add(self.forward(model, chunk, run, train=False), len(chunk))
         model.policy.train(was_training)
         return totals
