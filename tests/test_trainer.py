@@ -394,8 +394,13 @@ def _train_cli(*args) -> object:
     return CliRunner().invoke(main, ["train", *map(str, args)])
 
 
-def test_resume_refuses_other_data_or_another_cache_and_touches_nothing(setup, tmp_path, tokenizer):
-    """As many pairs is not the same pairs: a resume compares what the data and the cache hold, not their size."""
+@pytest.mark.parametrize("stores", ["in the run", "in PREFCACHE_HOME"])
+def test_resume_refuses_other_data_or_another_cache_and_touches_nothing(setup, tmp_path, tokenizer, monkeypatch,
+                                                                         stores):
+    """As many pairs is not the same pairs: a resume compares what the data and the cache hold, not their size.
+    The data store of the refused data, written under RUN/data on the way (the default), is removed again."""
+    if stores == "in the run":
+        monkeypatch.delenv("PREFCACHE_HOME")
     out = tmp_path / "rb"
     run(setup, out, max_steps=2)
     data2 = write_jsonl(tmp_path / "pairs2.jsonl", preference_rows(24, seed=1))  # 24 pairs, other ones

@@ -50,6 +50,7 @@ from prefcache.training.state import (  # noqa: F401 - epoch_order: a public nam
     finish,
     load_run_policy,
     make_optimization,
+    no_stores_left_on_refusal,
     open_run,
     step_counts,
 )
@@ -116,20 +117,21 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
     # 1. Tokenizer, reference cache and data: everything is checked before a model is loaded.
     source = resolve_model(cfg.model, cfg.revision)
     tokenizer = load_tokenizer(source)
-    task = kind.load(cfg, tokenizer)
-    finetune, mismatch = resolve_finetune(cfg.finetune, task.cache_meta, device)
-    cfg = replace(cfg, finetune=finetune)  # run.json and checkpoints record the policy actually trained
-    if mismatch and main:
-        print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
-    n_train = len(task.train_set)
-    steps_per_epoch, total_steps = step_counts(cfg, n_train, world)
+    with no_stores_left_on_refusal(cfg, main):  # a refused resume leaves the run directory as it was
+        task = kind.load(cfg, tokenizer)
+        finetune, mismatch = resolve_finetune(cfg.finetune, task.cache_meta, device)
+        cfg = replace(cfg, finetune=finetune)  # run.json and checkpoints record the policy actually trained
+        if mismatch and main:
+            print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
+        n_train = len(task.train_set)
+        steps_per_epoch, total_steps = step_counts(cfg, n_train, world)
 
-    # 2. The run directory: a fresh one, or a resume from its latest checkpoint.
-    if (notice := check_run_dir(out, cfg.resume)) and main:
-        print(f"prefcache train: {notice}", file=sys.stderr)
-    prints = fingerprints(task)
-    ckpt, state, log, grouped = open_run(cfg, world=world, main=main, n_train=n_train, unpaired=kind is UnpairedTask,
-                                         fingerprints=prints)
+        # 2. The run directory: a fresh one, or a resume from its latest checkpoint.
+        if (notice := check_run_dir(out, cfg.resume)) and main:
+            print(f"prefcache train: {notice}", file=sys.stderr)
+        prints = fingerprints(task)
+        ckpt, state, log, grouped = open_run(cfg, world=world, main=main, n_train=n_train, unpaired=kind is UnpairedTask,
+                                             fingerprints=prints)
     if main:
         task.write_texts(out / "pairs.parquet")
         if task.bad_rows:

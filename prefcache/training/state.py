@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +134,26 @@ def fingerprints(task) -> dict:
 def store_options(cfg, tokenizer) -> dict:
     """Where a run's data stores are (:mod:`prefcache.data.store`) and the tokenizer's part of their key."""
     return {"tokenizer_key": tokenizer_key(tokenizer), "folder": store_folder(cfg.out), "world": dist_info()[1]}
+
+
+@contextmanager
+def no_stores_left_on_refusal(cfg, main: bool):
+    """A resume refused (other data, another cache, other settings) leaves its run as it was: the data stores
+    written into ``RUN/data`` on the way there are removed again. Stores under ``$PREFCACHE_HOME`` are shared
+    and stay."""
+    folder, run = store_folder(cfg.out), Path(cfg.out)
+    inside = main and cfg.resume and run.resolve() in folder.resolve().parents
+    existed = folder.exists()
+    before = set(folder.iterdir()) if inside and existed else set()
+    try:
+        yield
+    except Exception:
+        if inside and folder.exists():
+            for path in set(folder.iterdir()) - before:
+                path.unlink(missing_ok=True)
+            if not existed and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
 
 def split_held_out(rows, fraction: float):
