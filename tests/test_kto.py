@@ -329,15 +329,17 @@ def test_kto_resume_refuses_another_loss_or_other_examples(unpaired, tmp_path):
     assert run(unpaired, out, max_steps=2, resume=True)["steps"] == 2  # the run's own loss and examples
 
 
-def test_two_process_kto_equals_one_process(unpaired, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_process_kto_equals_one_process(unpaired, tmp_path, sharding):
     """torchrun: each rank takes every other example; KL means are averaged over ranks before the clamp, so two
-    ranks of 2 examples per step reach the weights of one process of 4."""
+    ranks of 2 examples per step reach the weights of one process of 4, data-parallel or sharded (--fsdp: the KL
+    and held-out passes go through the sharded module too)."""
     import subprocess
     import sys
 
     args = ["--data", str(unpaired["data"]), "--cache", str(unpaired["cache"]), "--model", str(unpaired["model"]),
             "--loss", "kto", "--max-steps", "3", "--lr", "1e-2", "--warmup-steps", "0", "--eval-fraction", "0.25",
-            "--no-progress"]
+            "--no-progress", *sharding]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(free_port()), "-m", "prefcache", "train", *args, "--out", str(tmp_path / "ddp"),
                           "--batch-size", "2",

@@ -5,7 +5,8 @@ holds, saving, finding the latest, loading, and whether a resume may continue fr
 fine-tuning the whole model in HF format, plus the tokenizer), ``prefcache.json`` (step, base model, settings,
 for humans and ``prefcache score``/``export``) and ``trainer_state.pt`` (optimizer, scheduler, RNG states of every
 rank, step, epoch, the bco_pair running reward mean, the data-order settings): everything ``--resume`` needs
-to reach the same weights as a run that was never stopped. A checkpoint is written under a ``.tmp-`` name and
+to reach the same weights as a run that was never stopped (a ``--fsdp`` run keeps its model and optimizer state
+in ``sharded/``, PyTorch's distributed checkpoint, instead of the optimizer in ``trainer_state.pt``). A checkpoint is written under a ``.tmp-`` name and
 renamed when complete, so a killed run never leaves a half checkpoint behind; a folder without
 ``trainer_state.pt`` is not a checkpoint. Listing needs no torch (``prefcache eval`` and the CLI's refusals
 use it); saving and loading import it when called.
@@ -84,14 +85,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, trainer_state: dict, info: dict) -> Path:
-    """Write ``step-{step:06d}`` atomically; replaces an existing checkpoint of the same step."""
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, trainer_state: dict, info: dict, *,
+                    tmp: Path | None = None, state_dict: dict | None = None) -> Path:
+    """Write ``step-{step:06d}`` atomically; replaces an existing checkpoint of the same step. ``tmp``: its
+    temporary folder, made already (the ranks of a --fsdp run wrote their shards there); ``state_dict``: the
+    model's weights, gathered from its shards (None: the model's own)."""
     import torch
 
     final = checkpoint_dir(run_dir, step)
-    tmp = make_temp_dir(final)  # 0777 & ~umask, as mkdir: colleagues can read a shared run
+    tmp = tmp or make_temp_dir(final)  # 0777 & ~umask, as mkdir: colleagues can read a shared run
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
         write_checkpoint_info(tmp, info)
         torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -103,13 +107,24 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, tra
 
 def save(run, at_step: int) -> None:
     """Checkpoint a :class:`~prefcache.training.state.RunState` at ``at_step``: the policy and tokenizer, what
-    ``--resume`` needs, and every rank's RNGs (gathered: every rank calls this)."""
+    ``--resume`` needs, and every rank's RNGs (gathered: every rank calls this). A --fsdp run's model and
+    optimizer state go to ``sharded/`` (:mod:`prefcache.training.sharded`), each rank writing its shard."""
     rngs = gather(rng_state(), run.world)
+    sharded = bool(getattr(run.cfg, "fsdp", False))
+    tmp = full = None
+    if sharded:
+        from prefcache.training.sharded import SHARDED_DIR, full_policy_state, save_sharded
+
+        made = str(make_temp_dir(checkpoint_dir(run.out, at_step))) if run.main else None
+        tmp = Path(gather(made, run.world)[0])
+        save_sharded(tmp / SHARDED_DIR, run.module, run.optimizer)
+        full = full_policy_state(run.module, run.world)
     if run.main:
         run.log.flush()  # the logs up to this step are on disk before the checkpoint that vouches for them
         cfg = run.cfg
         trainer_state = {"version": STATE_VERSION, "step": at_step, "epoch": run.epoch(at_step),
-                         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                         "scheduler": run.scheduler.state_dict(), "sharded": sharded,
+                         **({} if sharded else {"optimizer": run.optimizer.state_dict()}),
                          "rng": rngs, "bco": run.bco.state_dict(), "elapsed_s": run.elapsed(),
                          "world_size": run.world, "n_train": run.n_train, "batch_size": cfg.batch_size,
                          "grad_accum": cfg.grad_accum, "seed": cfg.seed, "last_eval_step": run.last_eval_step,
@@ -118,7 +133,7 @@ def save(run, at_step: int) -> None:
                 "model": cfg.model, "finetune": cfg.finetune, "max_length": run.max_length,
                 "truncation": run.truncation, "loss": list(cfg.loss), "beta": cfg.beta, "cache": cfg.cache,
                 "loss_settings": loss_settings(cfg), "prefcache_version": __version__}
-        save_checkpoint(run.out, at_step, run.policy, run.tokenizer, trainer_state, info)
+        save_checkpoint(run.out, at_step, run.policy, run.tokenizer, trainer_state, info, tmp=tmp, state_dict=full)
     barrier(run.world)
     run.last_saved = at_step
 
@@ -153,13 +168,28 @@ def check_resumable(state: dict, *, world: int, n_train: int, cfg, group_by_leng
            "seed": cfg.seed,
            "group_by_length": cfg.group_by_length if group_by_length is None else group_by_length}
     had = {"group_by_length": False}  # checkpoints from before length grouping: random batches
+    if same_steps_on_other_ranks(state, now):
+        now = {k: v for k, v in now.items() if k not in ("world_size", "batch_size", "grad_accum")}
     diff = [f"{k}: checkpoint has {state.get(k, had.get(k))!r}, now {v!r}" for k, v in now.items()
             if state.get(k, had.get(k)) != v]
+    if getattr(cfg, "fsdp", False) and world > 1 and not state.get("sharded"):
+        diff.append("fsdp: the checkpoint has no sharded state (saved without --fsdp), now sharded")
     recorded = state.get("fingerprints") or {}
     diff += [f"{k} ({FINGERPRINTS[k]}): checkpoint has {recorded[k]!r}, now {v!r}"
              for k, v in (fingerprints or {}).items() if k in recorded and recorded[k] != v]
     if diff:
         raise ValueError("cannot resume with other settings:\n  " + "\n  ".join(diff))
+
+
+def same_steps_on_other_ranks(state: dict, now: dict) -> bool:
+    """Whether a resume on another number of ranks takes the same steps: as many pairs per step (batch size x
+    grad_accum x ranks) and no padding of the order at either rank count, so each step sees the same pairs
+    (:func:`~prefcache.training.state.epoch_order`); only the split of a step's sum differs (fp32 reorder noise)."""
+    was, world = state.get("world_size", 1), now["world_size"]
+    per_step = lambda w, b, a: w * b * a  # noqa: E731
+    return (was != world and state["n_train"] % was == 0 and state["n_train"] % world == 0
+            and per_step(was, state.get("batch_size"), state.get("grad_accum"))
+            == per_step(world, now["batch_size"], now["grad_accum"]))
 
 
 def check_same_objective(run_dir: str | os.PathLike, settings: dict) -> None:

@@ -10,8 +10,9 @@ so every kind gets every guard.
 The loop reads top to bottom: seeded epoch-wise data order (length-grouped) -> micro-batches with gradient
 accumulation -> loss -> the NaN/inf guard -> clip -> optimizer and LR schedule -> log / eval / checkpoint.
 Under ``torchrun`` each rank takes every world_size-th example of the epoch's permutation
-(DistributedSampler's split) and DDP averages the gradients; rank 0 writes the logs with metrics gathered
-from all ranks.
+(DistributedSampler's split) and DDP averages the gradients (with ``--fsdp``, FSDP2 shards the policy and
+reduce-scatters them: :mod:`prefcache.training.sharded`); rank 0 writes the logs with metrics gathered from all
+ranks.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from prefcache.training.guards import STEP0_MARGIN_TOLERANCE, check_step, resolv
 from prefcache.training.log import peak_mem_mb
 from prefcache.training.pairs import PairTask, example_cols  # noqa: F401 - example_cols: a public name here
 from prefcache.training.rundir import CONFIG_YAML, check_run_dir, saved_options, write_run_info
+from prefcache.training.sharded import SHARDED_DIR, check_fsdp, load_sharded, shard, total_norm
 from prefcache.training.state import (  # noqa: F401 - epoch_order: a public name here
     RunState,
     after_step,
@@ -98,10 +100,13 @@ def seed_rank(seed: int, rank: int) -> None:
 
 
 def build_model(cfg: TrainConfig, policy, task, tokenizer, device: str, world: int) -> PolicyModel:
-    """The kernel's module over the policy (DDP-wrapped under torchrun), and what every step passes it.
-    Prefix sharing follows the cache's ``prefix_sharing`` metadata unless asked otherwise (no key: off)."""
+    """The kernel's module over the policy (DDP-wrapped under torchrun, or sharded in place with ``--fsdp``: then
+    every pass goes through it), and what every step passes it. Prefix sharing follows the cache's
+    ``prefix_sharing`` metadata unless asked otherwise (no key: off)."""
     plain = module = LogProbModule(policy, chunk_size=cfg.chunk_size, router_aux=True)
-    if world > 1:
+    if world > 1 and cfg.fsdp:
+        plain = module = shard(module, policy, device, cfg.bf16)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         module = DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
@@ -121,6 +126,8 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
         task = kind.load(cfg, tokenizer)
         finetune, mismatch = resolve_finetune(cfg.finetune, task.cache_meta, device)
         cfg = replace(cfg, finetune=finetune)  # run.json and checkpoints record the policy actually trained
+        if cfg.fsdp:
+            check_fsdp(finetune, world, main)
         if mismatch and main:
             print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
         n_train = len(task.train_set)
@@ -140,7 +147,11 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
     # 3. The policy (only it), its optimizer and schedule; DDP wraps the module whose forward runs.
     policy, policy_info = load_run_policy(cfg, source, ckpt, device)
     model = build_model(cfg, policy, task, tokenizer, device, world)
-    optimizer, scheduler, warmup = make_optimization(cfg, model.params, total_steps=total_steps, state=state)
+    restore = None  # a --fsdp checkpoint's model and optimizer state, re-sharded for this run's ranks
+    if state and state.get("sharded"):
+        restore = lambda optimizer: load_sharded(ckpt / SHARDED_DIR, model.plain, optimizer)  # noqa: E731
+    optimizer, scheduler, warmup = make_optimization(cfg, model.params, total_steps=total_steps, state=state,
+                                                     restore=restore)
     seed_rank(cfg.seed, rank)
     run_info = {"config": asdict(cfg), "prefcache_version": __version__, "world_size": world,
                 "max_length": task.max_length, "truncation": task.truncation, "policy": policy_info, **task.info(),
@@ -156,7 +167,8 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
     run = RunState(cfg=cfg, out=out, rank=rank, world=world, device=device, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, n_train=n_train, max_length=task.max_length, truncation=task.truncation,
                    group_by_length=grouped, log=log, policy=policy, policy_info=policy_info, tokenizer=tokenizer,
-                   optimizer=optimizer, scheduler=scheduler, trackers=trackers, fingerprints=prints)
+                   optimizer=optimizer, scheduler=scheduler, trackers=trackers, fingerprints=prints,
+                   module=model.plain)
     run.restore(state)
     return run, task, model, run_info
 
@@ -205,8 +217,7 @@ def train_step(run: RunState, task, model: PolicyModel, order: list[int]) -> flo
     totals = Totals()
     for k, idx in enumerate(micro):
         batch = [task.train_set[i] for i in idx]
-        # DDP all-reduces gradients on the last micro-batch of the step only.
-        with model.module.no_sync() if run.world > 1 and k < len(micro) - 1 else nullcontext():
+        with grad_sync(model.module, run.world, last=k == len(micro) - 1):
             out = task.forward(model, batch, run)
             check_step(run.step + 1, [e.id for e in batch], out.losses, unit=task.unit)  # NaN never reaches weights
             loss, aux = out.loss, model.aux_loss
@@ -217,7 +228,7 @@ def train_step(run: RunState, task, model: PolicyModel, order: list[int]) -> flo
             (loss * (len(batch) / len(step_idx))).backward()
         totals.add(out, len(batch), aux)
 
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.params, cfg.max_grad_norm or math.inf).item()
+    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(model.params, cfg.max_grad_norm or math.inf))
     check_step(run.step + 1, [task.train_set[i].id for i in step_idx], torch.zeros(0), grad_norm, unit=task.unit)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
@@ -231,6 +242,17 @@ def train_step(run: RunState, task, model: PolicyModel, order: list[int]) -> flo
         totals.peak_mem_mb = peak_mem_mb(run.device)
         log_train(run, task, gather(totals, run.world), lr=lr, grad_norm=grad_norm, step_time=step_time)
     return totals.loss_sum / totals.n
+
+
+def grad_sync(module, world: int, *, last: bool):
+    """Gradients are averaged over the ranks on the last micro-batch of a step only: DDP's ``no_sync`` before
+    it, FSDP's reduce-scatter switched off before it."""
+    if world == 1:
+        return nullcontext()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(last)
+        return nullcontext()
+    return nullcontext() if last else module.no_sync()
 
 
 def report_step0(run: RunState, margin: float | None, loss: float) -> None:
@@ -267,10 +289,12 @@ def log_train(run: RunState, task, parts: list[Totals], *, lr: float, grad_norm:
 
 
 def run_eval(run: RunState, task, model: PolicyModel, at_step: int) -> None:
-    """Score the held-out examples (each rank its share), logged by rank 0 as the eval split of ``at_step``."""
-    totals = task.evaluate(model, task.eval_share(run.rank, run.world), run)
+    """Score the held-out examples (each rank its share), logged by rank 0 as the eval split of ``at_step``.
+    Sharded (--fsdp), each forward is a collective of all ranks: each scores them all, as one process would."""
+    sharded = run.cfg.fsdp and run.world > 1
+    totals = task.evaluate(model, task.eval_share(0, 1) if sharded else task.eval_share(run.rank, run.world), run)
     totals.peak_mem_mb = peak_mem_mb(run.device)
-    parts = gather(totals, run.world)
+    parts = [totals] if sharded else gather(totals, run.world)
     if run.main:
         run.last_eval = log_row(run, task, parts, "eval", at_step)
     run.last_eval_step = at_step

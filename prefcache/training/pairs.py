@@ -152,7 +152,8 @@ class PairTask:
         """
         if not pairs:  # a rank whose share of a tiny eval set is empty
             return Totals({c: [] for c in EXAMPLE_COLUMNS}, peak_mem_mb=0.0)
-        cfg, reference, policy = self.cfg, self.eval_reference, model.policy
+        # Through the kernel's module, as the steps run: under --fsdp its hooks gather the sharded weights.
+        cfg, reference, policy = self.cfg, self.eval_reference, model.plain
         batch_size = cfg.eval_batch_size or cfg.batch_size
         cols = None
         if reference is not None:

@@ -72,6 +72,7 @@ class RunState:
     bco: RunningMean = field(default_factory=RunningMean)
     step0_margin: float | None = None  # the first step's margin (pairs), measured on the starting policy
     fingerprints: dict = field(default_factory=dict)  # what it trains on (see fingerprints), saved for a resume
+    module: object = None  # the kernel's module over the policy: what --fsdp checkpoints save (sharded or not)
 
     @property
     def main(self) -> bool:
@@ -87,7 +88,8 @@ class RunState:
         """Continue from a checkpoint's trainer state: its step, clock, eval step, bco mean and RNGs."""
         if not state:
             return
-        set_rng_state(state["rng"][self.rank])
+        if self.rank < len(state["rng"]):  # resumed on more ranks: a new rank keeps its own seed
+            set_rng_state(state["rng"][self.rank])
         self.step, self.last_saved, self.last_eval_step = state["step"], state["step"], state["last_eval_step"]
         self.elapsed_before = state["elapsed_s"]
         self.bco.load_state_dict(state["bco"])
@@ -236,13 +238,17 @@ def load_run_policy(cfg, source, ckpt: Path | None, device: str):
                        gradient_checkpointing=cfg.gradient_checkpointing)
 
 
-def make_optimization(cfg, params, *, total_steps: int, state: dict | None):
-    """(optimizer, scheduler, warm-up steps) over ``params``, restored from ``state`` on resume."""
+def make_optimization(cfg, params, *, total_steps: int, state: dict | None, restore=None):
+    """(optimizer, scheduler, warm-up steps) over ``params``, restored from ``state`` on resume (or by
+    ``restore(optimizer)``: a --fsdp checkpoint's sharded state)."""
     optimizer = make_optimizer(cfg, params)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = make_scheduler(optimizer, cfg.scheduler, warmup=warmup, total=total_steps, peak_lr=cfg.lr)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        if restore:
+            restore(optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         # The lr is recomputed from the step and this run's total (never the saved schedule's): extending
         # a finished run trains its new steps at a real lr.
         scheduler = make_scheduler(optimizer, cfg.scheduler, warmup=warmup, total=total_steps, peak_lr=cfg.lr,

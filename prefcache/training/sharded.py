@@ -1,0 +1,121 @@
+"""``--fsdp``: the policy sharded across the ranks with PyTorch's own FSDP2 (``fully_shard``), and checkpoints
+of the sharded model and optimizer written with PyTorch's distributed checkpoint (DCP).
+
+Each decoder layer is one FSDP unit, then the kernel's :class:`~prefcache.model.kernel.LogProbModule` over the
+policy is the root (embeddings, final norm and output head: tied weights stay in one unit). Every pass of the
+run goes through that root, so its forward hook gathers the root's weights before the kernel calls the backbone
+and the head. Gradients are reduce-scattered as averages over the ranks (DDP's all-reduce, sharded), so a run
+on N ranks takes the steps of one process on N times the pairs. On CUDA with ``--bf16`` the weights are
+gathered in bf16 and the gradients reduced in fp32; on CPU (gloo) everything stays fp32.
+
+A checkpoint of a ``--fsdp`` run holds ``sharded/`` (DCP: each rank writes its shard of the model and of the
+optimizer state; a resume at another number of ranks re-shards it) besides the usual files, whose weights are
+gathered onto rank 0 (``full_state_dict``, offloaded to CPU), so ``export``, ``eval`` and ``score`` read it as
+any other. With one process (no torchrun) ``--fsdp`` trains unsharded and still writes ``sharded/``, so the run
+can continue on more ranks and back.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from prefcache.training.config import FSDP_QLORA_REFUSAL
+
+SHARDED_DIR = "sharded"  # in a checkpoint of a --fsdp run: the DCP files of the model and optimizer state
+
+
+def check_fsdp(finetune: str, world: int, main: bool) -> None:
+    """Refuse what ``--fsdp`` does not do (a QLoRA base), and say that one process trains unsharded."""
+    if finetune == "qlora":
+        raise ValueError(FSDP_QLORA_REFUSAL)
+    if world == 1 and main:
+        print("prefcache train: note: --fsdp with one process trains unsharded (launch with torchrun "
+              "--nproc-per-node N to shard); its checkpoints can be resumed on any number of processes",
+              file=sys.stderr)
+
+
+def decoder_layers(policy) -> list[torch.nn.Module]:
+    """The policy's transformer blocks, the units FSDP shards one at a time (transformers' ``_no_split_modules``,
+    the same classes accelerate's FSDP auto-wrap uses)."""
+    from prefcache.model.kernel import _unwrap
+
+    lm = _unwrap(policy)
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"--fsdp: {type(lm).__name__} names no decoder layer class (_no_split_modules) to shard by")
+    return layers
+
+
+def shard(module: torch.nn.Module, policy, device: str, bf16: bool) -> torch.nn.Module:
+    """``module`` (the LogProbModule over ``policy``) sharded in place with ``fully_shard``: each decoder
+    layer, then the root. bf16 weights for compute and fp32 gradient reduction on CUDA with ``bf16``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()  # fp32 on CPU: gloo, and the numbers of an unsharded run
+    if bf16 and device.startswith("cuda"):
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(policy):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+    return module
+
+
+def total_norm(norm: torch.Tensor) -> float:
+    """``clip_grad_norm_``'s result as a number: over sharded gradients it is a DTensor of the partial norms."""
+    from torch.distributed.tensor import DTensor
+
+    return float((norm.full_tensor() if isinstance(norm, DTensor) else norm).item())
+
+
+def save_sharded(folder: Path, module, optimizer) -> None:
+    """The model and optimizer state, each rank writing its own shard (every rank calls this)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer, options=_TRAINED_ONLY())
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(folder: Path, module, optimizer) -> None:
+    """Load :func:`save_sharded`'s files into ``module`` and ``optimizer`` at whatever number of ranks this run
+    has (DCP re-shards; one process loads whole tensors). Every rank calls this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer, options=_TRAINED_ONLY())
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    # Not strict: the frozen base is not in the files (dcp.load has already refused a trained weight missing there).
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_TRAINED_ONLY(strict=False))
+
+
+def _TRAINED_ONLY(strict: bool = True):  # noqa: N802 - a constant, made when torch is imported
+    """The weights that train (LoRA: the adapter's; full: all), not a frozen base the run loads from its model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def full_policy_state(module, world: int) -> dict | None:
+    """The policy's whole state dict on rank 0 (CPU tensors; ``{}`` on the other ranks), gathered from the
+    shards; None when unsharded (the policy saves its own weights). Every rank calls this."""
+    if world == 1:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied weights (embeddings and output head) come back as two gathered copies: one tensor again, so
+    # save_pretrained writes it once, as it does for the model it was gathered from.
+    tied: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    for first, *others in tied.values():
+        for name in others:
+            if first in state and name in state:
+                state[name] = state[first]
+    return {k.removeprefix("model."): v for k, v in state.items()}  # LogProbModule.model is the policy
