@@ -17,7 +17,6 @@ from prefcache.cache.lookup import ReferenceTable, check_joined, check_reference
 from prefcache.core.distributed import all_reduce_sum
 from prefcache.core.schemas import EXAMPLE_COLUMNS, example_columns
 from prefcache.data.columns import RowMapping
-from prefcache.data.rows import TokenRows
 from prefcache.data.store import pair_rows, text_batches
 from prefcache.losses import LossInputs, ld_logps
 from prefcache.losses.combine import Objective
@@ -25,7 +24,7 @@ from prefcache.model.pairs import PairLogps, pair_logps
 from prefcache.training.log import write_pairs_batches
 from prefcache.training.scoring import aggregate, score_pairs
 from prefcache.training.state import split_held_out, store_options
-from prefcache.training.task import Forward, PolicyModel, Totals
+from prefcache.training.task import Forward, PolicyModel, TaskData, Totals
 
 
 def bind_objective(cfg) -> Objective:
@@ -47,19 +46,12 @@ def open_reference(cfg, tokenizer, mapping: RowMapping):
 
 
 @dataclass(frozen=True)
-class PairTask:
-    """The pairs of a run and their reference values (None: reference-free losses), checked before a model
-    loads, and the objective bound to the run's options."""
+class PairTask(TaskData):
+    """The pairs of a run (``TokenizedPair`` rows) and their reference values (None: reference-free losses),
+    checked before a model loads, and the objective bound to the run's options."""
 
-    cfg: object  # TrainConfig
-    train_set: TokenRows  # TokenizedPair, read from the data store
-    eval_set: TokenRows | list
     reference: ReferenceTable | None
     eval_reference: ReferenceTable | None
-    texts: list  # the data stores of both splits (their rendered texts: pairs.parquet)
-    bad_rows: list
-    max_length: int
-    truncation: str
     objective: Objective
     unit = "pair"
 
@@ -93,8 +85,9 @@ class PairTask:
                 check_reference_values(ref, split, what)
         if not pairs:
             raise ValueError(f"no training pairs in {cfg.data}")
-        return cls(cfg, pairs, eval_pairs, reference, eval_reference, texts, bad_rows, max_length, truncation,
-                   objective)
+        return cls(cfg=cfg, train_set=pairs, eval_set=eval_pairs, texts=texts, bad_rows=bad_rows,
+                   max_length=max_length, truncation=truncation, reference=reference, eval_reference=eval_reference,
+                   objective=objective)
 
     @property
     def cache_meta(self) -> dict | None:

@@ -22,6 +22,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefcache.data.rows import TokenRows
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """What every task holds, whatever its kind of example: the run's options, the training and held-out
+    examples (views of data stores), the stores of both splits (their texts go to ``pairs.parquet``), the bad
+    rows, and the tokenisation its cache was made with. A task adds its reference values and its objective."""
+
+    cfg: object  # TrainConfig
+    train_set: TokenRows
+    eval_set: TokenRows | list
+    texts: list
+    bad_rows: list
+    max_length: int
+    truncation: str
+
 
 def autocast_for(device: str, bf16: bool):
     """The autocast context of a policy forward: bf16 on CUDA when asked for, else none (CPU runs fp32)."""

@@ -25,30 +25,24 @@ import torch
 from prefcache.cache.compat import check_cache_matches
 from prefcache.cache.lookup import UnpairedReference, check_joined, check_reference_values
 from prefcache.core.distributed import all_reduce_sum, dist_info
-from prefcache.data.rows import IdIndex, TokenRows
+from prefcache.data.rows import IdIndex
 from prefcache.data.store import text_batches, unpaired_rows
 from prefcache.data.unpaired import check_no_mapping, kl_sequence
 from prefcache.losses.unpaired import UnpairedObjective, kl_estimate
 from prefcache.model.pairs import unpaired_logps
 from prefcache.training.log import write_pairs_batches
 from prefcache.training.state import split_held_out, store_options
-from prefcache.training.task import Forward, PolicyModel, Totals
+from prefcache.training.task import Forward, PolicyModel, TaskData, Totals
 
 
 @dataclass(frozen=True)
-class UnpairedTask:
-    """The examples of an unpaired run, checked against their caches before a model loads."""
+class UnpairedTask(TaskData):
+    """The examples of an unpaired run (``TokenizedCompletion`` rows), checked against their caches before a
+    model loads."""
 
-    cfg: object  # TrainConfig
-    train_set: TokenRows  # TokenizedCompletion, read from the data store
-    eval_set: TokenRows | list
     reference: UnpairedReference
     eval_reference: UnpairedReference
     by_id: IdIndex  # id -> TokenizedCompletion of both splits: KL partners may sit in either
-    texts: list  # the data stores of both splits (their rendered texts: pairs.parquet)
-    bad_rows: list
-    max_length: int
-    truncation: str
     objective: UnpairedObjective
     unit = "example"
 
@@ -100,8 +94,9 @@ class UnpairedTask:
                     for i in (its.ids() if its else [])]
         if missing := sorted(set(by_id.missing(partners))):
             raise ValueError(f"{len(missing)} KL completions come from examples not in the data, e.g. {missing[:3]}")
-        return cls(cfg, items, eval_items, reference, eval_reference, by_id, texts, bad_rows, max_length,
-                   truncation, objective)
+        return cls(cfg=cfg, train_set=items, eval_set=eval_items, texts=texts, bad_rows=bad_rows,
+                   max_length=max_length, truncation=truncation, reference=reference, eval_reference=eval_reference,
+                   by_id=by_id, objective=objective)
 
     @property
     def cache_meta(self) -> dict:
