@@ -110,7 +110,7 @@ def save(run, at_step: int) -> None:
     ``--resume`` needs, and every rank's RNGs (gathered: every rank calls this). A --fsdp run's model and
     optimizer state go to ``sharded/`` (:mod:`prefcache.training.sharded`), each rank writing its shard."""
     rngs = gather(rng_state(), run.world)
-    sharded = bool(getattr(run.cfg, "fsdp", False))
+    sharded = run.cfg.fsdp
     tmp = full = None
     if sharded:
         from prefcache.training.sharded import SHARDED_DIR, full_policy_state, save_sharded

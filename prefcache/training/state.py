@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prefcache.cache.lookup import example_ids
 from prefcache.cache.store import identity
 from prefcache.core.distributed import barrier, dist_info
 from prefcache.data.store import store_folder
@@ -120,11 +121,8 @@ def fingerprints(task) -> dict:
     """What a resume must find again, as short hashes: the training examples' ids in their order (the data
     order is a permutation of positions, so the same ids in another order would not continue the run), the
     held-out ones (None: no eval), and each cache's :func:`~prefcache.cache.store.identity` (None: no cache)."""
-    def ids(examples):  # a data store's view: its id column, not one example object per row
-        if not len(examples):
-            return None
-        listed = examples.ids() if hasattr(examples, "ids") else [e.id for e in examples]
-        return hashlib.sha256("\n".join(listed).encode()).hexdigest()[:16]
+    def ids(examples):
+        return hashlib.sha256("\n".join(example_ids(examples)).encode()).hexdigest()[:16] if len(examples) else None
 
     def cache(reference):
         return identity(reference.metadata) if reference is not None else None
