@@ -229,7 +229,7 @@ def train_step(run: RunState, task, model: PolicyModel, order: list[int]) -> flo
         totals.add(out, len(batch), aux)
 
     grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(model.params, cfg.max_grad_norm or math.inf))
-    check_step(run.step + 1, [task.train_set[i].id for i in step_idx], torch.zeros(0), grad_norm, unit=task.unit)
+    check_step(run.step + 1, totals.columns["id"], torch.zeros(0), grad_norm, unit=task.unit)  # the step's ids, in order
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
