@@ -317,3 +317,10 @@ def test_the_readme_options_table_says_the_declared_defaults():
             assert said == declared, f"README: --{option} {text}, the field: {declared}"
             checked += 1
     assert checked >= 20
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_a_sharded_reference_pass_refuses_a_quantized_reference(bits):
+    with pytest.raises(ValueError, match=rf"^--fsdp with --quantize {bits} is not supported: FSDP shards float"):
+        PrecomputeConfig(data="d", out="o", fsdp=True, quantize=bits)
+    assert PrecomputeConfig(data="d", out="o", fsdp=True, quantize="bf16").fsdp

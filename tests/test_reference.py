@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -207,20 +208,37 @@ def test_help_is_fast_and_imports_no_torch():
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_precompute(tmp_path, tiny_model):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_process_precompute_gives_the_one_process_cache(tmp_path, tiny_model, fsdp):
+    """Two ranks, each scoring the ids that hash to it, write the cache one process writes: the same ids, values
+    and metadata but the world size. With --fsdp the model is sharded too, so every forward is a collective of
+    both ranks, and the rank with fewer pairs (7 of 20 here) keeps the other company to the end.
+
+    Bound: 1e-5 nats per summed sequence (the issue's); measured 1.9e-6 (fp32 sums of another batch shape)."""
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(20))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
            "-m", "prefcache", "precompute", "--data", str(data), "--out", str(tmp_path / "c"), "--model", str(tiny_model),
-           "--max-length", "64", "--quantize", "fp32", "--no-progress"]
+           "--max-length", "64", "--quantize", "fp32", "--no-progress", *(["--fsdp"] if fsdp else [])]
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     names = {p.name[:9] for p in shard_paths(tmp_path / "c")}
     assert names == {"part-r000", "part-r001"}
     single = run(data, tmp_path / "single", tiny_model)
+    held = float(re.search(r"reference weights on rank 0: ([\d.,]+) MB", res.stdout).group(1).replace(",", ""))
+    whole = single["reference_mb_per_rank"]
+    # Sharded, a rank holds half of each layer and of the root (to a row of rounding), not the whole model
+    # (printed to 0.1 MB: 6.1 of 12.3 MB here).
+    assert held == pytest.approx(whole / 2 if fsdp else whole, abs=0.05 + 0.01 * whole)
     a, b = frame(tmp_path / "c"), frame(tmp_path / "single")
     assert a["id"].to_list() == b["id"].to_list() and single["scored"] == 20
-    assert (a["chosen_logps"] - b["chosen_logps"]).abs().max() < 1e-5
+    for side in ("chosen_logps", "rejected_logps", "chosen_logps_prefix", "rejected_logps_prefix"):
+        assert (a[side] - b[side]).abs().max() < 1e-5, side
     assert verify_cache(str(tmp_path / "c"), str(data))["problems"] == []
+    informational = {"world_size", "created_at"}
+    two, one = read_metadata(tmp_path / "c"), read_metadata(tmp_path / "single")
+    assert (two["world_size"], one["world_size"]) == (2, 1)
+    assert {k: v for k, v in two.items() if k not in informational} == \
+        {k: v for k, v in one.items() if k not in informational}
 
 
 @pytest.mark.slow

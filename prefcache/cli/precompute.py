@@ -38,6 +38,8 @@ def precompute_cmd(**options):
       prefcache precompute --config ref-cache/config.yaml   (the options a cache was made with)
     Data-parallel (one shard set per rank):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
+    A reference bigger than one GPU, sharded over 8 (FSDP2; the same cache):
+      torchrun --nproc-per-node 8 -m prefcache precompute --fsdp --quantize bf16 --data prefs.jsonl --out ref-cache
     """
     config = run_api(PrecomputeConfig, **options)  # every option's rule, before torch loads
     run_api(preflight.precompute, options)  # the paths: refusals that need no model, still before torch
@@ -52,6 +54,9 @@ def precompute_cmd(**options):
         f"{result['bad_rows']} bad rows skipped; {result['seconds']:.1f}s "
         f"({result['pairs_per_s']:.1f} {what}/s, {result['tokens_per_s']:,.0f} tokens/s)"
     )
+    if result["world_size"] > 1 and result["reference_mb_per_rank"] is not None:
+        how = f"sharded over {result['world_size']} ranks" if config.fsdp else "the whole model on every rank"
+        click.echo(f"reference weights on rank 0: {result['reference_mb_per_rank']:,.1f} MB ({how})")
     if result["bad_rows"]:
         click.echo(f"skipped rows are listed in {result['cache']}/bad_rows.jsonl")
     if result["problems"]:

@@ -185,21 +185,22 @@ def completion_logps(packed: PackedRows, token: torch.Tensor) -> list[list[torch
 
 
 def score_shared(model, sequences: list[tuple[list[int], int]], *, batch_size: int, pad_id: int, chunk_size: int,
-                 device: str, max_row: int, on_batch=None) -> list:
+                 device: str, max_row: int, on_batch=None, module=None) -> list:
     """:func:`prefcache.reference.shards.score_sequences` with prefix sharing: the unique sequences are grouped by
     prompt into packed rows (:func:`group_by_prompt`), ``batch_size`` rows per forward pass, longest first.
 
     Returns, per sequence, a numpy fp32 array of its completion tokens' log-probs (nats).
     ``on_batch(n_sequences, n_tokens)`` is called after each batch (real tokens computed, the prompt once).
+    ``module``: the LogProbModule over ``model`` to run (see :func:`packed_token_logprobs`).
     """
     rows = group_by_prompt(sequences, max_row)
     rows.sort(key=lambda r: -(len(r[0]) + sum(len(c) for c in r[1])))
     found: dict[tuple, object] = {}
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: a sharded model reuses its gathered weights outside it (drain)
         for b in range(0, len(rows), batch_size):
             batch = rows[b : b + batch_size]
             packed = pack(batch, pad_id)
-            token = packed_token_logprobs(model, packed.to(device), chunk_size=chunk_size).cpu()
+            token = packed_token_logprobs(model, packed.to(device), chunk_size=chunk_size, module=module).cpu()
             for (prompt, completions), logps in zip(batch, completion_logps(packed, token), strict=True):
                 for c, lp in zip(completions, logps, strict=True):
                     found[tuple(prompt + c)] = lp.numpy()

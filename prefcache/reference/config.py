@@ -27,6 +27,8 @@ class PrecomputeConfig(DataOptions):
     per_token: also store per-token log-prob lists.
     shard_size: pairs per Parquet shard; a crash loses at most one shard of work.
     chunk_size: completion positions projected through the output head at once.
+    fsdp: under torchrun, the reference sharded across the ranks (:mod:`prefcache.model.sharding`); the cache is the
+        one an unsharded pass makes.
     prefix_sharing: one packed row per prompt, its completions after it under a block mask (the prompt is
         computed once); off = two sequences per pair. Models that cannot take the mask fall back (said once).
     """
@@ -54,6 +56,9 @@ class PrecomputeConfig(DataOptions):
                                   "Off: two sequences per pair.")
     unpaired: bool = option(False, "KTO cache: unpaired data (prompt/completion/label; pairs are unpaired), each "
                             "completion's and its KL completion's reference log-probs.")
+    fsdp: bool = option(False, "Under torchrun: shard the reference model across the ranks with FSDP2 (each rank "
+                        "holds 1/N of the weights), for a reference bigger than one device; each rank still scores "
+                        "its own ids. Without it every rank holds the whole model.")
     # Two or more: with one, every example is its own KL partner (kl_id == id) and no mismatched completion exists.
     kl_group_size: int = option(8, "--unpaired: KL completions rotate within groups of this many examples (TRL's "
                                 "per-device batch; at least 2).", range=Range(2))
@@ -64,6 +69,9 @@ class PrecomputeConfig(DataOptions):
         check_device(self.device)
         if self.max_length < 2:
             raise ValueError("max_length must be at least 2 (one prompt token and one completion token)")
+        if self.fsdp and self.quantize in ("4bit", "8bit"):
+            raise ValueError(f"--fsdp with --quantize {self.quantize} is not supported: FSDP shards float weights; "
+                             "use --quantize bf16 (or fp32) with --fsdp, or drop --fsdp for a quantized reference")
         if not self.unpaired and given(self, ("kl_group_size",)):
             raise ValueError(f"kl_group_size {self.kl_group_size} applies to unpaired caches only: add unpaired "
                              "(--unpaired), or drop it")

@@ -28,7 +28,7 @@ from prefcache.cache.store import (
     verify,
 )
 from prefcache.core.atomic import WriteError
-from prefcache.core.distributed import barrier, dist_info, setup
+from prefcache.core.distributed import barrier, dist_info, gather, setup
 from prefcache.core.locking import directory_lock
 from prefcache.core.runconfig import write_config
 from prefcache.data import pairs as pair_data
@@ -54,27 +54,27 @@ def owner_rank(example_id: str, world_size: int) -> int:
     return int(hashlib.sha1(example_id.encode()).hexdigest()[:8], 16) % world_size
 
 
-def score_sequences(model, sequences: list[tuple[list[int], int]], *, batch_size: int, pad_id: int,
-                    chunk_size: int, device: str, on_batch=None) -> list:
+def score_sequences(scorer, sequences: list[tuple[list[int], int]], *, batch_size: int, pad_id: int, device: str,
+                    on_batch=None) -> list:
     """Score unique (token ids, completion start) sequences, longest first, in padded batches.
 
-    Returns, per sequence, a numpy fp32 array of its completion tokens' log-probs (nats).
-    ``on_batch(n_sequences, n_tokens)`` is called after each batch (progress reporting).
+    ``scorer``: the kernel's :class:`~prefcache.model.kernel.LogProbModule` over the model (sharded, a
+    :class:`~prefcache.model.sharding.Lockstep` over it). Returns, per sequence, a numpy fp32 array of its
+    completion tokens' log-probs (nats). ``on_batch(n_sequences, n_tokens)`` is called after each batch (progress).
     """
     import torch
 
-    from prefcache.model.kernel import collate, token_logprobs  # torch
+    from prefcache.model.kernel import collate  # torch
 
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))  # length buckets: little padding
     out: list = [None] * len(sequences)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: a sharded model reuses its gathered weights outside it (drain)
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
             input_ids, attention, completion = collate(
                 [sequences[i][0] for i in idx], [sequences[i][1] for i in idx], pad_id
             )
-            logps = token_logprobs(model, input_ids.to(device), attention.to(device), completion.to(device),
-                                   chunk_size=chunk_size).cpu()
+            logps = scorer(input_ids.to(device), attention.to(device), completion.to(device)).cpu()
             for row, i in enumerate(idx):
                 ids, start = sequences[i]
                 out[i] = logps[row, start : len(ids)].numpy()
@@ -88,7 +88,9 @@ def precompute(config: PrecomputeConfig | None = None, **options) -> dict:
 
     ``precompute(data="prefs.jsonl", out="cache/", quantize="4bit")`` is the same as the CLI; ``unpaired=True``
     caches unpaired (KTO) examples and their KL completions. Returns a summary dict: examples cached before and
-    now, scored, bad rows, seconds, pairs/s (examples/s for unpaired), tokens/s.
+    now, scored, bad rows, seconds, pairs/s (examples/s for unpaired), tokens/s, and the MB of reference weights
+    this rank held (``reference_mb_per_rank``: 1/N of the model with ``fsdp`` on N ranks; None when nothing was
+    pending).
     """
     config = config or PrecomputeConfig(**options)
     kind = kind_of(config)
@@ -170,7 +172,7 @@ def cache_to_extend(config: PrecomputeConfig, kind, source, tokenizer, device: s
     return meta
 
 
-def score_shard(model, shard: list, config: PrecomputeConfig, kind, *, sharing: bool, pad_id: int, device: str,
+def score_shard(scorer, shard: list, config: PrecomputeConfig, kind, *, sharing: bool, pad_id: int, device: str,
                 progress: Progress, start: int) -> dict[str, list]:
     """The cache columns of one shard (``start``: examples scored before it); an identical (prompt, completion)
     sequence is scored once. With ``sharing`` the sequences are packed one prompt a row: a pair's two completions,
@@ -186,23 +188,28 @@ def score_shard(model, shard: list, config: PrecomputeConfig, kind, *, sharing: 
     if sharing:  # a prompt once per packed row, for all of its unique completions in the shard
         from prefcache.model.packing import score_shared  # torch
 
-        logps = score_shared(model, sequences, batch_size=config.batch_size, pad_id=pad_id, chunk_size=config.chunk_size,
-                             device=device, max_row=2 * config.max_length, on_batch=progress)
+        logps = score_shared(scorer.model, sequences, batch_size=config.batch_size, pad_id=pad_id,
+                             chunk_size=config.chunk_size, device=device, max_row=2 * config.max_length,
+                             on_batch=progress, module=scorer)
     else:
-        logps = score_sequences(model, sequences, batch_size=2 * config.batch_size, pad_id=pad_id,
-                                chunk_size=config.chunk_size, device=device, on_batch=progress)
+        logps = score_sequences(scorer, sequences, batch_size=2 * config.batch_size, pad_id=pad_id, device=device,
+                                on_batch=progress)
     return kind.columns(shard, dict(zip(keys, logps, strict=True)))
 
 
 def score_pass(config: PrecomputeConfig, kind, source, meta: dict, shards, *, pad_id: int, device: str, rank: int,
-               world: int) -> tuple[int, int]:
-    """Load the reference model, score ``shards`` and write each as it is done; returns (examples, tokens)."""
+               world: int) -> tuple[int, int, float]:
+    """Load the reference model, score ``shards`` and write each as it is done; returns (examples, tokens, MB of
+    reference weights this rank held).
+    With ``--fsdp`` under torchrun the model is sharded across the ranks, each still scoring its own ids."""
     from tqdm.auto import tqdm
 
     from prefcache.model.packing import resolve_sharing  # torch
+    from prefcache.model.sharding import local_mb
 
     out = Path(config.out)
-    model, _ = load_model(source, quantize=meta["quantization"], device=device, adapter=config.adapter)
+    model, scorer = load_scorer(config, source, meta["quantization"], device, pad_id, world)
+    weights_mb = local_mb(scorer)
     sharing = meta["prefix_sharing"] = resolve_sharing(model, meta["prefix_sharing"])
     writer = CacheWriter(out, meta, rank=rank, table_schema=kind.schema())
     if rank == 0:
@@ -211,7 +218,7 @@ def score_pass(config: PrecomputeConfig, kind, source, meta: dict, shards, *, pa
                dynamic_ncols=True)
     progress, scored = Progress(bar), 0
     for shard in shards:
-        columns = score_shard(model, shard, config, kind, sharing=sharing, pad_id=pad_id, device=device,
+        columns = score_shard(scorer, shard, config, kind, sharing=sharing, pad_id=pad_id, device=device,
                               progress=progress, start=scored)
         try:
             writer.write(columns)
@@ -220,8 +227,25 @@ def score_pass(config: PrecomputeConfig, kind, source, meta: dict, shards, *, pa
                                       "free space and rerun the same command to finish the cache") from e
         scored += len(shard)
         bar.update(scored - bar.n)
+    if hasattr(scorer, "drain"):  # a Lockstep
+        scorer.drain()  # this rank's ids are done: the others' forwards still need it
     bar.close()
-    return scored, progress.tokens
+    return scored, progress.tokens, weights_mb
+
+
+def load_scorer(config: PrecomputeConfig, source, quantization: str, device: str, pad_id: int, world: int):
+    """(the reference model, the kernel's module to score with). With ``--fsdp`` on more than one rank the model is
+    loaded on the host and sharded onto the ranks' devices (:mod:`prefcache.model.sharding`), so a reference bigger
+    than one device fits; every forward is then a collective, kept in step by a :class:`Lockstep`."""
+    from prefcache.model.kernel import LogProbModule  # torch
+    from prefcache.model.sharding import Lockstep, shard
+
+    sharded = config.fsdp and world > 1
+    model, _ = load_model(source, quantize=quantization, device="cpu" if sharded else device, adapter=config.adapter)
+    scorer = LogProbModule(model, chunk_size=config.chunk_size)
+    if sharded:
+        scorer = Lockstep(shard(scorer, model, device), device, pad_id)
+    return model, scorer
 
 
 def _precompute(config: PrecomputeConfig, kind) -> dict:
@@ -243,8 +267,12 @@ def _precompute(config: PrecomputeConfig, kind) -> dict:
         raise DataFormatError(f"all {len(scan.bad_rows)} rows of {config.data} are bad rows (listed in "
                               f"{out / 'bad_rows.jsonl'}): nothing to cache")
     scored = tokens = 0
-    if first is not None:
-        scored, tokens = score_pass(config, kind, source, meta, itertools.chain([first], shards),
+    weights_mb = None  # no model loaded: nothing pending
+    pending = first is not None
+    if config.fsdp and world > 1:  # a sharded model runs on every rank or on none
+        pending = any(gather(pending, world))
+    if pending:
+        scored, tokens, weights_mb = score_pass(config, kind, source, meta, itertools.chain([first] if first else [], shards),
                                     pad_id=tokenizer.pad_token_id, device=device, rank=rank, world=world)
     if scan.bad_rows and rank == 0:
         # In row order: unpaired data reports a pair's tokenisation problems when its block of pairs is unpaired.
@@ -260,7 +288,7 @@ def _precompute(config: PrecomputeConfig, kind) -> dict:
         "cache": str(out), "rank": rank, "world_size": world, **kind.summary(scan.n_ids()), "data_blocks": scan.blocks,
         "cached_before": len(done), "scored": scored, "bad_rows": len(scan.bad_rows), "seconds": elapsed,
         "pairs_per_s": scored / elapsed if elapsed else 0.0, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
-        "problems": problems, "config": asdict(config),
+        "problems": problems, "config": asdict(config), "reference_mb_per_rank": weights_mb,
     }
 
 

@@ -37,13 +37,14 @@ from prefcache.losses.registry import UNPAIRED_LOSSES
 from prefcache.model.kernel import LogProbModule, router_aux_coef
 from prefcache.model.load import load_tokenizer, resolve_device, resolve_model
 from prefcache.model.packing import training_sharing
+from prefcache.model.sharding import shard
 from prefcache.training.checkpoint import check_same_objective, checkpoint_dir
 from prefcache.training.config import TrainConfig, loss_settings
 from prefcache.training.guards import STEP0_MARGIN_TOLERANCE, check_step, resolve_finetune
 from prefcache.training.log import peak_mem_mb
 from prefcache.training.pairs import PairTask, example_cols  # noqa: F401 - example_cols: a public name here
 from prefcache.training.rundir import CONFIG_YAML, check_run_dir, saved_options, write_run_info
-from prefcache.training.sharded import SHARDED_DIR, check_fsdp, load_sharded, shard, total_norm
+from prefcache.training.sharded import SHARDED_DIR, check_fsdp, load_sharded, total_norm
 from prefcache.training.state import (  # noqa: F401 - epoch_order: a public name here
     RunState,
     after_step,

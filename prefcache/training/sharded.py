@@ -1,10 +1,8 @@
-"""``--fsdp``: the policy sharded across the ranks with PyTorch's own FSDP2 (``fully_shard``), and checkpoints
-of the sharded model and optimizer written with PyTorch's distributed checkpoint (DCP).
+"""``train --fsdp``: the policy sharded across the ranks (:mod:`prefcache.model.sharding`: FSDP2, one unit per
+decoder layer), and checkpoints of the sharded model and optimizer written with PyTorch's distributed checkpoint
+(DCP).
 
-Each decoder layer is one FSDP unit, then the kernel's :class:`~prefcache.model.kernel.LogProbModule` over the
-policy is the root (embeddings, final norm and output head: tied weights stay in one unit). Every pass of the
-run goes through that root, so its forward hook gathers the root's weights before the kernel calls the backbone
-and the head. Gradients are reduce-scattered as averages over the ranks (DDP's all-reduce, sharded), so a run
+Gradients are reduce-scattered as averages over the ranks (DDP's all-reduce, sharded), so a run
 on N ranks takes the steps of one process on N times the pairs. On CUDA with ``--bf16`` the weights are
 gathered in bf16 and the gradients reduced in fp32; on CPU (gloo) everything stays fp32.
 
@@ -35,33 +33,6 @@ def check_fsdp(finetune: str, world: int, main: bool) -> None:
         print("prefcache train: note: --fsdp with one process trains unsharded (launch with torchrun "
               "--nproc-per-node N to shard); its checkpoints can be resumed on any number of processes",
               file=sys.stderr)
-
-
-def decoder_layers(policy) -> list[torch.nn.Module]:
-    """The policy's transformer blocks, the units FSDP shards one at a time (transformers' ``_no_split_modules``,
-    the same classes accelerate's FSDP auto-wrap uses)."""
-    from prefcache.model.kernel import _unwrap
-
-    lm = _unwrap(policy)
-    names = set(getattr(lm, "_no_split_modules", None) or ())
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(f"--fsdp: {type(lm).__name__} names no decoder layer class (_no_split_modules) to shard by")
-    return layers
-
-
-def shard(module: torch.nn.Module, policy, device: str, bf16: bool) -> torch.nn.Module:
-    """``module`` (the LogProbModule over ``policy``) sharded in place with ``fully_shard``: each decoder
-    layer, then the root. bf16 weights for compute and fp32 gradient reduction on CUDA with ``bf16``."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy()  # fp32 on CPU: gloo, and the numbers of an unsharded run
-    if bf16 and device.startswith("cuda"):
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in decoder_layers(policy):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(module, mp_policy=mp)
-    return module
 
 
 def total_norm(norm: torch.Tensor) -> float:
