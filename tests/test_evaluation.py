@@ -283,6 +283,53 @@ def test_score_agrees_with_the_trainers_eval_log(setup):
     assert (joined["margin"] - joined["margin_score"]).abs().max() < 1e-5
 
 
+@pytest.mark.slow
+def test_two_process_score_equals_one_process(setup, tmp_path):
+    """Under torchrun each rank scores its share (3 pairs of 7 and 4 here: batches of another shape), and rank 0
+    writes them all in the data's order. With --fsdp the checkpoint is sharded (half the weights on a rank) and
+    the forwards kept in step (rank 1 has one batch more). Bound 1e-5 on a reward: the fp32 noise of another
+    batch shape, the bound score keeps against the trainer's eval log."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ENV
+
+    from prefcache.evaluation.rewards import score
+
+    heldout = write_jsonl(tmp_path / "h.jsonl", preference_rows(8, seed=1)[:7])
+    ckpt = "checkpoints/step-000004"
+    common = ["--cache", str(setup["cache"]), "--data", str(heldout), "--batch-size", "2", "--device", "cpu"]
+    results, held = {}, {}
+    for launch in ("ddp", "fsdp", "one"):  # a run each: the results land in the checkpoint's run
+        shutil.copytree(setup["run"], tmp_path / launch, ignore=shutil.ignore_patterns("evals", "examples-score-*"))
+        if launch == "one":
+            score(checkpoints=[str(tmp_path / launch / ckpt)], cache=str(setup["cache"]), data=str(heldout),
+                  batch_size=2, device="cpu")
+        else:
+            res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                  "2", "-m", "prefcache", "score", str(tmp_path / launch / ckpt), *common,
+                                  *(["--fsdp"] if launch == "fsdp" else [])],
+                                 env=ENV, capture_output=True, text=True, timeout=900)
+            assert res.returncode == 0, res.stderr[-4000:]
+            assert res.stdout.count("rewards_accuracies") == 1  # rank 0 reports, once
+            held[launch] = float(re.search(r"([\d.,]+) MB of weights on rank 0", res.stderr).group(1).replace(",", ""))
+        [examples] = _read(tmp_path / launch / "logs", "examples-score-*.parquet")
+        [evals] = _read(tmp_path / launch / "evals", "score-*.parquet")
+        results[launch] = examples, evals
+    assert held["fsdp"] == pytest.approx(held["ddp"] / 2, abs=0.05 + 0.01 * held["ddp"])  # printed to 0.1 MB
+    one, evals_one = results["one"]
+    for launch in ("ddp", "fsdp"):
+        two, evals_two = results[launch]
+        assert two.column("id").to_pylist() == one.column("id").to_pylist() and two.num_rows == 7
+        for column in ("policy_chosen_logps", "policy_rejected_logps", "reward_chosen", "reward_rejected", "margin"):
+            a, b = two.column(column).to_pylist(), one.column(column).to_pylist()
+            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5, (launch, column)
+        assert evals_two.column("n").to_pylist() == [7] * 4
+        for x, y in zip(evals_two.column("value").to_pylist(), evals_one.column("value").to_pylist(), strict=True):
+            assert x == pytest.approx(y, abs=1e-5)
+
+
 def test_score_refuses_a_cache_of_another_tokenisation(setup, tmp_path):
     from transformers import AutoTokenizer
 

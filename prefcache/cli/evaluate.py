@@ -8,6 +8,7 @@ from prefcache.cli import preflight
 from prefcache.cli.fields import options_from
 from prefcache.cli.options import config_option
 from prefcache.cli.precompute import run_api
+from prefcache.core.distributed import dist_info
 from prefcache.evaluation.config import EvalConfig, ScoreConfig
 
 
@@ -60,6 +61,8 @@ def score_cmd(**options):
     Example:
       prefcache precompute --data heldout.jsonl --out heldout-cache
       prefcache score run1 --cache heldout-cache --data heldout.jsonl
+    Across 4 GPUs, each scoring a quarter of the pairs (--fsdp: the model sharded too):
+      torchrun --nproc-per-node 4 -m prefcache score run1 --cache heldout-cache --data heldout.jsonl --fsdp
     """
     config = run_api(ScoreConfig, **options)  # every option's rule, before torch loads
     run_api(preflight.score, options)  # the paths: refusals that need no model, still before torch
@@ -67,5 +70,6 @@ def score_cmd(**options):
     from prefcache.evaluation.rewards import score  # polars, pyarrow, then torch
 
     df = run_api(score, config)
-    _show(df, run_dir_of(config))
+    if dist_info()[0] == 0:  # torchrun: rank 0 reports (every rank scored its share)
+        _show(df, run_dir_of(config))
 

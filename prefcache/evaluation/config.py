@@ -83,6 +83,7 @@ class ScoreConfig(DataOptions):
     beta: reward scale; None = the run's beta (run.json), else 0.1.
     base: also score the base model. Off by default: rewards are already relative to the reference.
     batch_size: pairs per forward pass.
+    fsdp: under torchrun, each checkpoint sharded across the ranks (each rank scores its share with or without it).
     revision, out: as for :class:`EvalConfig`; split, data_config, columns, *_template: as for
         :class:`PrecomputeConfig` (they must be the ones the cache was made with).
     """
@@ -100,10 +101,15 @@ class ScoreConfig(DataOptions):
     device: str = option("auto", "cpu, cuda, cuda:1, or auto.")
     chunk_size: int = option(512, "Completion positions per output-head chunk.", range=POSITIVE)
     out: str | None = option(None, _OUT.format(", OUT/logs/"))
+    fsdp: bool = option(False, "Under torchrun: shard each checkpoint's model across the ranks with FSDP2 (each "
+                        "rank holds 1/N of the weights); each rank scores its share of the pairs either way.")
 
     def __post_init__(self):
         super().__post_init__()  # the data options
         object.__setattr__(self, "checkpoints", _str_names(self.checkpoints))
+        if self.fsdp and self.quantize in ("4bit", "8bit"):
+            raise ValueError(f"--fsdp with --quantize {self.quantize} is not supported: FSDP shards float weights; "
+                             "use --quantize bf16 (or fp32) with --fsdp")
         if not self.checkpoints and not self.base:
             raise ValueError("nothing to score: give checkpoints, or base=True")
         check_options(self, ScoreConfig)

@@ -3,12 +3,17 @@
 The reference model is never loaded: its values come from the cache, joined by example id, through
 :func:`prefcache.training.scoring.score_pairs`, the function the trainer logs its eval split with, so the two
 agree. Per-pair rewards go to ``RUN/logs/examples-score-*.parquet``, the means to ``RUN/evals/score-*.parquet``.
+
+Under ``torchrun`` each rank scores a contiguous share of the pairs and rank 0 writes them all, in the data's
+order; with ``--fsdp`` the checkpoint is sharded across the ranks too (:mod:`prefcache.model.sharding`), for a
+policy bigger than one device.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import sys
 from datetime import datetime, timezone
 
 import polars as pl
@@ -16,6 +21,7 @@ import polars as pl
 from prefcache.cache.compat import check_cache_mapping
 from prefcache.cache.store import CacheError
 from prefcache.core import schemas
+from prefcache.core.distributed import gather, setup
 from prefcache.data.columns import RowMapping
 from prefcache.data.store import pair_rows, store_folder
 from prefcache.evaluation.checkpoints import (
@@ -52,9 +58,11 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     check_pairs_cache(config.cache)
     from prefcache.cache.compat import check_cache_matches
     from prefcache.cache.lookup import ReferenceTable, check_joined  # torch
-    from prefcache.training.scoring import score_pairs
+    from prefcache.model.sharding import local_mb, share
+    from prefcache.training.scoring import aggregate, score_pairs
 
     run_dir, checkpoints, settings, source, device = prepare(config)
+    rank, world, device = setup(device)
     beta = config.beta if config.beta is not None else float(settings.get("beta", DEFAULT_BETA))
     reference = ReferenceTable.from_cache(config.cache)
     meta = reference.metadata
@@ -75,7 +83,7 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
             # A view over the data's store (tokenised once, then memory-mapped by every later score)
             pairs, _ = pair_rows(config.data, tokenizer, meta["max_length"], meta["truncation"], config.on_bad_row,
                                  split=config.split, data_config=config.data_config, mapping=mapping,
-                                 tokenizer_key=tokenizer_key(tokenizer), folder=store_folder(run_dir))
+                                 tokenizer_key=tokenizer_key(tokenizer), folder=store_folder(run_dir), world=world)
             if not pairs:
                 raise EvalError(f"{config.data}: no pairs to score")
             check_joined(reference, pairs, "held-out")  # the trainer's check: every id cached, same token counts
@@ -84,20 +92,49 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
 
     frames = []
     for ckpt, pairs in plan:
-        model, tokenizer = load_checkpoint(ckpt, source, settings, quantize=config.quantize, device=device)
-        cols, agg = score_pairs(model, pairs, reference, beta=beta, batch_size=config.batch_size,
-                                pad_id=tokenizer.pad_token_id, device=device, chunk_size=config.chunk_size)
-        del model
+        scorer, tokenizer = load_scorer(config, ckpt, source, settings, device, world)
+        if world > 1 and rank == 0:
+            how = f"sharded over {world} ranks" if hasattr(scorer, "drain") else "the whole model on every rank"
+            print(f"prefcache score: {ckpt.name}: {local_mb(scorer):,.1f} MB of weights on rank 0 ({how})",
+                  file=sys.stderr)
+        mine = pairs.take(share(len(pairs), rank, world))
+        cols, _ = score_pairs(scorer, mine, reference, beta=beta, batch_size=config.batch_size,
+                              pad_id=tokenizer.pad_token_id, device=device, chunk_size=config.chunk_size)
+        if hasattr(scorer, "drain"):  # sharded: this rank's share is done, the others' forwards still need it
+            scorer.drain()
+        del scorer
         release_memory()
+        parts = gather(cols, world)  # contiguous shares, in rank order: the pairs' own order
+        cols = {k: [v for part in parts for v in part[k]] for k in cols}
+        agg = aggregate(cols)
         n = len(cols["id"])
         examples = pl.DataFrame({**cols, "step": [ckpt.step] * n, "split": ["score"] * n, "checkpoint": [ckpt.name] * n})
-        write_parquet(examples, schemas.EXAMPLES, run_dir / "logs", "examples-score", ckpt.name)
+        if rank == 0:
+            write_parquet(examples, schemas.EXAMPLES, run_dir / "logs", "examples-score", ckpt.name)
         per_pair = {"rewards_accuracies": [float(m > 0) for m in cols["margin"]], "rewards_margins": cols["margin"],
                     "rewards_chosen": cols["reward_chosen"], "rewards_rejected": cols["reward_rejected"]}
         now = datetime.now(timezone.utc)
         frame = evals_frame([{"checkpoint": ckpt.name, "step": ckpt.step, "task": "preference", "metric": m,
                                "value": agg[m], "stderr": _stderr(per_pair[m]), "n": n, "time": now,
                                "source": "score"} for m in SCORE_METRICS])
-        write_parquet(frame, EVALS_SCHEMA, run_dir / "evals", "score", ckpt.name)
+        if rank == 0:
+            write_parquet(frame, EVALS_SCHEMA, run_dir / "evals", "score", ckpt.name)
         frames.append(frame)
     return pl.concat(frames)
+
+
+def load_scorer(config: ScoreConfig, ckpt, source, settings: dict, device: str, world: int):
+    """(the module to score ``ckpt`` with, its tokenizer): the checkpoint's model as trained; with ``--fsdp`` on
+    more than one rank, loaded on the host and sharded onto the ranks' devices, its forwards kept in step."""
+    if not (config.fsdp and world > 1):
+        return load_checkpoint(ckpt, source, settings, quantize=config.quantize, device=device)
+    from prefcache.model.kernel import LogProbModule
+    from prefcache.model.sharding import Lockstep, shard
+
+    quantize = config.quantize or settings.get("quantize") or "auto"
+    if quantize in ("4bit", "8bit"):
+        raise EvalError(f"score --fsdp: {ckpt.name} would load in {quantize} (the run's precision) and FSDP shards "
+                        "float weights: add --quantize bf16 (or fp32)")
+    model, tokenizer = load_checkpoint(ckpt, source, settings, quantize=quantize, device="cpu")
+    module = LogProbModule(model, chunk_size=config.chunk_size)
+    return Lockstep(shard(module, model, device), device, tokenizer.pad_token_id), tokenizer
