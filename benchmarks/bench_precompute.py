@@ -135,6 +135,7 @@ def _prefcache_child(name: str, spec: dict, phase: Phase) -> dict:
     from prefcache.model import kernel as plogprobs
     from prefcache.model import load as pmodels
     from prefcache.model import packing as ppacking
+    from prefcache.reference import scoring as pscoring
     from prefcache.reference import shards as pre
 
     if name == "naive":  # score_sequences imports the kernel at call time: swap in the full-logits one
@@ -149,7 +150,7 @@ def _prefcache_child(name: str, spec: dict, phase: Phase) -> dict:
         return _resident(model), info
 
     pmodels.load_model = resident_load_model
-    pre.score_sequences = phase.timed(pre.score_sequences)
+    pscoring.score_sequences = phase.timed(pscoring.score_sequences)
     ppacking.score_shared = phase.timed(ppacking.score_shared)  # precompute imports it at call time
     pcache.CacheWriter.write = phase.timed(pcache.CacheWriter.write)
     cache = Path(spec["work"]) / f"cache-{name}-{spec['tag']}"

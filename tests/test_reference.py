@@ -96,7 +96,7 @@ def test_extending_with_other_settings_is_refused(tmp_path, prefs_file, tiny_mod
 @pytest.mark.parametrize("sharing", [False, True])
 def test_identical_sequences_are_scored_once(tmp_path, tiny_model, monkeypatch, sharing):
     import prefcache.model.packing as packing
-    import prefcache.reference.shards as pre
+    import prefcache.reference.scoring as pre
 
     rows = [{"prompt": "Same prompt", "chosen": " same answer", "rejected": f" other {i}"} for i in range(5)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)

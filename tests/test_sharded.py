@@ -8,9 +8,10 @@ import subprocess
 import sys
 import textwrap
 
+import polars as pl
 import pytest
 import torch
-from conftest import ENV, adapter, free_port, pairs_run_setup, train_run
+from conftest import ENV, adapter, examples, free_port, pairs_run_setup, train_run
 
 from prefcache.training.checkpoint import list_checkpoints, load_trainer_state
 from prefcache.training.config import TrainConfig
@@ -110,6 +111,13 @@ def test_killed_fsdp_run_resumes_on_two_or_one_process_to_the_unsharded_weights(
     worst_one = assert_same_weights(weights(tmp_path / "fsdp-on-one" / "checkpoints" / "step-000004"), final, 4)
     assert one["resumed_from"].endswith("step-000002") and whole["steps"] == 4
     print(f"largest relative difference of a tensor to the unsharded run: two processes {worst_two:.2e}, one {worst_one:.2e}")
+    # The held-out pairs, each rank scoring its share through the sharded module, logged as one process logs them.
+    held = [examples(run).filter((pl.col("split") == "eval") & (pl.col("step") == 4)).sort("id")
+            for run in (out, tmp_path / "one")]
+    assert held[0]["id"].to_list() == held[1]["id"].to_list() and held[0].height == 6
+    drift = max((held[0][c] - held[1][c]).abs().max() for c in ("policy_chosen_logps", "policy_rejected_logps"))
+    print(f"held-out log-probs, two sharded processes against one: {drift:.2e} nats")
+    assert drift < 1e-3  # weights 2e-6 apart (above) over sums of ~40 tokens; a lost or doubled pair fails the ids
 
     from transformers import AutoModelForCausalLM
 

@@ -44,7 +44,7 @@ from prefcache.training.guards import STEP0_MARGIN_TOLERANCE, check_step, resolv
 from prefcache.training.log import peak_mem_mb
 from prefcache.training.pairs import PairTask, example_cols  # noqa: F401 - example_cols: a public name here
 from prefcache.training.rundir import CONFIG_YAML, check_run_dir, saved_options, write_run_info
-from prefcache.training.sharded import SHARDED_DIR, check_fsdp, load_sharded, total_norm
+from prefcache.training.sharded import SHARDED_DIR, check_fsdp, evaluate_share, load_sharded, total_norm
 from prefcache.training.state import (  # noqa: F401 - epoch_order: a public name here
     RunState,
     after_step,
@@ -290,12 +290,10 @@ def log_train(run: RunState, task, parts: list[Totals], *, lr: float, grad_norm:
 
 
 def run_eval(run: RunState, task, model: PolicyModel, at_step: int) -> None:
-    """Score the held-out examples (each rank its share), logged by rank 0 as the eval split of ``at_step``.
-    Sharded (--fsdp), each forward is a collective of all ranks: each scores them all, as one process would."""
-    sharded = run.cfg.fsdp and run.world > 1
-    totals = task.evaluate(model, task.eval_share(0, 1) if sharded else task.eval_share(run.rank, run.world), run)
+    """Score the held-out examples (each rank its share), logged by rank 0 as the eval split of ``at_step``."""
+    totals = evaluate_share(task, model, run)
     totals.peak_mem_mb = peak_mem_mb(run.device)
-    parts = [totals] if sharded else gather(totals, run.world)
+    parts = gather(totals, run.world)
     if run.main:
         run.last_eval = log_row(run, task, parts, "eval", at_step)
     run.last_eval_step = at_step

@@ -16,6 +16,7 @@ can continue on more ranks and back.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,6 +34,21 @@ def check_fsdp(finetune: str, world: int, main: bool) -> None:
         print("prefcache train: note: --fsdp with one process trains unsharded (launch with torchrun "
               "--nproc-per-node N to shard); its checkpoints can be resumed on any number of processes",
               file=sys.stderr)
+
+
+def evaluate_share(task, model, run):
+    """This rank's share of the held-out examples scored (``task.evaluate``'s Totals). Sharded (--fsdp on more
+    than one rank), every forward is a collective and the shares differ in size: the sharded module runs behind a
+    :class:`~prefcache.model.sharding.Lockstep`, which keeps the other ranks company once this share is done."""
+    share = task.eval_share(run.rank, run.world)
+    if not (run.cfg.fsdp and run.world > 1):
+        return task.evaluate(model, share, run)
+    from prefcache.model.sharding import Lockstep
+
+    step = Lockstep(model.plain, model.device, model.pad_id)
+    totals = task.evaluate(replace(model, module=step, plain=step), share, run)
+    step.drain()
+    return totals
 
 
 def total_norm(norm: torch.Tensor) -> float:
