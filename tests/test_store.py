@@ -70,6 +70,42 @@ def test_the_store_holds_what_tokenising_in_memory_gives(data, tokenizer, tmp_pa
     assert texts.column("rejected").to_pylist() == [None if e.label else e.completion for e in examples]
 
 
+@pytest.mark.parametrize("form", ["unpaired", "pairs"])
+def test_a_store_written_in_small_blocks_holds_what_one_read_gives(form, tokenizer, tmp_path, monkeypatch):
+    """Written block by block, the stores hold one read's examples, order, ids, token ids, texts and bad rows
+    (with their lines). TRL's unpairing counts its blocks of pairs over the whole data, so pairs wait across
+    blocks of rows, and a waiting pair's bad rows come a block after a later row's: listed in row order."""
+    import prefcache.data.pairs as pair_data
+    import prefcache.data.unpaired as unpaired
+
+    monkeypatch.setattr(pair_data, "BLOCK_ROWS", 6)
+    monkeypatch.setattr(unpaired, "UNPAIR_BLOCK", 4)  # TRL's 1000: of block 1's 5 valid pairs the 5th waits
+    rows = preference_rows(29)
+    rows[4] = {**rows[4], "prompt": "Question: " + "the cat sat " * 20}  # over 48 tokens: waits, then is bad
+    if form == "unpaired":
+        rows = [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"],
+                 "label": i % 3 != 0} for i, r in enumerate(rows)]
+        rows[5] = {**rows[5], "label": "yes"}  # a bad row
+    else:
+        rows[5] = {**rows[5], "chosen": ""}  # a bad row
+    rows[13] = dict(rows[2])  # an exact duplicate in a later block: dropped
+    data = write_jsonl(tmp_path / f"{form}.jsonl", rows)
+    items, bad, examples = load_unpaired(data, tokenizer, 48, on_bad_row="skip", unpair=True)
+    view, stored_bad = unpaired_rows(data, tokenizer, 48, on_bad_row="skip", **opts(tokenizer, tmp_path))
+    assert pa.ipc.open_file(view.path).num_record_batches >= 4  # really written in blocks
+    assert list(view) == items and view.ids() == [i.id for i in items]
+    assert len(items) == (29 - 3 if form == "unpaired" else 2 * (29 - 2) - 2)  # less bad rows, duplicate
+    assert view.table.column("prompt").to_pylist() == [e.prompt for e in examples]
+    assert view.table.column("completion").to_pylist() == [e.completion for e in examples]
+    assert stored_bad == bad and [b.row for b in bad] == ([4, 5] if form == "unpaired" else [4, 4, 5])
+    assert [b.line for b in bad] == [b.row + 1 for b in bad]
+    if form == "pairs":
+        pairs, pair_bad, _ = load_dataset_pairs(data, tokenizer, 48, on_bad_row="skip")
+        view, stored_bad = pair_rows(data, tokenizer, 48, on_bad_row="skip", **opts(tokenizer, tmp_path))
+        assert pa.ipc.open_file(view.path).num_record_batches >= 4
+        assert list(view) == pairs and stored_bad == pair_bad and [b.row for b in pair_bad] == [4, 5]
+
+
 def test_a_second_start_maps_the_store_and_tokenises_nothing(data, tokenizer, tmp_path):
     spy = SpyTokenizer(tokenizer)
     first, _ = pair_rows(data, spy, 48, on_bad_row="skip", **opts(tokenizer, tmp_path))

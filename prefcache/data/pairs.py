@@ -153,8 +153,8 @@ def iter_tokenized_blocks(path: str | os.PathLike, tokenizer, max_length: int, t
             [ex for ex in examples if ex.row not in dropped]
 
 
-def with_lines(bad: list[BadRow], lines: dict[int, int] | None) -> list[BadRow]:
-    """Bad rows with their 1-based line added, where the data is line-based."""
+def with_lines(bad: list[BadRow], lines: dict[int, int] | list[int] | None) -> list[BadRow]:
+    """Bad rows with their 1-based line (``lines[row]``) added, where the data is line-based."""
     return [replace(b, line=lines[b.row]) for b in bad] if lines else bad
 
 

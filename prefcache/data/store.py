@@ -1,7 +1,8 @@
 """The data store: tokenised examples written once as an Arrow IPC file, memory-mapped by every later start.
 
 ``train`` and ``score`` read their data through here. The first start reads, validates and tokenises the data in
-blocks of rows (:func:`~prefcache.data.pairs.iter_tokenized_blocks`), writing each block as a record batch of
+blocks of rows (:func:`~prefcache.data.pairs.iter_tokenized_blocks`,
+:func:`~prefcache.data.unpaired.iter_tokenized_unpaired`), writing each block as a record batch of
 ``<key>.arrow`` (schema :data:`~prefcache.core.schemas.TOKEN_PAIRS` / ``TOKEN_UNPAIRED``: token ids as
 ``large_list<int32>``, a ``tokens`` column for length grouping, the rendered texts for ``pairs.parquet``); every
 start then maps the file (``pyarrow.memory_map``) and reads it through a :class:`~prefcache.data.rows.TokenRows`
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -32,12 +34,13 @@ import pyarrow.compute as pc
 from prefcache.core.atomic import write_atomic, write_json_atomic
 from prefcache.core.distributed import barrier, dist_info
 from prefcache.core.schemas import PAIRS, TOKEN_PAIRS, TOKEN_UNPAIRED
+from prefcache.data import pairs as pair_data
 from prefcache.data.badrows import BadRow, _apply_policy, _check_policy
 from prefcache.data.formats import DataFormatError, open_dataset
-from prefcache.data.pairs import BLOCK_ROWS, iter_tokenized_blocks
+from prefcache.data.pairs import iter_tokenized_blocks
 from prefcache.data.rows import TokenRows
 from prefcache.data.tokens import TokenizedPair
-from prefcache.data.unpaired import TokenizedCompletion, load_unpaired
+from prefcache.data.unpaired import TokenizedCompletion, iter_tokenized_unpaired
 
 STORE_VERSION = 1  # raise it when a change to reading or tokenising data changes what a store holds
 
@@ -99,6 +102,7 @@ def _write_store(path: Path, key: dict, schema: pa.Schema, blocks) -> None:
         with pa.ipc.new_file(tmp, schema) as writer:
             for batch in blocks(bad):
                 writer.write_batch(batch)
+        bad.sort(key=lambda b: b.row)  # as a whole read lists them (a block may report an earlier block's rows)
         # Before the store's own rename: a store on disk always has its bad rows beside it.
         write_json_atomic({"key": key, "bad_rows": [asdict(b) for b in bad]}, path.with_suffix(".json"))
 
@@ -131,14 +135,13 @@ def pair_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", 
                     tokenizer_key=tokenizer_key, max_length=max_length, truncation=truncation)
 
     def blocks(bad: list[BadRow]):
-        try:
+        with _naming(path):
             for pairs, block_bad, examples in iter_tokenized_blocks(path, tokenizer, max_length, truncation,
                                                                     split=split, data_config=data_config,
-                                                                    mapping=mapping):
+                                                                    mapping=mapping,
+                                                                    block_rows=pair_data.BLOCK_ROWS):
                 bad += block_bad
                 yield _batch(TOKEN_PAIRS, TokenizedPair, pairs, examples)
-        except DataFormatError as e:  # as a whole read says it: naming the data
-            raise e if str(path) in str(e) else DataFormatError(f"{path}: {e}") from None
 
     rows, bad = open_store(folder, key, TOKEN_PAIRS, TokenizedPair, blocks, world=world)
     _apply_policy(bad, on_bad_row, str(path))
@@ -148,22 +151,36 @@ def pair_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", 
 def unpaired_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", on_bad_row: str = "fail", *,
                   split: str | None = None, data_config: str | None = None, tokenizer_key: dict, folder: Path,
                   world: int = 1) -> tuple[TokenRows, list[BadRow]]:
-    """:func:`~prefcache.data.unpaired.load_unpaired`'s items (paired data unpaired) as a view over their store."""
+    """:func:`~prefcache.data.unpaired.load_unpaired`'s items (same items, order and bad rows; paired data
+    unpaired) as a view over their store, written in blocks of :data:`~prefcache.data.pairs.BLOCK_ROWS` rows
+    when there is none yet."""
     _check_policy(on_bad_row)
     key = store_key("unpaired", path, split=split, data_config=data_config, mapping=None,
                     tokenizer_key=tokenizer_key, max_length=max_length, truncation=truncation)
 
     def blocks(bad: list[BadRow]):
-        # Read whole once, while the store is written (TRL's unpairing and the KL groups count over all the data).
-        items, all_bad, examples = load_unpaired(path, tokenizer, max_length, truncation, "skip", unpair=True,
-                                                 split=split, data_config=data_config)
-        bad += all_bad
-        for s in range(0, len(items), BLOCK_ROWS):
-            yield _batch(TOKEN_UNPAIRED, TokenizedCompletion, items[s : s + BLOCK_ROWS], examples[s : s + BLOCK_ROWS])
+        # No KL groups here: the trainer takes each example's KL partner from the reference cache's kl_id.
+        with _naming(path):
+            for items, block_bad, examples in iter_tokenized_unpaired(path, tokenizer, max_length, truncation,
+                                                                      unpair=True, split=split,
+                                                                      data_config=data_config,
+                                                                      block_rows=pair_data.BLOCK_ROWS):
+                bad += block_bad
+                if items:  # a block of pairs all waiting to be unpaired gives none
+                    yield _batch(TOKEN_UNPAIRED, TokenizedCompletion, items, examples)
 
     rows, bad = open_store(folder, key, TOKEN_UNPAIRED, TokenizedCompletion, blocks, world=world)
     _apply_policy(bad, on_bad_row, str(path))
     return rows, bad
+
+
+@contextmanager
+def _naming(path):
+    """Data format errors naming the data, as a whole read's do (a block reader's may not)."""
+    try:
+        yield
+    except DataFormatError as e:
+        raise e if str(path) in str(e) else DataFormatError(f"{path}: {e}") from None
 
 
 def text_batches(views: list[TokenRows]):

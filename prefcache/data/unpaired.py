@@ -15,8 +15,10 @@ its own completion (``logps``), the id of the example whose completion is its KL
 and the reference log-prob of that mismatched sequence (``kl_logps``). The trainer rebuilds the same KL
 sequences from ``kl_id``, so nothing depends on row order at training time.
 
-Read whole (:func:`load_unpaired`, the trainer) or in blocks (:func:`iter_unpaired_blocks`, the reference pass):
-both give the same items in the same order and so the same KL partners.
+Read in blocks (:func:`iter_tokenized_unpaired`: the trainer's data store, with the rendered texts;
+:func:`iter_unpaired_blocks`: the reference pass, with KL partners) or whole (:func:`load_unpaired`: the
+definition the blocks are held to, and a Python API): all give the same items in the same order and so the
+same KL partners.
 """
 
 from __future__ import annotations
@@ -152,11 +154,16 @@ def load_unpaired(path: str | os.PathLike, tokenizer, max_length: int, truncatio
                   on_bad_row: str = "fail", *, unpair: bool = False, split: str | None = None,
                   data_config: str | None = None):
     """Load, validate and tokenise unpaired data (a file, a datasets folder or a Hub dataset: ``split``,
-    ``data_config`` as for pairs). Returns (items, bad rows, examples), aligned one to one."""
+    ``data_config`` as for pairs). Returns (items, bad rows, examples), aligned one to one.
+
+    Whole: every row, example and token list in memory at once. No command reads this way (they read in
+    blocks, :func:`iter_tokenized_unpaired`); it states TRL's whole-data unpairing in a few lines, the read the
+    blocks are tested against, as :func:`~prefcache.data.pairs.load_dataset_pairs` is for pairs."""
     rows = load_rows(path, split, data_config)
     examples, bad = prepare_unpaired(rows, tokenizer, "skip", unpair)
     items, bad_tokens = tokenize_unpaired(examples, tokenizer, max_length, truncation, "skip")
-    bad = sorted(bad + bad_tokens, key=lambda b: b.row)
+    lines = getattr(rows, "lines", None)  # JSONL / CSV: bad rows are reported by line
+    bad = with_lines(sorted(bad + bad_tokens, key=lambda b: b.row), lines)
     _apply_policy(bad, on_bad_row, str(path))
     kept = {i.id for i in items}
     return items, bad, [e for e in examples if e.id in kept]
@@ -166,17 +173,31 @@ def iter_unpaired_blocks(path: str | os.PathLike, tokenizer, max_length: int, tr
                          on_bad_row: str = "fail", *, unpair: bool = False, split: str | None = None,
                          data_config: str | None = None, kl_group_size: int = DEFAULT_KL_GROUP,
                          block_rows: int = BLOCK_ROWS):
-    """:func:`load_unpaired` in blocks of about ``block_rows`` rows (bounded memory): yields (items, partners, bad
-    rows), ``items`` whole KL groups and ``partners`` their :func:`kl_partners`.
-
-    The ids, their order and so the KL partners are exactly those of one read: paired data is unpaired per
-    :data:`UNPAIR_BLOCK` valid pairs and the KL groups are ``kl_group_size`` consecutive items, both counted over
-    the whole data, so the pairs and items left over at a block's end wait for the next block (at most
-    ``UNPAIR_BLOCK - 1`` pairs and ``kl_group_size - 1`` items). The format is decided on the first block.
-    Bad rows carry their row and line numbers in the data; with ``on_bad_row='fail'`` the first block holding
-    one raises :class:`~prefcache.data.badrows.BadDataError`.
-    """
+    """:func:`load_unpaired` in blocks of about ``block_rows`` rows (bounded memory): yields (items, partners,
+    bad rows), ``items`` whole KL groups and ``partners`` their :func:`kl_partners`. With ``on_bad_row='fail'``
+    the first block holding a bad row raises :class:`~prefcache.data.badrows.BadDataError`."""
     _check_policy(on_bad_row)
+    for items, bad, _ in iter_tokenized_unpaired(path, tokenizer, max_length, truncation, unpair=unpair,
+                                                 split=split, data_config=data_config, group_size=kl_group_size,
+                                                 block_rows=block_rows):
+        _apply_policy(bad, on_bad_row, str(path))
+        yield items, kl_partners([i.id for i in items], kl_group_size), bad
+
+
+def iter_tokenized_unpaired(path: str | os.PathLike, tokenizer, max_length: int, truncation: str = "keep_start",
+                            *, unpair: bool = False, split: str | None = None, data_config: str | None = None,
+                            group_size: int = 1, block_rows: int = BLOCK_ROWS):
+    """(items, bad rows, examples) per block of about ``block_rows`` rows, items and examples aligned one to one
+    as :func:`load_unpaired` returns them, ``items`` whole groups of ``group_size`` consecutive items (the KL
+    groups; 1: any number) but in the last block; bad rows sorted by row in a block, left to the caller's policy.
+
+    The ids and their order are exactly those of one read: paired data is unpaired per :data:`UNPAIR_BLOCK`
+    valid pairs and the groups are ``group_size`` consecutive items, both counted over the whole data, so the
+    pairs and items left over at a block's end wait for the next block (at most ``UNPAIR_BLOCK - 1`` pairs and
+    ``group_size - 1`` items). A waiting pair's bad rows (a prompt too long) come with the block that unpairs
+    it, after rows of its own block: sort the bad rows of all blocks by row for :func:`load_unpaired`'s order.
+    The format is decided on the first block. Bad rows carry their row and line numbers in the data.
+    """
     unpaired_rows: list[bool] = []  # [is the data in the unpaired format], once the first block is read
 
     def prepare(rows):
@@ -191,11 +212,14 @@ def iter_unpaired_blocks(path: str | os.PathLike, tokenizer, max_length: int, tr
                           (ex.prompt, ex.chosen, ex.rejected))
 
     waiting: list[tuple[Example, int | None]] = []  # valid pairs not yet unpaired, with their lines
-    items: list[TokenizedCompletion] = []  # items not yet in a whole KL group
+    items: list[TokenizedCompletion] = []  # items not yet in a whole group
+    texts: list[UnpairedExample] = []  # their rendered examples, aligned with items
 
-    def tokenized(examples, lines) -> list[BadRow]:
+    def tokenized(examples: list[UnpairedExample], lines) -> list[BadRow]:
         new, bad = tokenize_unpaired(examples, tokenizer, max_length, truncation, "skip")
+        kept = {i.id for i in new}  # ids are unique over the data (SeenIds): an example's id finds its item
         items.extend(new)
+        texts.extend(e for e in examples if e.id in kept)
         return with_lines(bad, lines)
 
     def unpaired_waiting(n: int) -> list[BadRow]:  # unpair and tokenise the first n waiting pairs
@@ -205,11 +229,9 @@ def iter_unpaired_blocks(path: str | os.PathLike, tokenizer, max_length: int, tr
         return tokenized(unpair_examples([ex for ex, _ in chunk]), lines)
 
     def ready(bad: list[BadRow], n: int):
-        out = items[:n]
-        del items[:n]
-        bad = sorted(bad, key=lambda b: b.row)
-        _apply_policy(bad, on_bad_row, str(path))
-        return out, kl_partners([i.id for i in out], kl_group_size), bad
+        out, out_texts = items[:n], texts[:n]
+        del items[:n], texts[:n]
+        return out, sorted(bad, key=lambda b: b.row), out_texts
 
     for examples, bad, lines in iter_example_blocks(path, tokenizer, split=split, data_config=data_config,
                                                     block_rows=block_rows, prepare=prepare, content=content):
@@ -219,7 +241,7 @@ def iter_unpaired_blocks(path: str | os.PathLike, tokenizer, max_length: int, tr
         else:
             waiting.extend((ex, lines[ex.row] if lines else None) for ex in examples)
             bad += unpaired_waiting(len(waiting) // UNPAIR_BLOCK * UNPAIR_BLOCK)
-        yield ready(bad, len(items) // kl_group_size * kl_group_size)
+        yield ready(bad, len(items) // group_size * group_size)
     bad = unpaired_waiting(len(waiting))
     if items or bad:
         yield ready(bad, len(items))
