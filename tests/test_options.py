@@ -324,3 +324,18 @@ def test_a_sharded_reference_pass_refuses_a_quantized_reference(bits):
     with pytest.raises(ValueError, match=rf"^--fsdp with --quantize {bits} is not supported: FSDP shards float"):
         PrecomputeConfig(data="d", out="o", fsdp=True, quantize=bits)
     assert PrecomputeConfig(data="d", out="o", fsdp=True, quantize="bf16").fsdp
+
+
+def test_fsdp_without_torchrun_says_it_runs_unsharded(tmp_path, tiny_model, capsys):
+    """One process has nothing to shard across: the pass runs as without --fsdp, and says so in one line."""
+    from conftest import preference_rows, write_jsonl
+
+    from prefcache.reference.shards import precompute
+
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(2))
+    result = precompute(data=str(data), out=str(tmp_path / "c"), model=str(tiny_model), quantize="fp32",
+                        max_length=64, progress=False, fsdp=True)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--fsdp" in line]
+    assert notes == ["prefcache precompute: note: --fsdp with one process runs unsharded (launch with torchrun "
+                     "--nproc-per-node N to shard)"]
+    assert result["scored"] == 2 and result["problems"] == []

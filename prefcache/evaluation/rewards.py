@@ -58,11 +58,13 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     check_pairs_cache(config.cache)
     from prefcache.cache.compat import check_cache_matches
     from prefcache.cache.lookup import ReferenceTable, check_joined  # torch
-    from prefcache.model.sharding import local_mb, share
+    from prefcache.model.sharding import local_mb, share, unsharded_note
     from prefcache.training.scoring import aggregate, score_pairs
 
     run_dir, checkpoints, settings, source, device = prepare(config)
     rank, world, device = setup(device)
+    if config.fsdp and world == 1:
+        print(unsharded_note("score"), file=sys.stderr)
     beta = config.beta if config.beta is not None else float(settings.get("beta", DEFAULT_BETA))
     reference = ReferenceTable.from_cache(config.cache)
     meta = reference.metadata

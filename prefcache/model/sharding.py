@@ -89,6 +89,12 @@ class Lockstep(nn.Module):
         return bool(flag.item())
 
 
+def unsharded_note(command: str) -> str:
+    """What ``--fsdp`` means without torchrun, said once by the command."""
+    return (f"prefcache {command}: note: --fsdp with one process runs unsharded (launch with torchrun "
+            "--nproc-per-node N to shard)")
+
+
 def local_mb(module: nn.Module) -> float:
     """MB of ``module``'s parameters held on this rank: its shards when sharded (call it before a forward gathers
     them), every weight otherwise."""

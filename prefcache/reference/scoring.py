@@ -5,6 +5,7 @@ packed rows sharing each prompt), and the progress bar.
 
 from __future__ import annotations
 
+import sys
 import time
 
 from prefcache.model.load import load_model
@@ -16,9 +17,11 @@ def load_scorer(config: PrecomputeConfig, source, quantization: str, device: str
     loaded on the host and sharded onto the ranks' devices (:mod:`prefcache.model.sharding`), so a reference bigger
     than one device fits; every forward is then a collective, kept in step by a :class:`Lockstep`."""
     from prefcache.model.kernel import LogProbModule  # torch
-    from prefcache.model.sharding import Lockstep, shard
+    from prefcache.model.sharding import Lockstep, shard, unsharded_note
 
     sharded = config.fsdp and world > 1
+    if config.fsdp and world == 1:
+        print(unsharded_note("precompute"), file=sys.stderr)
     model, _ = load_model(source, quantize=quantization, device="cpu" if sharded else device, adapter=config.adapter)
     scorer = LogProbModule(model, chunk_size=config.chunk_size)
     if sharded:
