@@ -119,12 +119,22 @@ def test_killed_fsdp_run_resumes_on_two_or_one_process_to_the_unsharded_weights(
     print(f"held-out log-probs, two sharded processes against one: {drift:.2e} nats")
     assert drift < 1e-3  # weights 2e-6 apart (above) over sums of ~40 tokens; a lost or doubled pair fails the ids
 
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from prefcache.export import export
 
-    export(out / "checkpoints" / "step-000004", tmp_path / "merged", merge=True)
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
+    # The sharded run's checkpoint, merged: a plain model whose logits are the adapter's on its base.
+    ckpt = out / "checkpoints" / "step-000004"
+    export(ckpt, tmp_path / "merged", merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model"]), ckpt).eval()
+    ids = torch.tensor([[1, 2040, 314, 253, 1345, 30, 2, 17, 99, 1000]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, on_base(ids).logits
+    gap = float((a - b).abs().max())
+    print(f"exported logits against the adapter on its base: {gap:.2e}")
+    assert gap <= 1e-4 and float((a - AutoModelForCausalLM.from_pretrained(setup["model"])(ids).logits).abs().max()) > 1e-3
 
 
 @pytest.mark.slow
