@@ -58,8 +58,7 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     check_pairs_cache(config.cache)
     from prefcache.cache.compat import check_cache_matches
     from prefcache.cache.lookup import ReferenceTable, check_joined  # torch
-    from prefcache.model.sharding import local_mb, share, unsharded_note
-    from prefcache.training.scoring import aggregate, score_pairs
+    from prefcache.model.sharding import unsharded_note
 
     run_dir, checkpoints, settings, source, device = prepare(config)
     rank, world, device = setup(device)
@@ -94,35 +93,52 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
 
     frames = []
     for ckpt, pairs in plan:
-        scorer, tokenizer = load_scorer(config, ckpt, source, settings, device, world)
-        if world > 1 and rank == 0:
-            how = f"sharded over {world} ranks" if hasattr(scorer, "drain") else "the whole model on every rank"
-            print(f"prefcache score: {ckpt.name}: {local_mb(scorer):,.1f} MB of weights on rank 0 ({how})",
-                  file=sys.stderr)
-        mine = pairs.take(share(len(pairs), rank, world))
-        cols, _ = score_pairs(scorer, mine, reference, beta=beta, batch_size=config.batch_size,
-                              pad_id=tokenizer.pad_token_id, device=device, chunk_size=config.chunk_size)
-        if hasattr(scorer, "drain"):  # sharded: this rank's share is done, the others' forwards still need it
-            scorer.drain()
-        del scorer
-        release_memory()
-        parts = gather(cols, world)  # contiguous shares, in rank order: the pairs' own order
-        cols = {k: [v for part in parts for v in part[k]] for k in cols}
-        agg = aggregate(cols)
-        n = len(cols["id"])
-        examples = pl.DataFrame({**cols, "step": [ckpt.step] * n, "split": ["score"] * n, "checkpoint": [ckpt.name] * n})
-        if rank == 0:
-            write_parquet(examples, schemas.EXAMPLES, run_dir / "logs", "examples-score", ckpt.name)
-        per_pair = {"rewards_accuracies": [float(m > 0) for m in cols["margin"]], "rewards_margins": cols["margin"],
-                    "rewards_chosen": cols["reward_chosen"], "rewards_rejected": cols["reward_rejected"]}
-        now = datetime.now(timezone.utc)
-        frame = evals_frame([{"checkpoint": ckpt.name, "step": ckpt.step, "task": "preference", "metric": m,
-                               "value": agg[m], "stderr": _stderr(per_pair[m]), "n": n, "time": now,
-                               "source": "score"} for m in SCORE_METRICS])
-        if rank == 0:
-            write_parquet(frame, EVALS_SCHEMA, run_dir / "evals", "score", ckpt.name)
-        frames.append(frame)
+        cols = score_checkpoint(config, ckpt, pairs, reference, source=source, settings=settings, beta=beta,
+                                device=device, rank=rank, world=world)
+        frames.append(write_scores(cols, ckpt, run_dir, write=rank == 0))
     return pl.concat(frames)
+
+
+def score_checkpoint(config: ScoreConfig, ckpt, pairs, reference, *, source, settings: dict, beta: float,
+                     device: str, rank: int, world: int) -> dict[str, list]:
+    """The per-pair columns of ``ckpt`` on ``pairs``, every rank scoring its contiguous share, gathered in the
+    pairs' order (on every rank)."""
+    from prefcache.model.sharding import local_mb, share
+    from prefcache.training.scoring import score_pairs
+
+    scorer, tokenizer = load_scorer(config, ckpt, source, settings, device, world)
+    if world > 1 and rank == 0:
+        how = f"sharded over {world} ranks" if hasattr(scorer, "drain") else "the whole model on every rank"
+        print(f"prefcache score: {ckpt.name}: {local_mb(scorer):,.1f} MB of weights on rank 0 ({how})",
+              file=sys.stderr)
+    cols, _ = score_pairs(scorer, pairs.take(share(len(pairs), rank, world)), reference, beta=beta,
+                          batch_size=config.batch_size, pad_id=tokenizer.pad_token_id, device=device,
+                          chunk_size=config.chunk_size)
+    if hasattr(scorer, "drain"):  # sharded: this rank's share is done, the others' forwards still need it
+        scorer.drain()
+    del scorer
+    release_memory()
+    parts = gather(cols, world)  # contiguous shares, in rank order: the pairs' own order
+    return {k: [v for part in parts for v in part[k]] for k in cols}
+
+
+def write_scores(cols: dict[str, list], ckpt, run_dir, *, write: bool) -> pl.DataFrame:
+    """The evals rows of one checkpoint's per-pair columns; with ``write``, the pairs and the rows written to
+    ``RUN/logs/examples-score-*`` and ``RUN/evals/score-*``."""
+    from prefcache.training.scoring import aggregate
+
+    agg, n = aggregate(cols), len(cols["id"])
+    examples = pl.DataFrame({**cols, "step": [ckpt.step] * n, "split": ["score"] * n, "checkpoint": [ckpt.name] * n})
+    per_pair = {"rewards_accuracies": [float(m > 0) for m in cols["margin"]], "rewards_margins": cols["margin"],
+                "rewards_chosen": cols["reward_chosen"], "rewards_rejected": cols["reward_rejected"]}
+    now = datetime.now(timezone.utc)
+    frame = evals_frame([{"checkpoint": ckpt.name, "step": ckpt.step, "task": "preference", "metric": m,
+                           "value": agg[m], "stderr": _stderr(per_pair[m]), "n": n, "time": now,
+                           "source": "score"} for m in SCORE_METRICS])
+    if write:
+        write_parquet(examples, schemas.EXAMPLES, run_dir / "logs", "examples-score", ckpt.name)
+        write_parquet(frame, EVALS_SCHEMA, run_dir / "evals", "score", ckpt.name)
+    return frame
 
 
 def load_scorer(config: ScoreConfig, ckpt, source, settings: dict, device: str, world: int):
