@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from prefcache.data.formats import DataFormatError
 
-TARGETS = ("id", "prompt", "chosen", "rejected")
+TARGETS = ("id", "prompt", "chosen", "rejected", "images")  # images: vision rows (prefcache.data.vision)
 UNPAIRED_TARGETS = ("completion", "label")  # TRL's unpaired format: not mapped yet
 UNPAIRED_NOT_YET = ("column mappings and templates (--columns, --*-template) are not supported for unpaired data yet: "
                     "give the data prompt, completion and label columns")

@@ -136,8 +136,12 @@ def iter_row_blocks(path: str | os.PathLike, split: str | None = None, config: s
     objects (a ``.json`` list is: JSON has to be parsed whole)."""
     dataset = open_dataset(path, split, config)
     if dataset is not None:
+        # Arrow rows, as ``load_rows``' ``to_list`` gives them: an ``Image`` feature stays its stored
+        # ``{"bytes", "path"}`` (decoding every image of a block to PIL is wasted on text, and loses the encoded bytes
+        # an image's content hash is made of); every other feature reads the same either way.
+        table = dataset.with_format("arrow")
         for start in range(0, len(dataset), block_rows):
-            yield start, _rows_of(dataset[start : start + block_rows])
+            yield start, table[start : start + block_rows].to_pylist()
         return
     path = Path(path).expanduser()
     kind = SUFFIXES.get(path.suffix.lower())
@@ -173,12 +177,6 @@ def iter_row_blocks(path: str | os.PathLike, split: str | None = None, config: s
     rows = load_rows(path, split, config)
     for start in range(0, len(rows), block_rows):
         yield start, rows[start : start + block_rows]
-
-
-def _rows_of(columns: dict) -> list[dict]:
-    """A datasets batch (column -> values) as row dicts."""
-    names = list(columns)
-    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 def _jsonl_records(path: Path):

@@ -47,6 +47,13 @@ def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_len
     return prompt, chosen[:room], rejected[:room]
 
 
+def check_length_options(max_length: int, truncation: str) -> None:
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (a prompt token and a completion token), got {max_length}")
+
+
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int, truncation: str = "keep_start",
                       on_bad_row: str = "fail") -> tuple[list[TokenizedPair], list[BadRow]]:
     """Tokenise pairs as TRL's DPOTrainer does, then truncate.
@@ -71,10 +78,7 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, trunc
     keep_end the shorter side may lose prompt tokens to the longer one without being flagged).
     """
     _check_policy(on_bad_row)
-    if truncation not in TRUNCATIONS:
-        raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (a prompt token and a completion token), got {max_length}")
+    check_length_options(max_length, truncation)
     ids: list[tuple[list[int], list[int], list[int]] | None] = [None] * len(examples)
     for chat in (False, True):
         idx = [i for i, ex in enumerate(examples) if ex.conversational == chat]
