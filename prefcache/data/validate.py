@@ -117,11 +117,20 @@ def _render(fields: dict, tokenizer) -> tuple[str, str, str, bool]:
         prompt, chosen, rejected = extract_prompt(chosen, rejected)
         if not prompt:
             raise _Bad("chosen and rejected share no leading message, so there is no implicit prompt")
+    render = lambda messages, generation: tokenizer.apply_chat_template(  # noqa: E731
+        messages, tokenize=False, add_generation_prompt=generation)
+    return (*split_rendering(render, prompt, {"chosen": chosen, "rejected": rejected}), True)
+
+
+def split_rendering(render, prompt: list, completions: dict[str, list]) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) texts of a conversation, TRL's way: ``render(messages, add_generation_prompt)``
+    (a chat template) of the prompt, and of prompt + each completion, whose rendering must start with the
+    prompt's; the completion's text is the rest."""
     try:
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompt_text = render(prompt, True)
         texts = []
-        for name, completion in (("chosen", chosen), ("rejected", rejected)):
-            full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        for name, completion in completions.items():
+            full = render(prompt + completion, False)
             if not full.startswith(prompt_text):
                 raise _Bad(f"the chat template's rendering of prompt + {name} does not start with its "
                            "rendering of the prompt (TRL cannot split such a template either)")
@@ -132,7 +141,7 @@ def _render(fields: dict, tokenizer) -> tuple[str, str, str, bool]:
         raise
     except Exception as e:  # jinja errors such as "roles must alternate"
         raise _Bad(f"the chat template failed: {type(e).__name__}: {e}") from e
-    return prompt_text, texts[0], texts[1], True
+    return prompt_text, texts[0], texts[1]
 
 
 def _prompt_copied_into_conversations(raw: dict) -> bool:

@@ -56,7 +56,7 @@ from prefcache.data.badrows import BadRow, _apply_policy, _Bad, _check_policy
 from prefcache.data.columns import no_completion_columns
 from prefcache.data.formats import DataFormatError
 from prefcache.data.images import ImageError, ImageRef, image_refs
-from prefcache.data.validate import Example, _canonical, _content_key, _hash, _render
+from prefcache.data.validate import Example, _canonical, _content_key, _hash, _render, split_rendering
 
 ROLES = ("system", "user", "assistant", "tool")  # prepare_multimodal_messages refuses any other role
 
@@ -143,24 +143,10 @@ def _render_chat(fields: dict, n_images: int, processor) -> tuple[str, str, str]
     template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
     if not template:
         raise _Bad("conversational row, but the processor has no chat template")
-    try:
-        prompt_text = processor.apply_chat_template(prompt, chat_template=template, tokenize=False,
-                                                    add_generation_prompt=True)
-        texts = []
-        for name in ("chosen", "rejected"):
-            completion = multimodal_messages(fields[name], 0, name)
-            full = processor.apply_chat_template(prompt + completion, chat_template=template, tokenize=False)
-            if not full.startswith(prompt_text):
-                raise _Bad(f"the chat template's rendering of prompt + {name} does not start with its "
-                           "rendering of the prompt")
-            if len(full) == len(prompt_text):
-                raise _Bad(f"empty completion '{name}' after applying the chat template")
-            texts.append(full[len(prompt_text):])
-    except _Bad:
-        raise
-    except Exception as e:  # jinja errors such as "roles must alternate"
-        raise _Bad(f"the chat template failed: {type(e).__name__}: {e}") from e
-    return prompt_text, texts[0], texts[1]
+    render = lambda messages, generation: processor.apply_chat_template(  # noqa: E731
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation)
+    completions = {name: multimodal_messages(fields[name], 0, name) for name in ("chosen", "rejected")}
+    return split_rendering(render, prompt, completions)
 
 
 def _render_vision(fields: dict, n_images: int, processor) -> tuple[str, str, str, bool]:
