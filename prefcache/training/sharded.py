@@ -61,9 +61,8 @@ def total_norm(norm: torch.Tensor) -> float:
 def save_sharded(folder: Path, module, optimizer) -> None:
     """The model and optimizer state, each rank writing its own shard (every rank calls this)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(module, optimizer, options=_TRAINED_ONLY())
+    model_state, optim_state = _trained_state(module, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
 
 
@@ -71,14 +70,32 @@ def load_sharded(folder: Path, module, optimizer) -> None:
     """Load :func:`save_sharded`'s files into ``module`` and ``optimizer`` at whatever number of ranks this run
     has (DCP re-shards; one process loads whole tensors). Every rank calls this."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_state, optim_state = get_state_dict(module, optimizer, options=_TRAINED_ONLY())
+    model_state, optim_state = _trained_state(module, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(folder))
     # Not strict: the frozen base is not in the files (dcp.load has already refused a trained weight missing there).
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_TRAINED_ONLY(strict=False))
+
+
+def _trained_state(module, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state of the weights that train, the same entries sharded or not.
+
+    ``ignore_frozen_params`` drops each frozen parameter under one name only, and not what a module writes next
+    to it. So a tied output head (``lm_head.weight``, the frozen embeddings under a second name) would be saved
+    with the adapter, and so would bitsandbytes' ``Linear4bit`` quantization constants, plain tensors it writes as
+    ``WEIGHT.absmax``, ``WEIGHT.quant_map``, ... while the weight is whole (a sharded 4-bit weight carries none:
+    a one-process resume of a sharded QLoRA checkpoint would ask for entries its files lack). Like the frozen
+    weights, they come from the base model the run loads.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer, options=_TRAINED_ONLY())
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    under = tuple(f"{name}." for name in frozen)
+    return {k: v for k, v in model_state.items() if k not in frozen and not k.startswith(under)}, optim_state
 
 
 def _TRAINED_ONLY(strict: bool = True):  # noqa: N802 - a constant, made when torch is imported
