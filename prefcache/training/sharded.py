@@ -4,7 +4,10 @@ decoder layer), and checkpoints of the sharded model and optimizer written with 
 
 Gradients are reduce-scattered as averages over the ranks (DDP's all-reduce, sharded), so a run
 on N ranks takes the steps of one process on N times the pairs. On CUDA with ``--bf16`` the weights are
-gathered in bf16 and the gradients reduced in fp32; on CPU (gloo) everything stays fp32.
+gathered in bf16 and the gradients reduced in fp32; on CPU (gloo) everything stays fp32. A QLoRA policy's 4-bit
+base is sharded with the rest, its packed weights stored in the 4-bit compute dtype (bf16 on CUDA, fp32 on CPU:
+:func:`~prefcache.model.load.load_model`'s ``shardable``), which FSDP shards and gathers as float weights; only
+the adapter trains and is checkpointed. Tested on CPU (gloo); the CUDA path (nccl, bf16) has not been run.
 
 A checkpoint of a ``--fsdp`` run holds ``sharded/`` (DCP: each rank writes its shard of the model and of the
 optimizer state; a resume at another number of ranks re-shards it) besides the usual files, whose weights are
@@ -21,15 +24,11 @@ from pathlib import Path
 
 import torch
 
-from prefcache.training.config import FSDP_QLORA_REFUSAL
-
 SHARDED_DIR = "sharded"  # in a checkpoint of a --fsdp run: the DCP files of the model and optimizer state
 
 
-def check_fsdp(finetune: str, world: int, main: bool) -> None:
-    """Refuse what ``--fsdp`` does not do (a QLoRA base), and say that one process trains unsharded."""
-    if finetune == "qlora":
-        raise ValueError(FSDP_QLORA_REFUSAL)
+def note_unsharded(world: int, main: bool) -> None:
+    """Say that ``--fsdp`` on one process trains unsharded."""
     if world == 1 and main:
         print("prefcache train: note: --fsdp with one process trains unsharded (launch with torchrun "
               "--nproc-per-node N to shard); its checkpoints can be resumed on any number of processes",
