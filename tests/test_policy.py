@@ -69,6 +69,26 @@ def test_qlora_base_is_4bit_nf4_with_trainable_lora(tiny_model):
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_a_shardable_qlora_base_stores_the_same_4bit_bytes_in_the_compute_dtype(tiny_model, ids):
+    """For --fsdp the packed NF4 weights are held as fp32 tensors on CPU (the compute dtype; FSDP shards float
+    tensors): the same bytes as the uint8 ones, so the same outputs, bit for bit. A bf16 gather (CUDA
+    --bf16) of those fp32 bytes would cast them, destroying them: shard() refuses before any process group."""
+    from prefcache.model.kernel import LogProbModule
+    from prefcache.model.sharding import shard
+
+    def load(shardable):
+        torch.manual_seed(0)
+        return load_policy(resolve_model(str(tiny_model)), finetune="qlora", device="cpu", shardable=shardable)[0]
+
+    plain, shardable = load(False), load(True)
+    weight = lambda m: m.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight  # noqa: E731
+    assert weight(plain).dtype == torch.uint8 and weight(shardable).dtype == torch.float32
+    assert torch.equal(weight(shardable).view(torch.uint8).flatten(), weight(plain).flatten())
+    assert torch.equal(logits(shardable, ids), logits(plain, ids))
+    with pytest.raises(ValueError, match=r"4-bit weights stored as \['torch.float32'\] cannot be gathered in torch.bfloat16"):
+        shard(LogProbModule(shardable), shardable, "cuda", bf16=True)
+
+
 def _first_layer_lora_grads(model, ids) -> list[torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model(input_ids=ids).logits.float().pow(2).mean().backward()

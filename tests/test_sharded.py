@@ -1,5 +1,6 @@
-"""``--fsdp``: two gloo processes sharding the policy with FSDP2 take the steps of one unsharded process, and their
-DCP checkpoints resume on one process or two (the same weights as a run never stopped) and export as any other."""
+"""``--fsdp``: two gloo processes sharding the policy with FSDP2 (LoRA, QLoRA's 4-bit base, full fine-tuning) take
+the steps of one unsharded process, and their DCP checkpoints resume on one process or two (the same weights as a
+run never stopped) and export as any other. The CUDA test of QLoRA needs two GPUs."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import textwrap
 import polars as pl
 import pytest
 import torch
-from conftest import ENV, adapter, examples, free_port, pairs_run_setup, train_run
+from conftest import ENV, adam_reorder_atol, adapter, examples, free_port, pairs_run_setup, train_run
+from torch.distributed.checkpoint import FileSystemReader
 
 from prefcache.training.checkpoint import list_checkpoints, load_trainer_state
 from prefcache.training.config import TrainConfig
 from prefcache.training.loop import train
+from prefcache.training.sharded import SHARDED_DIR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,15 +43,16 @@ def setup(tmp_path_factory, tiny_model):
     return pairs_run_setup(tmp_path_factory.mktemp("fsdp"), tiny_model, 24)
 
 
-def torchrun(setup, out, *args, procs: int = 2, script=None, env=ENV, resume: bool = False):
-    """``prefcache train --fsdp`` (or ``script``) on ``procs`` gloo processes; the finished process."""
+def torchrun(setup, out, *args, procs: int = 2, script=None, env=ENV, resume: bool = False, fsdp: bool = True):
+    """``prefcache train --fsdp`` (or ``script``; DDP without ``fsdp``) on ``procs`` gloo processes; the finished
+    process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port",
            str(free_port()), *([str(script)] if script else ["-m", "prefcache"]), "train", "--out", str(out)]
     if resume:
         cmd += ["--resume", *map(str, args)]
     else:
         cmd += ["--data", str(setup["data"]), "--cache", str(setup["cache"]), "--model", str(setup["model"]),
-                "--lr", "1e-3", "--warmup-steps", "0", "--no-progress", "--fsdp", *map(str, args)]
+                "--lr", "1e-3", "--warmup-steps", "0", "--no-progress", *(["--fsdp"] if fsdp else []), *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -82,9 +86,86 @@ def assert_same_weights(a: dict, b: dict, steps: int, lr: float = 1e-3) -> float
     return worst
 
 
-def test_fsdp_refuses_qlora_in_one_line():
-    with pytest.raises(ValueError, match=r"^--fsdp with qlora is not supported: .*untested here"):
-        TrainConfig(data="d", out="o", cache="c", finetune="qlora", fsdp=True)
+@pytest.mark.slow
+def test_qlora_on_two_fsdp_processes_equals_ddp_bitwise_and_one_process_and_resumes_on_one(setup, tmp_path):
+    """QLoRA under --fsdp: the 4-bit NF4 base is sharded too (its packed bytes stored as fp32 on CPU), only the
+    adapter trains. 2 x 2 pairs a step, held-out pairs scored through the sharded 4-bit layers in eval mode (where
+    bitsandbytes' CPU repacking would corrupt a sharded weight, see keep_4bit_layers_differentiable). The step-2
+    checkpoint (its adapter gathered on rank 0; the base's 4-bit weights and quantization constants in neither
+    the adapter nor sharded/) continues on two processes to exactly the weights of two DDP processes (the same
+    micro-batches and the same forwards; two ranks' gradients averaged, exact in either collective), and on one
+    process to the weights of one unsharded process, to reorder noise: measured 1.3e-6 for the worst weight
+    (both ways), adam_reorder_atol's bound is 4e-6 (assert_same_weights' 1e-5 of a tensor's norm is not: a
+    lora_B of 4-bit layers differs by 1.03e-5 of its norm, the same with DDP). The checkpoint exports merged as
+    a QLoRA checkpoint does. A constant lr: the runs that grow from 2 to 4 steps keep their schedule."""
+    qlora = ("--finetune", "qlora", "--batch-size", 2, "--scheduler", "constant", "--eval-fraction", 0.25)
+    ok(torchrun(setup, tmp_path / "two", *qlora, "--max-steps", 2))
+    shutil.copytree(tmp_path / "two", tmp_path / "two-then-one")
+    ok(torchrun(setup, tmp_path / "two", "--max-steps", 4, resume=True))
+    train(out=str(tmp_path / "two-then-one"), resume=True, max_steps=4, batch_size=4)
+    ddp = torchrun(setup, tmp_path / "ddp", *qlora, "--max-steps", 4, fsdp=False)
+    train_run(setup, tmp_path / "one", finetune="qlora", max_steps=4, batch_size=4, scheduler="constant",
+              eval_fraction=0.25)
+    ok(ddp)
+    ckpt = lambda run, step=4: weights(tmp_path / run / "checkpoints" / f"step-{step:06d}")  # noqa: E731
+    two, one = ckpt("two"), ckpt("one")
+    assert ckpt("two", 2).keys() == one.keys() and all(v.dtype == torch.float32 for v in one.values())
+    assert two.keys() == ckpt("ddp").keys() and all(torch.equal(two[k], ckpt("ddp")[k]) for k in two)
+    for run, step in (("two", 2), ("two-then-one", 4)):  # sharded, and saved whole by one process
+        files = FileSystemReader(str(tmp_path / run / "checkpoints" / f"step-{step:06d}" / SHARDED_DIR))
+        saved = [k for k in files.read_metadata().state_dict_metadata if k.startswith("model.")]
+        assert len(saved) == len(one) and all(".lora_" in k for k in saved), saved
+    worst = {}
+    for run in ("two", "two-then-one"):
+        for k, v in ckpt(run).items():
+            torch.testing.assert_close(v, one[k], rtol=0, atol=adam_reorder_atol(1e-3, 4))
+        worst[run] = max(float((v - one[k]).abs().max()) for k, v in ckpt(run).items())
+    held = [examples(tmp_path / run).filter((pl.col("split") == "eval") & (pl.col("step") == 4)).sort("id")
+            for run in ("two", "one")]
+    assert held[0]["id"].to_list() == held[1]["id"].to_list() and held[0].height == 6
+    drift = max((held[0][c] - held[1][c]).abs().max() for c in ("policy_chosen_logps", "policy_rejected_logps"))
+    print(f"worst weight against one unsharded process: {worst}; held-out log-probs {drift:.2e} nats")
+    assert drift < 1e-3  # as for LoRA below: weights 1e-6 apart over sums of ~40 tokens
+
+    from transformers import AutoModelForCausalLM
+
+    from prefcache.export import export
+
+    export(tmp_path / "two" / "checkpoints" / "step-000004", tmp_path / "merged", merge=True)
+    assert "quantization_config" not in AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.to_dict()
+
+
+@pytest.mark.gpu
+def test_qlora_on_two_cuda_fsdp_processes_with_bf16_trains_as_one_gpu(setup, tmp_path):
+    """The CUDA path of the test above: nccl, the 4-bit base stored and gathered in bf16 (MixedPrecisionPolicy),
+    gradients reduced in fp32. Two GPUs take 2 x 2 pairs a step, resume on two and on one GPU, and reach about the
+    weights of one unsharded GPU (bf16 autocast there).
+
+    NOT RUN YET: no GPU was available when it was written, so its bound is not measured. bf16 rounds to 2^-9
+    relative, and Adam's first steps move each weight by about lr whatever its gradient's size, so weights
+    whose gradient is near 0 may move differently; the test therefore compares the direction of the update
+    (lora_B starts at 0: its value is its update; cosine >= 0.9) and bounds every weight by the lr x steps an
+    Adam step can move it. The numbers are printed: a first run should tighten the bound to them."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs: --fsdp on one process trains unsharded")
+    qlora = ("--finetune", "qlora", "--device", "cuda", "--batch-size", 2, "--scheduler", "constant")
+    ok(torchrun(setup, tmp_path / "two", *qlora, "--max-steps", 2))
+    shutil.copytree(tmp_path / "two", tmp_path / "two-then-one")
+    ok(torchrun(setup, tmp_path / "two", "--max-steps", 3, resume=True))
+    train(out=str(tmp_path / "two-then-one"), resume=True, max_steps=3, batch_size=4)
+    train_run(setup, tmp_path / "one", finetune="qlora", device="cuda", max_steps=3, batch_size=4,
+              scheduler="constant")
+    final = weights(tmp_path / "one" / "checkpoints" / "step-000003")
+    for run in ("two", "two-then-one"):
+        got = weights(tmp_path / run / "checkpoints" / "step-000003")
+        assert got.keys() == final.keys() and all(v.dtype == torch.float32 for v in got.values())
+        for k in final:
+            torch.testing.assert_close(got[k], final[k], rtol=0, atol=1e-3 * 3)  # lr x steps
+        b = [k for k in final if "lora_B" in k]
+        cosine = float(torch.nn.functional.cosine_similarity(torch.cat([got[k].flatten() for k in b]),
+                                                             torch.cat([final[k].flatten() for k in b]), dim=0))
+        print(f"{run}: cosine of the lora_B updates to one GPU's {cosine:.4f}")
+        assert cosine >= 0.9
 
 
 @pytest.mark.slow

@@ -233,12 +233,16 @@ def load_model(
     device: str = "auto",
     adapter: str | os.PathLike | None = None,
     trainable_adapter: bool = False,
+    shardable: bool = False,
 ):
     """Load a causal LM for inference (eval mode, no grad needed) or as a base for training.
 
     ``quantize``: 4bit (bitsandbytes NF4 with double quantization), 8bit (LLM.int8), bf16, fp16, fp32
     or auto. ``adapter``: a PEFT adapter folder applied on top (e.g. an SFT LoRA); frozen unless
-    ``trainable_adapter``. Returns (model, info) where info records what was actually loaded.
+    ``trainable_adapter``. ``shardable``: a 4-bit model FSDP can shard (``train --fsdp --finetune qlora``):
+    its packed 4-bit weights are stored as tensors of the compute dtype instead of uint8 (the same bytes, so
+    the same values), which FSDP flattens, shards and gathers as it does the float weights and which its bf16
+    mixed precision leaves as they are. Returns (model, info) where info records what was actually loaded.
     """
     quiet_libraries()  # before transformers / peft import bitsandbytes
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -253,6 +257,8 @@ def load_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            # uint8 unless sharded: a model loaded for one process stays as it always was.
+            **({"bnb_4bit_quant_storage": dtype} if shardable else {}),
         )
         kwargs["device_map"] = {"": device}
     elif quantize == "8bit":

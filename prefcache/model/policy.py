@@ -55,6 +55,7 @@ def load_policy(
     lora_dropout: float = 0.0,
     lora_target: str = "all-linear",
     gradient_checkpointing: bool = False,
+    shardable: bool = False,
 ):
     """The trainable policy, in train mode, and a dict describing it.
 
@@ -64,6 +65,8 @@ def load_policy(
     fine-tuning checkpoint (an HF folder).
     gradient_checkpointing: recompute each decoder layer in backward. transformers applies it only in
     train mode, which this function leaves the model in.
+    shardable: the policy will be sharded with FSDP (``train --fsdp``): a qlora base is loaded in the form FSDP
+    can shard (:func:`~prefcache.model.load.load_model`'s ``shardable``); nothing changes for lora or full.
     The caller seeds torch first: LoRA's A matrices are random.
     """
     device = resolve_device(device)
@@ -73,7 +76,7 @@ def load_policy(
     if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
         raise ModelError(f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json)")
     precision = base_precision(finetune, device)
-    model, info = load_model(source, quantize=precision, device=device)
+    model, info = load_model(source, quantize=precision, device=device, shardable=shardable)
     new_lora = lora_config(lora_r, lora_alpha, lora_dropout, lora_target) if finetune != "full" and adapter is None else None
     model = _make_trainable(model, finetune, adapter, gradient_checkpointing, new_lora)
     model.config.use_cache = False

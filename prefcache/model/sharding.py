@@ -41,6 +41,13 @@ def shard(module: nn.Module, model, device: str, bf16: bool = False) -> nn.Modul
     mp = MixedPrecisionPolicy()  # fp32 on CPU: gloo, and the numbers of an unsharded run
     if bf16 and device.startswith("cuda"):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # A 4-bit weight's packed bytes stored in another float dtype than param_dtype would be cast as numbers,
+    # i.e. destroyed (bitsandbytes then fails on the gathered weight's shape): load_model(shardable=True)
+    # stores them in the 4-bit compute dtype, bf16 on CUDA.
+    packed = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit" and p.dtype.is_floating_point}
+    if mp.param_dtype is not None and packed - {mp.param_dtype}:
+        raise ValueError(f"--fsdp: 4-bit weights stored as {sorted(map(str, packed))} cannot be gathered in "
+                         f"{mp.param_dtype}: load the model with shardable=True")
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(module, mp_policy=mp)

@@ -44,7 +44,7 @@ from prefcache.training.guards import STEP0_MARGIN_TOLERANCE, check_step, resolv
 from prefcache.training.log import peak_mem_mb
 from prefcache.training.pairs import PairTask, example_cols  # noqa: F401 - example_cols: a public name here
 from prefcache.training.rundir import CONFIG_YAML, check_run_dir, saved_options, write_run_info
-from prefcache.training.sharded import SHARDED_DIR, check_fsdp, evaluate_share, load_sharded, total_norm
+from prefcache.training.sharded import SHARDED_DIR, evaluate_share, load_sharded, note_unsharded, total_norm
 from prefcache.training.state import (  # noqa: F401 - epoch_order: a public name here
     RunState,
     after_step,
@@ -128,7 +128,7 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
         finetune, mismatch = resolve_finetune(cfg.finetune, task.cache_meta, device)
         cfg = replace(cfg, finetune=finetune)  # run.json and checkpoints record the policy actually trained
         if cfg.fsdp:
-            check_fsdp(finetune, world, main)
+            note_unsharded(world, main)
         if mismatch and main:
             print(f"prefcache train: warning: {mismatch}", file=sys.stderr)
         n_train = len(task.train_set)

@@ -4,7 +4,10 @@ decoder layer), and checkpoints of the sharded model and optimizer written with 
 
 Gradients are reduce-scattered as averages over the ranks (DDP's all-reduce, sharded), so a run
 on N ranks takes the steps of one process on N times the pairs. On CUDA with ``--bf16`` the weights are
-gathered in bf16 and the gradients reduced in fp32; on CPU (gloo) everything stays fp32.
+gathered in bf16 and the gradients reduced in fp32; on CPU (gloo) everything stays fp32. A QLoRA policy's 4-bit
+base is sharded with the rest, its packed weights stored in the 4-bit compute dtype (bf16 on CUDA, fp32 on CPU:
+:func:`~prefcache.model.load.load_model`'s ``shardable``), which FSDP shards and gathers as float weights; only
+the adapter trains and is checkpointed. Tested on CPU (gloo); the CUDA path (nccl, bf16) has not been run.
 
 A checkpoint of a ``--fsdp`` run holds ``sharded/`` (DCP: each rank writes its shard of the model and of the
 optimizer state; a resume at another number of ranks re-shards it) besides the usual files, whose weights are
@@ -21,15 +24,11 @@ from pathlib import Path
 
 import torch
 
-from prefcache.training.config import FSDP_QLORA_REFUSAL
-
 SHARDED_DIR = "sharded"  # in a checkpoint of a --fsdp run: the DCP files of the model and optimizer state
 
 
-def check_fsdp(finetune: str, world: int, main: bool) -> None:
-    """Refuse what ``--fsdp`` does not do (a QLoRA base), and say that one process trains unsharded."""
-    if finetune == "qlora":
-        raise ValueError(FSDP_QLORA_REFUSAL)
+def note_unsharded(world: int, main: bool) -> None:
+    """Say that ``--fsdp`` on one process trains unsharded."""
     if world == 1 and main:
         print("prefcache train: note: --fsdp with one process trains unsharded (launch with torchrun "
               "--nproc-per-node N to shard); its checkpoints can be resumed on any number of processes",
@@ -61,9 +60,8 @@ def total_norm(norm: torch.Tensor) -> float:
 def save_sharded(folder: Path, module, optimizer) -> None:
     """The model and optimizer state, each rank writing its own shard (every rank calls this)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(module, optimizer, options=_TRAINED_ONLY())
+    model_state, optim_state = _trained_state(module, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
 
 
@@ -71,14 +69,32 @@ def load_sharded(folder: Path, module, optimizer) -> None:
     """Load :func:`save_sharded`'s files into ``module`` and ``optimizer`` at whatever number of ranks this run
     has (DCP re-shards; one process loads whole tensors). Every rank calls this."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_state, optim_state = get_state_dict(module, optimizer, options=_TRAINED_ONLY())
+    model_state, optim_state = _trained_state(module, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(folder))
     # Not strict: the frozen base is not in the files (dcp.load has already refused a trained weight missing there).
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_TRAINED_ONLY(strict=False))
+
+
+def _trained_state(module, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state of the weights that train, the same entries sharded or not.
+
+    ``ignore_frozen_params`` drops each frozen parameter under one name only, and not what a module writes next
+    to it. So a tied output head (``lm_head.weight``, the frozen embeddings under a second name) would be saved
+    with the adapter, and so would bitsandbytes' ``Linear4bit`` quantization constants, plain tensors it writes as
+    ``WEIGHT.absmax``, ``WEIGHT.quant_map``, ... while the weight is whole (a sharded 4-bit weight carries none:
+    a one-process resume of a sharded QLoRA checkpoint would ask for entries its files lack). Like the frozen
+    weights, they come from the base model the run loads.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer, options=_TRAINED_ONLY())
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    under = tuple(f"{name}." for name in frozen)
+    return {k: v for k, v in model_state.items() if k not in frozen and not k.startswith(under)}, optim_state
 
 
 def _TRAINED_ONLY(strict: bool = True):  # noqa: N802 - a constant, made when torch is imported

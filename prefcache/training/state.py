@@ -233,7 +233,7 @@ def load_run_policy(cfg, source, ckpt: Path | None, device: str):
     return load_policy(resolve_model(str(ckpt)) if full_ckpt else source, finetune=cfg.finetune, device=device,
                        adapter=None if full_ckpt else (ckpt or cfg.adapter), lora_r=cfg.lora_r,
                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target=cfg.lora_target,
-                       gradient_checkpointing=cfg.gradient_checkpointing)
+                       gradient_checkpointing=cfg.gradient_checkpointing, shardable=cfg.fsdp)
 
 
 def make_optimization(cfg, params, *, total_steps: int, state: dict | None, restore=None):
