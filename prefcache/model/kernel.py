@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from prefcache.model.vision import fit_vision, vision_backbone
+
 DEFAULT_CHUNK = 2048  # completion positions per head projection: 2048 x 49k fp32 = 400 MB worst case
 
 
@@ -32,14 +34,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _head_parts(lm: nn.Module):
-    """(backbone, head, postprocess) of a transformers causal LM, or None when it does not split."""
+def _head_parts(lm: nn.Module, vision: bool = False):
+    """(backbone, head, postprocess) of a transformers causal LM, or None when it does not split. With
+    ``vision``, the backbone is a vision-language model's multimodal one (it takes the image tensors)."""
     get_decoder = getattr(lm, "get_decoder", None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    backbone = get_decoder() if get_decoder is not None else None
+    if vision:
+        backbone = vision_backbone(lm)
+    else:
+        backbone = get_decoder() if get_decoder is not None else None
     if backbone is None or head is None:
         return None
     cfg = getattr(lm, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # a VLM's head is its text model's
     softcap = getattr(cfg, "final_logit_softcapping", None)
     scale = getattr(lm, "logit_scale", None)  # Cohere-style scaled logits
     if isinstance(scale, torch.Tensor):
@@ -79,6 +86,7 @@ def token_logprobs(
     position_ids: torch.Tensor | None = None,
     source: torch.Tensor | None = None,
     with_sq: bool = False,
+    vision: dict | None = None,
 ):
     """Per-token log-probs of the completion tokens, without full-vocabulary logits.
 
@@ -96,6 +104,9 @@ def token_logprobs(
         source: [N, T] long, the position whose hidden state predicts token t; default t - 1.
         with_sq: also return [N, T] fp32 log Σ_v p(v)² of each completion position (0 elsewhere), without
             gradient: the per-token values WPO's weights need.
+        vision: a vision-language model's image tensors for these rows, as its processor returns them
+            (``pixel_values``, ``pixel_attention_mask``, ``image_sizes``, ``image_grid_thw``...): the hidden
+            states then come from the multimodal backbone. Image tokens are prompt tokens.
 
     Returns:
         [N, T] fp32: at t, log p(input_ids[t] | context) in nats where completion_mask[t] is 1, else 0.
@@ -103,15 +114,16 @@ def token_logprobs(
         (it has no context), so a completion mask there is ignored.
     """
     lm = _unwrap(model)
-    parts = _head_parts(lm)
+    vision = fit_vision(vision, input_ids, lm)
+    parts = _head_parts(lm, vision is not None)
     if parts is None:
         return naive_token_logprobs(model, input_ids, attention_mask, completion_mask,
-                                    position_ids=position_ids, source=source, with_sq=with_sq)
+                                    position_ids=position_ids, source=source, with_sq=with_sq, vision=vision)
     backbone, head, softcap, scale = parts
     if checkpoint is None:
         checkpoint = torch.is_grad_enabled()
 
-    hidden = _hidden_states(backbone, lm, input_ids, attention_mask, position_ids, aux)  # [N, T, H]
+    hidden = _hidden_states(backbone, lm, input_ids, attention_mask, position_ids, aux, vision)  # [N, T, H]
     want = _wanted(attention_mask, completion_mask)  # [N, T]
     rows, cols = want.nonzero(as_tuple=True)
     # The hidden state at source[t] (t - 1 unless packed) predicts token t.
@@ -129,15 +141,16 @@ def token_logprobs(
     return out, torch.zeros_like(out).index_put((rows, cols), sq_flat)
 
 
-def _hidden_states(backbone, lm, input_ids, attention_mask, position_ids, aux: list | None) -> torch.Tensor:
+def _hidden_states(backbone, lm, input_ids, attention_mask, position_ids, aux: list | None,
+                   vision: dict | None = None) -> torch.Tensor:
     """[N, T, H] last hidden states; for a mixture-of-experts model with ``aux`` given, its router
-    load-balancing loss is appended to ``aux``."""
+    load-balancing loss is appended to ``aux``; ``vision``: the image tensors, for a multimodal backbone."""
     moe = aux is not None and router_aux_coef(lm) is not None
     extra = {} if position_ids is None else {"position_ids": position_ids}
     if moe:
         extra["output_router_logits"] = True
     # Through the wrapper when there is one, so PEFT / DDP forward hooks still run.
-    output = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    output = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra, **(vision or {}))
     if moe:
         aux.append(_load_balancing_loss(lm, output.router_logits, attention_mask))
     return output[0]
@@ -219,10 +232,12 @@ def naive_token_logprobs(
     position_ids: torch.Tensor | None = None,
     source: torch.Tensor | None = None,
     with_sq: bool = False,
+    vision: dict | None = None,
 ):
     """The textbook computation (full [N, T, V] logits, fp32 log-softmax) with the same contract as
     :func:`token_logprobs`. Kept for tests, benchmarks and models whose head cannot be split off."""
     extra = {} if position_ids is None else {"position_ids": position_ids}
+    extra.update(fit_vision(vision, input_ids, _unwrap(model)) or {})
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits.float()
     logps = torch.log_softmax(logits, dim=-1)  # [N, T, V]: position s predicts token s + 1
     if source is None:
@@ -272,9 +287,10 @@ class LogProbModule(nn.Module):
         self.router_aux = router_aux and router_aux_coef(model) is not None
         self.aux_loss = None
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, source=None, with_sq=False):
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, source=None, with_sq=False,
+                vision=None):
         aux = [] if self.router_aux and torch.is_grad_enabled() else None
         out = token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
-                             position_ids=position_ids, source=source, aux=aux, with_sq=with_sq)
+                             position_ids=position_ids, source=source, aux=aux, with_sq=with_sq, vision=vision)
         self.aux_loss = aux[0] if aux else None
         return out

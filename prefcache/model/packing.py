@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from prefcache.model.kernel import DEFAULT_CHUNK, _unwrap, token_logprobs
+from prefcache.model.vision import vision_backbone
 
 log = logging.getLogger("prefcache")
 MASKABLE = ("sdpa", "eager")  # attention implementations that apply a prepared [N, 1, T, T] mask as given
@@ -99,10 +100,16 @@ def block_mask(segments: torch.Tensor, dtype: torch.dtype | None = None) -> torc
 
 
 def sharing_problem(model) -> str | None:
-    """Why ``model`` cannot run packed rows correctly, or None when it can."""
+    """Why ``model`` cannot run packed rows correctly, or None when it can.
+
+    A vision-language model's multimodal backbone hands the prepared mask and the position ids to its language
+    model as they are (LLaVA, Idefics3), so a row ``[prompt with image tokens | chosen | rejected]`` packs like
+    text, its image features computed once; one whose rotary positions are multimodal (Qwen2-VL, Qwen2.5-VL:
+    3D positions from ``image_grid_thw`` through ``get_rope_index``) needs more than 1D positions that restart."""
     lm = _unwrap(model)
     config = getattr(lm, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    impl = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
     if impl not in MASKABLE:
         return f"attention implementation {impl!r} does not apply a custom block mask (needs one of {MASKABLE})"
     for cfg in (config, getattr(config, "text_config", None)):
@@ -112,7 +119,19 @@ def sharing_problem(model) -> str | None:
     backbone = get_decoder() if get_decoder is not None else lm
     if backbone is None or "position_ids" not in inspect.signature(backbone.forward).parameters:
         return "the model does not take position ids"
+    if _multimodal_positions(lm, text):
+        return ("multimodal rotary positions (image_grid_thw through get_rope_index, as in Qwen2-VL) "
+                "need more than position ids that restart after the prompt")
     return None
+
+
+def _multimodal_positions(lm, text_config) -> bool:
+    """Whether a vision-language model's rotary positions are 3D (time, height, width of each image token, made
+    from ``image_grid_thw`` by the backbone's ``get_rope_index``: Qwen2-VL, Qwen2.5-VL) rather than 1D."""
+    rope = getattr(text_config, "rope_parameters", None)
+    backbone = vision_backbone(lm)
+    return backbone is not None and (hasattr(backbone, "get_rope_index")
+                                     or (isinstance(rope, dict) and bool(rope.get("mrope_section"))))
 
 
 _warned: set[str] = set()
@@ -141,16 +160,17 @@ def mask_for(model, segments: torch.Tensor) -> torch.Tensor:
 
 
 def packed_token_logprobs(model, packed: PackedRows, *, chunk_size: int = DEFAULT_CHUNK, module=None,
-                          with_sq: bool = False):
+                          with_sq: bool = False, vision: dict | None = None):
     """[N, T] fp32 log-probs of the completion tokens of packed rows (0 elsewhere), through the shared kernel.
     ``module``: a (DDP-wrapped) LogProbModule over ``model`` to run instead, so DDP's hooks see the forward.
-    ``with_sq``: also the [N, T] log Σ_v p(v)² WPO needs (see ``token_logprobs``)."""
+    ``with_sq``: also the [N, T] log Σ_v p(v)² WPO needs (see ``token_logprobs``).
+    ``vision``: the image tensors of the rows' prompts, one prompt per row, so each image is encoded once."""
     mask = mask_for(model, packed.segments)
     if module is not None:
         return module(packed.input_ids, mask, packed.completion_mask, position_ids=packed.position_ids,
-                      source=packed.source, with_sq=with_sq)
+                      source=packed.source, with_sq=with_sq, vision=vision)
     return token_logprobs(model, packed.input_ids, mask, packed.completion_mask, chunk_size=chunk_size,
-                          position_ids=packed.position_ids, source=packed.source, with_sq=with_sq)
+                          position_ids=packed.position_ids, source=packed.source, with_sq=with_sq, vision=vision)
 
 
 def group_by_prompt(sequences: list[tuple[list[int], int]], max_row: int) -> list[tuple[list[int], list[list[int]]]]:

@@ -10,6 +10,7 @@ import torch
 
 from prefcache.model.kernel import DEFAULT_CHUNK, LogProbModule, collate, pair_sums, token_logprobs
 from prefcache.model.packing import pack, packed_token_logprobs, resolve_sharing
+from prefcache.model.vision import repeat_vision
 
 
 @dataclass
@@ -36,7 +37,7 @@ def pair_tensors(pairs, pad_id: int):
 
 
 def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEFAULT_CHUNK,
-               prefix_sharing: bool = False, wpo: bool = False) -> PairLogps:
+               prefix_sharing: bool = False, wpo: bool = False, vision: dict | None = None) -> PairLogps:
     """Policy log-probs of ``pairs`` through the shared kernel; gradients follow ``torch.is_grad_enabled()``.
 
     ``model`` may be a causal LM or a (DDP-wrapped) :class:`~prefcache.model.kernel.LogProbModule`.
@@ -44,23 +45,30 @@ def pair_logps(model, pairs, *, pad_id: int, device="cpu", chunk_size: int = DEF
     prompt computed once; the same numbers as two sequences per pair, to float rounding. A model that cannot
     take the block mask falls back to two sequences (said once).
     ``wpo``: also the per-sequence values WPO's weights are made of (``losses.wpo_weights``).
+    ``vision``: a vision-language model's image tensors of the B prompts, in order, as its processor returns them
+    (``prompt_ids`` then hold the image tokens); a packed row encodes its images once, two sequences twice.
     """
     module = model if isinstance(getattr(model, "module", model), LogProbModule) else None
     lm = getattr(model, "module", model).model if module is not None else model
     b = len(pairs)
+    if vision is not None:
+        vision = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vision.items()}
     if resolve_sharing(lm, prefix_sharing):
         packed = pack([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], pad_id).to(device)
-        token = packed_token_logprobs(lm, packed, chunk_size=chunk_size, module=module, with_sq=wpo)  # [B, T]
+        token = packed_token_logprobs(lm, packed, chunk_size=chunk_size, module=module, with_sq=wpo,
+                                      vision=vision)  # [B, T]
         token, sq = token if wpo else (token, None)
         sides = [(token, packed.segments == 1), (token, packed.segments == 2)]
         sq_sides = [sq, sq]
         n_tokens, n_positions = packed.n_tokens, packed.input_ids.numel()
     else:
         input_ids, attention, completion = (t.to(device) for t in pair_tensors(pairs, pad_id))
+        both = repeat_vision(vision, 2)  # the rows are [chosen..., rejected...]
         if module is not None:
-            token = module(input_ids, attention, completion, with_sq=wpo)
+            token = module(input_ids, attention, completion, with_sq=wpo, vision=both)
         else:
-            token = token_logprobs(model, input_ids, attention, completion, chunk_size=chunk_size, with_sq=wpo)  # [2B, T]
+            token = token_logprobs(model, input_ids, attention, completion, chunk_size=chunk_size, with_sq=wpo,
+                                   vision=both)  # [2B, T]
         token, sq = token if wpo else (token, None)
         completion = completion.bool() & attention.bool()
         sides = [(token[:b], completion[:b]), (token[b:], completion[b:])]

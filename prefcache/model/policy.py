@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefcache.core.hub import resolve_adapter
 from prefcache.model.load import ModelError, ModelSource, load_model, resolve_device, resolve_quantization
+from prefcache.model.vision import lora_exclude, vision_modules
 
 
 def lora_alpha_of(r: int, alpha: float | None = None) -> float:
@@ -56,6 +57,7 @@ def load_policy(
     lora_target: str = "all-linear",
     gradient_checkpointing: bool = False,
     shardable: bool = False,
+    train_vision: bool = False,
 ):
     """The trainable policy, in train mode, and a dict describing it.
 
@@ -67,6 +69,8 @@ def load_policy(
     train mode, which this function leaves the model in.
     shardable: the policy will be sharded with FSDP (``train --fsdp``): a qlora base is loaded in the form FSDP
     can shard (:func:`~prefcache.model.load.load_model`'s ``shardable``); nothing changes for lora or full.
+    train_vision: a vision-language model's vision tower and projector train too (LoRA on their linear layers,
+    or their weights under "full"); by default they stay frozen and only the language model trains.
     The caller seeds torch first: LoRA's A matrices are random.
     """
     device = resolve_device(device)
@@ -77,8 +81,16 @@ def load_policy(
         raise ModelError(f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json)")
     precision = base_precision(finetune, device)
     model, info = load_model(source, quantize=precision, device=device, shardable=shardable)
+    frozen = [] if train_vision else vision_modules(model)
+    if train_vision and not info.get("vision"):
+        raise ModelError("train_vision needs a vision-language model (one with a vision tower)")
     new_lora = lora_config(lora_r, lora_alpha, lora_dropout, lora_target) if finetune != "full" and adapter is None else None
+    if new_lora is not None:
+        new_lora.exclude_modules = lora_exclude(model, train_vision)  # None for a text model
     model = _make_trainable(model, finetune, adapter, gradient_checkpointing, new_lora)
+    if finetune == "full":
+        for name in frozen:
+            model.get_submodule(name).requires_grad_(False)
     model.config.use_cache = False
     model.train()  # also what makes transformers' gradient checkpointing take effect
 
@@ -89,6 +101,8 @@ def load_policy(
     if new_lora is not None:
         info["lora"] = {"r": lora_r, "alpha": lora_alpha_of(lora_r, lora_alpha),
                         "dropout": lora_dropout, "target": lora_target}
+    if info.get("vision"):
+        info["train_vision"] = train_vision
     return model, info
 
 
