@@ -235,7 +235,6 @@ def load_model(
     shardable: bool = False,
 ):
     """A causal LM or a vision-language model (``prefcache.model.vision``), in eval mode; returns (model, info).
-
     ``quantize``: 4bit (NF4, double quantization), 8bit, bf16, fp16, fp32 or auto (a VLM's vision tower and
     projector stay unquantized). ``adapter``: a PEFT folder on top, frozen unless ``trainable_adapter``.
     ``shardable``: 4-bit weights FSDP can shard (``train --fsdp --finetune qlora``): the packed bytes stored
@@ -281,8 +280,7 @@ def load_model(
         model.requires_grad_(False)
     info = {"model_name": source.name, "quantization": quantize, "dtype": str(dtype).replace("torch.", ""),
             "device": device, "adapter": str(adapter) if adapter else None}
-    if vision:
-        info["vision"] = True
+    info.update({"vision": True} if vision else {})
     return model, info
 
 
