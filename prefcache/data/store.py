@@ -130,22 +130,11 @@ def pair_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", 
               folder: Path, world: int = 1) -> tuple[TokenRows, list[BadRow]]:
     """:func:`~prefcache.data.pairs.load_dataset_pairs`'s pairs (same pairs, order and bad rows) as a view over
     their store, written in blocks of :data:`~prefcache.data.pairs.BLOCK_ROWS` rows when there is none yet."""
-    _check_policy(on_bad_row)
+    read = lambda: iter_tokenized_blocks(path, tokenizer, max_length, truncation, split=split,  # noqa: E731
+                                         data_config=data_config, mapping=mapping, block_rows=pair_data.BLOCK_ROWS)
     key = store_key("pairs", path, split=split, data_config=data_config, mapping=mapping,
                     tokenizer_key=tokenizer_key, max_length=max_length, truncation=truncation)
-
-    def blocks(bad: list[BadRow]):
-        with _naming(path):
-            for pairs, block_bad, examples in iter_tokenized_blocks(path, tokenizer, max_length, truncation,
-                                                                    split=split, data_config=data_config,
-                                                                    mapping=mapping,
-                                                                    block_rows=pair_data.BLOCK_ROWS):
-                bad += block_bad
-                yield _batch(TOKEN_PAIRS, TokenizedPair, pairs, examples)
-
-    rows, bad = open_store(folder, key, TOKEN_PAIRS, TokenizedPair, blocks, world=world)
-    _apply_policy(bad, on_bad_row, str(path))
-    return rows, bad
+    return _store_rows(path, key, TOKEN_PAIRS, TokenizedPair, read, on_bad_row, folder=folder, world=world)
 
 
 def unpaired_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", on_bad_row: str = "fail", *,
@@ -153,23 +142,28 @@ def unpaired_rows(path, tokenizer, max_length: int, truncation: str = "keep_star
                   world: int = 1) -> tuple[TokenRows, list[BadRow]]:
     """:func:`~prefcache.data.unpaired.load_unpaired`'s items (same items, order and bad rows; paired data
     unpaired) as a view over their store, written in blocks of :data:`~prefcache.data.pairs.BLOCK_ROWS` rows
-    when there is none yet."""
-    _check_policy(on_bad_row)
+    when there is none yet. No KL groups: the trainer takes each example's KL partner from the cache's kl_id."""
+    read = lambda: iter_tokenized_unpaired(path, tokenizer, max_length, truncation, unpair=True,  # noqa: E731
+                                           split=split, data_config=data_config, block_rows=pair_data.BLOCK_ROWS)
     key = store_key("unpaired", path, split=split, data_config=data_config, mapping=None,
                     tokenizer_key=tokenizer_key, max_length=max_length, truncation=truncation)
+    return _store_rows(path, key, TOKEN_UNPAIRED, TokenizedCompletion, read, on_bad_row, folder=folder, world=world)
+
+
+def _store_rows(path, key: dict, schema: pa.Schema, make: type, read, on_bad_row: str, *, folder: Path,
+                world: int) -> tuple[TokenRows, list[BadRow]]:
+    """The view over the store ``key`` names, written from ``read()``'s (items, bad rows, examples) blocks when
+    there is none yet; the bad-row policy applied to its bad rows."""
+    _check_policy(on_bad_row)
 
     def blocks(bad: list[BadRow]):
-        # No KL groups here: the trainer takes each example's KL partner from the reference cache's kl_id.
         with _naming(path):
-            for items, block_bad, examples in iter_tokenized_unpaired(path, tokenizer, max_length, truncation,
-                                                                      unpair=True, split=split,
-                                                                      data_config=data_config,
-                                                                      block_rows=pair_data.BLOCK_ROWS):
+            for items, block_bad, examples in read():
                 bad += block_bad
-                if items:  # a block of pairs all waiting to be unpaired gives none
-                    yield _batch(TOKEN_UNPAIRED, TokenizedCompletion, items, examples)
+                if items:  # a block of bad rows only (or of pairs all waiting to be unpaired) gives none
+                    yield _batch(schema, make, items, examples)
 
-    rows, bad = open_store(folder, key, TOKEN_UNPAIRED, TokenizedCompletion, blocks, world=world)
+    rows, bad = open_store(folder, key, schema, make, blocks, world=world)
     _apply_policy(bad, on_bad_row, str(path))
     return rows, bad
 
