@@ -61,6 +61,9 @@ _TEXTS = [("row", pa.int64()), ("tokens", _I32), ("prompt", _TEXT), ("conversati
 TOKEN_PAIRS = pa.schema([("id", _STR), ("prompt_ids", _IDS), ("chosen_ids", _IDS), ("rejected_ids", _IDS),
                          ("chosen_truncated", _BOOL), ("rejected_truncated", _BOOL), *_TEXTS,
                          ("chosen", _TEXT), ("rejected", _TEXT)])
+# A vision pair's images (prefcache.data.images.ImageRef): a path, or the encoded bytes when there is no file.
+IMAGE_REFS = pa.list_(pa.struct([("sha256", _STR), ("path", _STR), ("data", pa.large_binary())]))
+TOKEN_VISION_PAIRS = TOKEN_PAIRS.append(pa.field("images", IMAGE_REFS))
 TOKEN_UNPAIRED = pa.schema([("id", _STR), ("label", _BOOL), ("prompt_ids", _IDS), ("completion_ids", _IDS),
                             ("truncated", _BOOL), *_TEXTS, ("completion", _TEXT)])
 

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from prefcache.core.atomic import write_atomic, write_json_atomic
 from prefcache.core.distributed import barrier, dist_info
-from prefcache.core.schemas import PAIRS, TOKEN_PAIRS, TOKEN_UNPAIRED
+from prefcache.core.schemas import PAIRS, TOKEN_PAIRS, TOKEN_UNPAIRED, TOKEN_VISION_PAIRS
 from prefcache.data import pairs as pair_data
 from prefcache.data.badrows import BadRow, _apply_policy, _check_policy
 from prefcache.data.formats import DataFormatError, open_dataset
@@ -41,6 +41,7 @@ from prefcache.data.pairs import iter_tokenized_blocks
 from prefcache.data.rows import TokenRows
 from prefcache.data.tokens import TokenizedPair
 from prefcache.data.unpaired import TokenizedCompletion, iter_tokenized_unpaired
+from prefcache.data.vision_pairs import VISION_BLOCK_ROWS, TokenizedVisionPair, iter_vision_tokenized_blocks
 
 STORE_VERSION = 1  # raise it when a change to reading or tokenising data changes what a store holds
 
@@ -121,6 +122,8 @@ def _batch(schema: pa.Schema, make: type, items: list, examples: list) -> pa.Rec
     own = {f.name for f in fields(make)}
     cols = {name: [getattr(x, name) for x in (items if name in own else examples)]
             for name in schema.names if name != "tokens"}
+    if "images" in cols:  # ImageRef tuples as the store's structs
+        cols["images"] = [[asdict(r) for r in refs] for refs in cols["images"]]
     cols["tokens"] = [sum(len(v) for k, v in vars(i).items() if k.endswith("_ids")) for i in items]
     return pa.RecordBatch.from_pydict(cols, schema=schema)
 
@@ -135,6 +138,21 @@ def pair_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", 
     key = store_key("pairs", path, split=split, data_config=data_config, mapping=mapping,
                     tokenizer_key=tokenizer_key, max_length=max_length, truncation=truncation)
     return _store_rows(path, key, TOKEN_PAIRS, TokenizedPair, read, on_bad_row, folder=folder, world=world)
+
+
+def vision_pair_rows(path, processor, max_length: int, truncation: str = "keep_start", on_bad_row: str = "fail", *,
+                     split: str | None = None, data_config: str | None = None, mapping=None, tokenizer_key: dict,
+                     folder: Path, world: int = 1) -> tuple[TokenRows, list[BadRow]]:
+    """:func:`pair_rows` for a vision-language model: pairs tokenised by its ``processor``
+    (:func:`~prefcache.data.vision_pairs.iter_vision_tokenized_blocks`), each with its images' references (a
+    path, or the encoded bytes), not their pixels. ``tokenizer_key`` includes the processor's fingerprint."""
+    read = lambda: iter_vision_tokenized_blocks(path, processor, max_length, truncation, split=split,  # noqa: E731
+                                                data_config=data_config, mapping=mapping,
+                                                block_rows=VISION_BLOCK_ROWS)
+    key = store_key("vision_pairs", path, split=split, data_config=data_config, mapping=mapping,
+                    tokenizer_key=tokenizer_key, max_length=max_length, truncation=truncation)
+    return _store_rows(path, key, TOKEN_VISION_PAIRS, TokenizedVisionPair, read, on_bad_row, folder=folder,
+                       world=world)
 
 
 def unpaired_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", on_bad_row: str = "fail", *,

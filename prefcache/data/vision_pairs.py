@@ -29,6 +29,10 @@ class TokenizedVisionPair(TokenizedPair):
 
     images: tuple[ImageRef, ...] = ()
 
+    def __post_init__(self):  # read back from a data store: {"sha256", "path", "data"} dicts
+        if any(isinstance(r, dict) for r in self.images):
+            object.__setattr__(self, "images", tuple(ImageRef(**r) if isinstance(r, dict) else r for r in self.images))
+
 
 def _image_start(prompt_ids: list[int], plain: list[int], placeholder: int | None) -> int:
     """Tokens of the prompt before its first image's tokens: where the processor's ids leave the plain
