@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from prefcache.cache.compat import processor_record
 from prefcache.cache.store import (
     CacheError,
     CacheWriter,
@@ -28,7 +29,6 @@ from prefcache.cache.store import (
     summary,
     verify,
 )
-from prefcache.cache.compat import processor_record
 from prefcache.core.atomic import WriteError
 from prefcache.core.distributed import barrier, dist_info, gather, setup
 from prefcache.core.locking import directory_lock
