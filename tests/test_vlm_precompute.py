@@ -146,3 +146,18 @@ def test_a_text_cache_keeps_its_identity():
     before = [k for k in COMPAT_KEYS if k != "processor_fingerprint"]
     digest = hashlib.sha256(json.dumps({k: meta.get(k) for k in before}, sort_keys=True).encode()).hexdigest()[:16]
     assert identity(meta) == digest != identity(meta | {"processor_fingerprint": "p"})
+
+
+def test_a_hub_vision_model_id_offline(vlm_dirs, data, tmp_path, monkeypatch):
+    """A VLM named by its Hub id: the processor and the model come from the cached snapshot, through
+    transformers' own loading (AutoProcessor, AutoModelForImageTextToText), offline."""
+    from test_hub import COMMIT, lay_out
+
+    lay_out(tmp_path / "hub", "org/tiny-vlm", vlm_dirs["idefics3"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = precompute(data=str(data), out=str(tmp_path / "cache"), model="org/tiny-vlm", quantize="fp32",
+                     progress=False)
+    meta = read_metadata(tmp_path / "cache")
+    assert out["scored"] == 7 and meta["model_id"] == "org/tiny-vlm" and meta["model_revision"] == COMMIT
+    assert meta["processor_settings"]["processor"] == "Idefics3Processor"
