@@ -66,6 +66,19 @@ def checkpoint_tokenizer(ckpt: Checkpoint, source):
     return load_tokenizer(source)
 
 
+def checkpoint_processor(ckpt: Checkpoint, source):
+    """A vision-language checkpoint's processor: the one saved with it (a VLM run's checkpoints hold it), else its
+    base model's; None when the checkpoint is a text model."""
+    from prefcache.model.vision import is_vision_source, load_processor
+
+    own = ModelSource(ckpt.name, ckpt.path) if ckpt.path is not None else None
+    if not is_vision_source(own if ckpt.kind == "full" else source):
+        return None
+    saved = own is not None and any((ckpt.path / f).exists() for f in ("processor_config.json",
+                                                                        "preprocessor_config.json"))
+    return load_processor(own if saved else source)
+
+
 def release_memory() -> None:
     """After the caller dropped its model: free it now, before the next checkpoint loads."""
     import torch
