@@ -57,7 +57,7 @@ def test_reference_table_reads_the_cache_numbers():
 def written(tmp_path):
     """One table of each kind, written by the code that writes it in a real run."""
     cache, run = tmp_path / "cache", tmp_path / "run"
-    token_logps = {tuple(p.prompt_ids + c): np.full(len(c), -0.5, dtype=np.float32)
+    token_logps = {((), tuple(p.prompt_ids + c)): np.full(len(c), -0.5, dtype=np.float32)
                    for p in PAIRS for c in (p.chosen_ids, p.rejected_ids)}
     CacheWriter(cache, {"per_token": True}).write(shard_columns(PAIRS, token_logps, per_token=True))
     log = RunLog(run)

@@ -206,16 +206,16 @@ def repeat_vision(vision: dict | None, n: int) -> dict | None:
     return {k: torch.cat([v] * n) if isinstance(v, torch.Tensor) else v for k, v in vision.items()}
 
 
-def vision_inputs(images: list, processor) -> dict | None:
+def vision_inputs(images: list, processor, device=None) -> dict | None:
     """The image tensors of a batch of rows, as the model takes them beside ``input_ids``: ``images[i]`` is the
     :class:`~prefcache.data.images.ImageRef` tuple of row i's prompt (decoded here), in the order its image tokens
     stand. The processor's image processor makes them as the processor did when it expanded the placeholders
     (the same call, so the same pixels): ``pixel_values`` and per family ``pixel_attention_mask``,
     ``image_sizes``, ``image_grid_thw``. A nested list per row, which every family's image processor takes (a
-    row without images is padded, and the model drops the padding). None when no row has an image."""
+    row without images is padded, and the model drops the padding), on ``device``. None when no row has an image."""
     if not any(images):
         return None
     from prefcache.data.images import open_images
 
     out = processor.image_processor(images=[open_images(row) for row in images], return_tensors="pt")
-    return {k: v for k, v in out.items() if hasattr(v, "shape")}
+    return {k: v if device is None else v.to(device) for k, v in out.items() if hasattr(v, "shape")}
