@@ -147,7 +147,7 @@ def test_several_caches_and_runs_are_told_apart(db):
         {"cache_name": "full", "n": 5}, {"cache_name": "q4", "n": 5}]
     assert db.sql("SELECT DISTINCT run FROM steps ORDER BY 1")["run"].to_list() == ["run1", "run2"]
     assert db.views == {"cache": ["full", "q4"], "steps": ["run1", "run2"], "examples": ["run1"],
-                        "evals": ["run1"], "pairs": ["run1"]}
+                        "evals": ["run1"], "pairs": ["run1"], "example_images": []}
 
 
 def test_run_without_evals_gives_empty_typed_views(fx):

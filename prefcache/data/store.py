@@ -28,12 +28,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from prefcache.core.atomic import write_atomic, write_json_atomic
 from prefcache.core.distributed import barrier, dist_info
-from prefcache.core.schemas import PAIRS, TOKEN_PAIRS, TOKEN_UNPAIRED, TOKEN_VISION_PAIRS
+from prefcache.core.schemas import EXAMPLE_IMAGES, PAIRS, TOKEN_PAIRS, TOKEN_UNPAIRED, TOKEN_VISION_PAIRS
 from prefcache.data import pairs as pair_data
 from prefcache.data.badrows import BadRow, _apply_policy, _check_policy
 from prefcache.data.formats import DataFormatError, open_dataset
@@ -212,6 +213,27 @@ def text_batches(views: list[TokenRows]):
                 batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=earlier)))
             yield _texts(batch)
         seen.append(view.table.column("id"))
+
+
+def example_images(views: list[TokenRows]) -> pa.Table:
+    """The images of every example in the vision stores under ``views`` (:data:`~prefcache.core.schemas.EXAMPLE_IMAGES`:
+    id, position in its prompt, sha256, path), an id of an earlier store left out: references, never the pixels
+    or an inline image's bytes. Read a record batch at a time, as :func:`text_batches`."""
+    parts, seen = [], pa.array([], pa.string())
+    for path in dict.fromkeys(v.path for v in views):
+        reader = pa.ipc.open_file(pa.OSFile(path))
+        for batch in map(reader.get_batch, range(reader.num_record_batches)):
+            keep = pc.invert(pc.is_in(batch.column("id"), value_set=seen))
+            ids, images = batch.column("id").filter(keep), batch.column("images").filter(keep)
+            parent = pc.list_parent_indices(images).to_numpy()
+            offsets = images.offsets.to_numpy()
+            flat = pc.list_flatten(images)
+            parts.append(pa.table([ids.take(pa.array(parent, pa.int64())),
+                                   pa.array(np.arange(len(parent)) + offsets[0] - offsets[parent], pa.int32()),
+                                   pc.struct_field(flat, "sha256"), pc.struct_field(flat, "path")],
+                                  schema=EXAMPLE_IMAGES))
+            seen = pa.concat_arrays([seen, ids.cast(pa.string())])
+    return pa.concat_tables(parts) if parts else EXAMPLE_IMAGES.empty_table()
 
 
 def _texts(batch: pa.RecordBatch) -> pa.RecordBatch:

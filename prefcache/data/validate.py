@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from prefcache.data.badrows import BadRow, _apply_policy, _Bad, _check_policy
 from prefcache.data.columns import no_completion_columns
+from prefcache.data.formats import DataFormatError
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,21 @@ def _prompt_copied_into_conversations(raw: dict) -> bool:
             and _canonical(c[0]) == _canonical(r[0]))
 
 
+def refuse_images(rows, tokenizer) -> None:
+    """Rows with images (TRL's ``images`` / ``image`` columns, not empty) read for a text model: refused, where the
+    text path would render the texts and silently drop the pictures. Called wherever text rows are validated."""
+    def given(value) -> bool:
+        try:
+            return value is not None and len(value) > 0
+        except TypeError:  # one image object
+            return True
+
+    if any(isinstance(r, dict) and (given(r.get("images")) or given(r.get("image"))) for r in rows):
+        name = getattr(tokenizer, "name_or_path", None) or "the model"
+        raise DataFormatError(f"the data has images but {name} is a text model: give a vision-language model "
+                              "(--model), or data without an images column")
+
+
 def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> tuple[list[Example], list[BadRow]]:
     """Validate rows, give each its id and render its texts.
 
@@ -160,6 +176,7 @@ def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> t
     any bad row raises :class:`BadDataError` instead.
     """
     _check_policy(on_bad_row)
+    refuse_images(rows, tokenizer)
     dicts = [r for r in rows if isinstance(r, dict)]
     if dicts and not any("chosen" in r or "rejected" in r for r in dicts):
         raise no_completion_columns(dicts[0])

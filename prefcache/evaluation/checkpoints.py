@@ -25,7 +25,6 @@ from prefcache.core.atomic import write_table_atomic
 from prefcache.evaluation.config import EvalConfig, ScoreConfig
 from prefcache.model.load import (
     ModelSource,
-    hf_folder,
     load_model,
     load_processor,
     load_tokenizer,
@@ -79,14 +78,17 @@ def checkpoint_tokenizer(ckpt: Checkpoint, source):
 def is_vision_checkpoint(ckpt: Checkpoint, source) -> bool:
     """Whether a checkpoint's model is a vision-language model, from its config alone (no weights load): full
     weights carry their own config, an adapter (or ``base``) is on the base model."""
-    from prefcache.model.vision import model_class
+    from prefcache.model.vision import is_vision_source
 
-    return model_class(ckpt.path if ckpt.kind == "full" else hf_folder(source))[1]
+    return is_vision_source(ModelSource(ckpt.name, ckpt.path) if ckpt.kind == "full" else source)
 
 
 def checkpoint_processor(ckpt: Checkpoint, source):
     """A vision-language checkpoint's processor: the one saved with it (a run saves it beside the tokenizer),
-    else the base model's, given the checkpoint's own tokenizer when it has one (the tokens it trained on)."""
+    else the base model's, given the checkpoint's own tokenizer when it has one (the tokens it trained on);
+    None when the checkpoint is a text model."""
+    if not is_vision_checkpoint(ckpt, source):
+        return None
     if ckpt.path is not None and any((ckpt.path / f).exists() for f in PROCESSOR_FILES):
         return load_processor(ModelSource(ckpt.name, ckpt.path))
     if source is None:
