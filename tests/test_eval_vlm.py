@@ -239,6 +239,7 @@ def test_checkpoint_processor_is_the_checkpoints_own_else_the_base_models(tmp_pa
     assert len(from_base.tokenizer) == base + 2 and from_base.image_token == "<image>"
     assert len(checkpoint_processor(ckpt(bare), source).tokenizer) == base
     assert len(checkpoint_processor(Checkpoint("base", None, None, "base"), source).tokenizer) == base
+    (bare / "config.json").write_text((vlm / "config.json").read_text())  # full weights: their own config
     with pytest.raises(EvalError, match="saved without its processor"):
         checkpoint_processor(Checkpoint("step-000001", 1, bare, "full"), None)
 
