@@ -525,3 +525,12 @@ def test_cli_query_errors_are_one_line(fx, args, message):
     r = invoke(query_cmd, *(a.format(**fx) for a in args))
     assert r.exit_code in (1, 2) and message in r.output, r.output
     assert "Traceback" not in r.output
+
+
+def test_hardest_pairs_widest_first(db):
+    widest = db.query("hardest_pairs", limit=2, order="widest")
+    hardest = db.query("hardest_pairs", limit=2)
+    assert widest["margin"].to_list() == sorted(widest["margin"].to_list(), reverse=True)
+    assert min(widest["margin"]) > max(hardest["margin"])
+    with pytest.raises(AnalysisError, match="order must be hardest or widest"):
+        db.query("hardest_pairs", order="easiest")
