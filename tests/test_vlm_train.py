@@ -79,6 +79,20 @@ def test_step0_is_the_reference_and_lora_trains_the_language_model(vlm, family, 
     assert [n for n in moved if in_vision(n)] and all(moved.values())  # the tower's LoRA trains too
 
 
+@pytest.mark.slow
+def test_qlora_on_a_4bit_reference_starts_at_the_reference(vlm, tmp_path):
+    """QLoRA: the language model in NF4 (the vision tower, projector and head not), its cache from the same 4-bit
+    load: step 0 is the reference as in fp32, and the LoRA trains."""
+    setup = dict(vlm["llava"], cache=tmp_path / "cache4")
+    prefcache.precompute(data=str(setup["data"]), out=str(setup["cache"]), model=str(setup["model"]), quantize="4bit",
+                         device="cpu", progress=False)
+    result = train(setup, tmp_path / "run", finetune="qlora")
+    step1 = examples(tmp_path / "run").filter((pl.col("split") == "train") & (pl.col("step") == 1))
+    assert step1.height == 4 and step1["margin"].abs().max() < STEP0_TOL
+    moved = lora_changes(result["final_checkpoint"])
+    assert moved and all(moved.values()) and not [n for n in moved if in_vision(n)]
+
+
 def test_a_cache_of_another_processor_or_a_text_cache_is_refused(vlm, tmp_path, tiny_model):
     from prefcache.model.load import load_processor, resolve_model
 
