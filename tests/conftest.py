@@ -266,6 +266,18 @@ def completion_logps(model, prompt: list[int], completion: list[int]):
     return logps[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt):]]
 
 
+def choice_logliks(model, tokenizer, prompt: str, choices: list[str]) -> list[float]:
+    """log p(choice | prompt) per choice, summed over the choice's tokens (nats), as lm-eval scores a multiple-choice
+    document: the choice follows the prompt with no delimiter, and the prompt's tokens are its own."""
+    context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out = []
+    for choice in choices:
+        whole = tokenizer(prompt + choice, add_special_tokens=False)["input_ids"]
+        assert whole[:len(context)] == context  # the choice starts at a token boundary
+        out.append(completion_logps(model, context, whole[len(context):]).sum().item())
+    return out
+
+
 class Saves:
     """Stands in for a model or tokenizer: ``save_pretrained`` writes one file (or fails, as a full disk does)."""
 

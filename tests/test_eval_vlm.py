@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import completion_logps, write_jsonl
+from conftest import choice_logliks, write_jsonl
 from vlm_models import FAMILIES, make_tiny_vlm, random_image
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -111,12 +111,7 @@ def _picks(model, tokenizer) -> list[int]:
     """Per text document, the choice with the highest summed log-likelihood after its prompt (nats)."""
     picks = []
     for prompt, choices in TEXT_DOCS:
-        context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        lls = []
-        for choice in choices:
-            whole = tokenizer(prompt + choice, add_special_tokens=False)["input_ids"]
-            assert whole[:len(context)] == context  # the choice starts at a token boundary
-            lls.append(completion_logps(model, context, whole[len(context):]).sum().item())
+        lls = choice_logliks(model, tokenizer, prompt, choices)
         assert sorted(lls)[-1] - sorted(lls)[-2] > 1e-3  # clear of float noise
         picks.append(max(range(len(lls)), key=lls.__getitem__))
     return picks

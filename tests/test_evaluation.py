@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import completion_logps, preference_rows, write_jsonl
+from conftest import choice_logliks, completion_logps, preference_rows, write_jsonl
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -404,13 +404,7 @@ def _choice_logliks(model_dir: Path) -> list[list[float]]:
     out = []
     with torch.no_grad():
         for prompt, choices in HAND_DOCS:
-            context = tok(prompt, add_special_tokens=False)["input_ids"]
-            lls = []
-            for choice in choices:
-                whole = tok(prompt + choice, add_special_tokens=False)["input_ids"]
-                assert whole[:len(context)] == context  # the choice starts at a token boundary
-                lls.append(completion_logps(model, context, whole[len(context):]).sum().item())
-            out.append(lls)
+            out.append(choice_logliks(model, tok, prompt, choices))
     return out
 
 
