@@ -175,37 +175,59 @@ def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> t
     different content is a bad row. Returns (examples in row order, bad rows); with ``on_bad_row='fail'``
     any bad row raises :class:`BadDataError` instead.
     """
-    _check_policy(on_bad_row)
     refuse_images(rows, tokenizer)
-    dicts = [r for r in rows if isinstance(r, dict)]
-    if dicts and not any("chosen" in r or "rejected" in r for r in dicts):
-        raise no_completion_columns(dicts[0])
-    implicit = not any("prompt" in r for r in dicts)
-    has_id = any("id" in r for r in dicts)
+    loop = RowLoop(rows, on_bad_row)
+    implicit = not any("prompt" in r for r in loop.dicts)
     names = ("chosen", "rejected") if implicit else ("prompt", "chosen", "rejected")
-    examples, bad = [], []
-    seen: dict[str, tuple[int, str]] = {}  # id -> (first row, content key)
-    for i, row in enumerate(rows):
-        ex_id = None
-        try:
-            if not isinstance(row, dict):
-                raise _Bad(f"a row must be an object with prompt/chosen/rejected, got a {type(row).__name__}")
-            raw = {name: row.get(name) for name in names}
-            if _prompt_copied_into_conversations(raw):
-                del raw["prompt"]  # TRL's maybe_extract_prompt does the same: the prompt is implicit
-            content = _content_key(raw.get("prompt"), raw["chosen"], raw["rejected"])
-            ex_id = given_id(row, has_id) or _hash(content)
-            check_present(row, names)
-            if is_duplicate(seen, ex_id, content):
-                continue  # an exact duplicate: scored once, under one id
-            prompt, chosen, rejected, chat = _render(raw, tokenizer)
-            check_same_format(examples, chat)
-            seen[ex_id] = (i, content)
-            examples.append(Example(ex_id, i, prompt, chosen, rejected, chat))
-        except _Bad as e:
-            bad.append(BadRow(i, ex_id, str(e)))
-    _apply_policy(bad, on_bad_row)
-    return examples, bad
+
+    def one(i: int, row: dict) -> None:
+        raw = {name: row.get(name) for name in names}
+        if _prompt_copied_into_conversations(raw):
+            del raw["prompt"]  # TRL's maybe_extract_prompt does the same: the prompt is implicit
+        content = _content_key(raw.get("prompt"), raw["chosen"], raw["rejected"])
+        loop.ex_id = given_id(row, loop.has_id) or _hash(content)
+        check_present(row, names)
+        if not is_duplicate(loop.seen, loop.ex_id, content):  # an exact duplicate: scored once, under one id
+            loop.add(Example(loop.ex_id, i, *_render(raw, tokenizer)), content)
+
+    return loop.run("prompt/chosen/rejected", one)
+
+
+class RowLoop:
+    """What validating rows of pairs shares, text or vision: the check before any row (a completion column), the
+    loop that makes a row's problem its bad row (with its id once known: ``ex_id``), the ids seen so far and the
+    examples kept (one format per file)."""
+
+    def __init__(self, rows: list, on_bad_row: str):
+        _check_policy(on_bad_row)
+        self.rows, self.on_bad_row = rows, on_bad_row
+        self.dicts = [r for r in rows if isinstance(r, dict)]
+        if self.dicts and not any("chosen" in r or "rejected" in r for r in self.dicts):
+            raise no_completion_columns(self.dicts[0])
+        self.has_id = any("id" in r for r in self.dicts)
+        self.seen: dict[str, tuple[int, str]] = {}  # id -> (first row, content key)
+        self.examples: list = []
+        self.ex_id: str | None = None
+
+    def run(self, fields: str, one) -> tuple[list, list[BadRow]]:
+        """``one(i, row)`` on each row that is an object; returns (examples in row order, bad rows), the policy
+        applied."""
+        bad = []
+        for i, row in enumerate(self.rows):
+            self.ex_id = None
+            try:
+                if not isinstance(row, dict):
+                    raise _Bad(f"a row must be an object with {fields}, got a {type(row).__name__}")
+                one(i, row)
+            except _Bad as e:
+                bad.append(BadRow(i, self.ex_id, str(e)))
+        _apply_policy(bad, self.on_bad_row)
+        return self.examples, bad
+
+    def add(self, example, content: str) -> None:
+        check_same_format(self.examples, example.conversational)
+        self.seen[example.id] = (example.row, content)
+        self.examples.append(example)
 
 
 def given_id(row: dict, has_id: bool) -> str | None:

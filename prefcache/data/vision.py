@@ -52,18 +52,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefcache.data.badrows import BadRow, _apply_policy, _Bad, _check_policy
-from prefcache.data.columns import no_completion_columns
+from prefcache.data.badrows import BadRow, _Bad
 from prefcache.data.formats import DataFormatError
 from prefcache.data.images import ImageError, ImageRef, image_refs
 from prefcache.data.validate import (
     Example,
+    RowLoop,
     _canonical,
     _content_key,
     _hash,
     _render,
     check_present,
-    check_same_format,
     given_id,
     is_duplicate,
     split_rendering,
@@ -200,33 +199,18 @@ def prepare_vision_examples(rows: list[dict], processor, base: Path | None = Non
     prepare_examples`: exact duplicates yield one example, an id reused for other content, a missing image file
     and a placeholder count that is not the image count are bad rows. Returns (examples in row order, bad rows).
     """
-    _check_policy(on_bad_row)
-    dicts = [r for r in rows if isinstance(r, dict)]
-    if dicts and not any("chosen" in r or "rejected" in r for r in dicts):
-        raise no_completion_columns(dicts[0])
-    if dicts and not any("prompt" in r for r in dicts):
+    loop = RowLoop(rows, on_bad_row)
+    if loop.dicts and not any("prompt" in r for r in loop.dicts):
         raise DataFormatError("vision rows need a 'prompt' column (TRL's vision collator has no implicit prompt)")
-    has_id = any("id" in r for r in dicts)
-    examples, bad = [], []
-    seen: dict[str, tuple[int, str]] = {}  # id -> (first row, content key)
-    for i, row in enumerate(rows):
-        ex_id = None
-        try:
-            if not isinstance(row, dict):
-                raise _Bad(f"a row must be an object with images/prompt/chosen/rejected, got a {type(row).__name__}")
-            raw = {name: row.get(name) for name in ("prompt", "chosen", "rejected")}
-            ex_id = given_id(row, has_id)
-            check_present(row, raw)
-            images = _row_images(row, base)
-            content = vision_key(raw["prompt"], raw["chosen"], raw["rejected"], images)
-            ex_id = ex_id or _hash(content)
-            if is_duplicate(seen, ex_id, content):
-                continue  # an exact duplicate: scored once, under one id
-            prompt, chosen, rejected, chat = _render_vision(raw, len(images), processor)
-            check_same_format(examples, chat)
-            seen[ex_id] = (i, content)
-            examples.append(VisionExample(ex_id, i, prompt, chosen, rejected, chat, images))
-        except _Bad as e:
-            bad.append(BadRow(i, ex_id, str(e)))
-    _apply_policy(bad, on_bad_row)
-    return examples, bad
+
+    def one(i: int, row: dict) -> None:
+        raw = {name: row.get(name) for name in ("prompt", "chosen", "rejected")}
+        loop.ex_id = given_id(row, loop.has_id)
+        check_present(row, raw)
+        images = _row_images(row, base)
+        content = vision_key(raw["prompt"], raw["chosen"], raw["rejected"], images)
+        loop.ex_id = loop.ex_id or _hash(content)
+        if not is_duplicate(loop.seen, loop.ex_id, content):  # an exact duplicate: scored once, under one id
+            loop.add(VisionExample(loop.ex_id, i, *_render_vision(raw, len(images), processor), images), content)
+
+    return loop.run("images/prompt/chosen/rejected", one)
