@@ -141,7 +141,10 @@ directory, inside, taken, named = sys.argv[1], os.path.join(sys.argv[1], "inside
 print("ready", flush=True)
 while not os.path.exists(sys.argv[3]):  # all start together
     time.sleep(0.001)
-for i in range(int(sys.argv[2])):
+attempts = 0
+# At least N tries, and on until this one has held it once: a loaded machine may starve one contender for a while.
+while attempts < int(sys.argv[2]) or (taken == 0 and attempts < 100 * int(sys.argv[2])):
+    attempts += 1
     try:
         with directory_lock(directory, f"contender {os.getpid()}"):
             os.close(os.open(inside, os.O_CREAT | os.O_EXCL))  # FileExistsError: two holders at once
@@ -150,7 +153,7 @@ for i in range(int(sys.argv[2])):
     except LockedError as e:
         assert "being written by contender " in str(e), str(e)
         named += 1
-print(taken, named)
+print(taken, named, attempts)
 """
 
 
@@ -167,7 +170,7 @@ def test_contending_writers_exclude_each_other_and_every_refusal_names_the_holde
         out, err = finish(p, TIMEOUT)
         assert p.returncode == 0, err[-3000:]
         counts.append([int(n) for n in out.split()])
-    assert all(taken > 0 for taken, _ in counts) and sum(taken + named for taken, named in counts) == 4 * 300
+    assert all(taken > 0 and taken + named == attempts >= 300 for taken, named, attempts in counts)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock file and no temporary left
 
 
