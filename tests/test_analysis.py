@@ -147,7 +147,7 @@ def test_several_caches_and_runs_are_told_apart(db):
         {"cache_name": "full", "n": 5}, {"cache_name": "q4", "n": 5}]
     assert db.sql("SELECT DISTINCT run FROM steps ORDER BY 1")["run"].to_list() == ["run1", "run2"]
     assert db.views == {"cache": ["full", "q4"], "steps": ["run1", "run2"], "examples": ["run1"],
-                        "evals": ["run1"], "pairs": ["run1"]}
+                        "evals": ["run1"], "pairs": ["run1"], "example_images": []}
 
 
 def test_run_without_evals_gives_empty_typed_views(fx):
@@ -525,3 +525,12 @@ def test_cli_query_errors_are_one_line(fx, args, message):
     r = invoke(query_cmd, *(a.format(**fx) for a in args))
     assert r.exit_code in (1, 2) and message in r.output, r.output
     assert "Traceback" not in r.output
+
+
+def test_hardest_pairs_widest_first(db):
+    widest = db.query("hardest_pairs", limit=2, order="widest")
+    hardest = db.query("hardest_pairs", limit=2)
+    assert widest["margin"].to_list() == sorted(widest["margin"].to_list(), reverse=True)
+    assert min(widest["margin"]) > max(hardest["margin"])
+    with pytest.raises(AnalysisError, match="order must be hardest or widest"):
+        db.query("hardest_pairs", order="easiest")

@@ -107,7 +107,14 @@ def test_block_mask_and_positions():
 def test_group_by_prompt_splits_long_groups():
     seqs = [([1, 2, 3, 4], 2), ([1, 2, 5], 2), ([1, 2, 6, 6, 6], 2), ([9, 3], 1)]
     rows = group_by_prompt(seqs, max_row=6)
-    assert rows == [([1, 2], [[3, 4], [5]]), ([1, 2], [[6, 6, 6]]), ([9], [[3]])]
+    assert rows == [([1, 2], [[3, 4], [5]], ()), ([1, 2], [[6, 6, 6]], ()), ([9], [[3]], ())]
+
+
+def test_group_by_prompt_keeps_prompts_with_other_images_apart():
+    """The same prompt tokens with other pictures behind their image tokens are two prompts."""
+    seqs = [([1, 2, 3], 2), ([1, 2, 4], 2), ([1, 2, 5], 2)]
+    rows = group_by_prompt(seqs, max_row=10, tags=[("a",), ("b",), ("a",)])
+    assert rows == [([1, 2], [[3], [5]], ("a",)), ([1, 2], [[4]], ("b",))]
 
 
 @pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])

@@ -184,3 +184,34 @@ def test_header_shows_the_run_settings_and_hardest_pairs_the_end_of_the_prompt(t
     for fact in ("tiny-model", "qlora", "sigmoid,sft", "0.25", "5e-05", "12", "ref-cache (4bit)", "40 / 9"):
         assert f"<td>{fact}</td>" in page, fact
     assert "What colour is the sky at noon?" in page
+
+
+def test_a_vision_run_shows_thumbnails_inline(tmp_path):
+    """The hardest pairs and the widest margins of a vision run carry their images as inline JPEG thumbnails
+    (the page stays one file); a file changed since the run says so instead of showing another picture."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from prefcache.core.schemas import EXAMPLE_IMAGES
+
+    run = write_run(tmp_path / "run", evals=False)
+    rows = []
+    for i in range(1, 6):
+        path = tmp_path / f"p{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(path)
+        rows.append({"id": f"p{i}", "position": 0, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                     "path": str(path)})
+    rows[1]["sha256"] = "0" * 64  # p2's file is not the picture the run saw
+    pq.write_table(pa.Table.from_pylist(rows, schema=EXAMPLE_IMAGES), run / "logs" / "example_images-train.parquet")
+    page = build_report(run)
+    outline = _Outline()
+    outline.feed(page)
+    assert "Widest margins (train, last logged step)" in outline.headings
+    thumbs = re.findall(r'<img src="data:image/jpeg;base64,[A-Za-z0-9+/=]+" width="(\d+)" height="(\d+)"', page)
+    assert thumbs and all(max(int(w), int(h)) == 96 for w, h in thumbs)
+    assert [s for s in outline.external if s not in ("img",) and not s.startswith("data:image/jpeg;base64,")] == []
+    assert "(p2.png has changed)" in page
+    assert "<img" not in build_report(write_run(tmp_path / "text"))  # a text run: no image column

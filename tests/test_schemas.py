@@ -20,7 +20,7 @@ from prefcache.core.schemas import duckdb_type, example_columns, view_columns
 from prefcache.data.pairs import Example, TokenizedPair
 from prefcache.evaluation.checkpoints import evals_frame, write_parquet
 from prefcache.reference.shards import shard_columns
-from prefcache.training.log import RunLog, write_pairs
+from prefcache.training.log import RunLog, write_example_images, write_pairs
 
 PAIRS = [TokenizedPair("a", [1, 2], [3, 4, 5], [6], False, True), TokenizedPair("b", [1], [7], [8, 9], True, False)]
 
@@ -37,7 +37,7 @@ def test_duckdb_types_of_arrow_types():
 def test_views_are_the_schemas():
     assert VIEWS == {"cache": view_columns(schemas.cache_schema(per_token=True)), "steps": view_columns(schemas.STEPS),
                      "examples": view_columns(schemas.EXAMPLES), "evals": view_columns(schemas.EVALS),
-                     "pairs": view_columns(schemas.PAIRS)}
+                     "pairs": view_columns(schemas.PAIRS), "example_images": view_columns(schemas.EXAMPLE_IMAGES)}
 
 
 def test_example_columns_are_the_examples_schema_less_its_keys():
@@ -57,7 +57,7 @@ def test_reference_table_reads_the_cache_numbers():
 def written(tmp_path):
     """One table of each kind, written by the code that writes it in a real run."""
     cache, run = tmp_path / "cache", tmp_path / "run"
-    token_logps = {tuple(p.prompt_ids + c): np.full(len(c), -0.5, dtype=np.float32)
+    token_logps = {((), tuple(p.prompt_ids + c)): np.full(len(c), -0.5, dtype=np.float32)
                    for p in PAIRS for c in (p.chosen_ids, p.rejected_ids)}
     CacheWriter(cache, {"per_token": True}).write(shard_columns(PAIRS, token_logps, per_token=True))
     log = RunLog(run)
@@ -69,6 +69,8 @@ def written(tmp_path):
                            "value": 0.5, "stderr": 0.1, "n": 2, "time": datetime.now(timezone.utc), "source": "score"}])
     write_parquet(frame, schemas.EVALS, run / "evals", "score", "step-000001")
     write_pairs(run / "pairs.parquet", [Example(p.id, i, "p", "c", "r") for i, p in enumerate(PAIRS)])
+    images = pa.table({"id": ["a", "a"], "position": [0, 1], "sha256": ["e3b0", "5d41"], "path": ["x.png", "y.png"]})
+    write_example_images(run / "logs", images.cast(schemas.EXAMPLE_IMAGES), "train")
     return cache, run
 
 

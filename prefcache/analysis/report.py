@@ -33,14 +33,16 @@ from prefcache.core.atomic import write_text_atomic
 # ---------------------------------------------------------------------------------------------------------
 # The report.
 
-def _table(df, columns: list[str] | None = None, max_chars: int = 160, tail: tuple[str, ...] = ()) -> str:
+def _table(df, columns: list[str] | None = None, max_chars: int = 160, tail: tuple[str, ...] = (),
+           first: list[str] | None = None) -> str:
     """An HTML table; long texts are cut to ``max_chars``, keeping their end in the ``tail`` columns (a
-    prompt's question comes last, after the template's system prompt)."""
+    prompt's question comes last, after the template's system prompt). ``first``: ready HTML for a first
+    column (``images``), one cell a row."""
     columns = columns or df.columns
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in (["images"] if first else []) + columns)
     body = []
-    for row in df.select(columns).iter_rows():
-        cells = []
+    for k, row in enumerate(df.select(columns).iter_rows()):
+        cells = [f"<td>{first[k]}</td>"] if first else []
         for name, v in zip(columns, row, strict=True):
             text = fmt(v) if isinstance(v, float) and math.isfinite(v) else ("" if v is None else str(v))
             if len(text) > max_chars:
@@ -121,6 +123,33 @@ def _histograms(db, split: str) -> list[str]:
         return [f'<p class="empty">Reward margins ({split}): {html.escape("; ".join(skipped))}.</p>']
     xlabel = "margin" + (f" ({'; '.join(skipped)})" if skipped else "")
     return [histogram_chart(f"Reward margins ({split}), first and last logged step", edges, series, xlabel, "fraction of pairs")]
+
+
+def _extreme_pairs(db, split: str) -> list[str]:
+    """The hardest pairs (most negative margins) and the widest margins at the last logged step; a vision run's
+    pairs with their images as inline thumbnails (:mod:`prefcache.analysis.thumbnails`)."""
+    out = []
+    for order, title in (("hardest", "Hardest pairs"), ("widest", "Widest margins")):
+        pairs = db.query("hardest_pairs", split=split, limit=5, order=order)
+        if len(pairs):
+            out += [f"<h2>{title} ({split}, last logged step)</h2>",
+                    _table(pairs, ["id", "margin", "reward_chosen", "reward_rejected", "prompt", "chosen", "rejected"],
+                           tail=("prompt",), first=_thumbnails(db, pairs["id"].to_list()))]
+    return out
+
+
+def _thumbnails(db, ids: list[str]) -> list[str] | None:
+    """Per id, its images' thumbnails as HTML; None when the run has no images (a text run)."""
+    images = db.sql("SELECT id, sha256, path FROM example_images WHERE list_contains($ids, id) ORDER BY id, position",
+                    ids=ids)
+    if not len(images):
+        return None
+    from prefcache.analysis.thumbnails import thumbnail
+
+    cells: dict[str, list[str]] = {}
+    for ident, sha256, path in images.iter_rows():
+        cells.setdefault(ident, []).append(thumbnail(path, sha256))
+    return [" ".join(cells.get(i, [])) for i in ids]
 
 
 def _length_bias(db, split: str) -> list[str]:
@@ -215,11 +244,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
         sections.append("<h2>Margins and length bias</h2>")
         if split:
             sections += ['<div class="grid2">', *_histograms(db, split), *_length_bias(db, split), "</div>"]
-            hardest = db.query("hardest_pairs", split=split, limit=5)
-            if len(hardest):
-                sections += [f"<h2>Hardest pairs ({split}, last logged step)</h2>",
-                             _table(hardest, ["id", "margin", "reward_chosen", "reward_rejected", "prompt", "chosen", "rejected"],
-                                    tail=("prompt",))]
+            sections += _extreme_pairs(db, split)
         else:
             sections.append('<p class="empty">No per-example logs (logs/examples-*.parquet).</p>')
         if db.views.get("evals"):

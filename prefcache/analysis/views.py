@@ -10,6 +10,8 @@ basename, lengthened with parent folders when two would clash)::
     examples  per-example rewards over training, from RUN/logs/examples-*.parquet
     evals     evaluation results, from RUN/evals/*.parquet
     pairs     the rendered texts, from RUN/pairs.parquet
+    example_images  a vision run's images per example (id, position, sha256, path), from
+              RUN/logs/example_images-*.parquet; each row once (train and every score write them)
 
 A view whose files are missing in every given run is still created, empty but typed; a view that
 needs a run (or a cache) when none was given does not exist, and a query touching it fails with a
@@ -47,14 +49,14 @@ VIEWS: dict[str, list[tuple[str, str]]] = {
     "examples": view_columns(schemas.EXAMPLES),
     "evals": view_columns(schemas.EVALS),
     "pairs": view_columns(schemas.PAIRS),
+    "example_images": view_columns(schemas.EXAMPLE_IMAGES),
 }
-SOURCE_COLUMN = {"cache": "cache_name", "steps": "run", "examples": "run", "evals": "run", "pairs": "run"}
+SOURCE_COLUMN = {"cache": "cache_name", "steps": "run", "examples": "run", "evals": "run", "pairs": "run",
+                 "example_images": "run"}
 RUN_FILES = {"steps": "logs/steps-*.parquet", "examples": "logs/examples-*.parquet",
-             "evals": "evals/*.parquet", "pairs": "pairs.parquet"}
+             "evals": "evals/*.parquet", "pairs": "pairs.parquet", "example_images": "logs/example_images-*.parquet"}
+DISTINCT = {"example_images"}  # facts about examples, written again by each score: a row once, so joins stay 1:n
 _NEEDS = {view: "--run DIR (or runs=[...])" for view in RUN_FILES} | {"cache": "--cache DIR (or caches=[...])"}
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ class Analysis:
                 exprs.append(source.cast(duckdb.sqltype(typ)).alias(col))
             rel = rel.select(*exprs)
             union = rel if union is None else union.union(rel)
-        union.create_view(view)
+        (union.distinct() if view in DISTINCT else union).create_view(view)
         self.views[view] = [name for name, _ in parts]
         return used
 

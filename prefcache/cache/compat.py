@@ -26,9 +26,20 @@ def cache_sharing(meta: dict) -> bool:
     return bool(meta.get("prefix_sharing", False))
 
 
-def check_cache_matches(meta: dict, tokenizer, max_length: int, truncation: str) -> None:
-    """Refuse a cache whose tokenisation is not the one about to be used, saying what differs."""
+def check_cache_matches(meta: dict, tokenizer, max_length: int, truncation: str, processor=None) -> None:
+    """Refuse a cache whose tokenisation is not the one about to be used, saying what differs. ``processor``: a
+    vision-language model's (its image settings decide the image tokens and pixels); None for a text model."""
     want = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "chat_template_hash": chat_template_hash(tokenizer),
-            "max_length": max_length, "truncation": truncation}
+            "max_length": max_length, "truncation": truncation, **processor_record(processor)}
     if diff := differences(meta, want, TOKENIZATION_KEYS):
         raise CacheError("the reference cache does not match this model's tokenisation:\n  " + "\n  ".join(diff))
+
+
+def processor_record(processor) -> dict:
+    """What a cache's metadata records of a vision-language model's processor; {} for a text model (None)."""
+    if processor is None:
+        return {}
+    from prefcache.model.vision import processor_fingerprint
+
+    digest, settings = processor_fingerprint(processor)
+    return {"processor_fingerprint": digest, "processor_settings": settings}

@@ -33,9 +33,12 @@ COMPAT_KEYS = (
     "schema_version", "model_fingerprint", "adapter_fingerprint", "tokenizer_fingerprint",
     "chat_template_hash", "max_length", "truncation", "quantization", "dtype", "per_token", "data_mapping",
     "kind", "kl_group_size",  # unpaired (KTO) caches only; None for caches of pairs
+    "processor_fingerprint",  # vision-language models only (prefcache.model.vision.processor_fingerprint)
 )
 # What the trainer / scorer checks: the tokenisation must be the one it will do itself.
-TOKENIZATION_KEYS = ("tokenizer_fingerprint", "chat_template_hash", "max_length", "truncation")
+TOKENIZATION_KEYS = ("tokenizer_fingerprint", "chat_template_hash", "max_length", "truncation", "processor_fingerprint")
+# Keys a cache of another kind lacks; absent they leave a cache's identity as it was before they existed.
+_OPTIONAL_KEYS = ("processor_fingerprint",)
 
 
 class CacheError(ValueError):
@@ -70,14 +73,38 @@ def shard_metadata(path: Path) -> dict:
 
 def differences(have: dict, want: dict, keys=COMPAT_KEYS) -> list[str]:
     """Human-readable lines for each key on which two metadata dicts disagree."""
-    return [f"{k}: cache has {have.get(k)!r}, asked for {want.get(k)!r}" for k in keys if have.get(k) != want.get(k)]
+    lines = []
+    for k in keys:
+        if have.get(k) == want.get(k):
+            continue
+        if k == "processor_fingerprint":
+            lines += processor_differences(have, want)
+        else:
+            lines.append(f"{k}: cache has {have.get(k)!r}, asked for {want.get(k)!r}")
+    return lines
+
+
+def processor_differences(have: dict, want: dict) -> list[str]:
+    """How the image processors of two metadata dicts differ, setting by setting (a text model has none)."""
+    if have.get("processor_fingerprint") is None:
+        return ["processor: the cache was made with a text model (no image processor); this run's model is a "
+                "vision-language model"]
+    if want.get("processor_fingerprint") is None:
+        return ["processor: the cache was made with a vision-language model's image processor; this run's model "
+                "is a text model"]
+    a, b = have.get("processor_settings") or {}, want.get("processor_settings") or {}
+    return ([f"processor {k}: cache has {a.get(k)!r}, asked for {b.get(k)!r}"
+             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+            or [f"processor_fingerprint: cache has {have['processor_fingerprint']!r}, asked for "
+                f"{want['processor_fingerprint']!r}"])
 
 
 def identity(meta: dict) -> str:
     """A short hash of what a cache's values are a function of (its :data:`COMPAT_KEYS`: model, tokenisation,
     precision, ...). Two caches with one identity hold the same value for an id they both have, whatever
     else they hold, so a resumed run may read either."""
-    return hashlib.sha256(json.dumps({k: meta.get(k) for k in COMPAT_KEYS}, sort_keys=True).encode()).hexdigest()[:16]
+    keys = [k for k in COMPAT_KEYS if k not in _OPTIONAL_KEYS or meta.get(k) is not None]
+    return hashlib.sha256(json.dumps({k: meta.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def existing_ids(cache_dir: str | os.PathLike) -> set[str]:

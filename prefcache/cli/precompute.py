@@ -36,6 +36,9 @@ def precompute_cmd(**options):
       prefcache precompute --data prefs.jsonl --out ref-cache --quantize 4bit --max-length 512
       prefcache precompute --model Qwen/Qwen2.5-0.5B-Instruct --data HuggingFaceH4/ultrafeedback_binarized --split train_prefs --out c
       prefcache precompute --config ref-cache/config.yaml   (the options a cache was made with)
+    A vision-language model (LLaVA, Idefics3/SmolVLM, ...) on TRL's vision format (an images column, image
+    parts in the prompt): its processor tokenises, each pair's id covers its images, each image is encoded once:
+      prefcache precompute --model HuggingFaceTB/SmolVLM-256M-Instruct --data HuggingFaceH4/rlaif-v_formatted --split train --out vlm-cache
     Data-parallel (one shard set per rank):
       torchrun --nproc-per-node 2 -m prefcache precompute --data prefs.jsonl --out ref-cache
     A reference bigger than one GPU, sharded over 8 (FSDP2; the same cache):

@@ -11,6 +11,7 @@ its view with no column NULLed). Arrow types exactly: string, not polars' large_
     examples  one row per pair and logged step: policy and reference log-probs, rewards, margin
     evals     one row per checkpoint, task and metric (lm-eval and ``prefcache score``)
     pairs     the rendered texts of every example a run sees
+    example_images  a vision run's images per example: references (sha256, path), never pixels
     tokens    a data store: each example's token ids, lengths and rendered texts (pairs / unpaired)
 """
 
@@ -53,6 +54,9 @@ EXAMPLE_COLUMNS = ("id", *(n for n in EXAMPLES.names if n not in EXAMPLE_KEYS.na
 EVALS = pa.schema([("checkpoint", _STR), ("step", pa.int64()), ("task", _STR), ("metric", _STR), ("value", _F64),
                    ("stderr", _F64), ("n", pa.int64()), ("time", pa.timestamp("us", tz="UTC")), ("source", _STR)])
 PAIRS = pa.schema([(c, _STR) for c in ("id", "prompt", "chosen", "rejected")])
+# One row per image of a vision example, in prompt order (position 0, 1, ...): the image's content hash and its
+# file (null: an image given as bytes); joins ``examples`` and ``pairs`` on id.
+EXAMPLE_IMAGES = pa.schema([("id", _STR), ("position", _I32), ("sha256", _STR), ("path", _STR)])
 # A data store (prefcache.data.store): the fields of TokenizedPair / TokenizedCompletion, each example's
 # tokens in all (the length grouping's key), its row in the data and its rendered texts (for pairs.parquet).
 # large_list / large_string: a million pairs of 600 tokens overflow 32-bit offsets in one column.
@@ -61,6 +65,9 @@ _TEXTS = [("row", pa.int64()), ("tokens", _I32), ("prompt", _TEXT), ("conversati
 TOKEN_PAIRS = pa.schema([("id", _STR), ("prompt_ids", _IDS), ("chosen_ids", _IDS), ("rejected_ids", _IDS),
                          ("chosen_truncated", _BOOL), ("rejected_truncated", _BOOL), *_TEXTS,
                          ("chosen", _TEXT), ("rejected", _TEXT)])
+# A vision pair's images (prefcache.data.images.ImageRef): a path, or the encoded bytes when there is no file.
+IMAGE_REFS = pa.list_(pa.struct([("sha256", _STR), ("path", _STR), ("data", pa.large_binary())]))
+TOKEN_VISION_PAIRS = TOKEN_PAIRS.append(pa.field("images", IMAGE_REFS))
 TOKEN_UNPAIRED = pa.schema([("id", _STR), ("label", _BOOL), ("prompt_ids", _IDS), ("completion_ids", _IDS),
                             ("truncated", _BOOL), *_TEXTS, ("completion", _TEXT)])
 

@@ -45,12 +45,15 @@ class ImageRef:
         from PIL import Image
 
         where = self.path or f"{len(self.data or b'')} bytes"
+        data = self.data or b""
+        if self.path is not None:
+            data = _read(Path(self.path))
+            if _digest(data) != self.sha256:  # the hash is in the pair's id and the cache: a new picture is not it
+                raise ImageError(f"image file {self.path!r} has changed since it was read (sha256 {_digest(data)[:12]}, "
+                                 f"was {self.sha256[:12]})")
         try:
-            source = self.path if self.path is not None else io.BytesIO(self.data or b"")
-            with Image.open(source) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 return image.convert("RGB")  # convert() loads the pixels, so a truncated file fails here
-        except FileNotFoundError:
-            raise ImageError(f"no such image file {self.path!r}") from None
         except Exception as e:  # PIL raises several types for a damaged or unknown file
             raise ImageError(f"{where} cannot be read as an image ({type(e).__name__}: {e})") from None
 
@@ -65,13 +68,17 @@ def _from_file(path: str, base: Path | None) -> ImageRef:
         if base is None:
             raise ImageError(f"relative image path {path!r}, and the data has no folder to resolve it against")
         file = base / file
+    data = _read(file)
+    return ImageRef(_digest(data), str(file.resolve()))
+
+
+def _read(file: Path) -> bytes:
     try:
-        data = file.read_bytes()
+        return file.read_bytes()
     except FileNotFoundError:
         raise ImageError(f"no such image file {str(file)!r}") from None
     except OSError as e:
         raise ImageError(f"image file {str(file)!r} cannot be read ({e.strerror or e})") from None
-    return ImageRef(_digest(data), str(file.resolve()))
 
 
 def _from_pil(image) -> ImageRef:

@@ -28,12 +28,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from prefcache.core.atomic import write_atomic, write_json_atomic
 from prefcache.core.distributed import barrier, dist_info
-from prefcache.core.schemas import PAIRS, TOKEN_PAIRS, TOKEN_UNPAIRED
+from prefcache.core.schemas import EXAMPLE_IMAGES, PAIRS, TOKEN_PAIRS, TOKEN_UNPAIRED, TOKEN_VISION_PAIRS
 from prefcache.data import pairs as pair_data
 from prefcache.data.badrows import BadRow, _apply_policy, _check_policy
 from prefcache.data.formats import DataFormatError, open_dataset
@@ -41,6 +42,7 @@ from prefcache.data.pairs import iter_tokenized_blocks
 from prefcache.data.rows import TokenRows
 from prefcache.data.tokens import TokenizedPair
 from prefcache.data.unpaired import TokenizedCompletion, iter_tokenized_unpaired
+from prefcache.data.vision_pairs import VISION_BLOCK_ROWS, TokenizedVisionPair, iter_vision_tokenized_blocks
 
 STORE_VERSION = 1  # raise it when a change to reading or tokenising data changes what a store holds
 
@@ -121,6 +123,8 @@ def _batch(schema: pa.Schema, make: type, items: list, examples: list) -> pa.Rec
     own = {f.name for f in fields(make)}
     cols = {name: [getattr(x, name) for x in (items if name in own else examples)]
             for name in schema.names if name != "tokens"}
+    if "images" in cols:  # ImageRef tuples as the store's structs
+        cols["images"] = [[asdict(r) for r in refs] for refs in cols["images"]]
     cols["tokens"] = [sum(len(v) for k, v in vars(i).items() if k.endswith("_ids")) for i in items]
     return pa.RecordBatch.from_pydict(cols, schema=schema)
 
@@ -135,6 +139,21 @@ def pair_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", 
     key = store_key("pairs", path, split=split, data_config=data_config, mapping=mapping,
                     tokenizer_key=tokenizer_key, max_length=max_length, truncation=truncation)
     return _store_rows(path, key, TOKEN_PAIRS, TokenizedPair, read, on_bad_row, folder=folder, world=world)
+
+
+def vision_pair_rows(path, processor, max_length: int, truncation: str = "keep_start", on_bad_row: str = "fail", *,
+                     split: str | None = None, data_config: str | None = None, mapping=None, tokenizer_key: dict,
+                     folder: Path, world: int = 1) -> tuple[TokenRows, list[BadRow]]:
+    """:func:`pair_rows` for a vision-language model: pairs tokenised by its ``processor``
+    (:func:`~prefcache.data.vision_pairs.iter_vision_tokenized_blocks`), each with its images' references (a
+    path, or the encoded bytes), not their pixels. ``tokenizer_key`` includes the processor's fingerprint."""
+    read = lambda: iter_vision_tokenized_blocks(path, processor, max_length, truncation, split=split,  # noqa: E731
+                                                data_config=data_config, mapping=mapping,
+                                                block_rows=VISION_BLOCK_ROWS)
+    key = store_key("vision_pairs", path, split=split, data_config=data_config, mapping=mapping,
+                    tokenizer_key=tokenizer_key, max_length=max_length, truncation=truncation)
+    return _store_rows(path, key, TOKEN_VISION_PAIRS, TokenizedVisionPair, read, on_bad_row, folder=folder,
+                       world=world)
 
 
 def unpaired_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", on_bad_row: str = "fail", *,
@@ -194,6 +213,27 @@ def text_batches(views: list[TokenRows]):
                 batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=earlier)))
             yield _texts(batch)
         seen.append(view.table.column("id"))
+
+
+def example_images(views: list[TokenRows]) -> pa.Table:
+    """The images of every example in the vision stores under ``views`` (:data:`~prefcache.core.schemas.EXAMPLE_IMAGES`:
+    id, position in its prompt, sha256, path), an id of an earlier store left out: references, never the pixels
+    or an inline image's bytes. Read a record batch at a time, as :func:`text_batches`."""
+    parts, seen = [], pa.array([], pa.string())
+    for path in dict.fromkeys(v.path for v in views):
+        reader = pa.ipc.open_file(pa.OSFile(path))
+        for batch in map(reader.get_batch, range(reader.num_record_batches)):
+            keep = pc.invert(pc.is_in(batch.column("id"), value_set=seen))
+            ids, images = batch.column("id").filter(keep), batch.column("images").filter(keep)
+            parent = pc.list_parent_indices(images).to_numpy()
+            offsets = images.offsets.to_numpy()
+            flat = pc.list_flatten(images)
+            parts.append(pa.table([ids.take(pa.array(parent, pa.int64())),
+                                   pa.array(np.arange(len(parent)) + offsets[0] - offsets[parent], pa.int32()),
+                                   pc.struct_field(flat, "sha256"), pc.struct_field(flat, "path")],
+                                  schema=EXAMPLE_IMAGES))
+            seen = pa.concat_arrays([seen, ids.cast(pa.string())])
+    return pa.concat_tables(parts) if parts else EXAMPLE_IMAGES.empty_table()
 
 
 def _texts(batch: pa.RecordBatch) -> pa.RecordBatch:

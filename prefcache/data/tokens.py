@@ -96,13 +96,9 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, trunc
     for ex, (prompt_ids, full_c, full_r) in zip(examples, ids, strict=True):
         p = min(_common_prefix(prompt_ids, full_c), _common_prefix(prompt_ids, full_r))
         chosen, rejected = full_c[p:], full_r[p:]
-        problem = None
-        if p == 0:
-            problem = "the prompt has no tokens of its own (it is empty, or merges into the completion's first token)"
-        elif not chosen or not rejected:
-            problem = f"empty completion '{'chosen' if not chosen else 'rejected'}' after tokenisation"
-        elif truncation == "keep_start" and p >= max_length:
-            problem = f"the prompt alone has {p} tokens, max_length is {max_length}: no room for a completion"
+        problem = pair_problem(p, chosen, rejected, max_length, truncation,
+                               "the prompt has no tokens of its own (it is empty, or merges into the completion's "
+                               "first token)")
         if problem:
             bad.append(BadRow(ex.row, ex.id, problem))
             continue
@@ -111,3 +107,17 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, trunc
         pairs.append(TokenizedPair(ex.id, *kept, p + len(chosen) > max_length, p + len(rejected) > max_length))
     _apply_policy(bad, on_bad_row)
     return pairs, bad
+
+
+def pair_problem(p: int, chosen: list[int], rejected: list[int], max_length: int, truncation: str, empty_prompt: str,
+                 prompt_tokens: str = "tokens", no_room: str = "") -> str | None:
+    """Why a tokenised pair with a ``p``-token prompt cannot be scored (its bad row's reason), or None.
+    ``empty_prompt``, ``prompt_tokens`` and ``no_room``: the wording of a kind of pair (a vision pair's prompt
+    counts its image tokens, which are never cut)."""
+    if p == 0:
+        return empty_prompt
+    if not chosen or not rejected:
+        return f"empty completion '{'chosen' if not chosen else 'rejected'}' after tokenisation"
+    if truncation == "keep_start" and p >= max_length:
+        return f"the prompt alone has {p} {prompt_tokens}, max_length is {max_length}: no room for a completion{no_room}"
+    return None

@@ -33,7 +33,7 @@ from prefcache.data.columns import UNPAIRED_NOT_YET, RowMapping
 from prefcache.data.formats import DataFormatError, load_rows
 from prefcache.data.pairs import BLOCK_ROWS, iter_example_blocks, with_lines
 from prefcache.data.tokens import _truncate, tokenize_examples
-from prefcache.data.validate import Example, _canonical, _render, prepare_examples
+from prefcache.data.validate import Example, _canonical, _render, prepare_examples, refuse_images
 
 UNPAIR_BLOCK = 1000  # datasets.map's default batch size: the block TRL's unpairing works in
 DEFAULT_KL_GROUP = 8  # TRL's default per_device_train_batch_size
@@ -110,6 +110,7 @@ def unpair_examples(pairs: list[Example]) -> list[UnpairedExample]:
 
 def prepare_unpaired_rows(rows: list[dict], tokenizer) -> tuple[list[UnpairedExample], list[BadRow]]:
     """Rows in the unpaired format -> (examples in row order, bad rows); exact duplicates yield one example."""
+    refuse_images(rows, tokenizer)
     has_id = any(isinstance(r, dict) and "id" in r for r in rows)
     examples, bad, seen = [], [], {}
     for i, row in enumerate(rows):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from prefcache.data.badrows import BadRow, _apply_policy, _Bad, _check_policy
 from prefcache.data.columns import no_completion_columns
+from prefcache.data.formats import DataFormatError
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,21 @@ def _prompt_copied_into_conversations(raw: dict) -> bool:
             and _canonical(c[0]) == _canonical(r[0]))
 
 
+def refuse_images(rows, tokenizer) -> None:
+    """Rows with images (TRL's ``images`` / ``image`` columns, not empty) read for a text model: refused, where the
+    text path would render the texts and silently drop the pictures. Called wherever text rows are validated."""
+    def given(value) -> bool:
+        try:
+            return value is not None and len(value) > 0
+        except TypeError:  # one image object
+            return True
+
+    if any(isinstance(r, dict) and (given(r.get("images")) or given(r.get("image"))) for r in rows):
+        name = getattr(tokenizer, "name_or_path", None) or "the model"
+        raise DataFormatError(f"the data has images but {name} is a text model: give a vision-language model "
+                              "(--model), or data without an images column")
+
+
 def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> tuple[list[Example], list[BadRow]]:
     """Validate rows, give each its id and render its texts.
 
@@ -160,6 +176,7 @@ def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> t
     any bad row raises :class:`BadDataError` instead.
     """
     _check_policy(on_bad_row)
+    refuse_images(rows, tokenizer)
     dicts = [r for r in rows if isinstance(r, dict)]
     if dicts and not any("chosen" in r or "rejected" in r for r in dicts):
         raise no_completion_columns(dicts[0])
@@ -177,30 +194,50 @@ def prepare_examples(rows: list[dict], tokenizer, on_bad_row: str = "fail") -> t
             if _prompt_copied_into_conversations(raw):
                 del raw["prompt"]  # TRL's maybe_extract_prompt does the same: the prompt is implicit
             content = _content_key(raw.get("prompt"), raw["chosen"], raw["rejected"])
-            if has_id:
-                if row.get("id") is None or row["id"] == "":
-                    raise _Bad("'id' is missing or null (the file has an id column, so every row needs one)")
-                ex_id = str(row["id"])
-            else:
-                ex_id = _hash(content)
-            for name in names:
-                if row.get(name) is None:
-                    raise _Bad(f"{'null' if name in row else 'missing'} field '{name}'")
-            if ex_id in seen:
-                first, first_content = seen[ex_id]
-                if first_content == content:
-                    continue  # an exact duplicate: scored once, under one id
-                raise _Bad(f"id {ex_id!r} is already used by row {first + 1} for different content")
+            ex_id = given_id(row, has_id) or _hash(content)
+            check_present(row, names)
+            if is_duplicate(seen, ex_id, content):
+                continue  # an exact duplicate: scored once, under one id
             prompt, chosen, rejected, chat = _render(raw, tokenizer)
-            # Every row of a file in one format: standard and conversational rows render differently
-            # (chat template or not, EOS or not), so a row in the other format is a mistake.
-            if examples and chat != examples[0].conversational:
-                kinds = {True: "conversational", False: "standard"}
-                raise _Bad(f"a {kinds[chat]} row in a file of {kinds[not chat]} rows (row {examples[0].row + 1} "
-                           "is one): every row of a file must be in the same format")
+            check_same_format(examples, chat)
             seen[ex_id] = (i, content)
             examples.append(Example(ex_id, i, prompt, chosen, rejected, chat))
         except _Bad as e:
             bad.append(BadRow(i, ex_id, str(e)))
     _apply_policy(bad, on_bad_row)
     return examples, bad
+
+
+def given_id(row: dict, has_id: bool) -> str | None:
+    """The row's own id when the data has an id column (then every row needs one), else None."""
+    if not has_id:
+        return None
+    if row.get("id") is None or row["id"] == "":
+        raise _Bad("'id' is missing or null (the file has an id column, so every row needs one)")
+    return str(row["id"])
+
+
+def check_present(row: dict, names) -> None:
+    for name in names:
+        if row.get(name) is None:
+            raise _Bad(f"{'null' if name in row else 'missing'} field '{name}'")
+
+
+def is_duplicate(seen: dict[str, tuple[int, str]], ex_id: str, content: str) -> bool:
+    """Whether an earlier row (``seen``: id -> (row, content key)) has this id and content; an id an earlier row
+    used for other content is a bad row."""
+    if ex_id not in seen:
+        return False
+    first, first_content = seen[ex_id]
+    if first_content != content:
+        raise _Bad(f"id {ex_id!r} is already used by row {first + 1} for different content")
+    return True
+
+
+def check_same_format(examples: list, chat: bool) -> None:
+    """Every row of a file in one format: standard and conversational rows render differently (chat template or
+    not, EOS or not), so a row in the other format is a mistake."""
+    if examples and chat != examples[0].conversational:
+        kinds = {True: "conversational", False: "standard"}
+        raise _Bad(f"a {kinds[chat]} row in a file of {kinds[not chat]} rows (row {examples[0].row + 1} "
+                   "is one): every row of a file must be in the same format")

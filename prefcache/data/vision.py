@@ -56,7 +56,18 @@ from prefcache.data.badrows import BadRow, _apply_policy, _Bad, _check_policy
 from prefcache.data.columns import no_completion_columns
 from prefcache.data.formats import DataFormatError
 from prefcache.data.images import ImageError, ImageRef, image_refs
-from prefcache.data.validate import Example, _canonical, _content_key, _hash, _render, split_rendering
+from prefcache.data.validate import (
+    Example,
+    _canonical,
+    _content_key,
+    _hash,
+    _render,
+    check_present,
+    check_same_format,
+    given_id,
+    is_duplicate,
+    split_rendering,
+)
 
 ROLES = ("system", "user", "assistant", "tool")  # prepare_multimodal_messages refuses any other role
 
@@ -204,26 +215,15 @@ def prepare_vision_examples(rows: list[dict], processor, base: Path | None = Non
             if not isinstance(row, dict):
                 raise _Bad(f"a row must be an object with images/prompt/chosen/rejected, got a {type(row).__name__}")
             raw = {name: row.get(name) for name in ("prompt", "chosen", "rejected")}
-            if has_id:
-                if row.get("id") is None or row["id"] == "":
-                    raise _Bad("'id' is missing or null (the file has an id column, so every row needs one)")
-                ex_id = str(row["id"])
-            for name, value in raw.items():
-                if value is None:
-                    raise _Bad(f"{'null' if name in row else 'missing'} field '{name}'")
+            ex_id = given_id(row, has_id)
+            check_present(row, raw)
             images = _row_images(row, base)
             content = vision_key(raw["prompt"], raw["chosen"], raw["rejected"], images)
             ex_id = ex_id or _hash(content)
-            if ex_id in seen:
-                first, first_content = seen[ex_id]
-                if first_content == content:
-                    continue  # an exact duplicate: scored once, under one id
-                raise _Bad(f"id {ex_id!r} is already used by row {first + 1} for different content")
+            if is_duplicate(seen, ex_id, content):
+                continue  # an exact duplicate: scored once, under one id
             prompt, chosen, rejected, chat = _render_vision(raw, len(images), processor)
-            if examples and chat != examples[0].conversational:
-                kinds = {True: "conversational", False: "standard"}
-                raise _Bad(f"a {kinds[chat]} row in a file of {kinds[not chat]} rows (row {examples[0].row + 1} "
-                           "is one): every row of a file must be in the same format")
+            check_same_format(examples, chat)
             seen[ex_id] = (i, content)
             examples.append(VisionExample(ex_id, i, prompt, chosen, rejected, chat, images))
         except _Bad as e:

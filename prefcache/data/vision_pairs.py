@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from prefcache.data.badrows import BadRow, _apply_policy, _check_policy
 from prefcache.data.images import ImageError, ImageRef, data_folder, open_images
 from prefcache.data.pairs import iter_example_blocks, with_lines
-from prefcache.data.tokens import TokenizedPair, _common_prefix, _truncate, check_length_options
+from prefcache.data.tokens import TokenizedPair, _common_prefix, _truncate, check_length_options, pair_problem
 from prefcache.data.vision import VisionExample, prepare_vision_examples, vision_content
 
 # Rows read at a time: a block holds its rows' encoded image bytes (Parquet, datasets: ~0.1-1 MB an image) and
@@ -28,6 +28,10 @@ class TokenizedVisionPair(TokenizedPair):
     (:meth:`ImageRef.open` gives each back as RGB for a batch's pixel values)."""
 
     images: tuple[ImageRef, ...] = ()
+
+    def __post_init__(self):  # read back from a data store: {"sha256", "path", "data"} dicts
+        if any(isinstance(r, dict) for r in self.images):
+            object.__setattr__(self, "images", tuple(ImageRef(**r) if isinstance(r, dict) else r for r in self.images))
 
 
 def _image_start(prompt_ids: list[int], plain: list[int], placeholder: int | None) -> int:
@@ -80,15 +84,9 @@ def tokenize_vision_examples(examples: list[VisionExample], processor, max_lengt
         p = len(prompt)
         plain = tok(ex.prompt, add_special_tokens=not ex.conversational, verbose=False)["input_ids"]
         image_start = _image_start(prompt, plain, placeholder_id) if ex.images else p
-        problem = None
-        if p == 0:
-            problem = "the prompt has no tokens"
-        elif not chosen or not rejected:
-            problem = f"empty completion '{'chosen' if not chosen else 'rejected'}' after tokenisation"
-        elif truncation == "keep_start" and p >= max_length:
-            problem = (f"the prompt alone has {p} tokens with its images expanded, max_length is {max_length}: "
-                       "no room for a completion (image tokens are never cut)")
-        else:
+        problem = pair_problem(p, chosen, rejected, max_length, truncation, "the prompt has no tokens",
+                               "tokens with its images expanded", " (image tokens are never cut)")
+        if problem is None:
             kept = _truncate(prompt, chosen, rejected, max_length, truncation)
             if (cut := p - len(kept[0])) > image_start:
                 problem = (f"keep_end would cut the prompt's first {cut} tokens, into its image tokens (they start "

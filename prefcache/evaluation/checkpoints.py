@@ -5,7 +5,7 @@ Both commands write one Parquet file per checkpoint to ``RUN/evals/`` (the ``eva
 model is the checkpoint ``base`` (step null).
 
 A checkpoint is loaded as trained: a PEFT adapter on the run's base model (in 4-bit for a QLoRA run), or
-full weights; its own tokenizer is used.
+full weights; its own tokenizer is used, and a vision-language model's own processor.
 """
 
 from __future__ import annotations
@@ -23,10 +23,19 @@ import pyarrow as pa
 from prefcache.core import schemas
 from prefcache.core.atomic import write_table_atomic
 from prefcache.evaluation.config import EvalConfig, ScoreConfig
-from prefcache.model.load import ModelSource, load_model, load_tokenizer, resolve_device, resolve_model
+from prefcache.model.load import (
+    ModelSource,
+    load_model,
+    load_processor,
+    load_tokenizer,
+    resolve_device,
+    resolve_model,
+)
 from prefcache.training.rundir import Checkpoint, resolve_checkpoints, run_settings
 
 EVALS_SCHEMA = schemas.EVALS
+# A saved processor: transformers 5 writes processor_config.json (image processor inside), 4.x preprocessor_config.json.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 class EvalError(ValueError):
@@ -64,6 +73,32 @@ def checkpoint_tokenizer(ckpt: Checkpoint, source):
     if ckpt.path is not None and (ckpt.path / "tokenizer_config.json").exists():
         return load_tokenizer(ModelSource(ckpt.name, ckpt.path))
     return load_tokenizer(source)
+
+
+def is_vision_checkpoint(ckpt: Checkpoint, source) -> bool:
+    """Whether a checkpoint's model is a vision-language model, from its config alone (no weights load): full
+    weights carry their own config, an adapter (or ``base``) is on the base model."""
+    from prefcache.model.vision import is_vision_source
+
+    return is_vision_source(ModelSource(ckpt.name, ckpt.path) if ckpt.kind == "full" else source)
+
+
+def checkpoint_processor(ckpt: Checkpoint, source):
+    """A vision-language checkpoint's processor: the one saved with it (a run saves it beside the tokenizer),
+    else the base model's, given the checkpoint's own tokenizer when it has one (the tokens it trained on);
+    None when the checkpoint is a text model."""
+    if not is_vision_checkpoint(ckpt, source):
+        return None
+    if ckpt.path is not None and any((ckpt.path / f).exists() for f in PROCESSOR_FILES):
+        return load_processor(ModelSource(ckpt.name, ckpt.path))
+    if source is None:
+        raise EvalError(f"checkpoint {ckpt.name} is a vision-language model saved without its processor "
+                        f"({PROCESSOR_FILES[0]}): save the base model's processor into it "
+                        f"(AutoProcessor.from_pretrained(BASE).save_pretrained({ckpt.path}))")
+    processor = load_processor(source)
+    if ckpt.path is not None and (ckpt.path / "tokenizer_config.json").exists():
+        processor.tokenizer = checkpoint_tokenizer(ckpt, source)
+    return processor
 
 
 def release_memory() -> None:

@@ -16,8 +16,9 @@ class TaskError(ValueError):
 
 
 def task_manager(names: tuple[str, ...], include: list[str]):
-    """A TaskManager that knows every name (globs allowed) and the task names to run. Local folders are
-    indexed first, alone: lm-eval's own index (~15k YAMLs) takes seconds and is built only when needed."""
+    """(a TaskManager that knows every name (globs allowed), the task names to run, {name: lm-eval Task} of
+    every task they run, groups expanded). Local folders are indexed first, alone: lm-eval's own index (~15k
+    YAMLs) takes seconds and is built only when needed."""
     from lm_eval.tasks import TaskManager
 
     unknown = lambda m: [n for n in names if n not in m.all_tasks and not m.match_tasks([n])]  # noqa: E731
@@ -35,12 +36,12 @@ def task_manager(names: tuple[str, ...], include: list[str]):
             "YAML with --include-path (e.g. examples/lm_eval_task, made by examples/make_lm_eval_task.py)")
     tasks = [t for n in names for t in ([n] if n in manager.all_tasks else manager.match_tasks([n]))]
     try:
-        manager.load(tasks)  # reads each task's data now, before any model is loaded
+        leaves = manager.load(tasks)["tasks"]  # reads each task's data now, before any model is loaded
     except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many kinds; all mean "no data"
         raise TaskError(f"could not load the data of {', '.join(tasks)}: {type(e).__name__}: {e}. lm-eval's own "
                         "tasks download their data from the Hugging Face hub; offline, use a local task "
                         "(--include-path)") from e
-    return manager, tasks
+    return manager, tasks, leaves
 
 
 def localise_include_paths(paths, work: Path) -> list[str]:

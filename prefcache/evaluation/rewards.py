@@ -11,6 +11,7 @@ policy bigger than one device.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -18,15 +19,16 @@ from datetime import datetime, timezone
 
 import polars as pl
 
-from prefcache.cache.compat import check_cache_mapping
+from prefcache.cache.compat import check_cache_mapping, processor_record
 from prefcache.cache.store import CacheError
 from prefcache.core import schemas
 from prefcache.core.distributed import gather, setup
 from prefcache.data.columns import RowMapping
-from prefcache.data.store import pair_rows, store_folder
+from prefcache.data.store import example_images, pair_rows, store_folder, vision_pair_rows
 from prefcache.evaluation.checkpoints import (
     EVALS_SCHEMA,
     EvalError,
+    checkpoint_processor,
     checkpoint_tokenizer,
     evals_frame,
     load_checkpoint,
@@ -35,7 +37,8 @@ from prefcache.evaluation.checkpoints import (
     write_parquet,
 )
 from prefcache.evaluation.config import ScoreConfig, check_pairs_cache
-from prefcache.model.load import tokenizer_fingerprint, tokenizer_key
+from prefcache.model.load import tokenizer_key
+from prefcache.training.log import IMAGES_PREFIX
 
 SCORE_METRICS = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected")
 DEFAULT_BETA = 0.1
@@ -74,35 +77,39 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     tokenized: dict[str, list] = {}
     plan = []
     for ckpt in checkpoints:
-        tokenizer = checkpoint_tokenizer(ckpt, source)
+        processor = checkpoint_processor(ckpt, source)  # a vision-language model's; None for a text model
+        tokenizer = processor.tokenizer if processor else checkpoint_tokenizer(ckpt, source)
         try:
-            check_cache_matches(meta, tokenizer, meta["max_length"], meta["truncation"])
+            check_cache_matches(meta, tokenizer, meta["max_length"], meta["truncation"], processor)
         except CacheError as e:
             raise CacheError(f"checkpoint {ckpt.name}: {e}") from e
-        key = tokenizer_fingerprint(tokenizer)
+        store_key = tokenizer_key(tokenizer) | processor_record(processor)
+        key = json.dumps(store_key, sort_keys=True)
         if key not in tokenized:
             # A view over the data's store (tokenised once, then memory-mapped by every later score)
-            pairs, _ = pair_rows(config.data, tokenizer, meta["max_length"], meta["truncation"], config.on_bad_row,
-                                 split=config.split, data_config=config.data_config, mapping=mapping,
-                                 tokenizer_key=tokenizer_key(tokenizer), folder=store_folder(run_dir), world=world)
+            read, text = (vision_pair_rows, processor) if processor else (pair_rows, tokenizer)
+            pairs, _ = read(config.data, text, meta["max_length"], meta["truncation"], config.on_bad_row,
+                            split=config.split, data_config=config.data_config, mapping=mapping,
+                            tokenizer_key=store_key, folder=store_folder(run_dir), world=world)
             if not pairs:
                 raise EvalError(f"{config.data}: no pairs to score")
             check_joined(reference, pairs, "held-out")  # the trainer's check: every id cached, same token counts
             tokenized[key] = pairs
-        plan.append((ckpt, tokenized[key]))
+        plan.append((ckpt, tokenized[key], processor))
 
     frames = []
-    for ckpt, pairs in plan:
+    for ckpt, pairs, processor in plan:
         cols = score_checkpoint(config, ckpt, pairs, reference, source=source, settings=settings, beta=beta,
-                                device=device, rank=rank, world=world)
-        frames.append(write_scores(cols, ckpt, run_dir, write=rank == 0))
+                                device=device, rank=rank, world=world, processor=processor)
+        images = example_images([pairs]) if processor else None  # the pairs' image references, not their pixels
+        frames.append(write_scores(cols, ckpt, run_dir, write=rank == 0, images=images))
     return pl.concat(frames)
 
 
 def score_checkpoint(config: ScoreConfig, ckpt, pairs, reference, *, source, settings: dict, beta: float,
-                     device: str, rank: int, world: int) -> dict[str, list]:
+                     device: str, rank: int, world: int, processor=None) -> dict[str, list]:
     """The per-pair columns of ``ckpt`` on ``pairs``, every rank scoring its contiguous share, gathered in the
-    pairs' order (on every rank)."""
+    pairs' order (on every rank); ``processor``: a vision-language model's (each batch's image tensors)."""
     from prefcache.model.sharding import local_mb, share
     from prefcache.training.scoring import score_pairs
 
@@ -113,7 +120,7 @@ def score_checkpoint(config: ScoreConfig, ckpt, pairs, reference, *, source, set
               file=sys.stderr)
     cols, _ = score_pairs(scorer, pairs.take(share(len(pairs), rank, world)), reference, beta=beta,
                           batch_size=config.batch_size, pad_id=tokenizer.pad_token_id, device=device,
-                          chunk_size=config.chunk_size)
+                          chunk_size=config.chunk_size, processor=processor)
     if hasattr(scorer, "drain"):  # sharded: this rank's share is done, the others' forwards still need it
         scorer.drain()
     del scorer
@@ -122,9 +129,10 @@ def score_checkpoint(config: ScoreConfig, ckpt, pairs, reference, *, source, set
     return {k: [v for part in parts for v in part[k]] for k in cols}
 
 
-def write_scores(cols: dict[str, list], ckpt, run_dir, *, write: bool) -> pl.DataFrame:
+def write_scores(cols: dict[str, list], ckpt, run_dir, *, write: bool, images=None) -> pl.DataFrame:
     """The evals rows of one checkpoint's per-pair columns; with ``write``, the pairs and the rows written to
-    ``RUN/logs/examples-score-*`` and ``RUN/evals/score-*``."""
+    ``RUN/logs/examples-score-*`` and ``RUN/evals/score-*``, and a vision run's ``images`` (an
+    :data:`~prefcache.core.schemas.EXAMPLE_IMAGES` table) to ``RUN/logs/example_images-score-*``."""
     from prefcache.training.scoring import aggregate
 
     agg, n = aggregate(cols), len(cols["id"])
@@ -138,6 +146,9 @@ def write_scores(cols: dict[str, list], ckpt, run_dir, *, write: bool) -> pl.Dat
     if write:
         write_parquet(examples, schemas.EXAMPLES, run_dir / "logs", "examples-score", ckpt.name)
         write_parquet(frame, EVALS_SCHEMA, run_dir / "evals", "score", ckpt.name)
+        if images is not None:
+            write_parquet(pl.from_arrow(images), schemas.EXAMPLE_IMAGES, run_dir / "logs", f"{IMAGES_PREFIX}-score",
+                          ckpt.name)
     return frame
 
 

@@ -173,24 +173,26 @@ def packed_token_logprobs(model, packed: PackedRows, *, chunk_size: int = DEFAUL
                           position_ids=packed.position_ids, source=packed.source, with_sq=with_sq, vision=vision)
 
 
-def group_by_prompt(sequences: list[tuple[list[int], int]], max_row: int) -> list[tuple[list[int], list[list[int]]]]:
+def group_by_prompt(sequences: list[tuple[list[int], int]], max_row: int,
+                    tags: list[tuple] | None = None) -> list[tuple[list[int], list[list[int]], tuple]]:
     """Unique (token ids, completion start) sequences -> packed rows, one prompt per row with as many of its
-    completions as fit in ``max_row`` tokens (at least one). Returns ``[(prompt_ids, [completion_ids, ...])]``
-    in first-seen order of the prompts."""
+    completions as fit in ``max_row`` tokens (at least one). ``tags[i]``: what else sequence i's prompt holds
+    (a vision pair's image hashes: the same image tokens stand for other pictures); only sequences with equal
+    tags share a row. Returns ``[(prompt_ids, [completion_ids, ...], tag)]`` in first-seen order of the prompts."""
     groups: dict[tuple, list[list[int]]] = {}
-    for ids, start in sequences:
-        groups.setdefault(tuple(ids[:start]), []).append(list(ids[start:]))
+    for i, (ids, start) in enumerate(sequences):
+        groups.setdefault((tags[i] if tags else (), tuple(ids[:start])), []).append(list(ids[start:]))
     rows = []
-    for prompt, completions in groups.items():
+    for (tag, prompt), completions in groups.items():
         row: list[list[int]] = []
         length = len(prompt)
         for c in completions:
             if row and length + len(c) > max_row:
-                rows.append((list(prompt), row))
+                rows.append((list(prompt), row, tag))
                 row, length = [], len(prompt)
             row.append(c)
             length += len(c)
-        rows.append((list(prompt), row))
+        rows.append((list(prompt), row, tag))
     return rows
 
 
@@ -205,28 +207,35 @@ def completion_logps(packed: PackedRows, token: torch.Tensor) -> list[list[torch
 
 
 def score_shared(model, sequences: list[tuple[list[int], int]], *, batch_size: int, pad_id: int, chunk_size: int,
-                 device: str, max_row: int, on_batch=None, module=None) -> list:
+                 device: str, max_row: int, on_batch=None, module=None, images: list | None = None,
+                 vision=None) -> list:
     """:func:`prefcache.reference.shards.score_sequences` with prefix sharing: the unique sequences are grouped by
     prompt into packed rows (:func:`group_by_prompt`), ``batch_size`` rows per forward pass, longest first.
 
     Returns, per sequence, a numpy fp32 array of its completion tokens' log-probs (nats).
     ``on_batch(n_sequences, n_tokens)`` is called after each batch (real tokens computed, the prompt once).
     ``module``: the LogProbModule over ``model`` to run (see :func:`packed_token_logprobs`).
+    ``images[i]``: sequence i's prompt's :class:`~prefcache.data.images.ImageRef` tuple (a vision-language model),
+    ``vision(rows' image tuples)`` their tensors for a batch: each row's images are encoded once for its completions.
     """
-    rows = group_by_prompt(sequences, max_row)
+    tags = [tuple(r.sha256 for r in im) for im in images] if images else None
+    pictures = dict(zip(tags, images, strict=True)) if images else {}
+    rows = group_by_prompt(sequences, max_row, tags)
     rows.sort(key=lambda r: -(len(r[0]) + sum(len(c) for c in r[1])))
     found: dict[tuple, object] = {}
     with torch.no_grad():  # not inference_mode: a sharded model reuses its gathered weights outside it (drain)
         for b in range(0, len(rows), batch_size):
             batch = rows[b : b + batch_size]
-            packed = pack(batch, pad_id)
-            token = packed_token_logprobs(model, packed.to(device), chunk_size=chunk_size, module=module).cpu()
-            for (prompt, completions), logps in zip(batch, completion_logps(packed, token), strict=True):
+            packed = pack([(prompt, completions) for prompt, completions, _ in batch], pad_id)
+            pixels = vision([pictures[tag] for _, _, tag in batch]) if vision else None
+            token = packed_token_logprobs(model, packed.to(device), chunk_size=chunk_size, module=module,
+                                          vision=pixels).cpu()
+            for (prompt, completions, tag), logps in zip(batch, completion_logps(packed, token), strict=True):
                 for c, lp in zip(completions, logps, strict=True):
-                    found[tuple(prompt + c)] = lp.numpy()
+                    found[tag, tuple(prompt + c)] = lp.numpy()
             if on_batch:
-                on_batch(sum(len(cs) for _, cs in batch), packed.n_tokens)
-    return [found[tuple(ids)] for ids, _ in sequences]
+                on_batch(sum(len(cs) for _, cs, _ in batch), packed.n_tokens)
+    return [found[tags[i] if tags else (), tuple(ids)] for i, (ids, _) in enumerate(sequences)]
 
 
 def training_sharing(wanted: bool | None, cache_meta: dict | None, model) -> bool:

@@ -39,6 +39,16 @@ def is_vision_model(config) -> bool:
     return kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
+def is_vision_source(source) -> bool:
+    """Whether a :class:`~prefcache.model.load.ModelSource` is a vision-language model (a GGUF file never is):
+    its config only is read, so a run can pick its data path before any weights load."""
+    if source.gguf_file:
+        return False
+    from transformers import AutoConfig
+
+    return is_vision_model(AutoConfig.from_pretrained(source.path))
+
+
 def model_class(folder, quantized: bool = False) -> tuple[type, bool, dict]:
     """(the transformers auto class that loads the model in ``folder``, whether it is a vision-language model,
     the ``BitsAndBytesConfig`` arguments a ``quantized`` (4/8-bit) load of it adds: for a vision-language model
@@ -194,3 +204,18 @@ def repeat_vision(vision: dict | None, n: int) -> dict | None:
     import torch
 
     return {k: torch.cat([v] * n) if isinstance(v, torch.Tensor) else v for k, v in vision.items()}
+
+
+def vision_inputs(images: list, processor, device=None) -> dict | None:
+    """The image tensors of a batch of rows, as the model takes them beside ``input_ids``: ``images[i]`` is the
+    :class:`~prefcache.data.images.ImageRef` tuple of row i's prompt (decoded here), in the order its image tokens
+    stand. The processor's image processor makes them as the processor did when it expanded the placeholders
+    (the same call, so the same pixels): ``pixel_values`` and per family ``pixel_attention_mask``,
+    ``image_sizes``, ``image_grid_thw``. A nested list per row, which every family's image processor takes (a
+    row without images is padded, and the model drops the padding), on ``device``. None when no row has an image."""
+    if not any(images):
+        return None
+    from prefcache.data.images import open_images
+
+    out = processor.image_processor(images=[open_images(row) for row in images], return_tensors="pt")
+    return {k: v if device is None else v.to(device) for k, v in out.items() if hasattr(v, "shape")}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prefcache.cache.compat import processor_record
 from prefcache.core.schemas import UNPAIRED_CACHE, cache_schema
 from prefcache.data.columns import RowMapping
 from prefcache.data.pairs import iter_pair_blocks
@@ -28,12 +29,24 @@ from prefcache.data.unpaired import (
     iter_unpaired_blocks,
     kl_sequence,
 )
+from prefcache.data.vision_pairs import VISION_BLOCK_ROWS, iter_vision_pair_blocks
 from prefcache.reference.config import PrecomputeConfig
 
 
-def kind_of(config: PrecomputeConfig):
-    """The kind of example ``config`` asks to cache."""
-    return UnpairedKind(config) if config.unpaired else PairKind(config)
+def kind_of(config: PrecomputeConfig, processor=None):
+    """The kind of example ``config`` asks to cache; ``processor``: the model's when it is a vision-language model."""
+    if processor is None:
+        return UnpairedKind(config) if config.unpaired else PairKind(config)
+    if config.unpaired:
+        raise ValueError("--unpaired (KTO) caches are for text models: a vision-language model's data is cached "
+                         "as pairs (drop --unpaired)")
+    return VisionKind(config, processor)
+
+
+def sequence_key(example, prompt: list[int], completion: list[int]) -> tuple:
+    """What a scored sequence is: its prompt's images' hashes (none for text: image tokens are placeholders, the
+    same for every picture) and its token ids. An identical key is scored once."""
+    return tuple(r.sha256 for r in getattr(example, "images", ())), tuple(prompt + completion)
 
 
 class PairKind:
@@ -75,7 +88,7 @@ class PairKind:
 
 
 def shard_columns(pairs, token_logps: dict, per_token: bool) -> dict[str, list]:
-    """Cache columns for ``pairs`` from per-sequence token log-probs keyed by the full token tuple.
+    """Cache columns for ``pairs`` from per-sequence token log-probs keyed by :func:`sequence_key`.
 
     The sums are :func:`~prefcache.model.kernel.pair_sums`, the trainer's own reduction, in float64: the
     per-token values are fp32, their sum need not lose more.
@@ -84,8 +97,8 @@ def shard_columns(pairs, token_logps: dict, per_token: bool) -> dict[str, list]:
 
     from prefcache.model.kernel import pair_sums  # torch
 
-    chosen = [token_logps[tuple(p.prompt_ids + p.chosen_ids)] for p in pairs]
-    rejected = [token_logps[tuple(p.prompt_ids + p.rejected_ids)] for p in pairs]
+    chosen = [token_logps[sequence_key(p, p.prompt_ids, p.chosen_ids)] for p in pairs]
+    rejected = [token_logps[sequence_key(p, p.prompt_ids, p.rejected_ids)] for p in pairs]
 
     def padded(values):  # [B, T] float64 values and their mask
         lengths = torch.tensor([len(v) for v in values])
@@ -105,6 +118,30 @@ def shard_columns(pairs, token_logps: dict, per_token: bool) -> dict[str, list]:
         cols["chosen_token_logps"] = [v.tolist() for v in chosen]
         cols["rejected_token_logps"] = [v.tolist() for v in rejected]
     return {name: cols[name] for name in cache_schema(per_token).names}
+
+
+class VisionKind(PairKind):
+    """Pairs whose prompts hold images (:mod:`prefcache.data.vision_pairs`): tokenised by the model's processor,
+    each sequence scored with its prompt's images; one cache row a pair, as for text, under an id that covers the
+    images. The cache records the processor's fingerprint and settings."""
+
+    def __init__(self, config: PrecomputeConfig, processor):
+        super().__init__(config)
+        self.processor = processor
+
+    def check(self) -> None:
+        if self.config.fsdp:
+            raise ValueError("--fsdp is for text models: a vision-language reference runs unsharded (drop --fsdp)")
+
+    def metadata(self) -> dict:
+        return processor_record(self.processor)
+
+    def blocks(self, tokenizer, block_rows: int):
+        c = self.config
+        # Fewer rows a block than text: a block holds its rows' image bytes (Parquet, datasets).
+        yield from iter_vision_pair_blocks(c.data, self.processor, c.max_length, c.truncation, c.on_bad_row,
+                                           split=c.split, data_config=c.data_config, mapping=RowMapping.of(c),
+                                           block_rows=min(block_rows, 4 * VISION_BLOCK_ROWS))
 
 
 @dataclass(frozen=True)
@@ -167,7 +204,7 @@ class UnpairedKind:
         import numpy as np
 
         def total(prompt, completion) -> float:
-            return float(np.sum(token_logps[tuple(prompt + completion)], dtype=np.float64))
+            return float(np.sum(token_logps[(), tuple(prompt + completion)], dtype=np.float64))  # text: no images
 
         cols = {"id": [e.id for e in shard], "label": [e.item.label for e in shard],
                 "logps": [total(e.item.prompt_ids, e.item.completion_ids) for e in shard],
@@ -182,14 +219,23 @@ class UnpairedKind:
         return {"examples_in_data": n_ids, "kl_group_size": self.config.kl_group_size}
 
 
-def data_ids(meta: dict, data: str, tokenizer, *, split: str | None = None, data_config: str | None = None):
-    """The scorable ids of ``data``, tokenised as the cache ``meta`` says (bad rows skipped), read in blocks."""
+def data_ids(meta: dict, data: str, tokenizer, *, split: str | None = None, data_config: str | None = None,
+             processor=None) -> tuple[list[str], list]:
+    """(the scorable ids of ``data``, its bad rows), tokenised as the cache ``meta`` says, read in blocks;
+    ``processor``: a vision-language model's (a cache that records one)."""
     length, truncation = meta["max_length"], meta["truncation"]
     if meta.get("kind") == "unpaired":  # one row per (unpaired) example
         blocks = iter_unpaired_blocks(data, tokenizer, length, truncation, "skip", unpair=True, split=split,
                                       data_config=data_config,
                                       kl_group_size=meta.get("kl_group_size") or DEFAULT_KL_GROUP)
-        return [i.id for items, _, _ in blocks for i in items]
-    mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
-    return [p.id for pairs, _ in iter_pair_blocks(data, tokenizer, length, truncation, "skip", mapping=mapping,
-                                                  split=split, data_config=data_config) for p in pairs]
+        blocks = ((items, bad) for items, _, bad in blocks)
+    else:
+        mapping = RowMapping(**(meta.get("data_mapping") or {}))  # the columns/templates it was made with
+        read = iter_vision_pair_blocks if processor else iter_pair_blocks
+        blocks = read(data, processor or tokenizer, length, truncation, "skip", mapping=mapping, split=split,
+                      data_config=data_config)
+    ids, bad_rows = [], []
+    for items, bad in blocks:
+        ids += [i.id for i in items]
+        bad_rows += bad
+    return ids, bad_rows

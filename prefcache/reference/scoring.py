@@ -10,6 +10,7 @@ import time
 
 from prefcache.model.load import load_model
 from prefcache.reference.config import PrecomputeConfig
+from prefcache.reference.kinds import sequence_key
 
 
 def load_scorer(config: PrecomputeConfig, source, quantization: str, device: str, pad_id: int, world: int):
@@ -30,12 +31,14 @@ def load_scorer(config: PrecomputeConfig, source, quantization: str, device: str
 
 
 def score_sequences(scorer, sequences: list[tuple[list[int], int]], *, batch_size: int, pad_id: int, device: str,
-                    on_batch=None) -> list:
+                    on_batch=None, images: list | None = None, vision=None) -> list:
     """Score unique (token ids, completion start) sequences, longest first, in padded batches.
 
     ``scorer``: the kernel's :class:`~prefcache.model.kernel.LogProbModule` over the model (sharded, a
     :class:`~prefcache.model.sharding.Lockstep` over it). Returns, per sequence, a numpy fp32 array of its
     completion tokens' log-probs (nats). ``on_batch(n_sequences, n_tokens)`` is called after each batch (progress).
+    ``images[i]``: sequence i's :class:`~prefcache.data.images.ImageRef` tuple, ``vision(rows' image tuples)``
+    their tensors for a batch (a vision-language model).
     """
     import torch
 
@@ -49,7 +52,8 @@ def score_sequences(scorer, sequences: list[tuple[list[int], int]], *, batch_siz
             input_ids, attention, completion = collate(
                 [sequences[i][0] for i in idx], [sequences[i][1] for i in idx], pad_id
             )
-            logps = scorer(input_ids.to(device), attention.to(device), completion.to(device)).cpu()
+            pixels = vision([images[i] for i in idx]) if vision else None
+            logps = scorer(input_ids.to(device), attention.to(device), completion.to(device), vision=pixels).cpu()
             for row, i in enumerate(idx):
                 ids, start = sequences[i]
                 out[i] = logps[row, start : len(ids)].numpy()
@@ -78,25 +82,31 @@ class Progress:
 
 
 def score_shard(scorer, shard: list, config: PrecomputeConfig, kind, *, sharing: bool, pad_id: int, device: str,
-                progress: Progress, start: int) -> dict[str, list]:
+                progress: Progress, start: int, processor=None) -> dict[str, list]:
     """The cache columns of one shard (``start``: examples scored before it); an identical (prompt, completion)
     sequence is scored once. With ``sharing`` the sequences are packed one prompt a row: a pair's two completions,
     or an unpaired example's completion and KL completion; a KL sequence whose prompt was cut differently
-    (``keep_end``) has a prompt of its own, so it gets a row of its own, which is the plain sequence."""
-    unique: dict[tuple, int] = {}
+    (``keep_end``) has a prompt of its own, so it gets a row of its own, which is the plain sequence.
+    ``processor``: a vision-language model's; a sequence is then its tokens and its prompt's images (the same
+    image tokens stand for other pictures), and each batch gets its images' tensors."""
+    from prefcache.model.vision import vision_inputs
+
+    unique: dict[tuple, tuple[int, tuple]] = {}
     for example in shard:
         for prompt, completion in kind.sequences(example):
-            unique.setdefault(tuple(prompt + completion), len(prompt))
+            unique.setdefault(sequence_key(example, prompt, completion), (len(prompt), getattr(example, "images", ())))
     keys = list(unique)
     progress.shard(start, len(keys), len(shard))
-    sequences = [(list(k), unique[k]) for k in keys]
+    sequences = [(list(k[1]), unique[k][0]) for k in keys]
+    pictures = {"images": [unique[k][1] for k in keys],
+                "vision": lambda rows: vision_inputs(rows, processor, device)} if processor is not None else {}
     if sharing:  # a prompt once per packed row, for all of its unique completions in the shard
         from prefcache.model.packing import score_shared  # torch
 
         logps = score_shared(scorer.model, sequences, batch_size=config.batch_size, pad_id=pad_id,
                              chunk_size=config.chunk_size, device=device, max_row=2 * config.max_length,
-                             on_batch=progress, module=scorer)
+                             on_batch=progress, module=scorer, **pictures)
     else:
         logps = score_sequences(scorer, sequences, batch_size=2 * config.batch_size, pad_id=pad_id, device=device,
-                                on_batch=progress)
+                                on_batch=progress, **pictures)
     return kind.columns(shard, dict(zip(keys, logps, strict=True)))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
+from prefcache.cache.compat import processor_record
 from prefcache.cache.store import (
     CacheError,
     CacheWriter,
@@ -41,6 +43,7 @@ from prefcache.model.load import (
     resolve_quantization,
     tokenizer_fingerprint,
 )
+from prefcache.model.vision import is_vision_source, load_processor
 from prefcache.reference.config import PrecomputeConfig, check_cache_out
 from prefcache.reference.kinds import data_ids, kind_of, shard_columns
 from prefcache.reference.metadata import cache_metadata
@@ -146,7 +149,7 @@ def score_pass(config: PrecomputeConfig, kind, source, meta: dict, shards, *, pa
     progress, scored = Progress(bar), 0
     for shard in shards:
         columns = score_shard(scorer, shard, config, kind, sharing=sharing, pad_id=pad_id, device=device,
-                              progress=progress, start=scored)
+                              progress=progress, start=scored, processor=getattr(kind, "processor", None))
         try:
             writer.write(columns)
         except WriteError as e:  # disk full, file-size limit, read-only: the shards written stay whole
@@ -164,7 +167,10 @@ def _precompute(config: PrecomputeConfig, kind) -> dict:
     rank, world, device = setup(resolve_device(config.device))
     t0 = time.perf_counter()
     source = resolve_model(config.model, config.revision)
-    tokenizer = load_tokenizer(source)
+    tokenizer, processor = model_tokenizer(source)
+    if processor is not None:  # a vision-language model: its pairs' prompts hold images
+        kind = kind_of(config, processor)
+        kind.check()
     meta = cache_to_extend(config, kind, source, tokenizer, device, rank, world)
     out = Path(config.out)
     done = existing_ids(out) if out.exists() else set()
@@ -222,10 +228,14 @@ def verify_cache(cache_dir: str, data: str | None = None, *, split: str | None =
     expected = None
     problems: list[str] = []
     if data is not None:
-        tokenizer = load_tokenizer(resolve_model(meta.get("model_path")))
+        tokenizer, processor = model_tokenizer(resolve_model(meta.get("model_path")))
         if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
             problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
-        expected = data_ids(meta, data, tokenizer, split=split, data_config=data_config)
+        problems += [f"the model at {meta.get('model_path')}: {line}"
+                     for line in differences(meta, processor_record(processor), ("processor_fingerprint",))]
+        expected, bad_rows = data_ids(meta, data, tokenizer, split=split, data_config=data_config,
+                                      processor=processor if meta.get("processor_fingerprint") else None)
+        problems += new_bad_rows(Path(cache_dir), bad_rows)
     problems += verify(cache_dir, expected_ids=expected)
     if problems:
         return {"summary": f"{cache_dir}: NOT OK", "problems": problems}
@@ -233,3 +243,22 @@ def verify_cache(cache_dir: str, data: str | None = None, *, split: str | None =
     covered = f", covers all {len(set(expected))} ids of {data}" if expected is not None else ""
     return {"summary": f"{cache_dir}: OK ({info['shards']} shards, {info['rows']} rows, no NaN/inf, "
                        f"no duplicate ids{covered})", "problems": []}
+
+
+def model_tokenizer(source) -> tuple:
+    """(tokenizer, processor) of a model: a vision-language model's processor and its tokenizer, or a text model's
+    tokenizer and None."""
+    if is_vision_source(source):
+        processor = load_processor(source)
+        return processor.tokenizer, processor
+    return load_tokenizer(source), None
+
+
+def new_bad_rows(cache: Path, bad_rows: list) -> list[str]:
+    """Problems for rows of the data that are bad now but were not when the cache was made (not in its
+    ``bad_rows.jsonl``): an image file gone, changed or damaged since, a row edited into a bad one."""
+    listed = cache / "bad_rows.jsonl"
+    known = {json.loads(line)["row"] for line in listed.read_text().splitlines() if line.strip()} if listed.exists() else set()
+    fresh = [b for b in bad_rows if b.row not in known]
+    return [f"a bad row of the data now, not when the cache was made: {b}" for b in fresh[:20]] + (
+        [f"... and {len(fresh) - 20} more bad rows"] if len(fresh) > 20 else [])

@@ -95,6 +95,9 @@ class PolicyOptions:
     lora_alpha: float | None = option(None, "LoRA scale α.", range=POSITIVE, default_text="2 x lora-r")
     lora_dropout: float = option(0.0, "Dropout on the LoRA inputs.", range=UNIT)
     lora_target: str = option("all-linear", "all-linear or module names, e.g. q_proj,v_proj.")
+    train_vision: bool = option(False, "Vision-language models: train the vision tower and projector too (LoRA on "
+                                "their linear layers, or their weights under --finetune full); by default only the "
+                                "language model trains.")
     gradient_checkpointing: bool = option(True, "Recompute each layer's activations in backward: the lean default "
                                           "(SmolLM2-135M, batch 4: ~half the peak memory) for ~30% more time per "
                                           "step; --no-gradient-checkpointing for speed.")

@@ -21,6 +21,14 @@ from prefcache.core.atomic import write_atomic, write_json_atomic, write_table_a
 
 STEP_SCHEMA, EXAMPLE_SCHEMA, PAIRS_SCHEMA = schemas.STEPS, schemas.EXAMPLES, schemas.PAIRS
 _PART = re.compile(r"^(steps|examples)-(\d{6})\.parquet$")
+IMAGES_PREFIX = "example_images"  # logs/example_images-*.parquet: a vision run's image references, by example id
+
+
+def write_example_images(logs: Path, table: pa.Table, name: str) -> Path:
+    """``logs/example_images-{name}.parquet``: the images of a vision run's examples (ids, positions, sha256s,
+    paths: :func:`prefcache.data.store.example_images`), written once, beside the examples logs they join."""
+    logs.mkdir(parents=True, exist_ok=True)
+    return write_table_atomic(table, logs / f"{IMAGES_PREFIX}-{name}.parquet")
 
 
 def write_pairs(path: Path, examples) -> None:

@@ -2,17 +2,16 @@
 kind of example.
 
 Only the policy is loaded. A kind of example is a task (:mod:`prefcache.training.task`): preference pairs
-(:class:`~prefcache.training.pairs.PairTask`) or unpaired KTO-style examples
-(:class:`~prefcache.training.unpaired.UnpairedTask`). The task loads and checks its examples and reference
-values before a model loads and runs the forward of a micro-batch; everything else is written here once,
-so every kind gets every guard.
+(:class:`~prefcache.training.pairs.PairTask`; with images for a vision-language model, see
+:mod:`prefcache.training.vision`) or unpaired KTO-style examples (:class:`~prefcache.training.unpaired.UnpairedTask`).
+The task loads and checks its examples and reference values before a model loads and runs the forward of a
+micro-batch; everything else is written here once, so every kind gets every guard.
 
 The loop reads top to bottom: seeded epoch-wise data order (length-grouped) -> micro-batches with gradient
 accumulation -> loss -> the NaN/inf guard -> clip -> optimizer and LR schedule -> log / eval / checkpoint.
 Under ``torchrun`` each rank takes every world_size-th example of the epoch's permutation
 (DistributedSampler's split) and DDP averages the gradients (with ``--fsdp``, FSDP2 shards the policy and
-reduce-scatters them: :mod:`prefcache.training.sharded`); rank 0 writes the logs with metrics gathered from all
-ranks.
+reduce-scatters them: :mod:`prefcache.training.sharded`); rank 0 writes the logs with metrics gathered from all ranks.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from prefcache.core.runconfig import write_config
 from prefcache.data.pairs import write_bad_rows
 from prefcache.losses.registry import UNPAIRED_LOSSES
 from prefcache.model.kernel import LogProbModule, router_aux_coef
-from prefcache.model.load import load_tokenizer, resolve_device, resolve_model
+from prefcache.model.load import resolve_device, resolve_model
 from prefcache.model.packing import training_sharing
 from prefcache.model.sharding import shard
 from prefcache.training.checkpoint import check_same_objective, checkpoint_dir
@@ -60,6 +59,7 @@ from prefcache.training.state import (  # noqa: F401 - epoch_order: a public nam
 from prefcache.training.task import PolicyModel, Totals
 from prefcache.training.trackers import Trackers
 from prefcache.training.unpaired import UnpairedTask
+from prefcache.training.vision import load_tokenization
 
 
 def train(config: TrainConfig | None = None, **options) -> dict:
@@ -100,10 +100,10 @@ def seed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def build_model(cfg: TrainConfig, policy, task, tokenizer, device: str, world: int) -> PolicyModel:
+def build_model(cfg: TrainConfig, policy, task, tokenizer, device: str, world: int, processor=None) -> PolicyModel:
     """The kernel's module over the policy (DDP-wrapped under torchrun, or sharded in place with ``--fsdp``: then
-    every pass goes through it), and what every step passes it. Prefix sharing follows the cache's
-    ``prefix_sharing`` metadata unless asked otherwise (no key: off)."""
+    every pass goes through it), and what every step passes it (``processor``: a VLM's). Prefix sharing follows
+    the cache's ``prefix_sharing`` metadata unless asked otherwise (no key: off)."""
     plain = module = LogProbModule(policy, chunk_size=cfg.chunk_size, router_aux=True)
     if world > 1 and cfg.fsdp:
         plain = module = shard(module, policy, device, cfg.bf16)
@@ -113,7 +113,7 @@ def build_model(cfg: TrainConfig, policy, task, tokenizer, device: str, world: i
         module = DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
     return PolicyModel(module, plain, policy, [p for p in policy.parameters() if p.requires_grad],
                        training_sharing(cfg.prefix_sharing, task.cache_meta, policy), router_aux_coef(policy),
-                       tokenizer.pad_token_id, device, cfg.chunk_size, cfg.bf16)
+                       tokenizer.pad_token_id, device, cfg.chunk_size, cfg.bf16, processor)
 
 
 def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
@@ -122,9 +122,9 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
     main, out = rank == 0, Path(cfg.out)
     # 1. Tokenizer, reference cache and data: everything is checked before a model is loaded.
     source = resolve_model(cfg.model, cfg.revision)
-    tokenizer = load_tokenizer(source)
+    tokenizer, processor = load_tokenization(cfg, source)  # processor: a vision-language model's, else None
     with no_stores_left_on_refusal(cfg, main):  # a refused resume leaves the run directory as it was
-        task = kind.load(cfg, tokenizer)
+        task = kind.load(cfg, tokenizer, processor)
         finetune, mismatch = resolve_finetune(cfg.finetune, task.cache_meta, device)
         cfg = replace(cfg, finetune=finetune)  # run.json and checkpoints record the policy actually trained
         if cfg.fsdp:
@@ -147,7 +147,7 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
 
     # 3. The policy (only it), its optimizer and schedule; DDP wraps the module whose forward runs.
     policy, policy_info = load_run_policy(cfg, source, ckpt, device)
-    model = build_model(cfg, policy, task, tokenizer, device, world)
+    model = build_model(cfg, policy, task, tokenizer, device, world, processor)
     restore = None  # a --fsdp checkpoint's model and optimizer state, re-sharded for this run's ranks
     if state and state.get("sharded"):
         restore = lambda optimizer: load_sharded(ckpt / SHARDED_DIR, model.plain, optimizer)  # noqa: E731
@@ -167,7 +167,8 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
     trackers = Trackers(cfg.report_to if main else (), out, run_info, state["step"] if state else None)
     run = RunState(cfg=cfg, out=out, rank=rank, world=world, device=device, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, n_train=n_train, max_length=task.max_length, truncation=task.truncation,
-                   group_by_length=grouped, log=log, policy=policy, policy_info=policy_info, tokenizer=tokenizer,
+                   group_by_length=grouped, log=log, policy=policy, policy_info=policy_info, tokenizer=processor
+                   or tokenizer,  # checkpoints save it: a VLM's processor, its tokenizer files included
                    optimizer=optimizer, scheduler=scheduler, trackers=trackers, fingerprints=prints,
                    module=model.plain)
     run.restore(state)

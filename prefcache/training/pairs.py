@@ -9,6 +9,7 @@ so a fresh LoRA policy on the reference model starts with rewards of 0 and a sig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,11 +18,12 @@ from prefcache.cache.lookup import ReferenceTable, check_joined, check_reference
 from prefcache.core.distributed import all_reduce_sum
 from prefcache.core.schemas import EXAMPLE_COLUMNS, example_columns
 from prefcache.data.columns import RowMapping
-from prefcache.data.store import pair_rows, text_batches
+from prefcache.data.store import example_images, pair_rows, text_batches, vision_pair_rows
+from prefcache.data.vision_pairs import TokenizedVisionPair
 from prefcache.losses import LossInputs, ld_logps
 from prefcache.losses.combine import Objective
 from prefcache.model.pairs import PairLogps, pair_logps
-from prefcache.training.log import write_pairs_batches
+from prefcache.training.log import write_example_images, write_pairs_batches
 from prefcache.training.scoring import aggregate, score_pairs
 from prefcache.training.state import split_held_out, store_options
 from prefcache.training.task import Forward, PolicyModel, TaskData, Totals
@@ -34,13 +36,14 @@ def bind_objective(cfg) -> Objective:
                           f_divergence=cfg.f_divergence, f_alpha=cfg.f_alpha, use_weighting=cfg.use_weighting)
 
 
-def open_reference(cfg, tokenizer, mapping: RowMapping):
-    """(reference table or None, max_length, truncation): the cache's, checked against this tokenisation."""
+def open_reference(cfg, tokenizer, mapping: RowMapping, processor=None):
+    """(reference table or None, max_length, truncation): the cache's, checked against this tokenisation (and a
+    vision-language model's processor)."""
     reference = ReferenceTable.from_cache(cfg.cache) if cfg.cache else None
     max_length = cfg.max_length or (reference.metadata["max_length"] if reference else 1024)
     truncation = cfg.truncation or (reference.metadata["truncation"] if reference else "keep_start")
     if reference:
-        check_cache_matches(reference.metadata, tokenizer, max_length, truncation)
+        check_cache_matches(reference.metadata, tokenizer, max_length, truncation, processor)
         check_cache_mapping(reference.metadata, mapping, cfg.cache)
     return reference, max_length, truncation
 
@@ -60,22 +63,24 @@ class PairTask(TaskData):
         """Refusals that need neither data nor model (none beyond TrainConfig's own)."""
 
     @classmethod
-    def load(cls, cfg, tokenizer) -> PairTask:
-        """Training and held-out pairs, each cached (by id) with this run's token counts and finite values."""
+    def load(cls, cfg, tokenizer, processor=None) -> PairTask:
+        """Training and held-out pairs, each cached (by id) with this run's token counts and finite values.
+        ``processor``: a vision-language model's (its pairs hold their images' references), None for text."""
         objective = bind_objective(cfg)  # before any data is read: a bad option costs nothing
         mapping = RowMapping.of(cfg)
-        reference, max_length, truncation = open_reference(cfg, tokenizer, mapping)
-        data = {"data_config": cfg.data_config, "mapping": mapping, **store_options(cfg, tokenizer)}
-        pairs, bad_rows = pair_rows(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row, split=cfg.split,
-                                    **data)
+        reference, max_length, truncation = open_reference(cfg, tokenizer, mapping, processor)
+        data = {"data_config": cfg.data_config, "mapping": mapping, **store_options(cfg, tokenizer, processor)}
+        read = (lambda path, **kw: vision_pair_rows(path, processor, max_length, truncation, cfg.on_bad_row, **kw)
+                ) if processor else (lambda path, **kw: pair_rows(path, tokenizer, max_length, truncation,
+                                                                  cfg.on_bad_row, **kw))
+        pairs, bad_rows = read(cfg.data, split=cfg.split, **data)
         eval_pairs, eval_reference, texts = [], reference, [pairs]
         if cfg.eval_data:
             eval_reference = ReferenceTable.from_cache(cfg.eval_cache) if cfg.eval_cache else reference
             if eval_reference is not reference:
-                check_cache_matches(eval_reference.metadata, tokenizer, max_length, truncation)
+                check_cache_matches(eval_reference.metadata, tokenizer, max_length, truncation, processor)
                 check_cache_mapping(eval_reference.metadata, mapping, cfg.eval_cache)
-            eval_pairs, _ = pair_rows(cfg.eval_data, tokenizer, max_length, truncation, cfg.on_bad_row,
-                                      split=cfg.eval_split, **data)
+            eval_pairs, _ = read(cfg.eval_data, split=cfg.eval_split, **data)
             texts.append(eval_pairs)
         elif cfg.eval_fraction:
             pairs, eval_pairs = split_held_out(pairs, cfg.eval_fraction)
@@ -103,7 +108,10 @@ class PairTask(TaskData):
         return self.train_set.lengths()
 
     def write_texts(self, path) -> None:
+        """``pairs.parquet`` at ``path``; a vision run's image references beside its examples logs too."""
         write_pairs_batches(path, text_batches(self.texts))
+        if self.train_set.make is TokenizedVisionPair:
+            write_example_images(Path(path).parent / "logs", example_images(self.texts), "train")
 
     def metrics(self, columns: dict[str, list]) -> dict:
         return aggregate(columns)
@@ -116,8 +124,8 @@ class PairTask(TaskData):
         """Policy log-probs of one micro-batch (with gradients), joined to the cache's by id, and the loss."""
         cfg = self.cfg
         with model.autocast():
-            pol = pair_logps(model.module, batch, pad_id=model.pad_id, device=model.device,
-                             chunk_size=model.chunk_size, prefix_sharing=model.sharing, wpo=cfg.use_weighting)
+            pol = pair_logps(model.module, batch, pad_id=model.pad_id, device=model.device, chunk_size=model.chunk_size,
+                             prefix_sharing=model.sharing, wpo=cfg.use_weighting, vision=model.vision(batch))
         ref = self.reference.lookup([p.id for p in batch]) if self.reference else None
         inputs = loss_inputs(pol, None if ref is None else {c: v.to(model.device) for c, v in ref.items()})
         bco = {}
@@ -151,7 +159,8 @@ class PairTask(TaskData):
         cols = None
         if reference is not None:
             cols, _ = score_pairs(policy, pairs, reference, beta=cfg.beta, batch_size=batch_size, pad_id=model.pad_id,
-                                  device=model.device, chunk_size=cfg.chunk_size, prefix_sharing=model.sharing)
+                                  device=model.device, chunk_size=cfg.chunk_size, prefix_sharing=model.sharing,
+                                  processor=model.processor)
         if cols is not None and cfg.ld_alpha is None and not cfg.use_weighting:
             t = {k: torch.tensor(cols[k], dtype=torch.float64) for k in cols if k != "id"}
             inputs = LossInputs(t["policy_chosen_logps"], t["policy_rejected_logps"], t["ref_chosen_logps"],
@@ -169,9 +178,9 @@ def _no_grad_logps(policy, pairs, model: PolicyModel, batch_size: int, wpo: bool
     was_training = policy.training
     policy.eval()
     with torch.no_grad():
-        parts = [pair_logps(policy, list(pairs[s : s + batch_size]), pad_id=model.pad_id, device=model.device,
-                            chunk_size=model.chunk_size, prefix_sharing=model.sharing, wpo=wpo)
-                 for s in range(0, len(pairs), batch_size)]
+        batches = [list(pairs[s : s + batch_size]) for s in range(0, len(pairs), batch_size)]
+        parts = [pair_logps(policy, b, pad_id=model.pad_id, device=model.device, chunk_size=model.chunk_size,
+                            prefix_sharing=model.sharing, wpo=wpo, vision=model.vision(b)) for b in batches]
     policy.train(was_training)
     cat = lambda f: torch.cat([getattr(p, f) for p in parts]).cpu()  # noqa: E731
     return PairLogps(*(cat(f) for f in ("chosen", "rejected", "chosen_prefix", "rejected_prefix", "chosen_tokens",

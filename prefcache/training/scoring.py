@@ -13,14 +13,16 @@ from prefcache.cache.lookup import ReferenceTable
 from prefcache.core.schemas import EXAMPLE_COLUMNS, example_columns
 from prefcache.model.kernel import DEFAULT_CHUNK
 from prefcache.model.pairs import pair_logps
+from prefcache.training.vision import batch_vision
 
 
 def score_pairs(model, pairs, reference: ReferenceTable, *, beta: float, batch_size: int, pad_id: int,
-                device="cpu", chunk_size: int = DEFAULT_CHUNK,
-                prefix_sharing: bool | None = None) -> tuple[dict[str, list], dict[str, float]]:
+                device="cpu", chunk_size: int = DEFAULT_CHUNK, prefix_sharing: bool | None = None,
+                processor=None) -> tuple[dict[str, list], dict[str, float]]:
     """Implicit rewards of ``pairs`` under ``model`` against the cached reference.
 
     ``prefix_sharing``: score pairs as packed rows (None: as the cache was made, see :func:`cache_sharing`).
+    ``processor``: a vision-language model's; each batch's image tensors come from it (:func:`batch_vision`).
 
     reward = beta * (policy_logps - ref_logps) per side (summed log-probs, nats);
     margin = reward_chosen - reward_rejected; accuracy = share of pairs with margin > 0 (ties count as wrong).
@@ -39,7 +41,7 @@ def score_pairs(model, pairs, reference: ReferenceTable, *, beta: float, batch_s
             ids = [p.id for p in batch]
             ref = reference.lookup(ids)
             pol = pair_logps(model, batch, pad_id=pad_id, device=device, chunk_size=chunk_size,
-                             prefix_sharing=prefix_sharing)
+                             prefix_sharing=prefix_sharing, vision=batch_vision(batch, processor))
             pc, pr = pol.chosen.double().cpu(), pol.rejected.double().cpu()
             rc, rr = beta * (pc - ref["chosen_logps"]), beta * (pr - ref["rejected_logps"])
             for k, v in example_columns(batch, pc, pr, ref["chosen_logps"], ref["rejected_logps"], rc, rr).items():

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prefcache.cache.compat import processor_record
 from prefcache.cache.lookup import example_ids
 from prefcache.cache.store import identity
 from prefcache.core.distributed import barrier, dist_info
@@ -131,9 +132,11 @@ def fingerprints(task) -> dict:
             "eval_cache": cache(task.eval_reference) if task.eval_set else None}
 
 
-def store_options(cfg, tokenizer) -> dict:
-    """Where a run's data stores are (:mod:`prefcache.data.store`) and the tokenizer's part of their key."""
-    return {"tokenizer_key": tokenizer_key(tokenizer), "folder": store_folder(cfg.out), "world": dist_info()[1]}
+def store_options(cfg, tokenizer, processor=None) -> dict:
+    """Where a run's data stores are (:mod:`prefcache.data.store`) and the tokenizer's part of their key (a
+    vision-language model's: with its processor's fingerprint)."""
+    return {"tokenizer_key": tokenizer_key(tokenizer) | processor_record(processor), "folder": store_folder(cfg.out),
+            "world": dist_info()[1]}
 
 
 @contextmanager
@@ -233,7 +236,8 @@ def load_run_policy(cfg, source, ckpt: Path | None, device: str):
     return load_policy(resolve_model(str(ckpt)) if full_ckpt else source, finetune=cfg.finetune, device=device,
                        adapter=None if full_ckpt else (ckpt or cfg.adapter), lora_r=cfg.lora_r,
                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target=cfg.lora_target,
-                       gradient_checkpointing=cfg.gradient_checkpointing, shardable=cfg.fsdp)
+                       gradient_checkpointing=cfg.gradient_checkpointing, shardable=cfg.fsdp,
+                       train_vision=cfg.train_vision)
 
 
 def make_optimization(cfg, params, *, total_steps: int, state: dict | None, restore=None):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prefcache.data.rows import TokenRows
+from prefcache.training.vision import batch_vision
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,14 @@ class PolicyModel:
     device: str
     chunk_size: int
     bf16: bool
+    processor: object = None  # a vision-language model's processor (None: a text model)
 
     def autocast(self):
         return autocast_for(self.device, self.bf16)
+
+    def vision(self, batch) -> dict | None:
+        """The image tensors of a batch of pairs (None: a text model): :func:`~prefcache.training.vision.batch_vision`."""
+        return batch_vision(batch, self.processor)
 
     @property
     def aux_loss(self) -> torch.Tensor | None:

@@ -57,8 +57,9 @@ class UnpairedTask(TaskData):
             raise ValueError("kto estimates its KL term over the micro-batch: --batch-size must be at least 2")
 
     @classmethod
-    def load(cls, cfg, tokenizer) -> UnpairedTask:
-        """Training and held-out examples, each cached once with its token counts, finite values and a KL partner."""
+    def load(cls, cfg, tokenizer, processor=None) -> UnpairedTask:
+        """Training and held-out examples, each cached once with its token counts, finite values and a KL partner.
+        ``processor``: always None (a vision-language model's unpaired run is refused before: training.vision)."""
         objective = UnpairedObjective(cfg.loss[0], cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
         reference = UnpairedReference.from_cache(cfg.cache)
         max_length = cfg.max_length or reference.metadata["max_length"]
