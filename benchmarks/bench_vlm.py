@@ -2,7 +2,7 @@
 vision path has no precompute (it refuses ``precompute_ref_log_probs`` on image data).
 
     python benchmarks/bench_vlm.py                     # 32 pairs, batch 4, 256 image tokens a pair: ~10-15 min
-    python benchmarks/bench_vlm.py --quick             # 8 pairs, batch 2, 1 warm-up + 2 timed steps: < 3 min
+    python benchmarks/bench_vlm.py --quick             # 4 pairs, batch 2, 1 warm-up + 1 timed step: < 3 min
     python benchmarks/bench_vlm.py --image-size 192    # 576 image tokens a pair
     python benchmarks/bench_vlm.py --rounds 3          # best of 3, round-robin (a shared machine)
     python benchmarks/bench_vlm.py --trl-only          # TRL's side alone (its reference pass and its two modes)
@@ -285,12 +285,12 @@ def contest(names, spec: dict, env: dict, rounds: int, warmup: int | None = None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="8 pairs, batch 2, 1 warm-up + 2 timed steps (< 3 min)")
+    ap.add_argument("--quick", action="store_true", help="4 pairs, batch 2, 1 warm-up + 1 timed step (< 3 min)")
     ap.add_argument("--pairs", type=int, default=None,
-                    help="pairs precomputed [default: enough for the training steps, at least 32 (quick: 8)]")
+                    help="pairs precomputed [default: enough for the training steps, at least 32 (quick: 4)]")
     ap.add_argument("--batch-size", type=int, default=None, help="pairs per forward and per step [4; quick: 2]")
     ap.add_argument("--warmup", type=int, default=None, help="steps before the timed ones [2; quick: 1]")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps [5; quick: 2]")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps [5; quick: 1]")
     ap.add_argument("--image-size", type=int, default=128, help="pixels a side; (size / patch)^2 image tokens")
     ap.add_argument("--patch-size", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=384, help="the language model's width")
@@ -304,9 +304,9 @@ def main() -> None:
     quick = a.quick
     a.batch_size = a.batch_size or (2 if quick else 4)
     a.warmup = a.warmup if a.warmup is not None else (1 if quick else 2)
-    a.steps = a.steps or (2 if quick else 5)
+    a.steps = a.steps or (1 if quick else 5)
     total = a.warmup + a.steps
-    a.pairs = a.pairs or max(total * a.batch_size, 8 if quick else 32)
+    a.pairs = a.pairs or max(total * a.batch_size, 4 if quick else 32)
     if a.allocator == "jemalloc" and not Path(JEMALLOC).exists():
         print(f"{JEMALLOC} not found (apt-get install libjemalloc2): using glibc malloc")
         a.allocator = "glibc"
