@@ -1,7 +1,7 @@
 """The vision-language preference shape: prefcache's precompute and train against TRL 1.16's DPOTrainer, whose
 vision path has no precompute (it refuses ``precompute_ref_log_probs`` on image data).
 
-    python benchmarks/bench_vlm.py                     # 32 pairs, batch 4, 256 image tokens a pair: ~10-15 min
+    python benchmarks/bench_vlm.py                     # 32 pairs, batch 4, 256 image tokens a pair: ~4-9 min
     python benchmarks/bench_vlm.py --quick             # 4 pairs, batch 2, 1 warm-up + 1 timed step: < 3 min
     python benchmarks/bench_vlm.py --image-size 192    # 576 image tokens a pair
     python benchmarks/bench_vlm.py --rounds 3          # best of 3, round-robin (a shared machine)
