@@ -95,16 +95,17 @@ def run_prefcache(spec: dict, mode: str = "prefcache") -> dict:
     import polars as pl
 
     import prefcache.model.policy as ppolicy
+    import prefcache.training.state as pstate
     from prefcache.training.loop import train
 
     base: list[float] = []
-    load_policy = ppolicy.load_policy  # train() imports it at call time: wrapped, the RSS before the weights
+    load_policy = ppolicy.load_policy  # wrapped where train() looks it up: the RSS before the weights
 
     def measured_load_policy(*args, **kwargs):
         base.append(rss_mb())
         return load_policy(*args, **kwargs)
 
-    ppolicy.load_policy = measured_load_policy
+    ppolicy.load_policy = pstate.load_policy = measured_load_policy
     out = Path(spec["work"]) / f"{mode}-run"
     options = {} if spec["checkpointing"] else {"gradient_checkpointing": False}  # else: the default (on)
     if mode == "prefcache_2seq":
@@ -131,6 +132,10 @@ def run_trl(spec: dict, mode: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    from prefcache.model.vision import lora_exclude  # LoRA on the language model only, as prefcache's default
+
+    vision = spec.get("vision", False)  # benchmarks/bench_vlm.py: a vision-language model and image rows
+
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     ends: list[float] = []
@@ -143,14 +148,23 @@ def run_trl(spec: dict, mode: str) -> dict:
 
     gpu = spec["device"] != "cpu"
     dtype = torch.bfloat16 if gpu else torch.float32
-    tok = AutoTokenizer.from_pretrained(spec["model"])
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # as prefcache.model.load.load_tokenizer
+    if vision:
+        from transformers import AutoModelForImageTextToText as Auto
+        from transformers import AutoProcessor
+
+        tok = AutoProcessor.from_pretrained(spec["model"])  # TRL takes a processor as its processing class
+    else:
+        Auto, tok = AutoModelForCausalLM, AutoTokenizer.from_pretrained(spec["model"])
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token  # as prefcache.model.load.load_tokenizer
     base = rss_mb()  # before the weights, as for prefcache
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype)
-    ref = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype) if mode == "trl_ref_model" else None
+    model = Auto.from_pretrained(spec["model"], dtype=dtype)
+    ref = Auto.from_pretrained(spec["model"], dtype=dtype) if mode == "trl_ref_model" else None
     # The rows in prefcache's training order (TRL needs no ids: it joins nothing), read sequentially.
     rows = [json.loads(line) for line in Path(spec["trl_data"]).read_text().splitlines()]
+    dataset = datasets.Dataset.from_list(rows)
+    if vision:  # image paths -> PIL images, decoded on access, as a datasets Image column gives TRL's collator
+        dataset = dataset.cast_column("images", datasets.Sequence(datasets.Image()))
     args = DPOConfig(
         output_dir=str(Path(spec["work"]) / f"trl-{mode}"), per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=1, max_steps=spec["total_steps"], learning_rate=LR, weight_decay=0.0,
@@ -162,9 +176,9 @@ def run_trl(spec: dict, mode: str) -> dict:
         seed=spec["seed"], precompute_ref_log_probs=mode == "trl_precompute", train_sampling_strategy="sequential",
         dataloader_num_workers=0, disable_tqdm=True)
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+                      target_modules="all-linear", task_type="CAUSAL_LM", exclude_modules=lora_exclude(model))
     t0 = time.perf_counter()
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows),
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset,
                          processing_class=tok, peft_config=lora, callbacks=[StepClock()])
     setup_s = time.perf_counter() - t0  # tokenisation, and for trl_precompute the reference pass
     start = time.perf_counter()
@@ -201,8 +215,9 @@ def step_seconds(ends: list[float], warmup: int) -> float:
     return (timed[-1] - timed[0]) / (len(timed) - 1)
 
 
-def launch(mode: str, spec: dict, env: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--spec", json.dumps(spec)]
+def launch(mode: str, spec: dict, env: dict, script: str = __file__) -> dict:
+    """Run ``script --worker mode`` (this file's worker, or another benchmark's) in its own process."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", mode, "--spec", json.dumps(spec)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in res.stdout.splitlines() if line.startswith(MARK)]
     if res.returncode != 0 or not lines:
@@ -225,6 +240,27 @@ def step_tokens(pairs, order: list[int], batch: int, shared: bool) -> list[tuple
     return out
 
 
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a plain-text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+    return [line(head), *map(line, rows)]
+
+
+def worker_env(threads: int, allocator: str) -> dict:
+    """The environment of every contender's process: the same thread count and allocator, hub offline, this
+    checkout's prefcache."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1",
+           # this checkout's prefcache, whichever one an editable install points at
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+    env.pop("LD_PRELOAD", None)
+    if allocator == "jemalloc":
+        env["LD_PRELOAD"] = JEMALLOC
+    return env
+
+
 def report(results: dict, spec: dict, tokens: dict, mm: dict) -> str:
     gpu = spec["device"].startswith("cuda")
     p = results["prefcache"]
@@ -244,10 +280,7 @@ def report(results: dict, spec: dict, tokens: dict, mm: dict) -> str:
         rows.append([mode, f"{r['peak_mb']:.0f}", *([] if gpu else [f"{above(r):.0f}"]), f"{r['s_per_step']:.3f}",
                      f"{pad:.1%}", f"{r['gflops']:.1f}", f"{p['peak_mb'] / r['peak_mb']:.2f}",
                      *([] if gpu else [f"{above(p) / above(r):.2f}"]), f"{p['s_per_step'] / r['s_per_step']:.2f}"])
-    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-    lines = [f"[{spec['shape']}-heavy pairs]", line(head), *map(line, rows)]
+    lines = [f"[{spec['shape']}-heavy pairs]", *table(head, rows)]
     pre = results["precompute"]
     lines.append(f"one-off: prefcache precompute of {spec['pairs']} pairs in its own process {pre['wall_s']:.1f} s "
                  f"(peak {pre['peak_mb']:.0f} MB); trl_precompute's DPOTrainer() incl. its reference pass "
@@ -327,6 +360,27 @@ def run_shape(shape: str, a, model: str, work: Path, env: dict, tokenizer) -> di
     return {"spec": spec, "results": results, "matmul": mm}
 
 
+def parse_or_work(ap: argparse.ArgumentParser, worker) -> argparse.Namespace | None:
+    """Add the options every mode shares, and parse. In a worker process run ``worker(mode, spec)`` and return
+    None; in the parent check that TRL is there and return the options."""
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads and OMP_NUM_THREADS, all modes")
+    ap.add_argument("--rounds", type=int, default=1, help="run every mode this many times, keep the fastest")
+    ap.add_argument("--allocator", choices=("jemalloc", "glibc"), default="jemalloc")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        worker(a.worker, json.loads(a.spec))
+        return None
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        ap.error("trl is not installed: pip install -e .[bench]")
+    return a
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf [default: the embedded SmolLM2-135M-Instruct]")
@@ -338,23 +392,12 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=2, help="steps run before the timed ones")
     ap.add_argument("--steps", type=int, default=5, help="timed steps")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads and OMP_NUM_THREADS, all modes")
-    ap.add_argument("--rounds", type=int, default=1, help="run every mode this many times, keep the fastest")
-    ap.add_argument("--allocator", choices=("jemalloc", "glibc"), default="jemalloc")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                     help="activation checkpointing off in every mode (both tools turn it on by default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.worker:
-        return worker(a.worker, json.loads(a.spec))
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        ap.error("trl is not installed: pip install -e .[bench]")
+    a = parse_or_work(ap, worker)
+    if a is None:
+        return
 
     sys.path.insert(0, str(HERE))
     from data import warn_if_busy
@@ -373,11 +416,7 @@ def main() -> None:
     if a.allocator == "jemalloc" and not Path(JEMALLOC).exists():
         print(f"{JEMALLOC} not found (apt-get install libjemalloc2): using glibc malloc")
         a.allocator = "glibc"
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("LD_PRELOAD", None)
-    if a.allocator == "jemalloc":
-        env["LD_PRELOAD"] = JEMALLOC
+    env = worker_env(a.threads, a.allocator)
     print(f"model {model}\nbatch {a.batch_size} pairs, max_length {a.max_length}, LoRA r={LORA['r']} "
           f"alpha={LORA['alpha']} all-linear, {'fp32' if a.device == 'cpu' else 'bf16'}, activation checkpointing "
           f"{'each tool default (on)' if a.checkpointing else 'off'}, {a.threads} threads, {a.warmup} warm-up + "

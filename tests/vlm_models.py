@@ -30,8 +30,10 @@ CHAT_TEMPLATE = (
 
 
 def make_tiny_vlm(path: Path, tokenizer, family: str, *, image_size: int = 64, patch_size: int = 8,
-                  seed: int = 0) -> Path:
-    """A random ``family`` VLM and its processor saved in ``path``. ``tokenizer``: SmolLM2's (copied, not changed)."""
+                  seed: int = 0, text: dict | None = None, vision: dict | None = None) -> Path:
+    """A random ``family`` VLM and its processor saved in ``path``. ``tokenizer``: SmolLM2's (copied, not changed).
+    ``text`` / ``vision``: config fields over the tiny defaults (e.g. ``text={"hidden_size": 384}``: a language
+    model where compute matters, for a benchmark)."""
     import copy
 
     from transformers import LlamaConfig
@@ -41,9 +43,12 @@ def make_tiny_vlm(path: Path, tokenizer, family: str, *, image_size: int = 64, p
     tok.add_special_tokens({"additional_special_tokens": extra})
     tok.chat_template = CHAT_TEMPLATE
     image_id = tok.convert_tokens_to_ids("<image>")
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text_options = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "max_position_embeddings": 4096, **(text or {})}
+    text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, **text_options)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             **(vision or {})}
     torch.manual_seed(seed)
     if family == "llava":
         from transformers import (
@@ -54,9 +59,8 @@ def make_tiny_vlm(path: Path, tokenizer, family: str, *, image_size: int = 64, p
             LlavaProcessor,
         )
 
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=image_size, patch_size=patch_size, projection_dim=32)
-        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+        tower_config = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, projection_dim=32, **tower)
+        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=tower_config, text_config=text,
                                                           image_token_index=image_id, vision_feature_layer=-1,
                                                           vision_feature_select_strategy="default"))
         images = CLIPImageProcessor(size={"shortest_edge": image_size},
@@ -74,10 +78,9 @@ def make_tiny_vlm(path: Path, tokenizer, family: str, *, image_size: int = 64, p
         )
         from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
-        vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      image_size=image_size, patch_size=patch_size)
+        tower_config = Idefics3VisionConfig(image_size=image_size, patch_size=patch_size, **tower)
         scale = 2  # pixel shuffle: 4 patches -> 1 token
-        model = Idefics3ForConditionalGeneration(Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+        model = Idefics3ForConditionalGeneration(Idefics3Config(vision_config=tower_config.to_dict(), text_config=text.to_dict(),
                                                                 image_token_id=image_id, scale_factor=scale))
         images = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": image_size},
                                         max_image_size={"longest_edge": image_size})
@@ -98,9 +101,10 @@ def random_image(seed: int, size: tuple[int, int] = (48, 80)):
     return Image.fromarray(pixels)
 
 
-def vision_rows(n: int, image_dir: Path, seed: int = 0) -> list[dict]:
+def vision_rows(n: int, image_dir: Path, seed: int = 0, answer_words: tuple[int, int] = (4, 6)) -> list[dict]:
     """``n`` preference rows in TRL's vision format: a conversational prompt with an image part, one image file
-    (PNG in ``image_dir``) per row in ``images``, and short conversational answers."""
+    (PNG in ``image_dir``) per row in ``images``, and short conversational answers (``answer_words``: words
+    after the chosen answer's first and the rejected one's)."""
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     words = "red blue cat dog house tree sky river bird car".split()
@@ -112,7 +116,7 @@ def vision_rows(n: int, image_dir: Path, seed: int = 0) -> list[dict]:
         rows.append({
             "images": [str(path)],
             "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "A " + " ".join(rng.choice(words, 4))}]}],
-            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "The " + " ".join(rng.choice(words, 6))}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "A " + " ".join(rng.choice(words, answer_words[0]))}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "The " + " ".join(rng.choice(words, answer_words[1]))}]}],
         })
     return rows
