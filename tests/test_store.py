@@ -204,3 +204,36 @@ def test_an_empty_view_and_its_columns(tmp_path, tokenizer):
     empty = view.take([])
     assert isinstance(empty, TokenRows) and len(empty) == 0 and list(empty) == []
     assert empty.ids() == [] and empty.lengths().tolist() == []
+
+
+def test_example_images_lists_each_image_once_with_its_position(tmp_path):
+    """Image references of vision stores: one row per image (its position in the prompt), in store order; an id an
+    earlier store already listed is left out; a row without images has none."""
+    import pyarrow as pa
+
+    from prefcache.core.schemas import TOKEN_VISION_PAIRS
+    from prefcache.data.rows import TokenRows
+    from prefcache.data.store import example_images
+    from prefcache.data.vision_pairs import TokenizedVisionPair
+
+    def store(name, rows):
+        cols = {f.name: [] for f in TOKEN_VISION_PAIRS}
+        for ident, images in rows:
+            for k, v in {"id": ident, "prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3],
+                         "chosen_truncated": False, "rejected_truncated": False, "row": 0, "tokens": 3, "prompt": "p",
+                         "conversational": True, "chosen": "c", "rejected": "r",
+                         "images": [{"sha256": h, "path": f"/img/{h}.png", "data": None} for h in images]}.items():
+                cols[k].append(v)
+        path = tmp_path / f"{name}.arrow"
+        with pa.ipc.new_file(str(path), TOKEN_VISION_PAIRS) as w:
+            w.write_batch(pa.RecordBatch.from_pydict(cols, schema=TOKEN_VISION_PAIRS))
+        return TokenRows(pa.ipc.open_file(str(path)).read_all(), TokenizedVisionPair, path=str(path))
+
+    first = store("a", [("p1", ["a1", "a2"]), ("p2", []), ("p3", ["c1"])])
+    second = store("b", [("p3", ["c1"]), ("p4", ["d1", "d2", "d3"])])
+    table = example_images([first, first.take([0]), second])
+    assert table.to_pylist() == [
+        {"id": i, "position": k, "sha256": h, "path": f"/img/{h}.png"}
+        for i, k, h in [("p1", 0, "a1"), ("p1", 1, "a2"), ("p3", 0, "c1"), ("p4", 0, "d1"), ("p4", 1, "d2"),
+                        ("p4", 2, "d3")]]
+    assert first[0].images[1].sha256 == "a2"  # read back as ImageRefs

@@ -219,11 +219,11 @@ def example_images(views: list[TokenRows]) -> pa.Table:
     """The images of every example in the vision stores under ``views`` (:data:`~prefcache.core.schemas.EXAMPLE_IMAGES`:
     id, position in its prompt, sha256, path), an id of an earlier store left out: references, never the pixels
     or an inline image's bytes. Read a record batch at a time, as :func:`text_batches`."""
-    parts, seen = [], pa.array([], pa.string())
+    parts, seen, earlier = [], [], pa.array([], pa.string())
     for path in dict.fromkeys(v.path for v in views):
         reader = pa.ipc.open_file(pa.OSFile(path))
-        for batch in map(reader.get_batch, range(reader.num_record_batches)):
-            keep = pc.invert(pc.is_in(batch.column("id"), value_set=seen))
+        for batch in map(reader.get_batch, range(reader.num_record_batches)):  # a store's ids are unique already
+            keep = pc.invert(pc.is_in(batch.column("id"), value_set=earlier))
             ids, images = batch.column("id").filter(keep), batch.column("images").filter(keep)
             parent = pc.list_parent_indices(images).to_numpy()
             offsets = images.offsets.to_numpy()
@@ -232,7 +232,9 @@ def example_images(views: list[TokenRows]) -> pa.Table:
                                    pa.array(np.arange(len(parent)) + offsets[0] - offsets[parent], pa.int32()),
                                    pc.struct_field(flat, "sha256"), pc.struct_field(flat, "path")],
                                   schema=EXAMPLE_IMAGES))
-            seen = pa.concat_arrays([seen, ids.cast(pa.string())])
+            seen.append(ids.cast(pa.string()))
+        earlier = pa.concat_arrays([earlier, *seen])
+        seen = []
     return pa.concat_tables(parts) if parts else EXAMPLE_IMAGES.empty_table()
 
 
