@@ -7,6 +7,7 @@ Two families (tests/vlm_models.py): LLaVA and Idefics3."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import shutil
@@ -162,3 +163,35 @@ def test_score_keeps_image_references_that_sql_joins(vlm, tmp_path):
         joined = a.sql("SELECT e.id, i.sha256 FROM examples e JOIN example_images i USING (run, id) "
                        "WHERE e.split = 'score'")
         assert joined.height == 16 and set(joined["sha256"]) == set(files.values())
+
+
+@pytest.mark.slow
+def test_an_interrupted_vlm_run_resumes_to_the_uninterrupted_weights(vlm, tmp_path, monkeypatch):
+    """--resume of a vision-language run: the processor and the image store are found again, and the weights reach
+    those of a run never stopped."""
+    import torch
+    from conftest import adapter
+
+    import prefcache.training.loop as loop
+
+    setup, opts = vlm["idefics3"], {"max_steps": 4, "batch_size": 2, "save_every": 2, "flush_every": 1}
+    train(setup, tmp_path / "whole", **opts)
+    real = loop.after_step
+
+    def crash(run, evaluate=None):
+        real(run, evaluate)
+        if run.step == 3:  # one logged step past the step-2 checkpoint
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(loop, "after_step", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(setup, tmp_path / "run", **opts)
+    monkeypatch.setattr(loop, "after_step", real)
+    train(setup, tmp_path / "run", resume=True, **opts)
+    a, b = (adapter(tmp_path / r / "checkpoints" / "step-000004") for r in ("run", "whole"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-8)
+    assert (tmp_path / "run" / "checkpoints" / "step-000004" / "processor_config.json").exists()
+    run_info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_info["resumed_from"].endswith("step-000002")  # resumed, not trained again from the start
