@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import choice_logliks, write_jsonl
+from test_evaluation import _script  # examples/ scripts, loaded as the evaluation tests load them
 from vlm_models import FAMILIES, make_tiny_vlm, random_image
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -42,23 +43,6 @@ doc_to_target: {target}
   max_gen_toks: {max_gen}
 metric_list:
   - metric: {metric}
-    aggregation: mean
-    higher_is_better: true
-"""
-TEXT_YAML = """\
-task: vlm_text
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: vlm_text.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: prompt
-doc_to_choice: choices
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
     aggregation: mean
     higher_is_better: true
 """
@@ -137,6 +121,9 @@ def _vlm_run(root: Path, vlm: Path) -> Path:
     return ckpt
 
 
+make_lm_eval_task = _script("make_lm_eval_task")
+
+
 def _tasks(folder: Path, images: list[str], targets: list[str], labels: list[int], output_type="generate_until"):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "utils.py").write_text(UTILS)
@@ -148,7 +135,8 @@ def _tasks(folder: Path, images: list[str], targets: list[str], labels: list[int
         extra='doc_to_choice: ["a", "b"]\n' if mc else "", metric="acc" if mc else "exact_match"))
     write_jsonl(folder / "vlm_text.jsonl", [{"prompt": p, "choices": c, "label": g}
                                             for (p, c), g in zip(TEXT_DOCS, labels, strict=True)])
-    (folder / "vlm_text.yaml").write_text(TEXT_YAML)
+    (folder / "vlm_text.yaml").write_text(make_lm_eval_task.YAML.format(  # the text task users build
+        source="TEXT_DOCS", n=len(TEXT_DOCS), task="vlm_text", data_file="vlm_text.jsonl"))
     return folder
 
 
