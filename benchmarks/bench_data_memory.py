@@ -79,7 +79,7 @@ def measure(path: str, mode: str) -> dict:
         n = len(items)
     else:  # store1 / store2 / kto-store1: what PairTask.load (UnpairedTask.load) and the first epoch do
         from prefcache.data.store import pair_rows, unpaired_rows
-        from prefcache.model.load import tokenizer_key
+        from prefcache.model.tokenization import tokenizer_key
         from prefcache.training.state import epoch_order
 
         read = unpaired_rows if mode == "kto-store1" else pair_rows

@@ -20,7 +20,7 @@ from prefcache.data.pairs import load_dataset_pairs
 from prefcache.data.rows import IdIndex, TokenRows
 from prefcache.data.store import pair_rows, read_store, store_key, store_name, text_batches, unpaired_rows
 from prefcache.data.unpaired import load_unpaired
-from prefcache.model.load import tokenizer_key
+from prefcache.model.tokenization import tokenizer_key
 from prefcache.training.state import epoch_order
 
 

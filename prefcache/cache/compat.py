@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefcache.cache.store import TOKENIZATION_KEYS, CacheError, differences
 from prefcache.data.columns import RowMapping
 from prefcache.model.load import chat_template_hash, tokenizer_fingerprint
+from prefcache.model.vision import processor_record
 
 
 def check_cache_mapping(meta: dict, mapping: RowMapping, cache: str = "the reference cache") -> None:
@@ -34,12 +35,3 @@ def check_cache_matches(meta: dict, tokenizer, max_length: int, truncation: str,
     if diff := differences(meta, want, TOKENIZATION_KEYS):
         raise CacheError("the reference cache does not match this model's tokenisation:\n  " + "\n  ".join(diff))
 
-
-def processor_record(processor) -> dict:
-    """What a cache's metadata records of a vision-language model's processor; {} for a text model (None)."""
-    if processor is None:
-        return {}
-    from prefcache.model.vision import processor_fingerprint
-
-    digest, settings = processor_fingerprint(processor)
-    return {"processor_fingerprint": digest, "processor_settings": settings}

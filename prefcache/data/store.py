@@ -131,29 +131,26 @@ def _batch(schema: pa.Schema, make: type, items: list, examples: list) -> pa.Rec
 
 def pair_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", on_bad_row: str = "fail", *,
               split: str | None = None, data_config: str | None = None, mapping=None, tokenizer_key: dict,
-              folder: Path, world: int = 1) -> tuple[TokenRows, list[BadRow]]:
+              folder: Path, world: int = 1, processor=None) -> tuple[TokenRows, list[BadRow]]:
     """:func:`~prefcache.data.pairs.load_dataset_pairs`'s pairs (same pairs, order and bad rows) as a view over
-    their store, written in blocks of :data:`~prefcache.data.pairs.BLOCK_ROWS` rows when there is none yet."""
-    read = lambda: iter_tokenized_blocks(path, tokenizer, max_length, truncation, split=split,  # noqa: E731
-                                         data_config=data_config, mapping=mapping, block_rows=pair_data.BLOCK_ROWS)
-    key = store_key("pairs", path, split=split, data_config=data_config, mapping=mapping,
-                    tokenizer_key=tokenizer_key, max_length=max_length, truncation=truncation)
-    return _store_rows(path, key, TOKEN_PAIRS, TokenizedPair, read, on_bad_row, folder=folder, world=world)
+    their store, written in blocks of :data:`~prefcache.data.pairs.BLOCK_ROWS` rows when there is none yet.
 
-
-def vision_pair_rows(path, processor, max_length: int, truncation: str = "keep_start", on_bad_row: str = "fail", *,
-                     split: str | None = None, data_config: str | None = None, mapping=None, tokenizer_key: dict,
-                     folder: Path, world: int = 1) -> tuple[TokenRows, list[BadRow]]:
-    """:func:`pair_rows` for a vision-language model: pairs tokenised by its ``processor``
-    (:func:`~prefcache.data.vision_pairs.iter_vision_tokenized_blocks`), each with its images' references (a
-    path, or the encoded bytes), not their pixels. ``tokenizer_key`` includes the processor's fingerprint."""
-    read = lambda: iter_vision_tokenized_blocks(path, processor, max_length, truncation, split=split,  # noqa: E731
-                                                data_config=data_config, mapping=mapping,
-                                                block_rows=VISION_BLOCK_ROWS)
-    key = store_key("vision_pairs", path, split=split, data_config=data_config, mapping=mapping,
+    ``processor``: a vision-language model's. Its pairs are tokenised by it
+    (:func:`~prefcache.data.vision_pairs.iter_vision_tokenized_blocks`), each with its images' references (a path,
+    or the encoded bytes), not their pixels; ``tokenizer_key`` then includes the processor's fingerprint."""
+    if processor is None:
+        read = lambda: iter_tokenized_blocks(path, tokenizer, max_length, truncation, split=split,  # noqa: E731
+                                             data_config=data_config, mapping=mapping,
+                                             block_rows=pair_data.BLOCK_ROWS)
+        kind, schema, make = "pairs", TOKEN_PAIRS, TokenizedPair
+    else:
+        read = lambda: iter_vision_tokenized_blocks(path, processor, max_length, truncation,  # noqa: E731
+                                                    split=split, data_config=data_config, mapping=mapping,
+                                                    block_rows=VISION_BLOCK_ROWS)
+        kind, schema, make = "vision_pairs", TOKEN_VISION_PAIRS, TokenizedVisionPair
+    key = store_key(kind, path, split=split, data_config=data_config, mapping=mapping,
                     tokenizer_key=tokenizer_key, max_length=max_length, truncation=truncation)
-    return _store_rows(path, key, TOKEN_VISION_PAIRS, TokenizedVisionPair, read, on_bad_row, folder=folder,
-                       world=world)
+    return _store_rows(path, key, schema, make, read, on_bad_row, folder=folder, world=world)
 
 
 def unpaired_rows(path, tokenizer, max_length: int, truncation: str = "keep_start", on_bad_row: str = "fail", *,

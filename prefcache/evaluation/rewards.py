@@ -19,12 +19,12 @@ from datetime import datetime, timezone
 
 import polars as pl
 
-from prefcache.cache.compat import check_cache_mapping, processor_record
+from prefcache.cache.compat import check_cache_mapping
 from prefcache.cache.store import CacheError
 from prefcache.core import schemas
 from prefcache.core.distributed import gather, setup
 from prefcache.data.columns import RowMapping
-from prefcache.data.store import example_images, pair_rows, store_folder, vision_pair_rows
+from prefcache.data.store import example_images, pair_rows, store_folder
 from prefcache.evaluation.checkpoints import (
     EVALS_SCHEMA,
     EvalError,
@@ -37,7 +37,7 @@ from prefcache.evaluation.checkpoints import (
     write_parquet,
 )
 from prefcache.evaluation.config import ScoreConfig, check_pairs_cache
-from prefcache.model.load import tokenizer_key
+from prefcache.model.tokenization import tokenizer_key
 from prefcache.training.log import IMAGES_PREFIX
 
 SCORE_METRICS = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected")
@@ -74,7 +74,7 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
     check_cache_mapping(meta, mapping, config.cache)
 
     # Every checkpoint's tokenisation is checked, and its pairs looked up, before any model loads.
-    tokenized: dict[str, list] = {}
+    tokenized: dict[str, tuple] = {}  # store key -> (pairs, their image references or None)
     plan = []
     for ckpt in checkpoints:
         processor = checkpoint_processor(ckpt, source)  # a vision-language model's; None for a text model
@@ -83,25 +83,25 @@ def score(config: ScoreConfig | None = None, **options) -> pl.DataFrame:
             check_cache_matches(meta, tokenizer, meta["max_length"], meta["truncation"], processor)
         except CacheError as e:
             raise CacheError(f"checkpoint {ckpt.name}: {e}") from e
-        store_key = tokenizer_key(tokenizer) | processor_record(processor)
+        store_key = tokenizer_key(tokenizer, processor)
         key = json.dumps(store_key, sort_keys=True)
         if key not in tokenized:
             # A view over the data's store (tokenised once, then memory-mapped by every later score)
-            read, text = (vision_pair_rows, processor) if processor else (pair_rows, tokenizer)
-            pairs, _ = read(config.data, text, meta["max_length"], meta["truncation"], config.on_bad_row,
-                            split=config.split, data_config=config.data_config, mapping=mapping,
-                            tokenizer_key=store_key, folder=store_folder(run_dir), world=world)
+            pairs, _ = pair_rows(config.data, tokenizer, meta["max_length"], meta["truncation"], config.on_bad_row,
+                                 split=config.split, data_config=config.data_config, mapping=mapping,
+                                 tokenizer_key=store_key, folder=store_folder(run_dir), world=world,
+                                 processor=processor)
             if not pairs:
                 raise EvalError(f"{config.data}: no pairs to score")
             check_joined(reference, pairs, "held-out")  # the trainer's check: every id cached, same token counts
-            tokenized[key] = pairs
-        plan.append((ckpt, tokenized[key], processor))
+            # A vision store's image references (never pixels), read once for every checkpoint that scores it.
+            tokenized[key] = pairs, example_images([pairs]) if processor else None
+        plan.append((ckpt, *tokenized[key], processor))
 
     frames = []
-    for ckpt, pairs, processor in plan:
+    for ckpt, pairs, images, processor in plan:
         cols = score_checkpoint(config, ckpt, pairs, reference, source=source, settings=settings, beta=beta,
                                 device=device, rank=rank, world=world, processor=processor)
-        images = example_images([pairs]) if processor else None  # the pairs' image references, not their pixels
         frames.append(write_scores(cols, ckpt, run_dir, write=rank == 0, images=images))
     return pl.concat(frames)
 

@@ -154,11 +154,6 @@ def chat_template_hash(tokenizer) -> str:
     return hashlib.sha256(template.encode()).hexdigest()[:32]
 
 
-def tokenizer_key(tokenizer) -> dict:
-    """What a tokenizer adds to a data store's key (:func:`prefcache.data.store.store_key`)."""
-    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "chat_template_hash": chat_template_hash(tokenizer)}
-
-
 def hf_folder(source: ModelSource) -> Path:
     """A plain HF folder for ``source``: itself, or the de-quantised copy of a GGUF file (made once)."""
     if not source.gguf_file:

@@ -117,6 +117,15 @@ def processor_fingerprint(processor) -> tuple[str, dict]:
     return digest, settings
 
 
+def processor_record(processor) -> dict:
+    """What a cache's metadata and a data store's key record of a vision-language model's processor: its
+    fingerprint and settings; {} for a text model (``processor`` None)."""
+    if processor is None:
+        return {}
+    digest, settings = processor_fingerprint(processor)
+    return {"processor_fingerprint": digest, "processor_settings": settings}
+
+
 def vision_backbone(lm):
     """The multimodal backbone of a transformers vision-language model (``lm.model``: vision tower, projector,
     image features merged into the image-token positions, language model) -> [N, T, H] hidden states; None

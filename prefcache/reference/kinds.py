@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefcache.cache.compat import processor_record
 from prefcache.core.schemas import UNPAIRED_CACHE, cache_schema
 from prefcache.data.columns import RowMapping
 from prefcache.data.pairs import iter_pair_blocks
@@ -30,6 +29,7 @@ from prefcache.data.unpaired import (
     kl_sequence,
 )
 from prefcache.data.vision_pairs import VISION_BLOCK_ROWS, iter_vision_pair_blocks
+from prefcache.model.vision import processor_record
 from prefcache.reference.config import PrecomputeConfig
 
 

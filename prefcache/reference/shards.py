@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from prefcache.cache.compat import processor_record
 from prefcache.cache.store import (
     CacheError,
     CacheWriter,
@@ -37,13 +36,13 @@ from prefcache.data import pairs as pair_data
 from prefcache.data.pairs import DataFormatError, write_bad_rows
 from prefcache.model.load import (
     compute_dtype,
-    load_tokenizer,
     resolve_device,
     resolve_model,
     resolve_quantization,
     tokenizer_fingerprint,
 )
-from prefcache.model.vision import is_vision_source, load_processor
+from prefcache.model.tokenization import load_tokenization
+from prefcache.model.vision import processor_record
 from prefcache.reference.config import PrecomputeConfig, check_cache_out
 from prefcache.reference.kinds import data_ids, kind_of, shard_columns
 from prefcache.reference.metadata import cache_metadata
@@ -167,7 +166,7 @@ def _precompute(config: PrecomputeConfig, kind) -> dict:
     rank, world, device = setup(resolve_device(config.device))
     t0 = time.perf_counter()
     source = resolve_model(config.model, config.revision)
-    tokenizer, processor = model_tokenizer(source)
+    tokenizer, processor = load_tokenization(source)
     if processor is not None:  # a vision-language model: its pairs' prompts hold images
         kind = kind_of(config, processor)
         kind.check()
@@ -228,7 +227,7 @@ def verify_cache(cache_dir: str, data: str | None = None, *, split: str | None =
     expected = None
     problems: list[str] = []
     if data is not None:
-        tokenizer, processor = model_tokenizer(resolve_model(meta.get("model_path")))
+        tokenizer, processor = load_tokenization(resolve_model(meta.get("model_path")))
         if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
             problems.append(f"the tokenizer at {meta.get('model_path')} is not the one that made this cache")
         problems += [f"the model at {meta.get('model_path')}: {line}"
@@ -243,15 +242,6 @@ def verify_cache(cache_dir: str, data: str | None = None, *, split: str | None =
     covered = f", covers all {len(set(expected))} ids of {data}" if expected is not None else ""
     return {"summary": f"{cache_dir}: OK ({info['shards']} shards, {info['rows']} rows, no NaN/inf, "
                        f"no duplicate ids{covered})", "problems": []}
-
-
-def model_tokenizer(source) -> tuple:
-    """(tokenizer, processor) of a model: a vision-language model's processor and its tokenizer, or a text model's
-    tokenizer and None."""
-    if is_vision_source(source):
-        processor = load_processor(source)
-        return processor.tokenizer, processor
-    return load_tokenizer(source), None
 
 
 def new_bad_rows(cache: Path, bad_rows: list) -> list[str]:

@@ -59,7 +59,7 @@ from prefcache.training.state import (  # noqa: F401 - epoch_order: a public nam
 from prefcache.training.task import PolicyModel, Totals
 from prefcache.training.trackers import Trackers
 from prefcache.training.unpaired import UnpairedTask
-from prefcache.training.vision import load_tokenization
+from prefcache.training.vision import run_tokenization
 
 
 def train(config: TrainConfig | None = None, **options) -> dict:
@@ -122,7 +122,7 @@ def start(cfg: TrainConfig, kind) -> tuple[RunState, object, PolicyModel, dict]:
     main, out = rank == 0, Path(cfg.out)
     # 1. Tokenizer, reference cache and data: everything is checked before a model is loaded.
     source = resolve_model(cfg.model, cfg.revision)
-    tokenizer, processor = load_tokenization(cfg, source)  # processor: a vision-language model's, else None
+    tokenizer, processor = run_tokenization(cfg, source)  # processor: a vision-language model's, else None
     with no_stores_left_on_refusal(cfg, main):  # a refused resume leaves the run directory as it was
         task = kind.load(cfg, tokenizer, processor)
         finetune, mismatch = resolve_finetune(cfg.finetune, task.cache_meta, device)

@@ -18,7 +18,7 @@ from prefcache.cache.lookup import ReferenceTable, check_joined, check_reference
 from prefcache.core.distributed import all_reduce_sum
 from prefcache.core.schemas import EXAMPLE_COLUMNS, example_columns
 from prefcache.data.columns import RowMapping
-from prefcache.data.store import example_images, pair_rows, text_batches, vision_pair_rows
+from prefcache.data.store import example_images, pair_rows, text_batches
 from prefcache.data.vision_pairs import TokenizedVisionPair
 from prefcache.losses import LossInputs, ld_logps
 from prefcache.losses.combine import Objective
@@ -69,18 +69,18 @@ class PairTask(TaskData):
         objective = bind_objective(cfg)  # before any data is read: a bad option costs nothing
         mapping = RowMapping.of(cfg)
         reference, max_length, truncation = open_reference(cfg, tokenizer, mapping, processor)
-        data = {"data_config": cfg.data_config, "mapping": mapping, **store_options(cfg, tokenizer, processor)}
-        read = (lambda path, **kw: vision_pair_rows(path, processor, max_length, truncation, cfg.on_bad_row, **kw)
-                ) if processor else (lambda path, **kw: pair_rows(path, tokenizer, max_length, truncation,
-                                                                  cfg.on_bad_row, **kw))
-        pairs, bad_rows = read(cfg.data, split=cfg.split, **data)
+        data = {"data_config": cfg.data_config, "mapping": mapping, "processor": processor,
+                **store_options(cfg, tokenizer, processor)}
+        pairs, bad_rows = pair_rows(cfg.data, tokenizer, max_length, truncation, cfg.on_bad_row, split=cfg.split,
+                                    **data)
         eval_pairs, eval_reference, texts = [], reference, [pairs]
         if cfg.eval_data:
             eval_reference = ReferenceTable.from_cache(cfg.eval_cache) if cfg.eval_cache else reference
             if eval_reference is not reference:
                 check_cache_matches(eval_reference.metadata, tokenizer, max_length, truncation, processor)
                 check_cache_mapping(eval_reference.metadata, mapping, cfg.eval_cache)
-            eval_pairs, _ = read(cfg.eval_data, split=cfg.eval_split, **data)
+            eval_pairs, _ = pair_rows(cfg.eval_data, tokenizer, max_length, truncation, cfg.on_bad_row,
+                                      split=cfg.eval_split, **data)
             texts.append(eval_pairs)
         elif cfg.eval_fraction:
             pairs, eval_pairs = split_held_out(pairs, cfg.eval_fraction)

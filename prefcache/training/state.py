@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefcache.cache.compat import processor_record
 from prefcache.cache.lookup import example_ids
 from prefcache.cache.store import identity
 from prefcache.core.distributed import barrier, dist_info
 from prefcache.data.store import store_folder
 from prefcache.losses import RunningMean
-from prefcache.model.load import resolve_model, tokenizer_key
+from prefcache.model.load import resolve_model
 from prefcache.model.policy import load_policy
+from prefcache.model.tokenization import tokenizer_key
 from prefcache.training.checkpoint import (
     check_resumable,
     clean_temporaries,
@@ -135,7 +135,7 @@ def fingerprints(task) -> dict:
 def store_options(cfg, tokenizer, processor=None) -> dict:
     """Where a run's data stores are (:mod:`prefcache.data.store`) and the tokenizer's part of their key (a
     vision-language model's: with its processor's fingerprint)."""
-    return {"tokenizer_key": tokenizer_key(tokenizer) | processor_record(processor), "folder": store_folder(cfg.out),
+    return {"tokenizer_key": tokenizer_key(tokenizer, processor), "folder": store_folder(cfg.out),
             "world": dist_info()[1]}
 
 
